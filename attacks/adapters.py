@@ -1,0 +1,127 @@
+"""Logits-only views of a model for the attack libraries, and the deterministic evaluation used to score attacks.
+
+torchattacks and foolbox call ``model(x)`` and expect *one* logits tensor; our models return a structured
+:class:`models.network.ModelOutput`. :class:`LogitsView` picks a head and fixes the gate behaviour (forward mode and
+routing gradient) for every call the library makes. It does **not** normalise: the model holds its dataset's
+mean/std and normalises inside, so attacks work in [0, 1] pixel space.
+
+:func:`evaluate` is the single place where an attack's outcome is decided: a no-grad forward in a deterministic
+gate mode (``hard`` runs the model's real sub-batch execution). A library's own success flag is never used.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from models.network import CoarseFineNet
+from robustness.errors import ConfigError
+
+HEADS = ("fine", "coarse")
+
+
+class LogitsView(nn.Module):
+    """``model`` seen as ``x -> logits`` of one head, with a fixed gate mode and routing gradient.
+
+    Arguments:
+        model: a :class:`CoarseFineNet` taking images in [0, 1].
+        head: ``fine`` or ``coarse``: whose logits the attack sees.
+        gate_mode: forward mode of the gates (``hard``, ``open``, ``soft``, ``random``, ``frozen``).
+        gate_grad: routing gradient the attacker sees (``none``, ``ste``, ``bpda``, ``eot``); it only changes
+            anything for a gated model in ``hard`` mode.
+        eot_samples: gate draws averaged per forward when ``gate_grad='eot'``.
+        path: bits [B, n_gates] for ``gate_mode='frozen'``.
+
+    Shapes: input [B, C, H, W] in [0, 1]; output [B, classes]. After every call, ``last_path`` (executed gate
+    bits [B, n_gates]) and ``last_macs`` ([B]) hold what the model did on that input (detached).
+
+    The view is always in eval mode (``train()`` is a no-op for the wrapped model): libraries that toggle modes
+    cannot switch on BatchNorm statistics updates or training-time gate functions.
+    """
+
+    def __init__(self, model: CoarseFineNet, head: str = "fine", gate_mode: str = "hard", gate_grad: str = "none",
+                 eot_samples: int = 8, path: torch.Tensor | None = None):
+        super().__init__()
+        if head not in HEADS:
+            raise ConfigError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
+        self.model = model
+        self.head = head
+        self.gate_mode = gate_mode
+        self.gate_grad = gate_grad
+        self.eot_samples = int(eot_samples)
+        self.path = path
+        self.last_path: torch.Tensor | None = None
+        self.last_macs: torch.Tensor | None = None
+        self.calls = 0
+        model.eval()
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "LogitsView":  # noqa: D401 - keep the model in eval mode, always
+        """Ignored: the wrapped model stays in eval mode."""
+        self.model.eval()
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.model.gating(mode=self.gate_mode, grad=self.gate_grad, path=self.path,
+                               eot_samples=self.eot_samples):
+            out = self.model(x)
+        self.last_path = out.path.detach()
+        self.last_macs = out.macs.detach()
+        self.calls += 1
+        return out.logits(self.head)
+
+
+@dataclass
+class Evaluation:
+    """Outcome of a deterministic forward: predictions of both heads, executed path bits and MACs per sample."""
+
+    fine: torch.Tensor
+    coarse: torch.Tensor
+    path: torch.Tensor
+    macs: torch.Tensor
+
+    def pred(self, head: str) -> torch.Tensor:
+        return self.fine if head == "fine" else self.coarse
+
+    def __iter__(self):
+        return iter((self.fine, self.coarse, self.path, self.macs))
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration (toggled only when the model is training: toggling costs a module walk)."""
+    if not model.training:
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(True)
+
+
+@torch.no_grad()
+def evaluate(model: CoarseFineNet, x: torch.Tensor, gate_mode: str = "hard",
+             path: torch.Tensor | None = None) -> Evaluation:
+    """Predictions, path bits and MACs of ``model`` on ``x`` (no grad, routing gradient ``none``).
+
+    ``gate_mode='hard'`` is the model's real hard forward (skipped blocks are not computed); ``frozen`` needs
+    ``path`` (bits [B, n_gates]). Unpacks as ``fine_pred, coarse_pred, path_bits, macs``; ``path_bits`` is a bool
+    tensor [B, n_gates] ([B, 0] for a static model).
+    """
+    if gate_mode == "frozen" and path is None:
+        raise ConfigError("evaluate(gate_mode='frozen') needs a path")
+    with _eval_mode(model):
+        out = model(x, mode=gate_mode, grad="none", path=path.float() if path is not None else None)
+    return Evaluation(fine=out.fine.argmax(1), coarse=out.coarse.argmax(1), path=out.path > 0.5,
+                      macs=out.macs.detach().double())
+
+
+@torch.no_grad()
+def eval_logits(model: CoarseFineNet, x: torch.Tensor, head: str, gate_mode: str = "hard") -> torch.Tensor:
+    """Logits of ``head`` under a no-grad deterministic forward in ``gate_mode`` (routing gradient ``none``)."""
+    with _eval_mode(model):
+        return model(x, mode=gate_mode, grad="none").logits(head)

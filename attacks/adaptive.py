@@ -1,0 +1,212 @@
+"""Gate-aware attacks that no library has (backend ``native``), and the gradient-masking probe.
+
+* ``path``: PGD on ``CE + lambda * path term``; the path term pushes every gate score across its threshold,
+  away from the clean input's decision. Gate scores are differentiable w.r.t. the input even under hard routing
+  (each gate reads its block's input), so this works with every routing gradient.
+* ``slowdown``: an ILFO-style energy attack (Haque et al., CVPR 2020): PGD on the smooth surrogate
+  ``sum_l macs_l * sigmoid(score_l)`` of the executed MACs, optionally minus ``w * CE`` to keep the label; per
+  sample the iterate with the most *executed* MACs is kept (the clean input included, so MACs never drop in a
+  deterministic gate mode). On an ungated model MACs cannot change and the clean input is returned.
+* frozen-path control and transfer are carried out by :mod:`attacks.runner` (every adversarial example is also
+  evaluated with the gates frozen to its clean path; ``--transfer-from`` crafts on another run's model).
+* :func:`zero_gradient_share`: the fraction of samples whose input gradient is exactly zero (a masking signal).
+
+Both attacks run our own PGD loop (:func:`native_pgd`) in ``linf`` or ``l2``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.nn import functional as F
+
+from attacks.backends import Attack, Target, register, step_size
+from models.network import CoarseFineNet, ModelOutput
+from robustness.data import DatasetInfo
+from robustness.errors import ConfigError
+
+Objective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def _project(adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    delta = adv - x
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        norms = delta.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
+        delta = delta * torch.clamp(eps / norms, max=1.0).view(-1, *([1] * (x.dim() - 1)))
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def _random_start(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0.0, 1.0)
+    direction = torch.randn_like(x)
+    direction = direction / direction.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+    radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return _project(x + direction * radius * eps, x, eps, norm)
+
+
+def native_pgd(objective: Objective, x: torch.Tensor, eps: float, norm: str, steps: int, alpha: float,
+               random_start: bool = True, keep_best: torch.Tensor | None = None) -> torch.Tensor:
+    """Maximise ``objective`` within the ``norm`` ball of radius ``eps`` around ``x`` (and in [0, 1]).
+
+    ``objective(adv)`` returns ``(loss [B], score [B] or None)``. Without ``keep_best`` the last iterate is returned.
+    With ``keep_best`` (the clean input's score [B]), per sample the iterate with the highest ``score`` is returned
+    (the clean input when no iterate beats it); the score of the final iterate is evaluated too.
+    Steps: ``linf`` moves by ``alpha * sign(grad)``, ``l2`` by ``alpha * grad / ||grad||_2``; then projection.
+    """
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    adv = _random_start(x, eps, norm) if random_start else x.clone()
+    best, best_score = (x.clone(), keep_best.clone()) if keep_best is not None else (None, None)
+
+    def remember(candidate: torch.Tensor, score: torch.Tensor | None) -> None:
+        nonlocal best_score
+        if best is None or score is None:
+            return
+        better = score.detach() > best_score
+        best[better] = candidate.detach()[better]
+        best_score = torch.where(better, score.detach(), best_score)
+
+    for _ in range(int(steps)):
+        adv = adv.detach().requires_grad_(True)
+        loss, score = objective(adv)
+        remember(adv, score)
+        grad, = torch.autograd.grad(loss.sum(), adv, allow_unused=True)
+        if grad is None:
+            grad = torch.zeros_like(adv)
+        with torch.no_grad():
+            if norm == "linf":
+                step = grad.sign()
+            else:
+                step = grad / grad.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).view(shape)
+            adv = _project(adv + alpha * step, x, eps, norm)
+    adv = adv.detach()
+    if best is None:
+        return adv
+    with torch.no_grad():
+        _, score = objective(adv)
+    remember(adv, score)
+    return best
+
+
+def _forward(target: Target, x: torch.Tensor) -> ModelOutput:
+    with target.model.gating(mode=target.gate_mode, grad=target.gate_grad, eot_samples=target.eot_samples):
+        return target.model(x)
+
+
+@register
+class PathAttack(Attack):
+    """Path attack (ours): PGD maximising ``CE + lambda * mean_l -max(s_l * d_l, -margin)``.
+
+    ``s_l`` is gate l's score on the current input, ``d_l = +1`` if the gate ran on the clean input else ``-1``:
+    the term rewards moving every score across its threshold, away from the clean decision, until it is
+    ``margin`` past it. Norm ``linf`` or ``l2``. Parameters: ``lam`` (lambda, default 1), ``margin`` (1),
+    ``steps`` (the runner's ``steps``), ``alpha`` (``None`` = ``2.5 * eps / steps``), ``random_start`` (True).
+    On an ungated model the term is zero and the attack is PGD.
+    """
+
+    name, backend = "path", "native"
+    reference = "ours; path term in the spirit of ILFO (Haque et al., CVPR 2020)"
+
+    def __init__(self, norm: str = "linf", lam: float = 1.0, margin: float = 1.0, steps: int = 10,
+                 alpha: float | None = None, random_start: bool = True):
+        super().__init__(norm, lam=float(lam), margin=float(margin), steps=int(steps), alpha=alpha,
+                         random_start=bool(random_start))
+
+    @classmethod
+    def from_config(cls, config: Any, norm: str) -> "PathAttack":
+        return cls(norm, lam=config.path_lambda, steps=config.path_steps or config.steps, alpha=config.pgd_alpha,
+                   random_start=config.pgd_random_start)
+
+    def perturb(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float],
+                seed: int) -> list[torch.Tensor]:
+        p = self.params
+        with torch.no_grad():
+            clean_scores = _forward(target, x).path_scores
+        direction = torch.where(clean_scores > 0, 1.0, -1.0)
+
+        def objective(adv: torch.Tensor) -> tuple[torch.Tensor, None]:
+            out = _forward(target, adv)
+            loss = F.cross_entropy(out.logits(target.head).float(), y, reduction="none")
+            if direction.shape[1]:
+                term = -(out.path_scores * direction).clamp(min=-p["margin"])
+                loss = loss + p["lam"] * term.mean(1)
+            return loss, None
+
+        return [native_pgd(objective, x, float(e), self.norm, p["steps"], step_size(p["alpha"], e, p["steps"]),
+                           p["random_start"]) for e in eps]
+
+
+@register
+class SlowdownAttack(Attack):
+    """Slowdown / energy attack (ILFO, Haque et al., CVPR 2020; DeepSloth, Hong et al., ICLR 2021).
+
+    PGD maximising ``sum_l macs_l * sigmoid(s_l) / full_macs - label_weight * CE`` (``label_weight`` > 0 keeps
+    the prediction, a stealthier attack). Per sample the iterate with the most executed MACs is kept, starting
+    from the clean input. Norm ``linf`` or ``l2``. Parameters: ``steps`` (``slowdown_steps`` or the runner's
+    ``steps``), ``alpha`` (``None`` = ``2.5 * eps / steps``), ``random_start`` (True), ``label_weight`` (0).
+    On an ungated model it returns the clean input (MACs cannot change).
+    """
+
+    name, backend = "slowdown", "native"
+    reference = "Haque, Chauhan, Yang: ILFO, CVPR 2020; Hong et al.: DeepSloth, ICLR 2021"
+
+    def __init__(self, norm: str = "linf", steps: int = 10, alpha: float | None = None, random_start: bool = True,
+                 label_weight: float = 0.0):
+        super().__init__(norm, steps=int(steps), alpha=alpha, random_start=bool(random_start),
+                         label_weight=float(label_weight))
+
+    @classmethod
+    def from_config(cls, config: Any, norm: str) -> "SlowdownAttack":
+        return cls(norm, steps=config.slowdown_steps or config.steps, alpha=config.pgd_alpha,
+                   random_start=config.pgd_random_start, label_weight=config.slowdown_label_weight)
+
+    def perturb(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float],
+                seed: int) -> list[torch.Tensor]:
+        model = target.model
+        if not model.is_gated:
+            return [x.clone() for _ in eps]
+        p = self.params
+        costs = torch.tensor(model.costs.gated_blocks, dtype=torch.float32, device=x.device)
+        scale = float(model.full_macs) or 1.0
+        with torch.no_grad():
+            clean_macs = _forward(target, x).macs.double()
+
+        def objective(adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = _forward(target, adv)
+            loss = (torch.sigmoid(out.path_scores) * costs).sum(1) / scale
+            if p["label_weight"]:
+                loss = loss - p["label_weight"] * F.cross_entropy(out.logits(target.head).float(), y,
+                                                                  reduction="none")
+            return loss, out.macs.detach().double()
+
+        return [native_pgd(objective, x, float(e), self.norm, p["steps"], step_size(p["alpha"], e, p["steps"]),
+                           p["random_start"], keep_best=clean_macs) for e in eps]
+
+
+def zero_gradient_share(model: CoarseFineNet, x: torch.Tensor, y: torch.Tensor, gate_mode: str = "hard",
+                        gate_grad: str = "none", head: str = "fine", eot_samples: int = 8) -> float:
+    """Fraction of samples whose input gradient of the CE loss (of ``head``) is exactly zero everywhere.
+
+    A large share means gradient-based attacks cannot move those inputs: robustness there is likely masked.
+    """
+    model.eval()
+    xr = x.detach().clone().requires_grad_(True)
+    with model.gating(mode=gate_mode, grad=gate_grad, eot_samples=eot_samples):
+        out = model(xr)
+    loss = F.cross_entropy(out.logits(head).float(), y, reduction="sum")
+    if not loss.requires_grad:
+        return 1.0
+    grad, = torch.autograd.grad(loss, xr, allow_unused=True)
+    if grad is None:
+        return 1.0
+    return float((grad.flatten(1) == 0).all(1).float().mean())
+
+
+def check_transferable(source: DatasetInfo, target: DatasetInfo, source_name: str, target_name: str) -> None:
+    """Raise ConfigError unless examples crafted for ``source`` can be evaluated on ``target`` (same dataset)."""
+    problems = source.differences(target)
+    if problems:
+        raise ConfigError(f"cannot transfer attacks from run {source_name!r} to run {target_name!r}: "
+                          f"{'; '.join(problems)}")

@@ -1,0 +1,61 @@
+"""Budget checks (RobustBench style): every adversarial example must lie in its eps ball and in [0, 1].
+
+A violation is an error, never a record: an evaluation that let one through would report a robust accuracy for
+a threat model it did not respect. Tolerances absorb float32 rounding only: ``linf <= eps + 1e-6`` and
+``l2 <= eps * (1 + 1e-5) + 1e-6``; the image range is checked exactly (and NaNs are violations).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from robustness.errors import BudgetViolation
+
+LINF_ATOL = 1e-6
+L2_RTOL = 1e-5
+L2_ATOL = 1e-6
+
+
+def perturbation_norms(clean: torch.Tensor, adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``(linf, l2)`` norms of ``adv - clean`` (float64, [B])."""
+    delta = (adv.detach().double() - clean.detach().double()).flatten(1)
+    if delta.shape[1] == 0:
+        zero = delta.new_zeros(delta.shape[0])
+        return zero, zero
+    return delta.abs().amax(1), delta.norm(p=2, dim=1)
+
+
+def budget_limit(eps: float, norm: str) -> float:
+    """The largest norm accepted for budget ``eps`` (eps plus the rounding tolerance)."""
+    if math.isinf(eps):
+        return math.inf
+    return eps + LINF_ATOL if norm == "linf" else eps * (1 + L2_RTOL) + L2_ATOL
+
+
+def check_budget(clean: torch.Tensor, adv: torch.Tensor, eps: float, norm: str, *, attack: str = "?",
+                 backend: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
+    """Raise :class:`BudgetViolation` unless every ``adv`` is within ``eps`` of ``clean`` in ``norm`` and in [0, 1].
+
+    Returns the per-sample ``(linf, l2)`` norms (so callers need not compute them twice).
+    """
+    where = f"attack {attack!r} (backend {backend}) at eps={eps:.6g} ({norm})"
+    if adv.shape != clean.shape:
+        raise BudgetViolation(f"{where} returned shape {list(adv.shape)} for inputs of shape {list(clean.shape)}")
+    flat = adv.detach().flatten(1)
+    bad_value = torch.isnan(flat).any(1)
+    if bad_value.any():
+        raise BudgetViolation(f"{where} returned NaN pixels in {int(bad_value.sum())} of {len(adv)} samples")
+    low, high = flat.amin(1) if flat.shape[1] else None, flat.amax(1) if flat.shape[1] else None
+    if low is not None:
+        out_of_range = (low < 0) | (high > 1)
+        if out_of_range.any():
+            raise BudgetViolation(f"{where} left [0, 1] in {int(out_of_range.sum())} of {len(adv)} samples "
+                                  f"(min {float(low.min()):.6g}, max {float(high.max()):.6g})")
+    linf, l2 = perturbation_norms(clean, adv)
+    norms = linf if norm == "linf" else l2
+    over = norms > budget_limit(eps, norm)
+    if over.any():
+        raise BudgetViolation(f"{where} exceeded its budget in {int(over.sum())} of {len(adv)} samples "
+                              f"(worst {norm} norm {float(norms.max()):.6g} > {eps:.6g})")
+    return linf, l2

@@ -1,0 +1,123 @@
+"""The per-sample attack record: the contract between attacks, analysis and reports.
+
+One row per (run, attack, backend, norm, eps, gate_mode, gate_grad, target, sample). Rows are stored as Parquet
+shards under ``RUN_DIR/attacks/records/`` and read back with :func:`read_records`.
+
+Columns (dtype):
+
+===================  =======  =====================================================================================
+run                  string   name of the run directory the model came from
+model                string   registry name of the model (``dsn``, ``dual``, ``resnet``)
+attack               string   attack name (``fgsm``, ``pgd``, ``cw``, ``apgd-ce``, ``apgd-dlr``, ``square``, ``path``,
+                              ``slowdown``); for transfer, the attack run on ``source_run``
+backend              string   ``torchattacks``, ``foolbox`` or ``native`` (our own gate-aware attacks)
+norm                 string   ``linf`` or ``l2``
+eps                  float64  the budget in [0, 1] pixel units (``inf`` for an unbounded attack)
+gate_mode            string   forward mode the model was attacked *and* evaluated in (``hard``, ``open``, ...)
+gate_grad            string   routing-gradient mode the attacker saw (``none``, ``ste``, ``bpda``, ``eot``)
+target               string   head under attack: ``fine`` or ``coarse``
+source_run           string   run the example was crafted on ('' for white-box; another run for transfer)
+sample               int64    index of the sample in the evaluation split
+seed                 int64    the seed of the evaluation
+label_fine           int64    true fine label
+label_coarse         int64    true coarse label
+clean_pred_fine      int64    fine prediction on the clean input
+clean_pred_coarse    int64    coarse prediction on the clean input
+adv_pred_fine        int64    fine prediction on the adversarial input
+adv_pred_coarse      int64    coarse prediction on the adversarial input
+clean_correct        bool     clean prediction of the target head is right
+adv_correct          bool     adversarial prediction of the target head is right
+success              bool     ``clean_correct and not adv_correct`` (recomputed from model outputs)
+linf                 float64  L-inf norm of (adv - clean)
+l2                   float64  L2 norm of (adv - clean)
+clean_path           string   gate bits on the clean input, coarse-branch gates then fine-branch gates ('' if none)
+adv_path             string   gate bits on the adversarial input, same order
+hamming              int64    number of differing bits between clean_path and adv_path
+clean_macs           float64  MACs the model executed on the clean input
+adv_macs             float64  MACs the model executed on the adversarial input
+frozen_pred_fine     int64    fine prediction on the adversarial input with gates frozen to ``clean_path``
+frozen_pred_coarse   int64    coarse prediction, same
+frozen_correct       bool     target-head prediction under the frozen clean path is right
+===================  =======  =====================================================================================
+
+For a model without gates, paths are '' and the frozen predictions equal the adversarial ones.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+RECORD_COLUMNS: dict[str, str] = {
+    "run": "string",
+    "model": "string",
+    "attack": "string",
+    "backend": "string",
+    "norm": "string",
+    "eps": "float64",
+    "gate_mode": "string",
+    "gate_grad": "string",
+    "target": "string",
+    "source_run": "string",
+    "sample": "int64",
+    "seed": "int64",
+    "label_fine": "int64",
+    "label_coarse": "int64",
+    "clean_pred_fine": "int64",
+    "clean_pred_coarse": "int64",
+    "adv_pred_fine": "int64",
+    "adv_pred_coarse": "int64",
+    "clean_correct": "bool",
+    "adv_correct": "bool",
+    "success": "bool",
+    "linf": "float64",
+    "l2": "float64",
+    "clean_path": "string",
+    "adv_path": "string",
+    "hamming": "int64",
+    "clean_macs": "float64",
+    "adv_macs": "float64",
+    "frozen_pred_fine": "int64",
+    "frozen_pred_coarse": "int64",
+    "frozen_correct": "bool",
+}
+
+#: Columns that identify one evaluation (everything but the per-sample content).
+EVAL_KEYS: list[str] = ["run", "model", "attack", "backend", "norm", "eps", "gate_mode", "gate_grad", "target",
+                        "source_run"]
+
+
+def conform(df: pd.DataFrame) -> pd.DataFrame:
+    """Return ``df`` with exactly the contract's columns, in order, with the contract's dtypes.
+
+    Raises ``ValueError`` naming any missing column.
+    """
+    missing = [c for c in RECORD_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"records lack column(s): {', '.join(missing)}")
+    return df[list(RECORD_COLUMNS)].astype(RECORD_COLUMNS)
+
+
+def read_records(path: str | Path) -> pd.DataFrame:
+    """Read one Parquet file or every ``*.parquet`` below a directory into one conformed frame."""
+    path = Path(path)
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        return conform(pd.DataFrame({c: pd.Series(dtype=t) for c, t in RECORD_COLUMNS.items()}))
+    return conform(pd.concat([pd.read_parquet(f) for f in files], ignore_index=True))
+
+
+def worst_case(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
+    """Per-sample worst case over attacks: a sample counts as robust only if *every* attack failed on it.
+
+    Groups by ``by`` (default: run, model, norm, eps, gate_mode, target, source_run) plus ``sample``, and returns one
+    row per group with ``attack='worst'``, ``backend='any'``, ``gate_grad='any'``; the row's adversarial fields
+    are those of the first attack that made the sample wrong (or of the first attack when none did).
+    """
+    by = by or ["run", "model", "norm", "eps", "gate_mode", "target", "source_run"]
+    if df.empty:
+        return df.copy()
+    ordered = df.sort_values([*by, "sample", "adv_correct"], kind="stable")
+    worst = ordered.groupby([*by, "sample"], sort=False, observed=True, dropna=False).head(1).copy()
+    worst["attack"], worst["backend"], worst["gate_grad"] = "worst", "any", "any"
+    return conform(worst.reset_index(drop=True))

@@ -1,0 +1,76 @@
+"""Multiply-accumulate counts, measured with ``torch.utils.flop_counter`` rather than by hand.
+
+A model measures itself once at construction: the MACs of a full (every block executed) forward pass, and the
+MACs of each gated block. The per-sample cost of a forward pass is then
+
+    always-on MACs (stem, trunk, ungated blocks, gates, feedback, FiLM, heads) + sum of executed gated blocks.
+
+``FlopCounterMode`` counts matrix multiplies and convolutions (2 FLOPs per MAC); element-wise work such as
+BatchNorm, ReLU and pooling is not counted, as in the SkipNet / ConvNet-AIG accounting.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_macs(fn, *inputs: torch.Tensor) -> float:
+    """MACs of ``fn(*inputs)`` as counted by torch's flop counter (one forward, no autograd)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*inputs)
+    return counter.get_total_flops() / 2.0
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """Per-sample MACs of a model: the full network, the always-on part and each gated block (in path order)."""
+
+    full: float
+    always_on: float
+    gated_blocks: tuple[float, ...]
+
+    def per_sample(self, executed: torch.Tensor) -> torch.Tensor:
+        """MACs per sample given executed-block bits ``executed`` of shape [B, n_gates] (coarse then fine)."""
+        if not self.gated_blocks:  # a static model, or a gated one not measured yet
+            return torch.full((executed.shape[0],), self.always_on, device=executed.device)
+        block = torch.tensor(self.gated_blocks, dtype=torch.float32, device=executed.device)
+        return self.always_on + executed.detach().float() @ block
+
+    def to_dict(self) -> dict:
+        return {"full": self.full, "always_on": self.always_on, "gated_blocks": list(self.gated_blocks)}
+
+
+def measure_costs(model: nn.Module, gated_blocks: list[nn.Module], input_shape: tuple[int, ...],
+                  run_open) -> CostTable:
+    """Measure ``model``: ``run_open(x)`` must run a full forward with every block executed.
+
+    The input shape of each gated block is captured with forward hooks during that pass; each block is then
+    counted on its own with a one-sample input of that shape.
+    """
+    shapes: dict[int, tuple[int, ...]] = {}
+
+    def recorder(k: int):
+        def hook(module, inputs, output) -> None:
+            shapes[k] = tuple(inputs[0].shape[1:])
+        return hook
+
+    hooks = [b.register_forward_hook(recorder(k)) for k, b in enumerate(gated_blocks)]
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
+        full = count_macs(run_open, x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    blocks = []
+    for k, b in enumerate(gated_blocks):
+        was = b.training
+        b.eval()
+        blocks.append(count_macs(b, torch.zeros(1, *shapes[k], device=x.device)))
+        b.train(was)
+    return CostTable(full=full, always_on=full - sum(blocks), gated_blocks=tuple(blocks))

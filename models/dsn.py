@@ -1,0 +1,145 @@
+"""DSN: a shared trunk feeding a coarse and a fine branch with per-block gates, top-down feedback and FiLM.
+
+This is a *reconstruction* (DESIGN.md, "The model"): the TIP 2020 paper's code is not available. Confirmed by the
+papers: two jointly trained branches (coarse, fine), a gating network giving per-input inference graphs, ranking
+loss for the gates, top-down feedback from coarse to fine, FiLM encoding of the selected path. Our choices: CIFAR
+ResNet-6n+2 with BasicBlocks; trunk = stem + stage 1 (never skipped); each branch = stages 2-3; every block but a
+stage's first has a gate reading the block input; feedback = coarse stage-3 output -> 1x1 conv -> bilinear resize
+-> concatenated to the fine branch's stage-3 input; FiLM = MLP(path bits) -> (gamma, beta) on the fine features
+before pooling, zero-initialised so it starts as the identity.
+
+With ``gated=False`` the same topology without gates (and without FiLM) is the static twin ``dual``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from models.blocks import BasicBlock, Stem, init_weights, make_stage
+from models.cost import measure_costs
+from models.gates import Decision, Gate, GateState, eval_decision, train_decision
+from models.network import CoarseFineNet, ModelOutput
+
+BRANCHES = ("coarse", "fine")
+
+
+class Branch(nn.Module):
+    """Stages 2 and 3 of a CIFAR ResNet, with a gate on every block but each stage's first."""
+
+    def __init__(self, in_planes: int, widths: Sequence[int], n: int, gated: bool, extra_s3_in: int,
+                 gate_hidden: int, open_bias: float):
+        super().__init__()
+        self.stages = nn.ModuleList([
+            make_stage(in_planes, widths[0], n, stride=2),
+            make_stage(widths[0] + extra_s3_in, widths[1], n, stride=2),
+        ])
+        self.gates = nn.ModuleList([
+            nn.ModuleList([Gate(stage[j].conv1.in_channels, gate_hidden, open_bias) for j in range(1, n)] if gated
+                          else [])
+            for stage in self.stages
+        ])
+
+    def gated_blocks(self) -> list[BasicBlock]:
+        return [b for stage, gates in zip(self.stages, self.gates) for b in list(stage)[1:len(gates) + 1]]
+
+
+def _execute(block: nn.Module, x: torch.Tensor, d: Decision) -> torch.Tensor:
+    """Run ``block`` where ``d`` says so: for the executed sub-batch only, or for all samples with a mask."""
+    if d.mask:
+        v = d.value.view(-1, 1, 1, 1)
+        return x + v * (block(x) - x)
+    idx = d.executed.nonzero().squeeze(1)
+    if idx.numel() == x.shape[0]:
+        return block(x)
+    if idx.numel() == 0:
+        return x
+    y = block(x.index_select(0, idx))
+    return x.to(y.dtype).index_copy(0, idx, y)  # under autocast the block may return a narrower dtype
+
+
+class DSN(CoarseFineNet):
+    """Dual-branch layer-skippable network. See the module docstring for the topology."""
+
+    def __init__(self, *, num_fine: int, num_coarse: int, depth_n: int = 3, width: int = 16,
+                 gated: bool = True, gate_fn: str = "hardsig", feedback: bool = True, film: bool = True,
+                 feedback_channels: int | None = None, gate_hidden: int = 16, open_bias: float = 2.0,
+                 image_size: int = 32, in_channels: int = 3,
+                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.25, 0.25, 0.25)):
+        super().__init__(mean, std)
+        w1, w2, w3 = width, 2 * width, 4 * width
+        fb = (feedback_channels or w1) if feedback else 0
+        self.gate_fn = gate_fn
+        self.stem = Stem(in_channels, w1)
+        self.trunk = make_stage(w1, w1, depth_n, stride=1)
+        self.coarse = Branch(w1, (w2, w3), depth_n, gated, 0, gate_hidden, open_bias)
+        self.fine = Branch(w1, (w2, w3), depth_n, gated, fb, gate_hidden, open_bias)
+        self.feedback = nn.Sequential(nn.Conv2d(w3, fb, 1, bias=False), nn.BatchNorm2d(fb), nn.ReLU()) if fb else None
+        n_gates = 2 * 2 * (depth_n - 1) if gated else 0
+        self.film = nn.Sequential(nn.Linear(n_gates, 32), nn.ReLU(), nn.Linear(32, 2 * w3)) \
+            if film and n_gates else None
+        self.fine_head = nn.Linear(w3, num_fine)
+        self.coarse_head = nn.Linear(w3, num_coarse)
+        init_weights(self)
+        if self.film is not None:
+            nn.init.zeros_(self.film[-1].weight)
+            nn.init.zeros_(self.film[-1].bias)
+        self.register_buffer("gate_rate", torch.ones(n_gates))
+        self.register_buffer("slope", torch.tensor(1.0))
+        self.costs = measure_costs(self, self.coarse.gated_blocks() + self.fine.gated_blocks(),
+                                   (in_channels, image_size, image_size),
+                                   lambda x: self._run(x, GateState(mode="open")))
+
+    @property
+    def gate_names(self) -> list[str]:
+        return [f"{name}.s{s + 2}.b{j + 1}" for name in BRANCHES
+                for s, gates in enumerate(getattr(self, name).gates) for j in range(len(gates))]
+
+    def _branch_stage(self, branch: Branch, s: int, x: torch.Tensor, state: GateState, offset: int,
+                      decisions: list[tuple[torch.Tensor, Decision]]) -> torch.Tensor:
+        stage, gates = branch.stages[s], branch.gates[s]
+        x = stage[0](x)
+        for j, gate in enumerate(gates):
+            score = gate(x)
+            k = offset + len(decisions)
+            if self.training and state.mode != "open":
+                d = train_decision(score, self.gate_fn, float(self.slope))
+            else:
+                frozen = state.path[:, k] if state.mode == "frozen" else None
+                d = eval_decision(score, state, self.gate_rate[k], frozen)
+            decisions.append((score, d))
+            x = _execute(stage[j + 1], x, d)
+        for block in list(stage)[len(gates) + 1:]:
+            x = block(x)
+        return x
+
+    def _run(self, x: torch.Tensor, state: GateState) -> ModelOutput:
+        if state.mode == "frozen" and state.path.shape[1] != self.n_gates:
+            raise ValueError(f"frozen path has {state.path.shape[1]} bits, model has {self.n_gates} gates")
+        h = self.stem(self.normalize(x))
+        for block in self.trunk:
+            h = block(h)
+        per_branch: dict[str, list[tuple[torch.Tensor, Decision]]] = {"coarse": [], "fine": []}
+        n_coarse_gates = sum(len(g) for g in self.coarse.gates)
+
+        c = self._branch_stage(self.coarse, 0, h, state, 0, per_branch["coarse"])
+        c = self._branch_stage(self.coarse, 1, c, state, 0, per_branch["coarse"])
+        f = self._branch_stage(self.fine, 0, h, state, n_coarse_gates, per_branch["fine"])
+        if self.feedback is not None:
+            top_down = F.interpolate(self.feedback(c), size=f.shape[-2:], mode="bilinear", align_corners=False)
+            f = torch.cat([f, top_down], dim=1)
+        f = self._branch_stage(self.fine, 1, f, state, n_coarse_gates, per_branch["fine"])
+
+        gates = {b: torch.stack([d.executed.float() for _, d in ds], 1) for b, ds in per_branch.items() if ds}
+        scores = {b: torch.stack([s for s, _ in ds], 1) for b, ds in per_branch.items() if ds}
+        values = {b: torch.stack([d.value for _, d in ds], 1) for b, ds in per_branch.items() if ds}
+        if self.film is not None:
+            gamma, beta = self.film(torch.cat(list(values.values()), 1)).chunk(2, dim=1)
+            f = f * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
+        fine = self.fine_head(f.mean(dim=(2, 3)))
+        coarse = self.coarse_head(c.mean(dim=(2, 3)))
+        executed = torch.cat(list(gates.values()), 1) if gates else x.new_zeros(x.shape[0], 0)
+        return ModelOutput(fine=fine, coarse=coarse, macs=self.costs.per_sample(executed),
+                           gates=gates, scores=scores, values=values)

@@ -1,0 +1,145 @@
+"""Gate modules and gate functions: how a score becomes a decision to run or skip a block.
+
+Vocabulary (see DESIGN.md, "Gate modes"):
+
+* gate function (how the model was *trained*): ``hardsig`` (CVPR'18 DSN: ``clamp(k*s + 0.5, 0, 1)`` with the
+  slope ``k`` annealed up), ``ste`` (SkipNet: hard threshold forward, sigmoid backward), ``gumbel`` (ConvNet-AIG:
+  straight-through Gumbel-sigmoid).
+* forward mode (how the model *runs* at evaluation): ``hard`` (``1[s > 0]``, skipped blocks are not computed),
+  ``open`` (every block runs), ``soft`` (``sigmoid(s)`` mixes every block), ``random`` (Bernoulli at the measured
+  per-block execution rates), ``frozen`` (a given path).
+* routing gradient (what an *attacker* sees through the hard gates): ``none`` (no gradient through routing),
+  ``ste`` (straight-through: hard forward, ``sigmoid`` derivative backward), ``bpda`` (forward of the hard network,
+  backward through the soft network), ``eot`` (expectation over Bernoulli(sigmoid(s)) gate samples).
+
+The relaxation an attacker differentiates is always ``sigmoid(s)``: it is smooth everywhere, unlike the
+annealed hard sigmoid whose derivative vanishes for most scores once the slope is large.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from robustness.errors import ConfigError
+
+GATE_FUNCTIONS = ("hardsig", "ste", "gumbel")
+FORWARD_MODES = ("hard", "open", "soft", "random", "frozen")
+GRAD_MODES = ("none", "ste", "bpda", "eot")
+EXECUTIONS = ("subbatch", "mask")
+
+
+@dataclass(frozen=True)
+class GateState:
+    """How gates behave in a forward pass.
+
+    ``path`` (frozen mode) holds bits [B, n_gates] in path order (coarse-branch gates, then fine-branch gates).
+    ``execution`` chooses how hard decisions are carried out: ``subbatch`` computes a block only for the samples
+    that run it; ``mask`` computes it for all and multiplies (same outputs, no saving; a benchmark baseline).
+    ``sample`` is an internal mode: one Bernoulli(sigmoid(s)) draw with a straight-through gradient (EOT).
+    """
+
+    mode: str = "hard"
+    grad: str = "none"
+    path: torch.Tensor | None = None
+    eot_samples: int = 8
+    execution: str = "subbatch"
+
+    def __post_init__(self) -> None:
+        if self.mode not in FORWARD_MODES + ("sample",):
+            raise ConfigError(f"unknown gate mode {self.mode!r}; choose one of: {', '.join(FORWARD_MODES)}")
+        if self.grad not in GRAD_MODES:
+            raise ConfigError(f"unknown gate gradient {self.grad!r}; choose one of: {', '.join(GRAD_MODES)}")
+        if self.execution not in EXECUTIONS:
+            raise ConfigError(f"unknown execution {self.execution!r}; choose one of: {', '.join(EXECUTIONS)}")
+        if self.mode == "frozen" and self.path is None:
+            raise ConfigError("gate mode 'frozen' needs a path (bits [B, n_gates])")
+        if self.eot_samples < 1:
+            raise ConfigError("eot_samples must be >= 1")
+
+    def updated(self, **changes) -> "GateState":
+        return replace(self, **changes)
+
+
+class Gate(nn.Module):
+    """Reads a block's input and scores whether to run it: GAP -> Linear(C, h) -> BN -> ReLU -> Linear(h, 1).
+
+    The last bias starts at ``open_bias`` > 0 so that every gate starts open (ConvNet-AIG initialises ~85% open).
+    Returns the score ``s`` of shape [B]; the block runs when ``s > 0``.
+    """
+
+    def __init__(self, channels: int, hidden: int = 16, open_bias: float = 2.0):
+        super().__init__()
+        self.fc1 = nn.Linear(channels, hidden, bias=False)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.fc2 = nn.Linear(hidden, 1)
+        nn.init.normal_(self.fc2.weight, std=0.01)
+        nn.init.constant_(self.fc2.bias, open_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.fc1(x.mean(dim=(2, 3)))))
+        return self.fc2(h).squeeze(1)
+
+
+@dataclass
+class Decision:
+    """One gate's decision for a batch.
+
+    ``executed``: bool [B], which samples run the block. ``value``: float [B], the multiplier used when the block
+    is executed by masking (carries the gradient, if any). ``mask``: whether the block must be computed for every
+    sample (soft values or a routing gradient need it); otherwise it runs on the executed sub-batch only.
+    """
+
+    executed: torch.Tensor
+    value: torch.Tensor
+    mask: bool
+
+
+def _straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    return hard + soft - soft.detach()
+
+
+def train_decision(score: torch.Tensor, gate_fn: str, slope: float, tau: float = 1.0) -> Decision:
+    """The gate function's training-time relaxation (always executed by masking)."""
+    if gate_fn == "hardsig":
+        value = torch.clamp(slope * score + 0.5, 0.0, 1.0)
+        return Decision(executed=value > 0, value=value, mask=True)
+    if gate_fn == "ste":
+        hard = (score > 0).float()
+        return Decision(executed=hard > 0, value=_straight_through(hard, torch.sigmoid(score)), mask=True)
+    if gate_fn == "gumbel":
+        u = torch.rand_like(score).clamp_(1e-6, 1 - 1e-6)
+        soft = torch.sigmoid((score + torch.log(u) - torch.log1p(-u)) / tau)
+        hard = (soft > 0.5).float()
+        return Decision(executed=hard > 0, value=_straight_through(hard, soft), mask=True)
+    raise ConfigError(f"unknown gate function {gate_fn!r}; choose one of: {', '.join(GATE_FUNCTIONS)}")
+
+
+def eval_decision(score: torch.Tensor, state: GateState, rate: torch.Tensor, frozen: torch.Tensor | None) -> Decision:
+    """The decision in an evaluation forward mode (see module docstring)."""
+    mode = state.mode
+    if mode == "open":
+        ones = torch.ones_like(score)
+        return Decision(executed=ones > 0, value=ones, mask=state.execution == "mask")
+    if mode == "soft":
+        return Decision(executed=torch.ones_like(score, dtype=torch.bool), value=torch.sigmoid(score), mask=True)
+    if mode == "sample":
+        soft = torch.sigmoid(score)
+        hard = torch.bernoulli(soft.detach())
+        return Decision(executed=hard > 0, value=_straight_through(hard, soft), mask=True)
+    if mode == "random":
+        hard = torch.bernoulli(rate.to(score).expand_as(score))
+    elif mode == "frozen":
+        hard = frozen.to(score.device, torch.float32)
+    else:  # hard
+        hard = (score > 0).float()
+        if state.grad == "ste":
+            return Decision(executed=hard > 0, value=_straight_through(hard, torch.sigmoid(score)), mask=True)
+    return Decision(executed=hard > 0, value=hard.detach(), mask=state.execution == "mask")
+
+
+def hardsig_slope(epoch: int, start: float = 1.0, growth: float = 1.0, max_slope: float = 50.0) -> float:
+    """Annealed slope ``k`` of the hard sigmoid after ``epoch`` gated epochs (CVPR'18 DSN raises it each epoch)."""
+    return float(min(max_slope, start + growth * max(epoch, 0)))
+

@@ -1,0 +1,139 @@
+"""What every model of the suite shares: [0,1] input with normalisation inside, one structured output, gate state.
+
+Models take images in [0, 1] pixel space; the dataset's mean/std live inside the model as buffers, so attacks,
+transfer and training all see the same function and nobody can forget to normalise.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from models.cost import CostTable
+from models.gates import GateState
+
+
+@dataclass
+class ModelOutput:
+    """One forward pass.
+
+    ``fine`` / ``coarse``: logits [B, classes]. ``gates``: executed-block bits per gated branch, float [B, n].
+    ``scores``: the gates' raw scores per branch [B, n] (``s > 0`` means run). ``values``: the gate multipliers
+    actually used, carrying gradient where the mode gives one (training losses use these). ``macs``: [B].
+    """
+
+    fine: torch.Tensor
+    coarse: torch.Tensor
+    macs: torch.Tensor
+    gates: dict[str, torch.Tensor] = field(default_factory=dict)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def logits(self, head: str) -> torch.Tensor:
+        """Logits of the ``fine`` or ``coarse`` head."""
+        return self.fine if head == "fine" else self.coarse
+
+    def _cat(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not parts:
+            return self.fine.new_zeros(self.fine.shape[0], 0)
+        return torch.cat(list(parts.values()), dim=1)
+
+    @property
+    def path(self) -> torch.Tensor:
+        """Executed-block bits in path order (coarse-branch gates, then fine-branch gates), [B, n_gates]."""
+        return self._cat(self.gates)
+
+    @property
+    def path_scores(self) -> torch.Tensor:
+        """Gate scores in path order, [B, n_gates]."""
+        return self._cat(self.scores)
+
+
+class CoarseFineNet(nn.Module):
+    """Base class: normalisation, gate state, cost table, ``gate_names``; subclasses implement ``_run``."""
+
+    #: registry name, set by subclasses / the registry
+    model_name: str = ""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        #: the create_model options that rebuild this model (set by models.registry.create_model)
+        self.config: dict = {}
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.gate_state = GateState()
+        self.costs = CostTable(0.0, 0.0, ())
+
+    # -- gates --------------------------------------------------------------------------------------------
+    @property
+    def gate_names(self) -> list[str]:
+        """Name of each gated block in path order, e.g. ``coarse.s2.b1``; empty for static models."""
+        return []
+
+    @property
+    def n_gates(self) -> int:
+        return len(self.gate_names)
+
+    @property
+    def is_gated(self) -> bool:
+        return self.n_gates > 0
+
+    @contextmanager
+    def gating(self, **changes) -> Iterator["CoarseFineNet"]:
+        """Temporarily change the gate state, e.g. ``with model.gating(mode="soft"): ...``."""
+        previous = self.gate_state
+        self.gate_state = previous.updated(**changes)
+        try:
+            yield self
+        finally:
+            self.gate_state = previous
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *, mode: str | None = None, grad: str | None = None,
+                path: torch.Tensor | None = None, execution: str | None = None) -> ModelOutput:
+        """Run on images ``x`` in [0, 1], [B, C, H, W]. Keyword arguments override the gate state for this call."""
+        changes = {k: v for k, v in dict(mode=mode, grad=grad, path=path, execution=execution).items()
+                   if v is not None}
+        state = self.gate_state.updated(**changes) if changes else self.gate_state
+        if not self.is_gated or self.training or state.mode != "hard" or state.grad in ("none", "ste"):
+            return self._run(x, state)
+        if state.grad == "bpda":
+            return self._bpda(x, state)
+        return self._eot(x, state)
+
+    def _run(self, x: torch.Tensor, state: GateState) -> ModelOutput:
+        raise NotImplementedError
+
+    def _bpda(self, x: torch.Tensor, state: GateState) -> ModelOutput:
+        """Values of the hard network, gradient of the soft network (Athalye et al. 2018, BPDA)."""
+        with torch.no_grad():
+            hard = self._run(x, state.updated(grad="none"))
+        soft = self._run(x, state.updated(mode="soft", grad="none"))
+        return ModelOutput(fine=soft.fine + (hard.fine - soft.fine).detach(),
+                           coarse=soft.coarse + (hard.coarse - soft.coarse).detach(),
+                           macs=hard.macs, gates=hard.gates, scores=soft.scores, values=soft.values)
+
+    def _eot(self, x: torch.Tensor, state: GateState) -> ModelOutput:
+        """Expectation over Bernoulli(sigmoid(s)) gate draws: log of the mean predicted probabilities."""
+        outs = [self._run(x, state.updated(mode="sample", grad="none")) for _ in range(state.eot_samples)]
+
+        def mean_log_prob(head: str) -> torch.Tensor:
+            logp = torch.stack([o.logits(head).log_softmax(1) for o in outs])
+            return torch.logsumexp(logp, dim=0) - torch.log(torch.tensor(float(len(outs))))
+
+        with torch.no_grad():
+            hard = self._run(x, state.updated(grad="none"))
+        return ModelOutput(fine=mean_log_prob("fine"), coarse=mean_log_prob("coarse"), macs=hard.macs,
+                           gates=hard.gates, scores=outs[0].scores, values=outs[0].values)
+
+    # -- measured quantities --------------------------------------------------------------------------------
+    @property
+    def full_macs(self) -> float:
+        """Per-sample MACs with every block executed."""
+        return self.costs.full

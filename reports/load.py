@@ -1,0 +1,92 @@
+"""Reading one run directory's results (records, manifest, metrics, config) for the reports."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from attacks.records import RECORD_COLUMNS, conform, read_records
+from robustness.errors import RunDirError
+from robustness.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResults:
+    """Everything a report needs from one run directory."""
+
+    path: Path
+    name: str
+    records: pd.DataFrame
+    manifest: dict[str, Any] = field(default_factory=dict)
+    metrics: pd.DataFrame | None = None
+    config: dict[str, Any] | None = None
+
+    @property
+    def model(self) -> str:
+        """Model name from the manifest, else from the records, else ''."""
+        if self.manifest.get("model"):
+            return str(self.manifest["model"])
+        return str(self.records["model"].iloc[0]) if len(self.records) else ""
+
+    @property
+    def path_names(self) -> list[str]:
+        """Names of the gated blocks, in path-bit order ([] when unknown or ungated)."""
+        return [str(p) for p in self.manifest.get("path_names") or []]
+
+    @property
+    def full_macs(self) -> float | None:
+        """Per-sample MACs with every block executed, or None when the manifest lacks it."""
+        value = self.manifest.get("full_macs")
+        return float(value) if value else None
+
+    @property
+    def fine_to_coarse(self) -> list[int] | None:
+        """Superclass of each fine class, when the manifest's dataset entry gives it."""
+        dataset = self.manifest.get("dataset")
+        mapping = dataset.get("fine_to_coarse") if isinstance(dataset, dict) else None
+        return [int(c) for c in mapping] if mapping else None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunDirError(f"cannot read {path}: {err}") from None
+    if not isinstance(value, dict):
+        raise RunDirError(f"{path} does not hold a JSON object")
+    return value
+
+
+def load_run(run_dir: str | Path, require_records: bool = True) -> RunResults:
+    """Load ``run_dir``'s attack records, manifest, metrics and config.
+
+    Raises ``RunDirError`` when the directory does not exist or (with ``require_records``) holds no attack records.
+    """
+    rd = RunDir.at(run_dir)
+    if not rd.root.is_dir():
+        raise RunDirError(f"run directory {rd.root} does not exist")
+    has_records = rd.records.is_dir() and any(rd.records.rglob("*.parquet"))
+    if require_records and not has_records:
+        raise RunDirError(f"no attack records under {rd.root}; run `dsn-robust attack {rd.root}` first")
+    try:
+        records = read_records(rd.records) if has_records else conform(pd.DataFrame(columns=list(RECORD_COLUMNS)))
+    except (OSError, ValueError) as err:
+        raise RunDirError(f"cannot read attack records under {rd.records}: {err}") from None
+    metrics = None
+    if rd.metrics.is_file():
+        try:
+            metrics = pd.read_csv(rd.metrics)
+        except (OSError, ValueError) as err:
+            log.warning("ignoring unreadable %s: %s", rd.metrics, err)
+    manifest = _read_json(rd.manifest) or {}
+    name = str(manifest.get("run") or rd.name)
+    return RunResults(path=rd.root, name=name, records=records, manifest=manifest, metrics=metrics,
+                      config=_read_json(rd.config))

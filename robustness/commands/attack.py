@@ -1,0 +1,116 @@
+"""``dsn-robust attack RUN_DIR``: attack a trained run and write per-sample records into it.
+
+An ``[attack]`` table of ``--config FILE`` supplies defaults (any :class:`attacks.runner.AttackConfig` field);
+flags override it. Ends with a short table: clean accuracy, robust accuracy per attack and eps, worst case.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+
+from attacks.runner import AttackConfig, AttackResult, run_attacks
+from robustness.config import build, load_config_file, overridden
+from robustness.errors import ConfigError
+
+__all__ = ["register", "run", "run_attacks", "config_from_args", "summary_table"]
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("attack", help="attack a trained run (FGSM, PGD, CW, APGD, Square, path, slowdown)",
+                       description="Attack the model of RUN_DIR and write per-sample records to "
+                                   "RUN_DIR/attacks/. Flags override the [attack] table of --config.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory")
+    p.add_argument("--attacks", help="comma list of fgsm,pgd,cw,apgd,apgd-ce,apgd-dlr,square,path,slowdown "
+                                     "(apgd = apgd-ce and apgd-dlr; default: all)")
+    p.add_argument("--eps", help="comma list of budgets in [0,1] pixel units, e.g. 1/255,2/255,4/255,8/255")
+    p.add_argument("--norm", choices=["linf", "l2"], help="threat model (default linf)")
+    p.add_argument("--cw-eps", dest="cw_eps", help="L2 budgets at which CW is scored when --norm is linf "
+                                                   "(default 0.25,0.5,1.0)")
+    p.add_argument("--backend", help="torchattacks, foolbox or both (default both); path and slowdown are native")
+    p.add_argument("--gate-mode", dest="gate_modes", help="comma list of hard,open,random (default hard)")
+    p.add_argument("--gate-grad", dest="gate_grads", help="comma list of none,ste,bpda,eot (default none,bpda)")
+    p.add_argument("--target", choices=["fine", "coarse"], help="head under attack (default fine)")
+    p.add_argument("--n", type=int, help="number of test samples (default 1000)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="batch size (default 128)")
+    p.add_argument("--device", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
+    p.add_argument("--steps", type=int, help="iterations of PGD (and APGD, path, slowdown) (default 10)")
+    p.add_argument("--restarts", dest="pgd_restarts", type=int, help="PGD restarts (default 1)")
+    p.add_argument("--eot-samples", dest="eot_samples", type=int, help="gate draws per EOT forward (default 8)")
+    p.add_argument("--resume", action="store_true", help="continue (or add to) the run's attack records")
+    p.add_argument("--force", action="store_true", help="delete the run's attack records first")
+    p.add_argument("--transfer-from", dest="transfer_from", metavar="OTHER_RUN",
+                   help="craft the examples on OTHER_RUN's model, score them on RUN_DIR's")
+    p.add_argument("--config", help="TOML file whose [attack] table supplies defaults")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+def config_from_args(args: argparse.Namespace) -> AttackConfig:
+    """The AttackConfig of the [attack] table of ``args.config`` with the flags given on top."""
+    table = load_config_file(getattr(args, "config", None)).get("attack", {})
+    base = build(AttackConfig, table, where=f"[attack] in {args.config}" if getattr(args, "config", None)
+                 else "attack config")
+    backend = getattr(args, "backend", None)
+    if backend is not None and backend.strip().lower() not in ("torchattacks", "foolbox", "both"):
+        raise ConfigError(f"unknown backend {backend!r}; choose one of: torchattacks, foolbox, both")
+    flags = {name: getattr(args, name, None) for name in
+             ("attacks", "eps", "norm", "cw_eps", "gate_modes", "gate_grads", "target", "n", "batch_size", "device",
+              "seed", "steps", "pgd_restarts", "eot_samples")}
+    flags["backends"] = backend
+    try:
+        return overridden(base, **flags)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    result = run_attacks(args.run_dir, config, resume=args.resume, transfer_from=args.transfer_from,
+                         progress=args.progress, force=args.force)
+    print(summary_table(result))
+    return 0
+
+
+def _eps(e: float) -> str:
+    if math.isinf(e):
+        return "inf"
+    k = e * 255
+    if e > 0 and abs(k - round(k)) < 1e-6 and e <= 1:
+        return f"{int(round(k))}/255"
+    return f"{e:.4g}"
+
+
+def summary_table(result: AttackResult) -> str:
+    """Clean accuracy, robust accuracy per evaluation and eps, and the worst case per eps, as plain text."""
+    df = result.records
+    if df.empty:
+        return "no attack records"
+    lines = []
+    keys = ["gate_mode", "target", "source_run"]
+    for (mode, target, source), g in df.groupby(keys, sort=False, observed=True):
+        clean = g.drop_duplicates("sample")["clean_correct"].mean()
+        where = f"{target} head, gates {mode}" + (f", transferred from {source}" if source else "")
+        lines.append(f"{result.run_dir.name}: clean accuracy {100 * clean:.1f}% ({where}, n={g['sample'].nunique()})")
+        table = (g.groupby(["attack", "backend", "norm", "gate_grad", "eps"], sort=False, observed=True)
+                 ["adv_correct"].mean().mul(100).round(1).reset_index())
+        table["eps"] = table["eps"].map(_eps)
+        table = table.rename(columns={"adv_correct": "robust acc %"})
+        lines.append(table.to_string(index=False))
+        worst = g[g["attack"] != "slowdown"]
+        if not worst.empty:
+            per_sample = worst.groupby(["norm", "eps", "sample"], observed=True)["adv_correct"].all()
+            acc = per_sample.groupby(level=["norm", "eps"], observed=True).mean().mul(100).round(1)
+            cells = ", ".join(f"{norm} {_eps(e)}: {v:.1f}%" for (norm, e), v in acc.items())
+            lines.append(f"worst case over attacks: {cells}")
+        slow = g[g["attack"] == "slowdown"]
+        if not slow.empty:
+            means = slow.groupby("eps", observed=True)[["adv_macs", "clean_macs"]].mean()
+            ratio = means["adv_macs"] / means["clean_macs"].clip(lower=1e-12)
+            lines.append("slowdown: mean MACs x" + ", x".join(f"{v:.3f} at {_eps(e)}" for e, v in ratio.items()))
+        lines.append("")
+    return "\n".join(lines).rstrip()
+

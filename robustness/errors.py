@@ -1,0 +1,42 @@
+"""Typed errors that a user can act on.
+
+This module sits at the bottom of the import graph (with ``robustness.data``): every package may raise these,
+and the CLI turns any ``DSNError`` into one line on stderr and a non-zero exit.
+"""
+from __future__ import annotations
+
+
+class DSNError(Exception):
+    """Base class: a problem the user can fix. ``str(err)`` is the one line the CLI prints."""
+
+    exit_code = 2
+
+
+class ConfigError(DSNError):
+    """An invalid option, flag value or config file entry."""
+
+
+class UnknownNameError(ConfigError):
+    """A model, dataset, attack or other registered name that does not exist."""
+
+    def __init__(self, kind: str, name: str, known: list[str] | tuple[str, ...]):
+        self.kind, self.name, self.known = kind, name, list(known)
+        super().__init__(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(self.known))}")
+
+
+class DataError(DSNError):
+    """A dataset root that is missing, incomplete or malformed."""
+
+
+class CheckpointError(DSNError):
+    """A checkpoint that is missing, corrupt, unsafe or belongs to another model or dataset."""
+
+
+class RunDirError(DSNError):
+    """A run directory that already holds results (and neither --resume nor --force was given), or lacks them."""
+
+
+class BudgetViolation(DSNError):
+    """An adversarial example outside its eps ball or outside [0, 1]: the evaluation would be invalid."""
+
+    exit_code = 3

@@ -1,0 +1,199 @@
+"""``dsn-robust run``: the whole answer in one command.
+
+Trains every model of the ``[run]`` table (default dsn, dual, resnet), attacks each (white-box; the dsn also in
+``open`` mode, its no-skip view), adds the transfer pairs, writes each run's report and the comparison, and
+returns a short summary. Every step is resumable, so ``--resume`` after an interruption continues where it stopped.
+
+Layout of ``OUT``::
+
+    OUT/run.json            the resolved pipeline config (train, attack, run) and package versions
+    OUT/<model>/            one run directory per model (config.json, checkpoints, metrics.csv, attacks, report)
+    OUT/compare/            the skip vs no-skip comparison (index.html, compare.md, compare.csv, compare.json)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from attacks.runner import AttackConfig, run_attacks
+from models.checkpoint import package_versions
+from models.training import TrainConfig, train
+from reports.html import write_comparison, write_report
+from robustness.config import build, load_config_file
+from robustness.errors import ConfigError, RunDirError
+from robustness.rundir import atomic_write_json
+
+log = logging.getLogger(__name__)
+REPORTED_EPS = 8 / 255
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The ``[run]`` table: which models, which transfer pairs (``"source->target"``), and what to add."""
+
+    models: list[str] = field(default_factory=lambda: ["dsn", "dual", "resnet"])
+    transfer: list[str] = field(default_factory=lambda: ["dual->dsn", "dsn->dual", "resnet->dsn"])
+    transfer_attack: str = "pgd"
+    open_mode: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConfigError("[run] models must name at least one model")
+        for pair in self.transfer:
+            source, sep, target = pair.partition("->")
+            if not sep or source not in self.models or target not in self.models or source == target:
+                raise ConfigError(f"[run] transfer pair {pair!r} must read 'source->target' with two different "
+                                  f"models from {self.models}")
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return [tuple(p.split("->")) for p in self.transfer]  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    train: TrainConfig
+    attack: AttackConfig
+    plan: RunPlan
+
+    @classmethod
+    def from_file(cls, path: str | Path | None, device: str | None = None,
+                  data_root: str | None = None) -> "PipelineConfig":
+        """Read a config file's tables; ``device`` and ``data_root`` (when given) override the file's."""
+        tables = load_config_file(path)
+        where = f"config file {path}" if path else "built-in defaults"
+        train_config = TrainConfig.from_tables(tables, where=where).replace(device=device, data_root=data_root)
+        attack = build(AttackConfig, tables.get("attack", {}), where=f"[attack] in {where}")
+        if device is not None:
+            attack = dataclasses.replace(attack, device=device)
+        plan = build(RunPlan, tables.get("run", {}), where=f"[run] in {where}")
+        return cls(train_config, attack, plan)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train": self.train.to_dict(), "attack": self.attack.to_dict(), "run": dataclasses.asdict(self.plan)}
+
+
+@dataclass
+class ModelSummary:
+    """Headline numbers of one model (fractions; ``None`` where not measured)."""
+
+    model: str
+    clean_acc: float
+    robust_acc: dict[str, float]  # attack (or "worst") -> robust accuracy at REPORTED_EPS
+    compute_saved: float | None
+    report: Path
+
+
+@dataclass
+class PipelineResult:
+    out: Path
+    models: list[ModelSummary]
+    sanity: dict[str, list[dict[str, str]]]
+    verdict: str
+    compare: Path | None
+    seconds: float
+
+
+def _check_out_dir(out: Path, resume: bool, force: bool) -> None:
+    if resume and force:
+        raise ConfigError("--resume and --force exclude each other")
+    if out.exists() and any(out.iterdir()) and not resume:
+        if not force:
+            raise RunDirError(f"{out} already holds results; pass --resume to continue them or --force to start over")
+        log.info("--force: deleting %s", out)
+        shutil.rmtree(out)
+
+
+def run_pipeline(config: PipelineConfig, out: str | Path, resume: bool = False, force: bool = False,
+                 progress: bool = True) -> PipelineResult:
+    """Train, attack, report and compare as the config says; see the module docstring."""
+    start = time.perf_counter()
+    out = Path(out)
+    _check_out_dir(out, resume, force)
+    atomic_write_json(out / "run.json", {**config.to_dict(), "versions": package_versions()})
+    plan = config.plan
+    runs = {name: out / name for name in plan.models}
+
+    for name, run_dir in runs.items():
+        log.info("== train %s ==", name)
+        train(config.train.replace(model=name), run_dir, resume=True, progress=progress)
+
+    for name, run_dir in runs.items():
+        log.info("== attack %s ==", name)
+        attack = config.attack
+        if name == "dsn" and plan.open_mode:
+            attack = dataclasses.replace(attack, gate_modes=list(dict.fromkeys([*attack.gate_modes, "open"])))
+        run_attacks(run_dir, attack, resume=True, progress=progress)
+
+    for source, target in plan.pairs():
+        log.info("== transfer %s -> %s ==", source, target)
+        transfer = dataclasses.replace(config.attack, attacks=[plan.transfer_attack], backends=["torchattacks"],
+                                       gate_modes=["hard"])
+        run_attacks(runs[target], transfer, resume=True, transfer_from=runs[source], progress=progress)
+
+    summaries, sanity = [], {}
+    for name, run_dir in runs.items():
+        report_dir = write_report(run_dir)
+        summary = json.loads((report_dir / "summary.json").read_text())
+        sanity[name] = [{k: c[k] for k in ("name", "status", "evidence")} for c in summary.get("sanity", [])]
+        summaries.append(_headline(name, run_dir, report_dir))
+
+    compare_dir, verdict = None, "only one model: nothing to compare"
+    if len(runs) > 1:
+        compare_dir = write_comparison(list(runs.values()), out / "compare", labels=list(runs))
+        verdict = json.loads((compare_dir / "compare.json").read_text()).get("verdict", "")
+    return PipelineResult(out, summaries, sanity, verdict, compare_dir, time.perf_counter() - start)
+
+
+def _headline(name: str, run_dir: Path, report_dir: Path) -> ModelSummary:
+    """Clean and robust accuracy at 8/255 (white-box, hard gates, fine head) and compute saved, from the records."""
+    from attacks.records import read_records, worst_case
+    from reports.load import load_run
+
+    results = load_run(run_dir)
+    records = results.records
+    white = records[(records["source_run"] == "") & (records["gate_mode"] == "hard") & (records["target"] == "fine")
+                    & (records["norm"] == "linf") & ~records["attack"].isin(["slowdown", "path"])]
+    at_eps = white[(white["eps"] - REPORTED_EPS).abs() < 1e-9]
+    robust: dict[str, float] = {}
+    for attack, group in at_eps.groupby("attack", observed=True):
+        robust[str(attack)] = float(group.groupby("sample")["adv_correct"].min().mean())
+    if not at_eps.empty:
+        robust["worst"] = float(worst_case(at_eps)["adv_correct"].mean())
+    clean = float(white.drop_duplicates("sample")["clean_correct"].mean()) if not white.empty else float("nan")
+    saved = None
+    if results.full_macs and not white.empty and results.path_names:
+        saved = 1.0 - float(white.drop_duplicates("sample")["clean_macs"].mean()) / results.full_macs
+    return ModelSummary(name, clean, robust, saved, report_dir / "index.html")
+
+
+def format_summary(result: PipelineResult) -> str:
+    """The few lines ``dsn-robust run`` ends with."""
+    lines = [f"done in {result.seconds / 60:.1f} min; reports:"]
+    for m in result.models:
+        lines.append(f"  {m.model:<8} {m.report}")
+    if result.compare is not None:
+        lines.append(f"  compare  {result.compare / 'index.html'}")
+    lines.append("")
+    lines.append(f"{'model':<8}{'clean':>8}{'FGSM':>8}{'PGD':>8}{'CW':>8}{'worst':>8}{'compute saved':>15}"
+                 f"   (robust accuracy at eps 8/255, Linf; CW at its L2 budgets is in the report)")
+    for m in result.models:
+        cells = [m.robust.get(a) for a in ("fgsm", "pgd", "cw", "worst")]
+        saved = "-" if m.compute_saved is None else f"{m.compute_saved:.1%}"
+        lines.append(f"{m.model:<8}{m.clean_acc:>8.1%}" + "".join("       -" if c is None else f"{c:>8.1%}"
+                                                                for c in cells) + f"{saved:>15}")
+    lines.append("")
+    for model, checks in result.sanity.items():
+        warned = [c for c in checks if c["status"] == "warn"]
+        passed = sum(c["status"] == "pass" for c in checks)
+        lines.append(f"sanity {model}: {passed} pass, {len(warned)} warn, "
+                     f"{len(checks) - passed - len(warned)} skip")
+        lines += [f"  warn {c['name']}: {c['evidence']}" for c in warned]
+    lines.append("")
+    lines.append(f"Is skipping more robust here? {result.verdict}")
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""Where everything of one run lives, and how files are written there without ever being half-written.
+
+Layout of a run directory::
+
+    RUN_DIR/
+      config.json              resolved training config (models.training.TrainConfig as JSON)
+      checkpoints/last.pt      written atomically every epoch
+      checkpoints/best.pt      written atomically when test accuracy improves
+      metrics.csv              one row per epoch
+      train.done               marker: training finished
+      attacks/manifest.json    what was attacked, how, with which versions (see attacks.runner)
+      attacks/records/<evaluation-id>/shard-NNNNN.parquet   per-sample records (attacks.records)
+      report/                  index.html, report.md, summary.csv, summary.json, figures/
+
+Like ``robustness.errors`` and ``robustness.data``, this module is at the bottom of the import graph.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths inside one run directory."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, path: str | os.PathLike[str]) -> "RunDir":
+        return cls(Path(path))
+
+    @property
+    def name(self) -> str:
+        return self.root.resolve().name
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def train_done(self) -> Path:
+        return self.root / "train.done"
+
+    @property
+    def attacks(self) -> Path:
+        return self.root / "attacks"
+
+    @property
+    def manifest(self) -> Path:
+        return self.attacks / "manifest.json"
+
+    @property
+    def records(self) -> Path:
+        return self.attacks / "records"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``.
+
+    A crash or Ctrl-C in the middle leaves the previous ``path`` (or nothing) in place, never a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")

@@ -1,0 +1,244 @@
+"""Models: real skipping, gate modes, routing gradients, measured MACs, registry errors, losses."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.losses import LossWeights, budget_loss, dsn_loss, ranking_loss
+from models.registry import create_model, list_models, model_options
+from robustness.errors import ConfigError, UnknownNameError
+
+OPTS = dict(num_fine=8, num_coarse=2, depth_n=3, width=4, image_size=16)
+
+
+def mixed_gates_dsn(seed: int = 0, **extra) -> torch.nn.Module:
+    """A dsn whose gates are on for some samples and off for others.
+
+    Random gate weights, zero bias, and BatchNorm statistics taken from one batch, so that scores vary between
+    samples as they do in a trained model.
+    """
+    torch.manual_seed(seed)
+    model = create_model("dsn", **{**OPTS, **extra})
+    for name, p in model.named_parameters():
+        if name.endswith("fc2.weight"):
+            p.data.normal_(0, 1.0)
+        if name.endswith("fc2.bias"):
+            p.data.zero_()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.momentum = 1.0
+    with torch.no_grad(), model.gating(mode="open"):
+        model.train()(torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(seed)))
+    return model.eval()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def block_batch_sizes(model, run) -> list[list[int]]:
+    """Batch size each gated block saw during ``run()``, per block in path order."""
+    blocks = model.coarse.gated_blocks() + model.fine.gated_blocks()
+    seen: list[list[int]] = [[] for _ in blocks]
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: seen[k].append(i[0].shape[0]) and None)
+             for k, b in enumerate(blocks)]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def test_registry_lists_models_and_rejects_unknown_names():
+    assert list_models() == ["dsn", "dual", "resnet"]
+    assert list_models("d*") == ["dsn", "dual"]
+    with pytest.raises(UnknownNameError, match="unknown model 'nope'.*dsn, dual, resnet"):
+        create_model("nope")
+    with pytest.raises(ConfigError, match="no option.*depth"):
+        create_model("dsn", num_fine=4, num_coarse=2, depth=3)
+    with pytest.raises(ConfigError, match="depth_n >= 2"):
+        create_model("dsn", num_fine=4, num_coarse=2, depth_n=1)
+    with pytest.raises(UnknownNameError, match="gate function"):
+        create_model("dsn", num_fine=4, num_coarse=2, gate_fn="magic")
+    assert "gate_fn" in model_options("dsn")
+
+
+def test_output_structure_per_model(images):
+    for name in list_models():
+        model = create_model(name, **OPTS).eval()
+        out = model(images)
+        assert out.fine.shape == (32, 8) and out.coarse.shape == (32, 2) and out.macs.shape == (32,)
+        expected_gates = 2 * 2 * (OPTS["depth_n"] - 1) if name == "dsn" else 0
+        assert out.path.shape == (32, expected_gates) and model.n_gates == expected_gates
+        assert len(model.gate_names) == expected_gates
+    dsn = create_model("dsn", **OPTS)
+    assert dsn.gate_names[0] == "coarse.s2.b1" and dsn.gate_names[-1] == "fine.s3.b2"
+    assert set(dsn(images).gates) == {"coarse", "fine"} and dsn(images).gates["fine"].shape == (32, 4)
+
+
+def test_hard_subbatch_equals_masked_execution(images):
+    model = mixed_gates_dsn()
+    with torch.no_grad():
+        real = model(images, mode="hard")
+        masked = model(images, mode="hard", execution="mask")
+    rate = real.path.mean(0)
+    assert ((rate > 0) & (rate < 1)).any(), "test needs gates that differ between samples"
+    torch.testing.assert_close(real.fine, masked.fine, atol=1e-5, rtol=0)
+    torch.testing.assert_close(real.coarse, masked.coarse, atol=1e-5, rtol=0)
+    assert torch.equal(real.path, masked.path)
+
+
+def test_hard_mode_computes_blocks_only_for_executing_samples(images):
+    model = mixed_gates_dsn()
+    with torch.no_grad():
+        path = model(images).path
+    seen = block_batch_sizes(model, lambda: model(images, mode="hard"))
+    for k, sizes in enumerate(seen):
+        executed = int(path[:, k].sum())
+        assert sizes == ([executed] if executed else []), f"block {k}"
+
+
+def test_open_mode_runs_every_block_for_every_sample(images):
+    model = mixed_gates_dsn()
+    seen = block_batch_sizes(model, lambda: model(images, mode="open"))
+    assert seen == [[32]] * model.n_gates
+    out = model(images, mode="open")
+    assert torch.all(out.path == 1) and torch.allclose(out.macs, torch.full((32,), model.full_macs))
+
+
+def test_macs_add_up_and_match_an_independent_count(images):
+    model = mixed_gates_dsn()
+    costs = model.costs
+    assert costs.full == pytest.approx(costs.always_on + sum(costs.gated_blocks))
+    # Every non-downsampling block of a stage costs the same; stage 3 blocks see a quarter of the pixels at
+    # twice the width, so they cost the same as stage 2's.
+    assert len(set(costs.gated_blocks)) == 1
+    out = model(images)
+    expected = costs.always_on + out.path @ torch.tensor(costs.gated_blocks)
+    torch.testing.assert_close(out.macs, expected)
+    for i in range(4):  # the flop counter sees only what sub-batch execution really computed
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            single = model(images[i:i + 1])
+        assert counter.get_total_flops() / 2 == pytest.approx(float(single.macs[0]), rel=1e-6)
+        assert torch.equal(single.path[0], out.path[i])
+
+
+def test_frozen_mode_follows_the_given_path(images):
+    model = mixed_gates_dsn()
+    with torch.no_grad():
+        clean = model(images)
+        frozen_same = model(images, mode="frozen", path=clean.path)
+        flipped = 1 - clean.path
+        frozen_flipped = model(images, mode="frozen", path=flipped)
+    torch.testing.assert_close(frozen_same.fine, clean.fine)
+    assert torch.equal(frozen_flipped.path, flipped)
+    assert not torch.allclose(frozen_flipped.fine, clean.fine)
+    with pytest.raises(ConfigError, match="needs a path"):
+        model(images, mode="frozen")
+
+
+def test_random_mode_uses_the_recorded_rates(images):
+    model = mixed_gates_dsn()
+    model.gate_rate.zero_()
+    assert model(images, mode="random").path.sum() == 0
+    model.gate_rate.fill_(1.0)
+    assert torch.all(model(images, mode="random").path == 1)
+    model.gate_rate.fill_(0.5)
+    torch.manual_seed(0)
+    rate = float(model(images, mode="random").path.mean())
+    assert 0.3 < rate < 0.7
+
+
+def test_soft_mode_mixes_every_block_with_sigmoid_values(images):
+    model = mixed_gates_dsn()
+    out = model(images, mode="soft")
+    values = torch.cat(list(out.values.values()), 1)
+    torch.testing.assert_close(values, torch.sigmoid(out.path_scores))
+    assert torch.all(out.path == 1)
+
+
+def gate_param_grad(model, images, grad: str) -> tuple[float, float]:
+    model.zero_grad()
+    x = images.clone().requires_grad_(True)
+    out = model(x, mode="hard", grad=grad)
+    out.fine.logsumexp(1).sum().backward()
+    gate_grad = sum(float(p.grad.abs().sum()) for n, p in model.named_parameters()
+                    if ".gates." in n and p.grad is not None)
+    return gate_grad, float(x.grad.abs().sum())
+
+
+def test_routing_gradient_zero_under_none_and_nonzero_under_ste_bpda_eot(images):
+    model = mixed_gates_dsn()
+    with model.gating(eot_samples=2):
+        results = {g: gate_param_grad(model, images, g) for g in ("none", "ste", "bpda", "eot")}
+    assert results["none"][0] == 0.0
+    assert results["none"][1] > 0, "input gradient still flows through executed blocks"
+    for g in ("ste", "bpda", "eot"):
+        assert results[g][0] > 0, g
+
+
+def test_bpda_forward_values_are_the_hard_network(images):
+    model = mixed_gates_dsn()
+    with torch.no_grad():
+        hard = model(images, mode="hard")
+    bpda = model(images, mode="hard", grad="bpda")
+    torch.testing.assert_close(bpda.fine, hard.fine, atol=1e-5, rtol=0)
+    assert torch.equal(bpda.path, hard.path)
+
+
+def test_gating_context_manager_restores_state(images):
+    model = mixed_gates_dsn()
+    with model.gating(mode="open"):
+        assert torch.all(model(images).path == 1)
+    assert model.gate_state.mode == "hard"
+    with pytest.raises(ConfigError, match="unknown gate mode"):
+        model(images, mode="sideways")
+
+
+def test_static_models_ignore_gate_modes(images):
+    for name in ("dual", "resnet"):
+        model = create_model(name, **OPTS).eval()
+        a = model(images, mode="hard", grad="bpda")
+        b = model(images, mode="open")
+        torch.testing.assert_close(a.fine, b.fine)
+        assert a.path.shape[1] == 0 and torch.all(a.macs == model.full_macs)
+
+
+def test_training_relaxations_per_gate_function(images):
+    for gate_fn in ("hardsig", "ste", "gumbel"):
+        model = mixed_gates_dsn(gate_fn=gate_fn).train()
+        out = model(images)
+        values = torch.cat(list(out.values.values()), 1)
+        assert values.requires_grad
+        if gate_fn == "hardsig":
+            assert ((values > 0) & (values < 1)).any()
+        else:
+            torch.testing.assert_close(values.detach(), values.detach().round())  # hard forward, soft backward
+
+
+def test_budget_loss_is_zero_at_target_and_ranking_loss_orders_samples():
+    w = LossWeights(target_coarse=0.25, target_fine=0.75, margin=0.1)
+    at_target = {"coarse": torch.tensor([[0.0, 0.5], [0.5, 0.0], [0.5, 0.5], [0.0, 0.0]]),
+                 "fine": torch.full((4, 2), 0.75)}
+    assert float(budget_loss(at_target, w)) == pytest.approx(0.0)
+    assert float(budget_loss({"coarse": torch.ones(4, 2), "fine": torch.ones(4, 2)}, w)) > 0
+    difficulty = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    more_for_harder = {"coarse": torch.tensor([[1.0], [0.6], [0.3], [0.0]]), "fine": torch.ones(4, 1)}
+    less_for_harder = {"coarse": torch.tensor([[0.0], [0.3], [0.6], [1.0]]), "fine": torch.ones(4, 1)}
+    assert float(ranking_loss(less_for_harder, difficulty, 0.1)) > float(ranking_loss(more_for_harder, difficulty,
+                                                                                      0.1))
+
+
+def test_dsn_loss_adds_gate_terms_only_when_ramped_in(images):
+    model = mixed_gates_dsn().train()
+    out = model(images)
+    fine, coarse = torch.randint(0, 8, (32,)), torch.randint(0, 2, (32,))
+    _, off = dsn_loss(out, fine, coarse, LossWeights(), gate_weight=0.0)
+    total, on = dsn_loss(out, fine, coarse, LossWeights(), gate_weight=1.0)
+    assert off.total == pytest.approx(off.ce_fine + off.ce_coarse, rel=1e-5)
+    assert on.total > off.total and on.budget > 0
+    total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".gates." in n)

@@ -1,0 +1,273 @@
+"""End-to-end reports on tiny constructed run directories (records parquet + manifest + metrics)."""
+from __future__ import annotations
+
+import base64
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from reports import tables
+from reports.html import compare_runs, jsonable, write_comparison, write_report
+from reports.load import load_run
+from robustness.errors import RunDirError
+from test_analysis import full_macs, make_records
+
+N = 120
+EPS = [0.0, 2 / 255, 8 / 255]
+PATH_NAMES = ["coarse.s2.b1", "coarse.s3.b1", "fine.s2.b1", "fine.s3.b1"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def attacked(run: str, model: str, n_gates: int, *, attacks=("fgsm", "pgd"), gate_grads=("none",),
+             gate_mode: str = "hard", robust_bonus: float = 0.0, seed: int = 0) -> pd.DataFrame:
+    """Records whose outcome depends only on (attack, eps, sample) and ``seed`` (so two runs built alike agree);
+    gated runs change path more often where the attack succeeds, the slowdown attack executes every block."""
+    frames = []
+    for attack in attacks:
+        for grad in gate_grads:
+            for eps in EPS:
+                rng = np.random.default_rng([seed, attacks.index(attack), int(eps * 255)])
+                strength = {"fgsm": 0.6, "pgd": 1.0, "slowdown": 0.2}[attack] * eps * 255 / 8
+                success = rng.random(N) < max(0.0, 0.7 * strength - robust_bonus)
+                kw = {}
+                if n_gates:
+                    changed = np.where(success, rng.random(N) < 0.8, rng.random(N) < 0.2)
+                    clean = np.where(np.arange(N) % 3 == 0, "1011", "1101") if gate_mode != "open" else "1111"
+                    adv = np.where(changed, "1111" if attack == "slowdown" else "0101", clean)
+                    if eps == 0 or gate_mode == "open":
+                        adv = clean
+                    kw = dict(clean_path=clean, adv_path=adv, frozen_correct=~success | (np.arange(N) % 4 == 0))
+                frames.append(make_records(N, run=run, model=model, attack=attack, gate_grad=grad, eps=eps,
+                                           gate_mode=gate_mode, n_gates=n_gates, success=success & (eps > 0),
+                                           clean_correct=np.arange(N) % 10 != 0, **kw))
+    return pd.concat(frames, ignore_index=True)
+
+
+def write_run(root: Path, records: pd.DataFrame, *, gated: bool = True, metrics: bool = True) -> Path:
+    """A run directory with records shards, an attacks manifest and a training curve."""
+    name = str(records["run"].iloc[0])
+    run_dir = root / name
+    evaluations = []
+    keys = ["attack", "backend", "norm", "gate_mode", "gate_grad", "target", "source_run"]
+    for key, g in records.groupby(keys, observed=True):
+        meta = dict(zip(keys, key))
+        eid = "-".join(str(v) for v in key if v)
+        shard = run_dir / "attacks" / "records" / eid / "shard-00000.parquet"
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        g.to_parquet(shard)
+        evaluations.append({"id": eid, **meta, "eps": sorted(g["eps"].unique().tolist()),
+                            "config": {"steps": 10, "random_start": True}, "complete": True})
+    manifest = {"schema": "dsn-robustness/attacks/v1", "run": name, "model": str(records["model"].iloc[0]),
+                "dataset": {"name": "synthetic", "fine_to_coarse": [c // 5 for c in range(10)]}, "seed": 0, "n": N,
+                "versions": {"dsn-robustness": "0.1.0", "torch": "2.x", "torchattacks": "3.5.1"},
+                "path_names": PATH_NAMES if gated else [], "full_macs": full_macs(4 if gated else 0),
+                "evaluations": evaluations}
+    (run_dir / "attacks" / "manifest.json").write_text(json.dumps(manifest))
+    if metrics:
+        pd.DataFrame({"epoch": [0, 1], "loss": [2.0, 1.5], "train_acc_fine": [0.3, 0.5], "test_acc_fine": [0.3, 0.45],
+                      "test_acc_coarse": [0.5, 0.6], "skip_coarse": [0.0, 0.3], "skip_fine": [0.0, 0.2],
+                      "macs_mean": [6e6, 5e6], "macs_saved": [0.0, 0.17], "lr": [0.1, 0.1], "seconds": [1.0, 1.0]}
+                     ).to_csv(run_dir / "metrics.csv", index=False)
+    return run_dir
+
+
+class TagCollector(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str], int]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs), self.getpos()[0]))
+
+
+def parse(html: str) -> TagCollector:
+    p = TagCollector()
+    p.feed(html)
+    p.close()
+    return p
+
+
+def assert_self_contained(html: str) -> list[dict[str, str]]:
+    """No external references of any kind; returns the <img> attributes."""
+    tags = parse(html).tags
+    for tag, attrs, _ in tags:
+        for attr in ("src", "href", "data", "poster", "action"):
+            if attr in attrs:
+                assert attrs[attr].startswith("data:"), f"<{tag} {attr}={attrs[attr][:40]!r}> points outside the file"
+        assert tag not in ("link", "script", "iframe", "object", "embed"), f"<{tag}> in a self-contained report"
+    assert "url(" not in html and "@import" not in html
+    imgs = [a for t, a, _ in tags if t == "img"]
+    for a in imgs:
+        assert a["src"].startswith("data:image/png;base64,")
+        assert base64.b64decode(a["src"].split(",", 1)[1]).startswith(PNG_MAGIC)
+    return imgs
+
+
+@pytest.fixture(scope="module")
+def gated_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    records = pd.concat([attacked("dsn1", "dsn", 4, attacks=("fgsm", "pgd", "slowdown"), gate_grads=("none", "bpda")),
+                         attacked("dsn1", "dsn", 4, gate_mode="open")], ignore_index=True)
+    return write_run(root, records)
+
+
+@pytest.fixture(scope="module")
+def gated_report(gated_run) -> Path:
+    return write_report(gated_run, n_boot=200)
+
+
+def test_report_writes_all_files(gated_run, gated_report):
+    assert gated_report == gated_run / "report"
+    for name in ("index.html", "report.md", "summary.csv", "summary.json"):
+        assert (gated_report / name).is_file() and (gated_report / name).stat().st_size > 0
+    assert not list(gated_report.rglob("*.tmp")), "temporary files left behind"
+
+
+def test_report_html_is_self_contained_with_one_img_per_figure(gated_report):
+    html = (gated_report / "index.html").read_text()
+    imgs = assert_self_contained(html)
+    payload = json.loads((gated_report / "summary.json").read_text())
+    produced = [f for f in payload["figures"].values() if f]
+    assert len(produced) == 5  # gated run with a slowdown attack: every figure applies
+    assert len(imgs) == len(produced) == len(list((gated_report / "figures").glob("*.png")))
+
+
+def test_report_markdown_references_figure_files(gated_report):
+    md = (gated_report / "report.md").read_text()
+    payload = json.loads((gated_report / "summary.json").read_text())
+    for rel in filter(None, payload["figures"].values()):
+        assert f"]({rel})" in md
+        assert (gated_report / rel).read_bytes().startswith(PNG_MAGIC)
+    assert "| Attack |" in md and "data:image" not in md
+
+
+def test_sanity_verdicts_come_first(gated_report):
+    html = (gated_report / "index.html").read_text()
+    first_img = html.index("<img")
+    assert html.index("Sanity checks") < first_img
+    for name in ("eps-monotone", "routing-gradient", "square-vs-gradient"):
+        assert html.index(name) < first_img
+    md = (gated_report / "report.md").read_text()
+    assert md.index("Sanity checks") < md.index("![")
+
+
+def test_summary_json_schema_and_content(gated_report):
+    payload = json.loads((gated_report / "summary.json").read_text())
+    assert payload["schema"] == "dsn-robustness/report/v1"
+    assert payload["eps"] == pytest.approx(EPS)
+    assert payload["run"] == "dsn1" and payload["model"] == "dsn" and payload["seed"] == 0 and payload["n"] == N
+    assert payload["versions"]["torchattacks"] == "3.5.1"
+    assert {e["attack"] for e in payload["evaluations"]} == {"fgsm", "pgd", "slowdown"}
+    assert {c["status"] for c in payload["sanity"]} <= {"pass", "warn", "skip"} and len(payload["sanity"]) == 7
+    # 3 attacks x 2 gate grads (fgsm/pgd/slowdown hard) + 2 attacks open, 3 eps each
+    assert len(payload["summary"]) == (3 * 2 + 2) * 3
+    assert all("same_superclass" in row for row in payload["summary"])  # fine_to_coarse came from the manifest
+    worst = {(r["gate_mode"], r["eps"]): r["robust_acc"] for r in payload["worst_case"]}
+    assert worst[("hard", 0.0)] == pytest.approx(0.9) and worst[("hard", 8 / 255)] < 0.5
+    csv = pd.read_csv(gated_report / "summary.csv")
+    assert len(csv) == len(payload["summary"]) and "auroc_hamming" in csv.columns
+
+
+def test_ungated_report_says_not_applicable(tmp_path):
+    run_dir = write_run(tmp_path, attacked("resnet1", "resnet", 0), gated=False, metrics=False)
+    out = write_report(run_dir, tmp_path / "elsewhere", n_boot=50)
+    assert out == tmp_path / "elsewhere"
+    html = (out / "index.html").read_text()
+    imgs = assert_self_contained(html)
+    assert len(imgs) == 1  # robust accuracy vs eps only
+    assert html.count("not applicable: model has no gates") >= 4
+    assert "not applicable: model has no gates" in (out / "report.md").read_text()
+    payload = json.loads((out / "summary.json").read_text())
+    assert [k for k, v in payload["figures"].items() if v] == ["robust_accuracy"]
+
+
+def test_missing_run_dir_or_records_is_a_clear_error(tmp_path):
+    with pytest.raises(RunDirError, match="does not exist"):
+        write_report(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunDirError, match=r"no attack records under .*empty; run `dsn-robust attack .*empty` first"):
+        load_run(tmp_path / "empty")
+    assert load_run(tmp_path / "empty", require_records=False).records.empty
+
+
+def test_load_run(gated_run):
+    run = load_run(gated_run)
+    assert run.name == "dsn1" and run.path_names == PATH_NAMES and run.full_macs == full_macs()
+    assert run.metrics is not None and list(run.metrics["epoch"]) == [0, 1] and run.config is None
+    assert len(run.records) == (3 * 2 + 2) * 3 * N
+
+
+def test_markdown_renderer_escapes_pipes():
+    md = tables.to_markdown(pd.DataFrame({"a": ["x|y"], "b": [1]}))
+    assert md.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
+    assert "&lt;b&gt;" in tables.to_html(pd.DataFrame({"a": ["<b>"]}))
+    assert tables.format_eps(8 / 255) == "8/255" and tables.format_eps(0.5) == "0.5"
+    assert tables.format_eps(float("inf")) == "inf"
+
+
+def test_json_payload_is_strict_json():
+    out = jsonable({"eps": [0.0, float("inf")], "x": float("nan"), "n": np.int64(3), "ok": np.bool_(True),
+                    "frame": pd.DataFrame({"a": [1.5, np.nan]})})
+    assert out == {"eps": [0.0, "inf"], "x": None, "n": 3, "ok": True, "frame": [{"a": 1.5}, {"a": None}]}
+    json.dumps(out, allow_nan=False)
+
+
+def test_comparison_of_identical_runs_finds_no_evidence(tmp_path):
+    dsn = write_run(tmp_path, attacked("dsn", "dsn", 4))
+    dual = write_run(tmp_path, attacked("dual", "dual", 0), gated=False)
+    out = write_comparison([dsn, dual], tmp_path / "cmp", n_boot=200)
+    for name in ("index.html", "compare.md", "compare.csv", "compare.json"):
+        assert (out / name).is_file()
+    payload = json.loads((out / "compare.json").read_text())
+    assert payload["schema"] == "dsn-robustness/compare/v1"
+    assert "no evidence" in payload["verdict"].lower()
+    assert payload["verdict"].startswith("No evidence that skipping helps: dsn(hard) vs dual")
+    assert "eps=8/255" in payload["verdict"]
+    pair = payload["verdict_pairs"][0]
+    assert pair["diff"] == 0 and pair["diff_low"] <= 0 <= pair["diff_high"]
+    html = (out / "index.html").read_text()
+    assert_self_contained(html)
+    assert payload["verdict"] in html and html.index(payload["verdict"]) < html.index("<img")
+    saved = {v["label"]: v["compute_saved"] for v in payload["variants"]}
+    assert saved["dual"] == pytest.approx(0.0) and saved["dsn(hard)"] == pytest.approx(1 / 6)
+
+
+def test_comparison_reports_a_more_robust_skipping_run(tmp_path):
+    dsn = write_run(tmp_path, attacked("dsn", "dsn", 4, robust_bonus=0.4, gate_grads=("none", "bpda")))
+    dual = write_run(tmp_path, attacked("dual", "dual", 0), gated=False)
+    out = write_comparison([dual, dsn], tmp_path / "cmp", labels=["static", "skip"], n_boot=200)
+    payload = json.loads((out / "compare.json").read_text())
+    assert payload["reference"] == "static" and payload["skipping_variant"] == "skip(hard)"
+    pair = payload["verdict_pairs"][0]
+    assert pair["diff"] > 0.2 and pair["diff_low"] > 0
+    assert payload["verdict"].startswith("Skipping is more robust here: skip(hard) vs static")
+    assert f"+{100 * pair['diff']:.1f}" in payload["verdict"]
+    csv = pd.read_csv(out / "compare.csv")
+    worst = csv[(csv.variant == "skip(hard)") & (csv.attack == "worst") & (csv.eps > 0.03)]
+    assert len(worst) == 1 and worst["diff"].iloc[0] == pytest.approx(pair["diff"])
+
+
+def test_comparison_splits_gate_modes_and_builds_transfer(tmp_path):
+    records = pd.concat([attacked("dsn", "dsn", 4), attacked("dsn", "dsn", 4, gate_mode="open")])
+    transfer = attacked("dsn", "dsn", 4, attacks=("pgd",)).assign(attack="transfer:pgd", source_run="dual")
+    transfer["success"] = transfer["success"] & (transfer["sample"] % 2 == 0)
+    transfer["adv_correct"] = transfer["clean_correct"] & ~transfer["success"]
+    dsn = write_run(tmp_path, pd.concat([records, transfer], ignore_index=True))
+    dual = write_run(tmp_path, attacked("dual", "dual", 0), gated=False)
+    cmp = compare_runs([dsn, dual], n_boot=100)
+    assert [v.label for v in cmp.variants] == ["dsn(hard)", "dsn(open)", "dual"]
+    assert [v.skipping for v in cmp.variants] == [True, False, False]
+    assert [v.compute_saved for v in cmp.variants] == pytest.approx([1 / 6, 0.0, 0.0])
+    assert [(p["a"], p["b"]) for p in cmp.pairs] == [("dsn(hard)", "dsn(open)"), ("dsn(hard)", "dual")]
+    cross = cmp.transfer[~cmp.transfer["whitebox"]]
+    assert set(zip(cross["source_run"], cross["run"])) == {("dual", "dsn")}
+    # transfer successes were halved: below the white-box rate on the same target, attack and eps
+    tm = cmp.transfer.set_index(["whitebox", "eps"])["success_rate"]
+    assert tm[(False, 8 / 255)] < tm[(True, 8 / 255)]
+    assert [c.status for c in cmp.sanity["dsn"] if c.name == "transfer-vs-whitebox"] == ["pass"]
+    with pytest.raises(RunDirError, match="labels"):
+        compare_runs([dsn, dual], labels=["only one"])
