@@ -59,7 +59,7 @@ class LogitsView(nn.Module):
         model.eval()
         super().train(False)
 
-    def train(self, mode: bool = True) -> "LogitsView":  # noqa: D401 - keep the model in eval mode, always
+    def train(self, mode: bool = True) -> "LogitsView":
         """Ignored: the wrapped model stays in eval mode."""
         self.model.eval()
         return super().train(False)

@@ -6,9 +6,17 @@ Its id (a directory name) is ``<attack>__<backend>__<norm>__<gate_mode>__<gate_g
 
 Layout written into the run directory::
 
-    attacks/manifest.json                                  schema dsn-robustness/attacks/v1 (see _manifest)
+    attacks/manifest.json                                  what was run (below)
     attacks/records/<evaluation-id>/shard-<batch:05d>.parquet   rows of one batch, every eps (attacks.records)
     attacks/worst_case.parquet                             per-sample worst case over attacks at each eps
+
+The manifest (``schema: dsn-robustness/attacks/v1``) holds: ``run``, ``model``, ``checkpoint`` (relative path),
+``dataset`` (DatasetInfo.to_dict()), ``data`` (dataset name, root, options, split), ``seed``, ``n``,
+``batch_size``, ``n_batches``, ``versions`` (package versions), ``path_names`` (gate names in path-bit order),
+``full_macs``, ``gated_block_macs``, ``zero_grad_share`` (``{"<gate_mode>/<gate_grad>": share}`` of samples whose
+input gradient is exactly zero, on the first batch), ``config`` (the AttackConfig of the last invocation) and
+``evaluations``: one ``{id, attack, backend, norm, eps, gate_mode, gate_grad, target, source_run, config,
+complete}`` per evaluation (``config`` = the attack's parameters; ``complete`` = every shard exists).
 
 Every shard is written atomically, so an interrupted run resumes (``resume=True``) by skipping the shards that
 exist. Every batch x evaluation draws its randomness from a seed derived from (seed, evaluation id, batch), so a
@@ -618,7 +626,8 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
     n_batches = math.ceil(n / config.batch_size)
     setup = {"n": n, "batch_size": config.batch_size, "seed": config.seed}
     previous = _read_manifest(run)
-    if has_records(run):
+    existing = has_records(run)
+    if existing:
         if force:
             pass
         elif not resume:
@@ -638,10 +647,10 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
                     stale.unlink(missing_ok=True)
                 previous = None
             zero = _zero_gradient_shares(model, data, config, plans)
-            if previous and resume:
+            if previous and resume and existing:
                 zero = {**previous.get("zero_grad_share", {}), **zero}
             manifest = _manifest(run, checkpoint, model, config, data_source, setup, n_batches, zero, plans,
-                                 previous if resume else None)
+                                 previous if resume and existing else None)
             atomic_write_json(run.manifest, manifest)
         dist.barrier()
 
@@ -709,9 +718,9 @@ def _manifest(run: RunDir, checkpoint: Checkpoint, model: CoarseFineNet, config:
     }
 
 
-def _attack_batches(run: RunDir, model_name: str, model: CoarseFineNet, crafting_model: CoarseFineNet, data: CoarseFineDataset,
-                    config: AttackConfig, plans: Sequence[EvalPlan], n_batches: int, dist: _Dist, progress: bool,
-                    on_shard: Callable[[Path], None] | None) -> None:
+def _attack_batches(run: RunDir, model_name: str, model: CoarseFineNet, crafting_model: CoarseFineNet,
+                    data: CoarseFineDataset, config: AttackConfig, plans: Sequence[EvalPlan], n_batches: int,
+                    dist: _Dist, progress: bool, on_shard: Callable[[Path], None] | None) -> None:
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device

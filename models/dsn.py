@@ -65,7 +65,7 @@ class DSN(CoarseFineNet):
 
     def __init__(self, *, num_fine: int, num_coarse: int, depth_n: int = 3, width: int = 16,
                  gated: bool = True, gate_fn: str = "hardsig", feedback: bool = True, film: bool = True,
-                 feedback_channels: int | None = None, gate_hidden: int = 16, open_bias: float = 2.0,
+                 feedback_channels: int | None = None, gate_hidden: int = 16, open_bias: float = 0.4,
                  image_size: int = 32, in_channels: int = 3,
                  mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.25, 0.25, 0.25)):
         super().__init__(mean, std)

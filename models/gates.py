@@ -66,10 +66,12 @@ class Gate(nn.Module):
     """Reads a block's input and scores whether to run it: GAP -> Linear(C, h) -> BN -> ReLU -> Linear(h, 1).
 
     The last bias starts at ``open_bias`` > 0 so that every gate starts open (ConvNet-AIG initialises ~85% open).
+    The default 0.4 keeps the hard sigmoid off its flat top at slope 1 (0.4 + 0.5 = 0.9), so that the budget loss
+    has a gradient from the first step; a larger bias saturates it and the gates never learn to close.
     Returns the score ``s`` of shape [B]; the block runs when ``s > 0``.
     """
 
-    def __init__(self, channels: int, hidden: int = 16, open_bias: float = 2.0):
+    def __init__(self, channels: int, hidden: int = 16, open_bias: float = 0.4):
         super().__init__()
         self.fc1 = nn.Linear(channels, hidden, bias=False)
         self.bn = nn.BatchNorm1d(hidden)

@@ -55,7 +55,7 @@ from models.losses import LossWeights, dsn_loss
 from models.network import CoarseFineNet
 from models.registry import create_model, list_models, model_options
 from robustness.config import build
-from robustness.data import CoarseFineDataset, DatasetInfo, list_datasets, load_dataset
+from robustness.data import CoarseFineDataset, DatasetInfo, dataset_info, list_datasets, load_dataset
 from robustness.errors import CheckpointError, ConfigError, RunDirError
 from robustness.rundir import RunDir, atomic_write_json, atomic_write_text
 
@@ -464,15 +464,16 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
 def augment_batch(x: torch.Tensor, gen: torch.Generator, padding: int, flip: bool) -> torch.Tensor:
     """Random crop after zero padding by ``padding`` pixels and random horizontal flip, per sample."""
     b, _, h, w = x.shape
-    if padding > 0:
+    if padding > 0:  # the random numbers come from ``gen`` (CPU); the gather runs wherever ``x`` lives
         padded = F.pad(x, (padding, padding, padding, padding))
         oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
         ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
-        rows = (oy[:, None] + torch.arange(h))[:, :, None]
-        cols = (ox[:, None] + torch.arange(w))[:, None, :]
-        x = padded[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
+        rows = (oy[:, None] + torch.arange(h))[:, :, None].to(x.device)
+        cols = (ox[:, None] + torch.arange(w))[:, None, :].to(x.device)
+        batch = torch.arange(b, device=x.device)[:, None, None]
+        x = padded[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()
     if flip:
-        mirror = torch.rand(b, generator=gen) < 0.5
+        mirror = (torch.rand(b, generator=gen) < 0.5).to(x.device)
         x = torch.where(mirror[:, None, None, None], x.flip(3), x)
     return x
 
@@ -645,6 +646,7 @@ class Trainer:
         c = self.config
         state = self._check_run_dir()
         if state == "done" and self.resume:
+            self._check_finished_run()
             log.info("%s: training already finished; nothing to do (use --force to train again)", self.run.root)
             return self._finished_result(nothing_to_do=True)
         device = resolve_device(c.device)
@@ -652,6 +654,17 @@ class Trainer:
             if dist.enabled and device.type == "cuda":
                 device = torch.device("cuda", dist.local_rank)
             return self._train(device, dist, state)
+
+    def _check_finished_run(self) -> None:
+        """A finished run must be of the model and dataset asked for, or ``--resume`` would silently skip it."""
+        path = self.run.last_checkpoint if self.run.last_checkpoint.exists() else self.run.best_checkpoint
+        if not path.exists():
+            return
+        c = self.config
+        ckpt = load_checkpoint(path)
+        info = dataset_info(c.dataset, c.data_root, **c.data_options)
+        wanted = create_model(c.model, **self._model_options(info))  # its config: the options as resolved
+        ckpt.check_matches(c.model, _model_identity(wanted), info)
 
     @contextmanager
     def _runtime(self, device: torch.device) -> Iterator[None]:
@@ -726,13 +739,12 @@ class Trainer:
         wrapped: nn.Module = model
         if dist.enabled:
             wrapped = nn.parallel.DistributedDataParallel(
-                model, device_ids=[dist.local_rank] if device.type == "cuda" else None,
-                find_unused_parameters=module.is_gated)  # warm-up: gates run, but their scores reach no loss
+                model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
         if dist.rank > 0:  # per-rank Gumbel noise (the weights are rank 0's: DDP broadcasts them)
             torch.manual_seed(_derived_seed(c.seed, dist.rank, start_epoch, 7))
         weights = c.loss_weights()
         padding = (info.image_size // 8 if c.crop_padding < 0 else c.crop_padding) if c.augment else 0
-        log.info("training %s on %s (%d train / %d test images) on %s%s: epochs %d..%d of %d", c.model, c.dataset,
+        (log.info if dist.main else log.debug)("training %s on %s (%d train / %d test images) on %s%s: epochs %d..%d of %d", c.model, c.dataset,
                  len(train_set), len(test_set), device, f" x{dist.world}" if dist.enabled else "",
                  start_epoch + 1, c.epochs, c.epochs)
 
@@ -751,14 +763,20 @@ class Trainer:
             try:
                 for i, idx in enumerate(batches):
                     x, fine, coarse = train_set.batch(idx)
+                    x = x.to(device, non_blocking=True)
                     if padding or (c.augment and c.flip):
                         x = augment_batch(x, aug_gen, padding, c.augment and c.flip)
-                    x = _to_device(x, device, channels_last)
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
                     fine, coarse = fine.to(device, non_blocking=True), coarse.to(device, non_blocking=True)
                     gate_weight = c.gate_weight_at(epoch, (i + 1) / len(batches)) if module.is_gated else 0.0
                     with _autocast(device, use_amp):
                         out = wrapped(x, mode="hard" if gated_phase else "open")
                         loss, parts = dsn_loss(out, fine, coarse, weights, gate_weight)
+                        if dist.enabled and module.is_gated and not gated_phase:
+                            # warm-up: the gates score but no loss reads the scores; DDP needs a gradient (zero)
+                            # for every parameter it saw in the graph
+                            loss = loss + 0.0 * out.path_scores.sum()
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)
@@ -813,7 +831,8 @@ class Trainer:
                 save_checkpoint(self.run.last_checkpoint, module, info,
                                 self._train_state(epoch + 1, optimizer, scheduler, scaler, history, best), metrics)
                 atomic_write_text(self.run.metrics, metrics_csv(history))
-            log.info(_epoch_line(row, c.epochs, module.is_gated))
+            if dist.main:
+                log.info(_epoch_line(row, c.epochs, module.is_gated))
             for callback in self.callbacks:
                 callback(epoch + 1, dict(row))
 

@@ -123,7 +123,7 @@ def run_benchmark(run: str | None = None, skip: float | None = 0.5, batch_size: 
         from attacks.overhead import measure_overhead  # attacks sits above models; imported only when asked
         labels = torch.randint(0, dsn.config["num_fine"], (min(batch_size, 64),),
                                generator=torch.Generator().manual_seed(seed)).to(device)
-        overhead = measure_overhead(dsn, x[: len(labels)], labels, eps=8 / 255, steps=5, repeats=max(1, repeats // 2))
+        overhead = measure_overhead(dsn, x[: len(labels)], labels, eps=8 / 255, steps=10, repeats=max(1, repeats // 2))
     return BenchResult(device=str(device), batch_size=batch_size, source=source,
                        skip=1.0 - float(hard.path.mean()) if hard.path.numel() else 0.0,
                        macs_saving=macs_saving, time_saving=time_saving,

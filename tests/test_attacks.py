@@ -25,6 +25,15 @@ N = 128
 EPS = [0.0, 0.5 / 255, 1 / 255, 2 / 255]  # the tiny models are fragile: larger budgets fool everything
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine threads spin against each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _copy(run: RunDir, tmp_path) -> RunDir:
     dst = tmp_path / run.root.name
     shutil.copytree(run.root, dst)
@@ -310,3 +319,24 @@ def test_suite_runs_the_library_attack_unchanged(tiny_batch):
     assert result["seconds_direct"] > 0 and result["seconds_suite"] > 0
     assert result["ratio"] == pytest.approx(result["seconds_suite"] / result["seconds_direct"])
     assert all(p.requires_grad for p in model.parameters())  # restored after timing
+
+
+def test_cw_margin_is_right_for_negative_logits(tiny_batch, monkeypatch):
+    """torchattacks' CW reads the best other logit as max((1 - onehot) * z): 0 whenever all others are negative.
+
+    Under EOT the model outputs log-probabilities (all negative), so an unguarded CW never sees a margin to push.
+    """
+    model, x, y = tiny_batch
+    x, y = x[:32], y[:32]
+    target = Target(model, "coarse", "hard", "eot", eot_samples=2)
+    cw = attack_class("cw", "torchattacks")("l2", c=[10.0], steps=20)
+    correct = evaluate(model, x).coarse == y
+
+    def fooled() -> int:
+        torch.manual_seed(0)
+        adv = cw.perturb(target, x, y, [1.0], seed=0)[0]
+        return int(((evaluate(model, adv).coarse != y) & correct).sum())
+
+    assert fooled() >= max(1, int(correct.sum()) // 2)
+    monkeypatch.setattr(ta_backend._PositiveLogits, "forward", lambda self, inputs: self.view(inputs))
+    assert fooled() == 0  # the library bug the shift works around

@@ -18,13 +18,22 @@ from attacks.records import EVAL_KEYS, read_records
 from attacks.runner import AttackConfig, parse_eps, run_attacks
 from models.checkpoint import load_checkpoint, save_checkpoint
 from robustness.data import load_dataset
-from robustness.errors import CheckpointError, ConfigError, RunDirError, UnknownNameError
+from robustness.errors import ConfigError, RunDirError, UnknownNameError
 from robustness.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(attacks=["fgsm", "pgd"], backends="torchattacks", eps=["1/255", "4/255"], gate_grads=["none", "bpda"],
              target="coarse", n=96, batch_size=32, steps=3, seed=3)
 N_EVALS, N_BATCHES = 4, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine threads spin against each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _copy(run: RunDir, dst: Path) -> RunDir:
@@ -71,15 +80,9 @@ def _sorted(df: pd.DataFrame) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def reference(tiny_runs, tmp_path_factory):
-    """An uninterrupted single-process run of SMALL on the tiny DSN (one thread, as the torchrun workers)."""
+    """An uninterrupted single-process run of SMALL on the gated tiny DSN (one thread, as the torchrun workers)."""
     run = skipping_dsn(tiny_runs["dsn"], tmp_path_factory.mktemp("ref") / "dsn")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = run_attacks(run.root, AttackConfig(**SMALL), progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return run, result
+    return run, run_attacks(run.root, AttackConfig(**SMALL), progress=False)
 
 
 # -- configuration ---------------------------------------------------------------------------------------------
@@ -124,21 +127,16 @@ def test_resume_after_interruption_gives_identical_records(reference, tiny_runs,
         if len(written) == 3:
             raise KeyboardInterrupt
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_attacks(run.root, AttackConfig(**SMALL), progress=False, on_shard=interrupt)
-        assert len(list(run.records.rglob("*.parquet"))) == 3
-        manifest = json.loads(run.manifest.read_text())
-        assert not any(e["complete"] for e in manifest["evaluations"])
-        with pytest.raises(RunDirError, match="already holds attack records; pass --resume"):
-            run_attacks(run.root, AttackConfig(**SMALL), progress=False)
-        before = {p: p.stat().st_mtime_ns for p in written}
-        resumed = []
-        result = run_attacks(run.root, AttackConfig(**SMALL), resume=True, progress=False, on_shard=resumed.append)
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.raises(KeyboardInterrupt):
+        run_attacks(run.root, AttackConfig(**SMALL), progress=False, on_shard=interrupt)
+    assert len(list(run.records.rglob("*.parquet"))) == 3
+    manifest = json.loads(run.manifest.read_text())
+    assert not any(e["complete"] for e in manifest["evaluations"])
+    with pytest.raises(RunDirError, match="already holds attack records; pass --resume"):
+        run_attacks(run.root, AttackConfig(**SMALL), progress=False)
+    before = {p: p.stat().st_mtime_ns for p in written}
+    resumed = []
+    result = run_attacks(run.root, AttackConfig(**SMALL), resume=True, progress=False, on_shard=resumed.append)
     assert len(resumed) == N_EVALS * N_BATCHES - 3  # only the missing shards were attacked
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
     got, want = _sorted(result.records), _sorted(ref.records)

@@ -7,6 +7,10 @@ Facts this file works around (DESIGN.md, "Library facts that bite"):
 * Its CW has no search over ``c``, returns the *clean* image for samples it fails on and early-stops on the
   batch-summed cost: we run it once per ``c`` of a grid and keep, per sample, the smallest-L2 example that the
   recomputed forward misclassifies.
+* Its CW takes ``max((1 - onehot) * logits)`` as the best other logit, which is 0 instead of the real maximum
+  whenever every other logit is negative (EOT log-probabilities always are): CW then sees no margin to push and
+  fails silently. CW therefore gets logits shifted per sample by a detached constant so all are >= 1 (margins,
+  gradients and predictions unchanged).
 * The device is passed explicitly (``set_device``); nothing assumes CUDA.
 """
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, Sequence
 
 import torch
 import torchattacks as ta
+from torch import nn
 
 from attacks.backends import (Attack, Target, keep_smallest_adversarial, register, select_worst, step_size,
                               within_budgets)
@@ -25,6 +30,18 @@ _TA_NORM = {"linf": "Linf", "l2": "L2"}
 def _prepared(attack: ta.Attack, target: Target) -> ta.Attack:
     attack.set_device(target.device)
     return attack
+
+
+class _PositiveLogits(nn.Module):
+    """``x -> logits - min(logits) + 1`` per sample (shift detached): the same margins and gradients, all >= 1."""
+
+    def __init__(self, view: nn.Module):
+        super().__init__()
+        self.view = view
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.view(x)
+        return z - z.min(dim=1, keepdim=True)[0].detach() + 1.0
 
 
 @register
@@ -117,7 +134,7 @@ class CW(Attack):
 
     def perturb(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float],
                 seed: int) -> list[torch.Tensor]:
-        view = target.view()
+        view = _PositiveLogits(target.view())
         p = self.params
         candidates = []
         for c in p["c"]:

@@ -75,42 +75,43 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eps(e: float) -> str:
+def _eps(e: float, norm: str = "linf") -> str:
     if math.isinf(e):
         return "inf"
     k = e * 255
-    if e > 0 and abs(k - round(k)) < 1e-6 and e <= 1:
+    if norm == "linf" and 0 < e < 1 and abs(k - round(k)) < 1e-6:
         return f"{int(round(k))}/255"
     return f"{e:.4g}"
 
 
 def summary_table(result: AttackResult) -> str:
-    """Clean accuracy, robust accuracy per evaluation and eps, and the worst case per eps, as plain text."""
+    """Clean accuracy, robust accuracy (%) per evaluation and eps, and the worst case per eps, as plain text."""
     df = result.records
     if df.empty:
         return "no attack records"
     lines = []
-    keys = ["gate_mode", "target", "source_run"]
-    for (mode, target, source), g in df.groupby(keys, sort=False, observed=True):
+    for (mode, target, source), g in df.groupby(["gate_mode", "target", "source_run"], sort=False, observed=True):
         clean = g.drop_duplicates("sample")["clean_correct"].mean()
-        where = f"{target} head, gates {mode}" + (f", transferred from {source}" if source else "")
+        where = f"{target} head, gates {mode}" + (f", crafted on {source}" if source else "")
         lines.append(f"{result.run_dir.name}: clean accuracy {100 * clean:.1f}% ({where}, n={g['sample'].nunique()})")
-        table = (g.groupby(["attack", "backend", "norm", "gate_grad", "eps"], sort=False, observed=True)
-                 ["adv_correct"].mean().mul(100).round(1).reset_index())
-        table["eps"] = table["eps"].map(_eps)
-        table = table.rename(columns={"adv_correct": "robust acc %"})
-        lines.append(table.to_string(index=False))
+        for norm, h in g.groupby("norm", sort=False, observed=True):
+            table = (h.groupby(["attack", "backend", "gate_grad", "eps"], observed=True)["adv_correct"].mean()
+                     .mul(100).unstack("eps"))
+            table.columns = [_eps(e, norm) for e in table.columns]
+            table.index.names = ["attack", "backend", "grad"]
+            lines.append(f"robust accuracy (%), {norm} budgets:")
+            lines.append(table.to_string(float_format=lambda v: f"{v:.1f}", na_rep="-"))
         worst = g[g["attack"] != "slowdown"]
         if not worst.empty:
             per_sample = worst.groupby(["norm", "eps", "sample"], observed=True)["adv_correct"].all()
-            acc = per_sample.groupby(level=["norm", "eps"], observed=True).mean().mul(100).round(1)
-            cells = ", ".join(f"{norm} {_eps(e)}: {v:.1f}%" for (norm, e), v in acc.items())
+            acc = per_sample.groupby(level=["norm", "eps"], observed=True).mean().mul(100)
+            cells = ", ".join(f"{norm} {_eps(e, norm)}: {v:.1f}%" for (norm, e), v in acc.items())
             lines.append(f"worst case over attacks: {cells}")
         slow = g[g["attack"] == "slowdown"]
         if not slow.empty:
             means = slow.groupby("eps", observed=True)[["adv_macs", "clean_macs"]].mean()
             ratio = means["adv_macs"] / means["clean_macs"].clip(lower=1e-12)
-            lines.append("slowdown: mean MACs x" + ", x".join(f"{v:.3f} at {_eps(e)}" for e, v in ratio.items()))
+            lines.append("slowdown, mean MACs attacked/clean: "
+                         + ", ".join(f"x{v:.3f} at {_eps(e)}" for e, v in ratio.items()))
         lines.append("")
     return "\n".join(lines).rstrip()
-

@@ -85,12 +85,8 @@ def apply_flags(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
         opts["feedback"] = False
     if getattr(args, "no_film", False):
         opts["film"] = False
-    if values["model"] == "resnet":  # options a single-branch network has no use for
-        for key in ("gate_fn", "feedback", "film", "feedback_channels", "gate_hidden", "open_bias"):
-            opts.pop(key, None)
-    elif values["model"] == "dual":
-        for key in ("gate_fn", "film", "gate_hidden", "open_bias"):
-            opts.pop(key, None)
+    # Options a model has no use for (gate_fn for resnet) are kept: create_model ignores them, and a run trained
+    # by `dsn-robust run` from the same file records the same options.
     values["model_options"] = opts
     return TrainConfig.from_dict(values, where="flags")
 

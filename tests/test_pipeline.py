@@ -1,0 +1,139 @@
+"""`dsn-robust run` end to end on a shrunken quickstart config; both shipped configs are exercised."""
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from attacks.records import read_records
+from robustness import cli, pipeline
+from robustness.pipeline import PipelineConfig
+from test_data import write_fake_cifar100
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart.toml"
+CIFAR100 = REPO / "configs" / "cifar100.toml"
+
+#: what shrinks the quickstart job to seconds; everything else (attack list, gate gradients, eps, transfer) stays
+SHRINK = {
+    "data": {"n": 400, "image_size": 16, "test_limit": 48},
+    "model": {"depth_n": 2, "width": 4},
+    "train": {"epochs": 2, "warmup_epochs": 1, "ramp_epochs": 1, "batch_size": 64},
+    "attack": {"n": 24, "batch_size": 12, "steps": 2, "cw_steps": 5, "cw_binary_steps": 1, "cw_c": [1.0],
+               "square_queries": 10, "eot_samples": 2, "backends": ["torchattacks"]},
+}
+
+
+def write_toml(path: Path, tables: dict) -> Path:
+    lines = []
+    for name, table in tables.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def shrunken_quickstart(folder: Path) -> Path:
+    tables = tomllib.loads(QUICKSTART.read_text())
+    for name, changes in SHRINK.items():
+        tables.setdefault(name, {}).update(changes)
+    return write_toml(folder / "tiny.toml", tables)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(["run", "--no-progress", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_quickstart_config_describes_the_main_job():
+    config = PipelineConfig.from_file(QUICKSTART)
+    assert config.plan.models == ["dsn", "dual", "resnet"]
+    assert {"fgsm", "pgd", "cw", "square", "path", "slowdown"} <= set(config.attack.attacks)
+    assert {"none", "bpda"} <= set(config.attack.gate_grads)
+    assert any(abs(e - 8 / 255) < 1e-9 for e in config.attack.eps)
+    assert config.train.dataset == "synthetic" and config.plan.transfer
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One shrunken quickstart run: (config path, output dir, stdout)."""
+    folder = tmp_path_factory.mktemp("pipeline")
+    config = shrunken_quickstart(folder)
+    code = cli.main(["run", "--no-progress", "--config", str(config), "--out", str(folder / "out")])
+    assert code == 0
+    return config, folder / "out"
+
+
+def test_run_writes_every_report_and_the_comparison(finished, capsys):
+    config, out = finished
+    for model in ("dsn", "dual", "resnet"):
+        assert (out / model / "train.done").is_file()
+        assert (out / model / "report" / "index.html").is_file()
+        summary = json.loads((out / model / "report" / "summary.json").read_text())
+        assert summary["sanity"], "sanity verdicts are part of every report"
+    verdict = json.loads((out / "compare" / "compare.json").read_text())["verdict"]
+    assert verdict
+    dsn = read_records(out / "dsn" / "attacks" / "records")
+    assert set(dsn["gate_mode"]) == {"hard", "open"}, "the dsn is also attacked in open mode"
+    assert {"none", "bpda"} <= set(dsn["gate_grad"])
+    assert {"path", "slowdown", "square", "cw", "fgsm", "pgd"} <= set(dsn["attack"])
+    assert {"dual", "resnet"} == set(dsn.loc[dsn["source_run"] != "", "source_run"]), "transfer pairs into dsn"
+    resolved = json.loads((out / "run.json").read_text())
+    assert resolved["train"]["epochs"] == 2 and "versions" in resolved
+
+
+def test_rerun_refuses_without_resume_and_resume_duplicates_nothing(finished, capsys):
+    config, out = finished
+    before = {m: len(read_records(out / m / "attacks" / "records")) for m in ("dsn", "dual", "resnet")}
+    code, _, err = run_cli(["--config", str(config), "--out", str(out)], capsys)
+    assert code != 0 and "already holds results" in err and "--resume" in err and "Traceback" not in err
+    code, stdout, _ = run_cli(["--config", str(config), "--out", str(out), "--resume"], capsys)
+    assert code == 0
+    assert "Is skipping more robust here?" in stdout and str(out / "compare" / "index.html") in stdout
+    after = {m: len(read_records(out / m / "attacks" / "records")) for m in ("dsn", "dual", "resnet")}
+    assert after == before
+
+
+def test_interrupted_run_resumes_to_the_same_records(finished, tmp_path, capsys, monkeypatch):
+    config, reference = finished
+    out = tmp_path / "out"
+    real = pipeline.run_attacks
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # after the dsn is attacked, during the dual
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_attacks", interrupted)
+    code, _, err = run_cli(["--config", str(config), "--out", str(out)], capsys)
+    assert code == 130 and "--resume" in err
+    assert not (out / "compare").exists()
+    monkeypatch.setattr(pipeline, "run_attacks", real)
+    code, _, _ = run_cli(["--config", str(config), "--out", str(out), "--resume"], capsys)
+    assert code == 0
+    for model in ("dsn", "dual", "resnet"):
+        keys = ["attack", "backend", "eps", "gate_mode", "gate_grad", "source_run", "sample"]
+        got = read_records(out / model / "attacks" / "records").drop(columns="run").sort_values(keys)
+        want = read_records(reference / model / "attacks" / "records").drop(columns="run").sort_values(keys)
+        pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True))
+
+
+def test_cifar100_config_trains_on_a_fake_miniature_copy(tmp_path, capsys):
+    write_fake_cifar100(tmp_path / "data", n_train=64, n_test=32)
+    tables = tomllib.loads(CIFAR100.read_text())
+    assert tables["model"]["depth_n"] == 18 and tables["train"]["epochs"] == 200
+    out = tmp_path / "c100"
+    code = cli.main(["train", "--no-progress", "--config", str(CIFAR100), "--data-root", str(tmp_path / "data"),
+                     "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["dataset"] == "cifar100" and resolved["model_options"]["depth_n"] == 18
+    assert (out / "checkpoints" / "last.pt").is_file()
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert len(metrics) == 1 and 0.0 <= metrics["test_acc_fine"].iloc[0] <= 1.0
