@@ -227,7 +227,7 @@ def _metadata(run: RunResults) -> dict[str, Any]:
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, n_boot: int = 1000, seed: int = 0,
-                 zero_grad_share: float | None = None) -> Path:
+                 zero_grad_share: float | dict[str, float] | None = None) -> Path:
     """Write the report of ``run_dir`` to ``out_dir`` (default ``RUN_DIR/report``) and return that directory.
 
     Files: ``index.html``, ``report.md``, ``figures/*.png``, ``summary.csv``, ``summary.json``. Raises
@@ -241,7 +241,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, n_bo
     worst = analysis.worst_case_accuracy(rec)
     rates = analysis.block_rates(rec, run.path_names)
     if zero_grad_share is None and run.manifest.get("zero_grad_share") is not None:
-        zero_grad_share = float(run.manifest["zero_grad_share"])
+        zero_grad_share = run.manifest["zero_grad_share"]
     checks = run_checks(rec, zero_grad_share=zero_grad_share)
     figures = report_figures(run, summary)
     meta = _metadata(run)

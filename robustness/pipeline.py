@@ -84,7 +84,7 @@ class ModelSummary:
 
     model: str
     clean_acc: float
-    robust_acc: dict[str, float]  # attack (or "worst") -> robust accuracy at REPORTED_EPS
+    robust: dict[str, float]  # attack (or "worst") -> robust accuracy at REPORTED_EPS (Linf)
     compute_saved: float | None
     report: Path
 
@@ -180,10 +180,10 @@ def format_summary(result: PipelineResult) -> str:
     if result.compare is not None:
         lines.append(f"  compare  {result.compare / 'index.html'}")
     lines.append("")
-    lines.append(f"{'model':<8}{'clean':>8}{'FGSM':>8}{'PGD':>8}{'CW':>8}{'worst':>8}{'compute saved':>15}"
-                 f"   (robust accuracy at eps 8/255, Linf; CW at its L2 budgets is in the report)")
+    lines.append(f"{'model':<8}{'clean':>8}{'FGSM':>8}{'PGD':>8}{'Square':>8}{'worst':>8}{'compute saved':>15}"
+                 f"   (robust accuracy at Linf eps 8/255, hard gates; CW's L2 results are in the reports)")
     for m in result.models:
-        cells = [m.robust.get(a) for a in ("fgsm", "pgd", "cw", "worst")]
+        cells = [m.robust.get(a) for a in ("fgsm", "pgd", "square", "worst")]
         saved = "-" if m.compute_saved is None else f"{m.compute_saved:.1%}"
         lines.append(f"{m.model:<8}{m.clean_acc:>8.1%}" + "".join("       -" if c is None else f"{c:>8.1%}"
                                                                 for c in cells) + f"{saved:>15}")

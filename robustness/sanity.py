@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Mapping, Literal
 
 import numpy as np
 import pandas as pd
@@ -204,15 +204,25 @@ def check_routing_gradients(df: pd.DataFrame, margin: float = 0.03) -> Check:
                  f"({_count(len(both), 'setting')} checked).")
 
 
-def check_zero_gradients(zero_grad_share: float | pd.Series | None, threshold: float = 0.01) -> Check:
+def check_zero_gradients(zero_grad_share: float | pd.Series | Mapping[str, float] | None,
+                         threshold: float = 0.01) -> Check:
     """Few samples have an all-zero input gradient.
 
-    ``zero_grad_share`` is the share itself, or a per-sample Series of booleans (True = zero gradient) or of
+    ``zero_grad_share`` is the share itself, a mapping ``"gate_mode/gate_grad" -> share`` (as the attack manifest
+    stores it; the worst setting decides), or a per-sample Series of booleans (True = zero gradient) or of
     input-gradient norms (0 counts as zero); None skips the check (computing it needs the model).
     """
     name = "zero-input-gradient"
-    if zero_grad_share is None:
+    if zero_grad_share is None or (isinstance(zero_grad_share, Mapping) and not zero_grad_share):
         return Check(name, "skip", "No input-gradient measurement was given (it needs the model).")
+    if isinstance(zero_grad_share, Mapping):
+        setting, share = max(zero_grad_share.items(), key=lambda kv: float(kv[1]))
+        where = f" under {setting}" if len(zero_grad_share) > 1 else ""
+        status = "warn" if float(share) > threshold else "pass"
+        tail = (": gradient attacks cannot move them, so their robustness is likely masked." if status == "warn"
+                else ".")
+        return Check(name, status, f"{_pts(float(share))} of samples have an all-zero input gradient{where} "
+                     f"({'>' if status == 'warn' else '<='} {_pts(threshold)}){tail}")
     if isinstance(zero_grad_share, pd.Series):
         s = zero_grad_share.dropna()
         if s.empty:
@@ -249,7 +259,7 @@ def check_transfer_vs_whitebox(df: pd.DataFrame, tol: float = 0.01) -> Check:
     return Check(name, "pass", f"Transfer never beats the white-box attack ({_count(len(both), 'setting')} checked).")
 
 
-def run_checks(df: pd.DataFrame, *, zero_grad_share: float | pd.Series | None = None, tol: float = 0.01,
+def run_checks(df: pd.DataFrame, *, zero_grad_share: float | pd.Series | Mapping[str, float] | None = None, tol: float = 0.01,
                margin: float = 0.03, unbounded_threshold: float = 0.05) -> list[Check]:
     """All checks on ``df``, in a fixed order."""
     return [

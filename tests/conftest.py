@@ -18,6 +18,13 @@ from robustness.data import load_dataset
 from robustness.rundir import RunDir
 
 TINY_DATA = dict(image_size=16, seed=0)
+
+
+def pytest_configure(config) -> None:
+    # Tiny models on a 2-core machine: one intra-op thread avoids thread contention that can make each step many
+    # times slower than single-threaded execution.
+    torch.set_num_threads(1)
+
 TINY_MODEL = dict(depth_n=2, width=8)
 TINY_EPOCHS = 6
 

@@ -26,14 +26,6 @@ from robustness.rundir import RunDir
 EPS = 8 / 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine threads spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _copy(run: RunDir, dst) -> RunDir:
     shutil.copytree(run.root, dst)

@@ -25,14 +25,6 @@ N = 128
 EPS = [0.0, 0.5 / 255, 1 / 255, 2 / 255]  # the tiny models are fragile: larger budgets fool everything
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine threads spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _copy(run: RunDir, tmp_path) -> RunDir:
     dst = tmp_path / run.root.name

@@ -125,7 +125,7 @@ def test_interrupted_run_resumes_to_the_same_records(finished, tmp_path, capsys,
 
 
 def test_cifar100_config_trains_on_a_fake_miniature_copy(tmp_path, capsys):
-    write_fake_cifar100(tmp_path / "data", n_train=64, n_test=32)
+    write_fake_cifar100(tmp_path / "data", n_train=100, n_test=100)  # one image per fine class at least
     tables = tomllib.loads(CIFAR100.read_text())
     assert tables["model"]["depth_n"] == 18 and tables["train"]["epochs"] == 200
     out = tmp_path / "c100"

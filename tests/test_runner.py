@@ -27,14 +27,6 @@ SMALL = dict(attacks=["fgsm", "pgd"], backends="torchattacks", eps=["1/255", "4/
 N_EVALS, N_BATCHES = 4, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine threads spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _copy(run: RunDir, dst: Path) -> RunDir:
     shutil.copytree(run.root, dst)

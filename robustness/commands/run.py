@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from models.device import DEVICE_CHOICES
 from robustness.pipeline import PipelineConfig, format_summary, run_pipeline
 
 DEFAULT_CONFIG = "configs/quickstart.toml"
+
+
+def _default_config() -> str:
+    """``configs/quickstart.toml`` of the working directory, else the one of this source checkout."""
+    if Path(DEFAULT_CONFIG).is_file():
+        return DEFAULT_CONFIG
+    beside_source = Path(__file__).resolve().parents[2] / DEFAULT_CONFIG
+    return str(beside_source) if beside_source.is_file() else DEFAULT_CONFIG
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "over an eps sweep with routing gradients none and bpda, plus path, slowdown, "
                                    "Square and the transfer pairs), write each report and the comparison, and "
                                    "print a summary.")
-    p.add_argument("--config", default=DEFAULT_CONFIG, metavar="TOML",
+    p.add_argument("--config", default=None, metavar="TOML",
                    help=f"config with [data], [model], [train], [attack], [run] tables (default {DEFAULT_CONFIG})")
     p.add_argument("--out", default="runs/quickstart", metavar="DIR", help="output directory (default runs/quickstart)")
     p.add_argument("--device", choices=DEVICE_CHOICES, help="override the config's device")
@@ -28,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = PipelineConfig.from_file(args.config, device=args.device, data_root=args.data_root)
+    config = PipelineConfig.from_file(args.config or _default_config(), device=args.device,
+                                      data_root=args.data_root)
     result = run_pipeline(config, args.out, resume=args.resume, force=args.force, progress=not args.no_progress)
     print(format_summary(result))
     return 0
