@@ -230,7 +230,8 @@ class TrainConfig:
             (self.slope_max >= self.slope_start, f"slope_max ({self.slope_max}) must be >= slope_start "
                                                  f"({self.slope_start})"),
             (self.nesterov is False or self.momentum > 0, "nesterov needs momentum > 0"),
-            (self.crop_padding >= -1, f"crop_padding must be >= 0 (or -1 for image_size // 8), got {self.crop_padding}"),
+            (self.crop_padding >= -1,
+             f"crop_padding must be >= 0 (or -1 for image_size // 8), got {self.crop_padding}"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
             (self.device in DEVICE_CHOICES or self.device.startswith("cuda:"),
              f"unknown device {self.device!r}; choose one of: {', '.join(DEVICE_CHOICES)}"),
@@ -624,8 +625,9 @@ class Trainer:
             test = test.subset(c.test_limit)
         if len(train) < 2 or len(test) < 1:
             raise ConfigError(f"{c.dataset}: {len(train)} training and {len(test)} test samples are too few to train")
-        if train.info.differences(test.info):
-            raise ConfigError(f"{c.dataset}: train and test splits differ: {'; '.join(train.info.differences(test.info))}")
+        differences = train.info.differences(test.info)
+        if differences:
+            raise ConfigError(f"{c.dataset}: train and test splits differ: {'; '.join(differences)}")
         return train, test
 
     def _model_options(self, info: DatasetInfo) -> dict[str, Any]:
@@ -744,9 +746,10 @@ class Trainer:
             torch.manual_seed(_derived_seed(c.seed, dist.rank, start_epoch, 7))
         weights = c.loss_weights()
         padding = (info.image_size // 8 if c.crop_padding < 0 else c.crop_padding) if c.augment else 0
-        (log.info if dist.main else log.debug)("training %s on %s (%d train / %d test images) on %s%s: epochs %d..%d of %d", c.model, c.dataset,
-                 len(train_set), len(test_set), device, f" x{dist.world}" if dist.enabled else "",
-                 start_epoch + 1, c.epochs, c.epochs)
+        (log.info if dist.main else log.debug)(
+            "training %s on %s (%d train / %d test images) on %s%s: epochs %d..%d of %d", c.model, c.dataset,
+            len(train_set), len(test_set), device, f" x{dist.world}" if dist.enabled else "", start_epoch + 1,
+            c.epochs, c.epochs)
 
         for epoch in range(start_epoch, c.epochs):
             t0 = time.perf_counter()
