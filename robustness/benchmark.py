@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from attacks.overhead import measure_overhead
 from models.checkpoint import load_checkpoint
 from models.network import CoarseFineNet
 from models.registry import create_model
@@ -120,7 +121,6 @@ def run_benchmark(run: str | None = None, skip: float | None = 0.5, batch_size: 
     time_saving = 1.0 - seconds["dsn hard (sub-batch)"] / masked
     overhead = None
     if attack_overhead:
-        from attacks.overhead import measure_overhead  # attacks sits above models; imported only when asked
         labels = torch.randint(0, dsn.config["num_fine"], (min(batch_size, 64),),
                                generator=torch.Generator().manual_seed(seed)).to(device)
         overhead = measure_overhead(dsn, x[: len(labels)], labels, eps=8 / 255, steps=10, repeats=max(1, repeats // 2))

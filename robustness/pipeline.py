@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attacks.records import worst_case
 from attacks.runner import AttackConfig, run_attacks
 from models.checkpoint import package_versions
 from models.training import TrainConfig, train
 from reports.html import write_comparison, write_report
+from reports.load import load_run
 from robustness.config import build, load_config_file
 from robustness.errors import ConfigError, RunDirError
 from robustness.rundir import atomic_write_json
@@ -152,9 +154,6 @@ def run_pipeline(config: PipelineConfig, out: str | Path, resume: bool = False, 
 
 def _headline(name: str, run_dir: Path, report_dir: Path) -> ModelSummary:
     """Clean and robust accuracy at 8/255 (white-box, hard gates, fine head) and compute saved, from the records."""
-    from attacks.records import read_records, worst_case
-    from reports.load import load_run
-
     results = load_run(run_dir)
     records = results.records
     white = records[(records["source_run"] == "") & (records["gate_mode"] == "hard") & (records["target"] == "fine")
