@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -21,48 +18,10 @@ from models.device import seed_everything
 from models.network import CoarseFineNet, ModelOutput
 from robustness.data import load_dataset
 from robustness.errors import ConfigError
-from robustness.rundir import RunDir
+from attack_helpers import copy_run, skipping_dsn, load_test_images
 
 EPS = 8 / 255
 
-
-
-def _copy(run: RunDir, dst) -> RunDir:
-    shutil.copytree(run.root, dst)
-    return RunDir.at(dst)
-
-
-def _test_images(run: RunDir, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    cfg = json.loads(run.config.read_text())
-    return load_dataset(cfg["dataset"], "test", **cfg.get("data_options", {})).batch(slice(0, n))
-
-
-def skipping_dsn(run: RunDir, dst: Path, skip: float = 0.3) -> RunDir:
-    """A copy of the tiny dsn run whose gates skip about ``skip`` of the test inputs each.
-
-    Test-only surgery: the tiny fixture's gates hardly move from their open initialisation, so nothing would be
-    skipped. Each gate's score is rescaled to unit spread and its threshold moved to the ``skip`` quantile.
-    """
-    shutil.copytree(run.root, dst)
-    out = RunDir.at(dst)
-    ckpt = load_checkpoint(out.best_checkpoint)
-    model = ckpt.build_model("cpu")
-    x = _test_images(out, 256)[0]
-    with torch.no_grad():
-        scores = model(x, mode="open").path_scores
-        gates = [g for branch in (model.coarse, model.fine) for stage in branch.gates for g in stage]
-        assert len(gates) == scores.shape[1] == model.n_gates
-        for k, gate in enumerate(gates):
-            gate.fc2.weight.div_(scores[:, k].std().clamp_min(1e-6))
-            gate.fc2.bias.sub_(scores[:, k].quantile(skip)).div_(scores[:, k].std().clamp_min(1e-6))
-        model.gate_rate.copy_(model(x, mode="hard").path.mean(0))
-    for path in (out.best_checkpoint, out.last_checkpoint):
-        save_checkpoint(path, model, ckpt.dataset, metrics=ckpt.metrics)
-    return out
-
-
-def _acc(df: pd.DataFrame, keys: list[str]) -> pd.Series:
-    return df.groupby(keys, observed=True)["adv_correct"].mean()
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +30,7 @@ def gate_records(tiny_runs, tmp_path_factory) -> dict[str, pd.DataFrame]:
     root = tmp_path_factory.mktemp("adaptive")
     out = {}
     for name in ("dsn", "dual"):
-        run = skipping_dsn(tiny_runs[name], root / name) if name == "dsn" else _copy(tiny_runs[name], root / name)
+        run = skipping_dsn(tiny_runs[name], root / name) if name == "dsn" else copy_run(tiny_runs[name], root / name)
         config = AttackConfig(attacks=["pgd", "path", "slowdown"], backends="torchattacks", eps=[EPS], n=64,
                               batch_size=64, steps=10, gate_grads=["none"], target="coarse", seed=1)
         out[name] = run_attacks(run.root, config, progress=False).records
@@ -82,7 +41,7 @@ def gate_records(tiny_runs, tmp_path_factory) -> dict[str, pd.DataFrame]:
 def dsn(tiny_runs, tmp_path_factory):
     run = skipping_dsn(tiny_runs["dsn"], tmp_path_factory.mktemp("gated") / "dsn")
     model = load_run_checkpoint(run).build_model("cpu")
-    x, fine, coarse = _test_images(run, 64)
+    x, fine, coarse = load_test_images(run, 64)
     return model, x, fine, coarse
 
 
@@ -192,7 +151,7 @@ def test_zero_gradient_share(dsn):
 
 
 def test_transfer_from_static_to_dsn(tiny_runs, tmp_path):
-    dsn_run = _copy(tiny_runs["dsn"], tmp_path / "dsn")
+    dsn_run = copy_run(tiny_runs["dsn"], tmp_path / "dsn")
     config = AttackConfig(attacks=["pgd"], backends="torchattacks", eps=[0.0, EPS], n=32, batch_size=32, steps=5,
                           gate_grads="none,bpda")
     result = run_attacks(dsn_run.root, config, transfer_from=tiny_runs["dual"].root, progress=False)
@@ -218,13 +177,13 @@ def test_transfer_from_static_to_dsn(tiny_runs, tmp_path):
 
 
 def test_transfer_needs_the_same_dataset(tiny_runs, tmp_path):
-    other = _copy(tiny_runs["dual"], tmp_path / "other")
+    other = copy_run(tiny_runs["dual"], tmp_path / "other")
     ckpt = load_checkpoint(other.best_checkpoint)
     model = ckpt.build_model("cpu")
     info = dataclasses.replace(ckpt.dataset, name="cifar100")
     for path in (other.best_checkpoint, other.last_checkpoint):
         save_checkpoint(path, model, info)
-    dsn_run = _copy(tiny_runs["dsn"], tmp_path / "dsn")
+    dsn_run = copy_run(tiny_runs["dsn"], tmp_path / "dsn")
     with pytest.raises(ConfigError, match="cannot transfer attacks from run 'other' to run 'dsn': dataset differs"):
         run_attacks(dsn_run.root, AttackConfig(attacks=["fgsm"], n=8), transfer_from=other.root, progress=False)
     assert not dsn_run.attacks.exists()

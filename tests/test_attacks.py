@@ -1,9 +1,6 @@
 """Attacks on the tiny trained runs: strength ordering, eps behaviour, budgets, backend agreement, CW scoring."""
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -16,53 +13,13 @@ from attacks.backends import torchattacks as ta_backend
 from attacks.checks import check_budget
 from attacks.records import RECORD_COLUMNS
 from attacks.runner import AttackConfig, load_run_checkpoint, run_attacks
-from models.checkpoint import load_checkpoint, save_checkpoint
-from robustness.data import load_dataset
 from robustness.errors import BudgetViolation
 from robustness.rundir import RunDir
+from attack_helpers import accuracy, copy_run, skipping_dsn, load_test_images
 
 N = 128
 EPS = [0.0, 0.5 / 255, 1 / 255, 2 / 255]  # the tiny models are fragile: larger budgets fool everything
 
-
-
-def _copy(run: RunDir, tmp_path) -> RunDir:
-    dst = tmp_path / run.root.name
-    shutil.copytree(run.root, dst)
-    return RunDir.at(dst)
-
-
-def _test_images(run: RunDir, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    cfg = json.loads(run.config.read_text())
-    return load_dataset(cfg["dataset"], "test", **cfg.get("data_options", {})).batch(slice(0, n))
-
-
-def skipping_dsn(run: RunDir, dst: Path, skip: float = 0.3) -> RunDir:
-    """A copy of the tiny dsn run whose gates skip about ``skip`` of the test inputs each.
-
-    Test-only surgery: the tiny fixture's gates hardly move from their open initialisation, so nothing would be
-    skipped. Each gate's score is rescaled to unit spread and its threshold moved to the ``skip`` quantile.
-    """
-    shutil.copytree(run.root, dst)
-    out = RunDir.at(dst)
-    ckpt = load_checkpoint(out.best_checkpoint)
-    model = ckpt.build_model("cpu")
-    x = _test_images(out, 256)[0]
-    with torch.no_grad():
-        scores = model(x, mode="open").path_scores
-        gates = [g for branch in (model.coarse, model.fine) for stage in branch.gates for g in stage]
-        assert len(gates) == scores.shape[1] == model.n_gates
-        for k, gate in enumerate(gates):
-            gate.fc2.weight.div_(scores[:, k].std().clamp_min(1e-6))
-            gate.fc2.bias.sub_(scores[:, k].quantile(skip)).div_(scores[:, k].std().clamp_min(1e-6))
-        model.gate_rate.copy_(model(x, mode="hard").path.mean(0))
-    for path in (out.best_checkpoint, out.last_checkpoint):
-        save_checkpoint(path, model, ckpt.dataset, metrics=ckpt.metrics)
-    return out
-
-
-def _acc(df: pd.DataFrame, keys: list[str]) -> pd.Series:
-    return df.groupby(keys, observed=True)["adv_correct"].mean()
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +39,7 @@ def dsn_records(dsn_run) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def tiny_batch(dsn_run):
     model = load_run_checkpoint(dsn_run).build_model("cpu")
-    x, fine, coarse = _test_images(dsn_run, 64)
+    x, fine, coarse = load_test_images(dsn_run, 64)
     return model, x, coarse
 
 
@@ -134,7 +91,7 @@ def test_eps_zero_is_exactly_clean(dsn_records):
 
 
 def test_pgd_at_least_as_strong_as_fgsm(dsn_records):
-    acc = _acc(dsn_records[dsn_records["norm"] == "linf"], ["backend", "attack", "eps"])
+    acc = accuracy(dsn_records[dsn_records["norm"] == "linf"], ["backend", "attack", "eps"])
     for backend in ("torchattacks", "foolbox"):
         for eps in EPS[1:]:
             assert acc[(backend, "pgd", eps)] <= acc[(backend, "fgsm", eps)] + 1 / N
@@ -143,7 +100,7 @@ def test_pgd_at_least_as_strong_as_fgsm(dsn_records):
 
 
 def test_robust_accuracy_does_not_rise_with_eps(dsn_records):
-    acc = _acc(dsn_records, ["attack", "backend", "eps"])
+    acc = accuracy(dsn_records, ["attack", "backend", "eps"])
     for (attack, backend), curve in acc.groupby(level=["attack", "backend"]):
         values = curve.sort_index(level="eps").to_numpy()
         tol = 0.0 if attack == "cw" else 1 / N  # CW scoring is monotone by construction
@@ -151,7 +108,7 @@ def test_robust_accuracy_does_not_rise_with_eps(dsn_records):
 
 
 def test_torchattacks_and_foolbox_agree(dsn_records):
-    acc = _acc(dsn_records, ["attack", "backend", "eps"])
+    acc = accuracy(dsn_records, ["attack", "backend", "eps"])
     for attack in ("fgsm", "pgd"):
         for eps in EPS:
             gap = abs(acc[(attack, "torchattacks", eps)] - acc[(attack, "foolbox", eps)])
@@ -205,7 +162,7 @@ def test_budget_violation_is_an_error_and_writes_nothing(tiny_runs, tmp_path, mo
             return [(x + 2 * e * torch.sign(torch.randn_like(x))).clamp(0, 1) for e in eps]
 
     monkeypatch.setitem(backends_mod._REGISTRY["pgd"], "torchattacks", OverBudget)
-    run = _copy(tiny_runs["dual"], tmp_path)
+    run = copy_run(tiny_runs["dual"], tmp_path / "dual")
     config = AttackConfig(attacks=["pgd"], backends="torchattacks", eps=[4 / 255], n=32, batch_size=32)
     with pytest.raises(BudgetViolation, match=r"'pgd' \(backend torchattacks\) at eps=0.0156863 \(linf\) exceeded "
                                               r"its budget in \d+ of 32 samples \(worst linf norm 0.031"):

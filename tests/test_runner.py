@@ -12,58 +12,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from attacks.records import EVAL_KEYS, read_records
 from attacks.runner import AttackConfig, parse_eps, run_attacks
-from models.checkpoint import load_checkpoint, save_checkpoint
-from robustness.data import load_dataset
 from robustness.errors import ConfigError, RunDirError, UnknownNameError
-from robustness.rundir import RunDir
+from attack_helpers import copy_run, skipping_dsn
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(attacks=["fgsm", "pgd"], backends="torchattacks", eps=["1/255", "4/255"], gate_grads=["none", "bpda"],
              target="coarse", n=96, batch_size=32, steps=3, seed=3)
 N_EVALS, N_BATCHES = 4, 3
 
-
-
-def _copy(run: RunDir, dst: Path) -> RunDir:
-    shutil.copytree(run.root, dst)
-    return RunDir.at(dst)
-
-
-def _test_images(run: RunDir, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    cfg = json.loads(run.config.read_text())
-    return load_dataset(cfg["dataset"], "test", **cfg.get("data_options", {})).batch(slice(0, n))
-
-
-def skipping_dsn(run: RunDir, dst: Path, skip: float = 0.3) -> RunDir:
-    """A copy of the tiny dsn run whose gates skip about ``skip`` of the test inputs each.
-
-    Test-only surgery: the tiny fixture's gates hardly move from their open initialisation, so nothing would be
-    skipped. Each gate's score is rescaled to unit spread and its threshold moved to the ``skip`` quantile.
-    """
-    shutil.copytree(run.root, dst)
-    out = RunDir.at(dst)
-    ckpt = load_checkpoint(out.best_checkpoint)
-    model = ckpt.build_model("cpu")
-    x = _test_images(out, 256)[0]
-    with torch.no_grad():
-        scores = model(x, mode="open").path_scores
-        gates = [g for branch in (model.coarse, model.fine) for stage in branch.gates for g in stage]
-        assert len(gates) == scores.shape[1] == model.n_gates
-        for k, gate in enumerate(gates):
-            gate.fc2.weight.div_(scores[:, k].std().clamp_min(1e-6))
-            gate.fc2.bias.sub_(scores[:, k].quantile(skip)).div_(scores[:, k].std().clamp_min(1e-6))
-        model.gate_rate.copy_(model(x, mode="hard").path.mean(0))
-    for path in (out.best_checkpoint, out.last_checkpoint):
-        save_checkpoint(path, model, ckpt.dataset, metrics=ckpt.metrics)
-    return out
-
-
-def _acc(df: pd.DataFrame, keys: list[str]) -> pd.Series:
-    return df.groupby(keys, observed=True)["adv_correct"].mean()
 
 
 def _sorted(df: pd.DataFrame) -> pd.DataFrame:
@@ -110,7 +69,7 @@ def test_config_parses_and_validates():
 
 def test_resume_after_interruption_gives_identical_records(reference, tiny_runs, tmp_path):
     ref_run, ref = reference
-    run = _copy(ref_run, tmp_path / "dsn")
+    run = copy_run(ref_run, tmp_path / "dsn")
     shutil.rmtree(run.attacks)
     written = []
 
@@ -140,7 +99,7 @@ def test_resume_after_interruption_gives_identical_records(reference, tiny_runs,
 
 def test_resume_refuses_different_settings_and_force_replaces(reference, tmp_path):
     ref_run, _ = reference
-    run = _copy(ref_run, tmp_path / "dsn")
+    run = copy_run(ref_run, tmp_path / "dsn")
     with pytest.raises(RunDirError, match="seed=3, this run asks for seed=4"):
         run_attacks(run.root, AttackConfig(**dict(SMALL, seed=4)), resume=True, progress=False)
     with pytest.raises(RunDirError, match="was run with eps="):
@@ -184,7 +143,7 @@ def test_manifest_and_worst_case(reference):
 
 
 def test_static_model_collapses_routing_gradients(tiny_runs, tmp_path):
-    run = _copy(tiny_runs["resnet"], tmp_path / "resnet")
+    run = copy_run(tiny_runs["resnet"], tmp_path / "resnet")
     config = AttackConfig(attacks=["fgsm"], backends="torchattacks", eps=["4/255"], gate_grads="none,bpda,eot",
                           gate_modes="hard,open", n=32, batch_size=32)
     result = run_attacks(run.root, config, progress=False)
@@ -228,7 +187,7 @@ def test_cli_errors_for_missing_checkpoint_and_existing_records(tiny_runs, tmp_p
     assert code != 0 and "has no checkpoint" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
 
-    run = _copy(tiny_runs["dual"], tmp_path / "dual")
+    run = copy_run(tiny_runs["dual"], tmp_path / "dual")
     argv = ["attack", str(run.root), "--attacks", "fgsm", "--backend", "torchattacks", "--eps", "0,4/255",
             "--n", "32", "--batch-size", "32", "--no-progress"]
     code, out, err = _cli(argv, monkeypatch, capsys)
@@ -254,7 +213,7 @@ def test_cli_config_file_supplies_defaults(tiny_runs, tmp_path, monkeypatch, cap
         n = 16
         batch_size = 16
     """))
-    run = _copy(tiny_runs["resnet"], tmp_path / "resnet")
+    run = copy_run(tiny_runs["resnet"], tmp_path / "resnet")
     code, out, err = _cli(["attack", str(run.root), "--config", str(cfg), "--eps", "2/255", "--no-progress"],
                           monkeypatch, capsys)
     assert code == 0, err
@@ -271,7 +230,7 @@ def test_cli_config_file_supplies_defaults(tiny_runs, tmp_path, monkeypatch, cap
 
 def test_torchrun_two_processes_match_one(reference, tiny_runs, tmp_path):
     ref_run, ref = reference
-    run = _copy(ref_run, tmp_path / "dsn")
+    run = copy_run(ref_run, tmp_path / "dsn")
     shutil.rmtree(run.attacks)
     script = tmp_path / "attack_ddp.py"
     script.write_text(textwrap.dedent(f"""
