@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from attacks.overhead import measure_overhead
-from models.checkpoint import load_checkpoint
+from attacks.runner import load_run_checkpoint
 from models.network import CoarseFineNet
 from models.registry import create_model
 from robustness.errors import ConfigError
@@ -68,7 +68,7 @@ def _models(run: str | None, skip: float | None, depth_n: int, width: int, image
             device: torch.device) -> tuple[CoarseFineNet, dict, str]:
     """The dsn to time, the options for its static twins, and a description of where its gates come from."""
     if run is not None:
-        ckpt = load_checkpoint(_checkpoint_path(RunDir.at(run)))
+        ckpt = load_run_checkpoint(RunDir.at(run))
         if ckpt.model_name != "dsn":
             raise ConfigError(f"bench --run needs a dsn run; {run} holds a {ckpt.model_name!r} model")
         return ckpt.build_model(device), dict(ckpt.model_config), f"trained gates of {run}"
@@ -76,10 +76,6 @@ def _models(run: str | None, skip: float | None, depth_n: int, width: int, image
     model = create_model("dsn", **options).to(device).eval()
     model.gate_rate.fill_(1.0 - skip)
     return model, options, f"untrained dsn, gates forced to skip {skip:.0%} at random per sample"
-
-
-def _checkpoint_path(run: RunDir):
-    return run.best_checkpoint if run.best_checkpoint.is_file() else run.last_checkpoint
 
 
 def run_benchmark(run: str | None = None, skip: float | None = 0.5, batch_size: int = 256, repeats: int = 5,
