@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from models.network import CoarseFineNet
-from robustness.errors import ConfigError
+from robustness.core.errors import ConfigError
 
 HEADS = ("fine", "coarse")
 

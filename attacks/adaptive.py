@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from attacks.backends import Attack, Target, register, step_size
 from models.network import CoarseFineNet, ModelOutput
 from robustness.data import DatasetInfo
-from robustness.errors import ConfigError
+from robustness.core.errors import ConfigError
 
 Objective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 

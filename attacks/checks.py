@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from robustness.errors import BudgetViolation
+from robustness.core.errors import BudgetViolation
 
 LINF_ATOL = 1e-6
 L2_RTOL = 1e-5

@@ -24,7 +24,7 @@ from torch import nn
 from attacks.backends import Target, step_size
 from attacks.backends.torchattacks import PGD
 from attacks.runner import Batch, EvalPlan, Scorer, craft, derive_seed
-from models.device import seed_everything
+from robustness.core.runtime import seed_everything
 from models.network import CoarseFineNet
 
 

@@ -52,13 +52,14 @@ from attacks.adaptive import check_transferable, zero_gradient_share
 from attacks.backends import BACKENDS, NORMS, Attack, Target, attack_class, backends_for, known_attacks
 from attacks.checks import check_budget
 from attacks.records import RECORD_COLUMNS, conform, read_records, worst_case
-from models.checkpoint import Checkpoint, load_checkpoint, package_versions
-from models.device import resolve_device, seed_everything
+from models.checkpoint import Checkpoint, load_checkpoint
+from robustness.core.runtime import package_versions
+from robustness.core.runtime import resolve_device, seed_everything
 from models.gates import GRAD_MODES
 from models.network import CoarseFineNet
 from robustness.data import CoarseFineDataset, load_dataset
-from robustness.errors import CheckpointError, ConfigError, RunDirError, UnknownNameError
-from robustness.rundir import RunDir, atomic_write, atomic_write_json
+from robustness.core.errors import CheckpointError, ConfigError, RunDirError, UnknownNameError
+from robustness.core.rundir import RunDir, atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +129,13 @@ class AttackConfig:
     the iteration count of PGD and, unless set separately, of APGD, path and slowdown.
     """
 
-    attacks: list[str] = field(default_factory=lambda: ["fgsm", "pgd", "cw", "apgd", "square", "path", "slowdown"])
-    eps: list[float] = field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255])
+    attacks: list[str] | str = field(default_factory=lambda: ["fgsm", "pgd", "cw", "apgd", "square", "path", "slowdown"])
+    eps: list[float | str] | float | str = field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255])
     norm: str = "linf"
-    cw_eps: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
-    backends: list[str] = field(default_factory=lambda: ["torchattacks", "foolbox"])
-    gate_modes: list[str] = field(default_factory=lambda: ["hard"])
-    gate_grads: list[str] = field(default_factory=lambda: ["none", "bpda"])
+    cw_eps: list[float | str] | float | str = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    backends: list[str] | str = field(default_factory=lambda: ["torchattacks", "foolbox"])
+    gate_modes: list[str] | str = field(default_factory=lambda: ["hard"])
+    gate_grads: list[str] | str = field(default_factory=lambda: ["none", "bpda"])
     target: str = "fine"
     n: int = 1000
     batch_size: int = 128
@@ -144,7 +145,7 @@ class AttackConfig:
     pgd_alpha: float | None = None
     pgd_random_start: bool = True
     pgd_restarts: int = 1
-    cw_c: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0])
+    cw_c: list[float | str] | float | str = field(default_factory=lambda: [0.1, 1.0, 10.0])
     cw_steps: int = 100
     cw_lr: float = 0.01
     cw_binary_steps: int = 5

@@ -13,10 +13,8 @@ A checkpoint is a plain dict of tensors and JSON-like values::
 from __future__ import annotations
 
 import pickle
-import platform
 import zipfile
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +23,11 @@ import torch
 from models.network import CoarseFineNet
 from models.registry import create_model, list_models, model_options
 from robustness.data import DatasetInfo
-from robustness.errors import CheckpointError, DSNError
-from robustness.rundir import atomic_write
+from robustness.core.errors import CheckpointError, DSNError
+from robustness.core.rundir import atomic_write
+from robustness.core.runtime import package_versions
 
 FORMAT = "dsn-robustness/checkpoint/v1"
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages whose behaviour a result depends on."""
-    versions = {"python": platform.python_version()}
-    for pkg in ("dsn-robustness", "torch", "torchvision", "torchattacks", "foolbox", "numpy"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = "not installed"
-    return versions
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from robustness.errors import ConfigError
+from robustness.core.errors import ConfigError
 
 GATE_FUNCTIONS = ("hardsig", "ste", "gumbel")
 FORWARD_MODES = ("hard", "open", "soft", "random", "frozen")

@@ -9,7 +9,7 @@ from models.baselines import ResNet
 from models.dsn import DSN
 from models.gates import GATE_FUNCTIONS
 from models.network import CoarseFineNet
-from robustness.errors import ConfigError, UnknownNameError
+from robustness.core.errors import ConfigError, UnknownNameError
 
 _REGISTRY: dict[str, Callable[..., CoarseFineNet]] = {}
 

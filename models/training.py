@@ -24,7 +24,7 @@ test accuracy of both heads, the fraction of each branch's gated blocks skipped,
 per-block execution rates on clean test data are stored in the model's ``gate_rate`` buffer (used by the
 ``random`` control mode).
 
-Run directory (see ``robustness.rundir``): ``config.json`` (this module's ``TrainConfig``), ``metrics.csv`` (one row
+Run directory (see ``robustness.core.rundir``): ``config.json`` (this module's ``TrainConfig``), ``metrics.csv`` (one row
 per epoch), ``checkpoints/last.pt`` (every epoch, with everything needed to resume), ``checkpoints/best.pt`` (best
 test fine accuracy; for gated models only epochs after the warm-up compete, so ``best`` is always a skipping
 network) and ``train.done``.
@@ -49,15 +49,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from models.checkpoint import load_checkpoint, save_checkpoint
-from models.device import DEVICE_CHOICES, resolve_device, seed_everything
+from robustness.core.runtime import DEVICE_CHOICES, resolve_device, seed_everything
 from models.gates import GATE_FUNCTIONS, hardsig_slope
 from models.losses import LossWeights, dsn_loss
 from models.network import CoarseFineNet
 from models.registry import create_model, list_models, model_options
-from robustness.config import build
+from robustness.core.config import build
 from robustness.data import CoarseFineDataset, DatasetInfo, dataset_info, list_datasets, load_dataset
-from robustness.errors import CheckpointError, ConfigError, RunDirError
-from robustness.rundir import RunDir, atomic_write_json, atomic_write_text
+from robustness.core.errors import CheckpointError, ConfigError, RunDirError
+from robustness.core.rundir import RunDir, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from attacks.records import worst_case
 from reports import plots, tables
 from reports.load import RunResults, load_run
 from robustness import analysis
-from robustness.errors import RunDirError
-from robustness.rundir import RunDir, atomic_write, atomic_write_text
+from robustness.core.errors import RunDirError
+from robustness.core.rundir import RunDir, atomic_write, atomic_write_text
 from robustness.sanity import Check, run_checks, worst_status
 
 log = logging.getLogger(__name__)

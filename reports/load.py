@@ -10,8 +10,8 @@ from typing import Any
 import pandas as pd
 
 from attacks.records import RECORD_COLUMNS, conform, read_records
-from robustness.errors import RunDirError
-from robustness.rundir import RunDir
+from robustness.core.errors import RunDirError
+from robustness.core.rundir import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from attacks.overhead import measure_overhead
 from attacks.runner import load_run_checkpoint
 from models.network import CoarseFineNet
 from models.registry import create_model
-from robustness.errors import ConfigError
-from robustness.rundir import RunDir
+from robustness.core.errors import ConfigError
+from robustness.core.rundir import RunDir
 
 
 @dataclass(frozen=True)

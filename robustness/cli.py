@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-from robustness.errors import DSNError
+from robustness.core.errors import DSNError
 
 COMMANDS = ("train", "attack", "report", "compare", "bench", "run", "models", "datasets")
 log = logging.getLogger("dsn_robust")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from robustness.errors import ConfigError, DataError, UnknownNameError
+from robustness.core.errors import ConfigError, DataError, UnknownNameError
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,13 @@ from typing import Any
 
 from attacks.records import worst_case
 from attacks.runner import AttackConfig, run_attacks
-from models.checkpoint import package_versions
+from robustness.core.runtime import package_versions
 from models.training import TrainConfig, train
 from reports.html import write_comparison, write_report
 from reports.load import load_run
-from robustness.config import build, load_config_file
-from robustness.errors import ConfigError, RunDirError
-from robustness.rundir import atomic_write_json
+from robustness.core.config import build, load_config_file
+from robustness.core.errors import ConfigError, RunDirError
+from robustness.core.rundir import atomic_write_json
 
 log = logging.getLogger(__name__)
 REPORTED_EPS = 8 / 255

@@ -10,7 +10,7 @@ import torch
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from robustness.data import load_dataset
-from robustness.rundir import RunDir
+from robustness.core.rundir import RunDir
 
 def copy_run(run: RunDir, dst: Path) -> RunDir:
     shutil.copytree(run.root, dst)

@@ -15,7 +15,7 @@ from models.checkpoint import save_checkpoint
 from models.losses import LossWeights, dsn_loss
 from models.registry import create_model
 from robustness.data import load_dataset
-from robustness.rundir import RunDir
+from robustness.core.rundir import RunDir
 
 TINY_DATA = dict(image_size=16, seed=0)
 

@@ -14,10 +14,10 @@ from attacks.backends import Target, attack_class
 from attacks.records import conform
 from attacks.runner import AttackConfig, Batch, EvalPlan, Scorer, derive_seed, load_run_checkpoint, run_attacks
 from models.checkpoint import load_checkpoint, save_checkpoint
-from models.device import seed_everything
+from robustness.core.runtime import seed_everything
 from models.network import CoarseFineNet, ModelOutput
 from robustness.data import load_dataset
-from robustness.errors import ConfigError
+from robustness.core.errors import ConfigError
 from attack_helpers import copy_run, skipping_dsn, load_test_images
 
 EPS = 8 / 255

@@ -13,8 +13,8 @@ from attacks.backends import torchattacks as ta_backend
 from attacks.checks import check_budget
 from attacks.records import RECORD_COLUMNS
 from attacks.runner import AttackConfig, load_run_checkpoint, run_attacks
-from robustness.errors import BudgetViolation
-from robustness.rundir import RunDir
+from robustness.core.errors import BudgetViolation
+from robustness.core.rundir import RunDir
 from attack_helpers import accuracy, copy_run, skipping_dsn, load_test_images
 
 N = 128
@@ -257,7 +257,7 @@ def test_suite_runs_the_library_attack_unchanged(tiny_batch):
     import torchattacks
 
     from attacks.overhead import _PlainLogits, measure_overhead
-    from models.device import seed_everything
+    from robustness.core.runtime import seed_everything
 
     seed_everything(7)
     direct = torchattacks.PGD(_PlainLogits(model, "coarse"), eps=1 / 255, alpha=2.5 / 255 / 4, steps=4)(x, y)

@@ -8,7 +8,7 @@ import models.checkpoint as checkpoint
 from models.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from models.registry import create_model
 from robustness.data import dataset_info
-from robustness.errors import CheckpointError
+from robustness.core.errors import CheckpointError
 
 INFO = dataset_info("synthetic", image_size=16)
 

@@ -20,7 +20,7 @@ from robustness.data import (
     list_datasets,
     load_dataset,
 )
-from robustness.errors import ConfigError, DataError, UnknownNameError
+from robustness.core.errors import ConfigError, DataError, UnknownNameError
 
 # ------------------------------------------------------------------------------------------------------------------
 # helpers: fake dataset folders in the real on-disk formats

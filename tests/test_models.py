@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.losses import LossWeights, budget_loss, dsn_loss, ranking_loss
 from models.registry import create_model, list_models, model_options
-from robustness.errors import ConfigError, UnknownNameError
+from robustness.core.errors import ConfigError, UnknownNameError
 
 OPTS = dict(num_fine=8, num_coarse=2, depth_n=3, width=4, image_size=16)
 

@@ -13,7 +13,7 @@ import pytest
 from reports import tables
 from reports.html import compare_runs, jsonable, write_comparison, write_report
 from reports.load import load_run
-from robustness.errors import RunDirError
+from robustness.core.errors import RunDirError
 from test_analysis import full_macs, make_records
 
 N = 120

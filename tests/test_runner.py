@@ -15,7 +15,7 @@ import pytest
 
 from attacks.records import EVAL_KEYS, read_records
 from attacks.runner import AttackConfig, parse_eps, run_attacks
-from robustness.errors import ConfigError, RunDirError, UnknownNameError
+from robustness.core.errors import ConfigError, RunDirError, UnknownNameError
 from attack_helpers import copy_run, skipping_dsn
 
 REPO = Path(__file__).resolve().parents[1]

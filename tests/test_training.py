@@ -17,8 +17,8 @@ import models.training as training
 from models.checkpoint import load_checkpoint
 from models.training import METRIC_COLUMNS, TrainConfig, read_metrics, train
 from robustness import cli
-from robustness.errors import ConfigError, RunDirError
-from robustness.rundir import RunDir
+from robustness.core.errors import ConfigError, RunDirError
+from robustness.core.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from attacks.adapters import Evaluation, LogitsView, eval_logits, evaluate
 from models.network import CoarseFineNet
-from robustness.errors import UnknownNameError
+from robustness.core.errors import UnknownNameError
 
 NORMS = ("linf", "l2")
 BACKENDS = ("torchattacks", "foolbox", "native")

@@ -10,8 +10,8 @@ import logging
 import math
 
 from attacks.runner import AttackConfig, AttackResult, run_attacks
-from robustness.config import build, load_config_file, overridden
-from robustness.errors import ConfigError
+from robustness.core.config import build, load_config_file, overridden
+from robustness.core.errors import ConfigError
 
 __all__ = ["register", "run", "run_attacks", "config_from_args", "summary_table"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from models.device import DEVICE_CHOICES, resolve_device
+from robustness.core.runtime import DEVICE_CHOICES, resolve_device
 from robustness.benchmark import format_table, run_benchmark
 
 

@@ -5,7 +5,7 @@ import argparse
 import json
 
 from reports.html import write_comparison
-from robustness.errors import ConfigError
+from robustness.core.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from models.device import DEVICE_CHOICES
+from robustness.core.runtime import DEVICE_CHOICES
 from robustness.pipeline import PipelineConfig, format_summary, run_pipeline
 
 DEFAULT_CONFIG = "configs/quickstart.toml"

@@ -13,12 +13,12 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from models.device import DEVICE_CHOICES
+from robustness.core.runtime import DEVICE_CHOICES
 from models.gates import GATE_FUNCTIONS
 from models.training import Callback, TrainConfig, TrainResult, env_world, train
-from robustness.config import load_config_file
-from robustness.errors import ConfigError
-from robustness.rundir import RunDir
+from robustness.core.config import load_config_file
+from robustness.core.errors import ConfigError
+from robustness.core.rundir import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ Layout of a run directory::
       attacks/records/<evaluation-id>/shard-NNNNN.parquet   per-sample records (attacks.records)
       report/                  index.html, report.md, summary.csv, summary.json, figures/
 
-Like ``robustness.errors`` and ``robustness.data``, this module is at the bottom of the import graph.
+Like ``robustness.core.errors`` and ``robustness.data``, this module is at the bottom of the import graph.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from robustness.core.errors import RunDirError
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,54 @@ class RunDir:
         return self.attacks / "records"
 
     @property
+    def worst_case(self) -> Path:
+        return self.attacks / "worst_case.parquet"
+
+    @property
     def report(self) -> Path:
         return self.root / "report"
+
+    def shard(self, evaluation_id: str, batch: int) -> Path:
+        """The Parquet shard of one evaluation's batch."""
+        return self.records / evaluation_id / f"shard-{batch:05d}.parquet"
+
+    def has_records(self) -> bool:
+        """Whether any attack record shard exists."""
+        return self.records.is_dir() and any(self.records.rglob("*.parquet"))
+
+    def require(self) -> "RunDir":
+        """``self``, or RunDirError when the directory does not exist."""
+        if not self.root.is_dir():
+            raise RunDirError(f"run directory {self.root} does not exist")
+        return self
+
+    def read_config(self) -> dict[str, Any]:
+        """The resolved training config (``config.json``); RunDirError when it is missing or unreadable."""
+        value = read_json(self.config)
+        if value is None:
+            raise RunDirError(f"{self.root} has no config.json: cannot tell how its model was trained")
+        return value
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        """The attack manifest, or None when there is none yet."""
+        return read_json(self.manifest, fix="rerun the attack with --force to start over")
+
+    def read_train_done(self) -> dict[str, Any] | None:
+        """The summary written when training finished, or None."""
+        return read_json(self.train_done)
+
+
+def read_json(path: Path, fix: str = "") -> dict[str, Any] | None:
+    """A JSON object from ``path``; None when the file does not exist; RunDirError when it is unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunDirError(f"cannot read {path}: {err}" + (f"; {fix}" if fix else "")) from None
+    if not isinstance(value, dict):
+        raise RunDirError(f"{path} does not hold a JSON object" + (f"; {fix}" if fix else ""))
+    return value
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:

@@ -1,6 +1,6 @@
 """Typed errors that a user can act on.
 
-This module sits at the bottom of the import graph (with ``robustness.data``): every package may raise these,
+The ground floor of the import graph (``robustness.core``): every package may raise these,
 and the CLI turns any ``DSNError`` into one line on stderr and a non-zero exit.
 """
 from __future__ import annotations

@@ -1,0 +1,60 @@
+"""The suite's shared words: heads, gate modes, routing gradients, norms, and how eps values are read and written.
+
+Every list a user may choose from lives here once; parsers, configs, attacks and reports import it.
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Any
+
+from robustness.core.errors import ConfigError
+
+#: Heads of a coarse/fine model: whose logits an attack sees and whose labels it attacks.
+HEADS = ("fine", "coarse")
+#: How a gated model runs (DESIGN.md, "Gate modes"). ``hard`` is the deployed forward.
+FORWARD_MODES = ("hard", "open", "soft", "random", "frozen")
+#: Forward modes an attack evaluation may run in (``soft`` is a relaxation for gradients; ``frozen`` needs a path).
+ATTACK_GATE_MODES = ("hard", "open", "random")
+#: What an attacker differentiates through the hard gates. ``none`` is the naive evaluation.
+GRAD_MODES = ("none", "ste", "bpda", "eot")
+#: The adaptive routing gradients (everything but ``none``).
+ROUTING_GRADIENTS = tuple(g for g in GRAD_MODES if g != "none")
+#: How hard decisions are carried out: ``subbatch`` runs a block only on its samples, ``mask`` runs and multiplies.
+EXECUTIONS = ("subbatch", "mask")
+#: Threat models.
+NORMS = ("linf", "l2")
+
+_EPS_DENOMINATOR = 255
+_EPS_TOLERANCE = 1e-6  # in units of 1/255: only values that *are* k/255 (up to float rounding) print as k/255
+
+
+def parse_eps(value: Any) -> float:
+    """An eps from a number or a string such as ``"8/255"``, ``"0.03"`` or ``"inf"``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"eps must be a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip()
+    try:
+        if text.lower() in ("inf", "infinity"):
+            return math.inf
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(Fraction(num.strip()) / Fraction(den.strip()))
+        return float(text)
+    except (ValueError, ZeroDivisionError, OverflowError):
+        raise ConfigError(f"cannot read eps {value!r}; write e.g. 8/255 or 0.03") from None
+
+
+def format_eps(eps: float) -> str:
+    """``8/255`` for multiples of 1/255 below 1, ``inf`` for unbounded, ``0`` for none, else a short decimal."""
+    eps = float(eps)
+    if math.isinf(eps):
+        return "inf"
+    if eps == 0:
+        return "0"
+    k = eps * _EPS_DENOMINATOR
+    if eps < 1 and round(k) >= 1 and abs(k - round(k)) <= _EPS_TOLERANCE:
+        return f"{round(k)}/{_EPS_DENOMINATOR}"
+    return f"{eps:.4g}"
