@@ -58,6 +58,7 @@ from robustness.core.runtime import resolve_device, seed_everything
 from models.gates import GRAD_MODES
 from models.network import CoarseFineNet
 from robustness.data import CoarseFineDataset, load_dataset
+from robustness.core.config import build
 from robustness.core.errors import CheckpointError, ConfigError, RunDirError, UnknownNameError
 from robustness.core.rundir import RunDir, atomic_write, atomic_write_json
 
@@ -234,6 +235,11 @@ class AttackConfig:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         setattr(self, name, int(value))
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any], where: str = "[attack]") -> "AttackConfig":
+        """The config an ``[attack]`` table describes (what config files and ``dsn-robust run`` use)."""
+        return build(cls, dict(table), where=where)
 
     def expanded_attacks(self) -> list[str]:
         """Attack names with aliases expanded (``apgd`` -> ``apgd-ce``, ``apgd-dlr``), in order, once each."""

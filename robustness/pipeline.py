@@ -70,7 +70,7 @@ class PipelineConfig:
         tables = load_config_file(path)
         where = f"config file {path}" if path else "built-in defaults"
         train_config = TrainConfig.from_tables(tables, where=where).replace(device=device, data_root=data_root)
-        attack = build(AttackConfig, tables.get("attack", {}), where=f"[attack] in {where}")
+        attack = AttackConfig.from_table(tables.get("attack", {}), where=f"[attack] in {where}")
         if device is not None:
             attack = dataclasses.replace(attack, device=device)
         plan = build(RunPlan, tables.get("run", {}), where=f"[run] in {where}")
