@@ -19,8 +19,7 @@ from torch import nn
 
 from models.network import CoarseFineNet
 from robustness.core.errors import ConfigError
-
-HEADS = ("fine", "coarse")
+from robustness.core.vocab import HEADS
 
 
 class LogitsView(nn.Module):
@@ -35,8 +34,7 @@ class LogitsView(nn.Module):
         eot_samples: gate draws averaged per forward when ``gate_grad='eot'``.
         path: bits [B, n_gates] for ``gate_mode='frozen'``.
 
-    Shapes: input [B, C, H, W] in [0, 1]; output [B, classes]. After every call, ``last_path`` (executed gate
-    bits [B, n_gates]) and ``last_macs`` ([B]) hold what the model did on that input (detached).
+    Shapes: input [B, C, H, W] in [0, 1]; output [B, classes].
 
     The view is always in eval mode (``train()`` is a no-op for the wrapped model): libraries that toggle modes
     cannot switch on BatchNorm statistics updates or training-time gate functions.
@@ -53,9 +51,6 @@ class LogitsView(nn.Module):
         self.gate_grad = gate_grad
         self.eot_samples = int(eot_samples)
         self.path = path
-        self.last_path: torch.Tensor | None = None
-        self.last_macs: torch.Tensor | None = None
-        self.calls = 0
         model.eval()
         super().train(False)
 
@@ -68,9 +63,6 @@ class LogitsView(nn.Module):
         with self.model.gating(mode=self.gate_mode, grad=self.gate_grad, path=self.path,
                                eot_samples=self.eot_samples):
             out = self.model(x)
-        self.last_path = out.path.detach()
-        self.last_macs = out.macs.detach()
-        self.calls += 1
         return out.logits(self.head)
 
 

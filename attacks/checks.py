@@ -1,15 +1,21 @@
-"""Budget checks (RobustBench style): every adversarial example must lie in its eps ball and in [0, 1].
+"""Checks on an evaluation: budgets (RobustBench style), the per-sample norm, and the gradient-masking probe.
+
+Budgets: every adversarial example must lie in its eps ball and in [0, 1].
 
 A violation is an error, never a record: an evaluation that let one through would report a robust accuracy for
 a threat model it did not respect. Tolerances absorb float32 rounding only: ``linf <= eps + 1e-6`` and
 ``l2 <= eps * (1 + 1e-5) + 1e-6``; the image range is checked exactly (and NaNs are violations).
+
+:func:`zero_gradient_share`: the fraction of samples whose input gradient is exactly zero (a masking signal).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+from torch.nn import functional as F
 
+from models.network import CoarseFineNet
 from robustness.core.errors import BudgetViolation
 
 LINF_ATOL = 1e-6
@@ -17,13 +23,13 @@ L2_RTOL = 1e-5
 L2_ATOL = 1e-6
 
 
-def perturbation_norms(clean: torch.Tensor, adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample ``(linf, l2)`` norms of ``adv - clean`` (float64, [B])."""
-    delta = (adv.detach().double() - clean.detach().double()).flatten(1)
-    if delta.shape[1] == 0:
-        zero = delta.new_zeros(delta.shape[0])
-        return zero, zero
-    return delta.abs().amax(1), delta.norm(p=2, dim=1)
+def sample_norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-sample ``linf`` or ``l2`` norm of ``delta`` [B, ...] -> [B] (float64; computed on ``delta`` as given:
+    pass a float64 difference for the records' norms, the attack's own float32 difference where it compares)."""
+    flat = delta.detach().flatten(1).double()
+    if flat.shape[1] == 0:
+        return flat.new_zeros(flat.shape[0])
+    return flat.abs().amax(1) if norm == "linf" else flat.norm(p=2, dim=1)
 
 
 def budget_limit(eps: float, norm: str) -> float:
@@ -52,10 +58,30 @@ def check_budget(clean: torch.Tensor, adv: torch.Tensor, eps: float, norm: str, 
         if out_of_range.any():
             raise BudgetViolation(f"{where} left [0, 1] in {int(out_of_range.sum())} of {len(adv)} samples "
                                   f"(min {float(low.min()):.6g}, max {float(high.max()):.6g})")
-    linf, l2 = perturbation_norms(clean, adv)
+    delta = adv.detach().double() - clean.detach().double()
+    linf, l2 = sample_norms(delta, "linf"), sample_norms(delta, "l2")
     norms = linf if norm == "linf" else l2
     over = norms > budget_limit(eps, norm)
     if over.any():
         raise BudgetViolation(f"{where} exceeded its budget in {int(over.sum())} of {len(adv)} samples "
                               f"(worst {norm} norm {float(norms.max()):.6g} > {eps:.6g})")
     return linf, l2
+
+
+def zero_gradient_share(model: CoarseFineNet, x: torch.Tensor, y: torch.Tensor, gate_mode: str = "hard",
+                        gate_grad: str = "none", head: str = "fine", eot_samples: int = 8) -> float:
+    """Fraction of samples whose input gradient of the CE loss (of ``head``) is exactly zero everywhere.
+
+    A large share means gradient-based attacks cannot move those inputs: robustness there is likely masked.
+    """
+    model.eval()
+    xr = x.detach().clone().requires_grad_(True)
+    with model.gating(mode=gate_mode, grad=gate_grad, eot_samples=eot_samples):
+        out = model(xr)
+    loss = F.cross_entropy(out.logits(head).float(), y, reduction="sum")
+    if not loss.requires_grad:
+        return 1.0
+    grad, = torch.autograd.grad(loss, xr, allow_unused=True)
+    if grad is None:
+        return 1.0
+    return float((grad.flatten(1) == 0).all(1).float().mean())

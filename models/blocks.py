@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from robustness.core.errors import ConfigError
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with BN and a residual connection; a 1x1 projection when the shape changes.
@@ -39,6 +41,12 @@ class Stem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn(self.conv(x)))
+
+
+def check_size(depth_n: int, width: int) -> None:
+    """ConfigError unless there is at least one block per stage and one channel."""
+    if depth_n < 1 or width < 1:
+        raise ConfigError("depth_n and width must be >= 1")
 
 
 def make_stage(in_planes: int, planes: int, n_blocks: int, stride: int) -> nn.ModuleList:

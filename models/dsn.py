@@ -8,7 +8,8 @@ stage's first has a gate reading the block input; feedback = coarse stage-3 outp
 -> concatenated to the fine branch's stage-3 input; FiLM = MLP(path bits) -> (gamma, beta) on the fine features
 before pooling, zero-initialised so it starts as the identity.
 
-With ``gated=False`` the same topology without gates (and without FiLM) is the static twin ``dual``.
+With ``gated=False`` the same topology without gates (and without FiLM) is the static twin ``dual``. This module
+registers both: the entrypoints ``dsn`` and ``dual`` declare each model's own options and their defaults.
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.blocks import BasicBlock, Stem, init_weights, make_stage
+from models.blocks import BasicBlock, Stem, check_size, init_weights, make_stage
 from models.cost import measure_costs
-from models.gates import Decision, Gate, GateState, eval_decision, train_decision
-from models.network import CoarseFineNet, ModelOutput
+from models.gates import Decision, Gate, GateState, eval_decision, gate_function, train_decision
+from models.network import DEFAULT_MEAN, DEFAULT_STD, CoarseFineNet, ModelOutput
+from models.registry import register_model
+from robustness.core.errors import ConfigError
 
 BRANCHES = ("coarse", "fine")
 
@@ -63,11 +66,9 @@ def _execute(block: nn.Module, x: torch.Tensor, d: Decision) -> torch.Tensor:
 class DSN(CoarseFineNet):
     """Dual-branch layer-skippable network. See the module docstring for the topology."""
 
-    def __init__(self, *, num_fine: int, num_coarse: int, depth_n: int = 3, width: int = 16,
-                 gated: bool = True, gate_fn: str = "hardsig", feedback: bool = True, film: bool = True,
-                 feedback_channels: int | None = None, gate_hidden: int = 16, open_bias: float = 0.4,
-                 image_size: int = 32, in_channels: int = 3,
-                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.25, 0.25, 0.25)):
+    def __init__(self, *, num_fine: int, num_coarse: int, depth_n: int, width: int, gated: bool, gate_fn: str,
+                 feedback: bool, film: bool, feedback_channels: int | None, gate_hidden: int, open_bias: float,
+                 image_size: int, in_channels: int, mean: Sequence[float], std: Sequence[float]):
         super().__init__(mean, std)
         w1, w2, w3 = width, 2 * width, 4 * width
         fb = (feedback_channels or w1) if feedback else 0
@@ -143,3 +144,30 @@ class DSN(CoarseFineNet):
         executed = torch.cat(list(gates.values()), 1) if gates else x.new_zeros(x.shape[0], 0)
         return ModelOutput(fine=fine, coarse=coarse, macs=self.costs.per_sample(executed),
                            gates=gates, scores=scores, values=values)
+
+
+@register_model
+def dsn(*, num_fine: int, num_coarse: int, depth_n: int = 3, width: int = 16, gate_fn: str = "hardsig",
+        feedback: bool = True, film: bool = True, feedback_channels: int | None = None, gate_hidden: int = 16,
+        open_bias: float = 0.4, image_size: int = 32, in_channels: int = 3,
+        mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD) -> DSN:
+    """DSN: trunk + gated coarse and fine branches, feedback, FiLM on the path (our reconstruction)."""
+    check_size(depth_n, width)
+    gate_function(gate_fn)  # an unknown name is an UnknownNameError listing the registered ones
+    if depth_n < 2:
+        raise ConfigError("dsn needs depth_n >= 2: a stage's first block is never gated")
+    return DSN(num_fine=num_fine, num_coarse=num_coarse, depth_n=depth_n, width=width, gated=True, gate_fn=gate_fn,
+               feedback=feedback, film=film, feedback_channels=feedback_channels, gate_hidden=gate_hidden,
+               open_bias=open_bias, image_size=image_size, in_channels=in_channels, mean=mean, std=std)
+
+
+@register_model
+def dual(*, num_fine: int, num_coarse: int, depth_n: int = 3, width: int = 16, feedback: bool = True,
+         feedback_channels: int | None = None, image_size: int = 32, in_channels: int = 3,
+         mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD) -> DSN:
+    """DSN's topology (trunk, coarse and fine branches, feedback) without gates or FiLM: the static twin."""
+    check_size(depth_n, width)
+    # gate_fn, gate_hidden and open_bias only shape gates, and an ungated DSN has none: fixed placeholders
+    return DSN(num_fine=num_fine, num_coarse=num_coarse, depth_n=depth_n, width=width, gated=False,
+               gate_fn="hardsig", feedback=feedback, film=False, feedback_channels=feedback_channels,
+               gate_hidden=16, open_bias=0.4, image_size=image_size, in_channels=in_channels, mean=mean, std=std)

@@ -4,7 +4,8 @@ Vocabulary (see DESIGN.md, "Gate modes"):
 
 * gate function (how the model was *trained*): ``hardsig`` (CVPR'18 DSN: ``clamp(k*s + 0.5, 0, 1)`` with the
   slope ``k`` annealed up), ``ste`` (SkipNet: hard threshold forward, sigmoid backward), ``gumbel`` (ConvNet-AIG:
-  straight-through Gumbel-sigmoid).
+  straight-through Gumbel-sigmoid). Gate functions live in a registry: one function decorated with
+  ``@register_gate_function("name")`` is a new one, usable as the model option ``gate_fn`` and ``--gate-fn``.
 * forward mode (how the model *runs* at evaluation): ``hard`` (``1[s > 0]``, skipped blocks are not computed),
   ``open`` (every block runs), ``soft`` (``sigmoid(s)`` mixes every block), ``random`` (Bernoulli at the measured
   per-block execution rates), ``frozen`` (a given path).
@@ -18,16 +19,13 @@ annealed hard sigmoid whose derivative vanishes for most scores once the slope i
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn
 
-from robustness.core.errors import ConfigError
-
-GATE_FUNCTIONS = ("hardsig", "ste", "gumbel")
-FORWARD_MODES = ("hard", "open", "soft", "random", "frozen")
-GRAD_MODES = ("none", "ste", "bpda", "eot")
-EXECUTIONS = ("subbatch", "mask")
+from robustness.core.errors import ConfigError, UnknownNameError
+from robustness.core.vocab import EXECUTIONS, FORWARD_MODES, GRAD_MODES
 
 
 @dataclass(frozen=True)
@@ -102,20 +100,64 @@ def _straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
     return hard + soft - soft.detach()
 
 
-def train_decision(score: torch.Tensor, gate_fn: str, slope: float, tau: float = 1.0) -> Decision:
-    """The gate function's training-time relaxation (always executed by masking)."""
-    if gate_fn == "hardsig":
-        value = torch.clamp(slope * score + 0.5, 0.0, 1.0)
-        return Decision(executed=value > 0, value=value, mask=True)
-    if gate_fn == "ste":
-        hard = (score > 0).float()
-        return Decision(executed=hard > 0, value=_straight_through(hard, torch.sigmoid(score)), mask=True)
-    if gate_fn == "gumbel":
-        u = torch.rand_like(score).clamp_(1e-6, 1 - 1e-6)
-        soft = torch.sigmoid((score + torch.log(u) - torch.log1p(-u)) / tau)
-        hard = (soft > 0.5).float()
-        return Decision(executed=hard > 0, value=_straight_through(hard, soft), mask=True)
-    raise ConfigError(f"unknown gate function {gate_fn!r}; choose one of: {', '.join(GATE_FUNCTIONS)}")
+# --------------------------------------------------------------------------------------------------------------
+# Gate functions: the training-time relaxations, one registered function each
+# --------------------------------------------------------------------------------------------------------------
+
+#: ``fn(score, slope) -> Decision``: scores [B] and the current hard-sigmoid slope give the training decision,
+#: always executed by masking (``mask=True``) so that the gate values carry their gradient.
+GateFunction = Callable[[torch.Tensor, float], Decision]
+_Fn = TypeVar("_Fn", bound=GateFunction)
+
+_GATE_FUNCTIONS: dict[str, GateFunction] = {}
+
+
+def register_gate_function(name: str, fn: _Fn | None = None) -> Callable[[_Fn], _Fn] | _Fn:
+    """Register ``fn`` as gate function ``name``; without ``fn``, a decorator: ``@register_gate_function("x")``."""
+    def add(f: _Fn) -> _Fn:
+        _GATE_FUNCTIONS[name] = f
+        return f
+    return add(fn) if fn is not None else add
+
+
+def list_gate_functions() -> list[str]:
+    """Names of the registered gate functions, sorted."""
+    return sorted(_GATE_FUNCTIONS)
+
+
+def gate_function(name: str) -> GateFunction:
+    """The registered gate function ``name``; UnknownNameError listing the others."""
+    if name not in _GATE_FUNCTIONS:
+        raise UnknownNameError("gate function", name, list_gate_functions())
+    return _GATE_FUNCTIONS[name]
+
+
+@register_gate_function("hardsig")
+def hardsig(score: torch.Tensor, slope: float) -> Decision:
+    """CVPR'18 DSN: ``clamp(k*s + 0.5, 0, 1)`` with the annealed slope ``k``."""
+    value = torch.clamp(slope * score + 0.5, 0.0, 1.0)
+    return Decision(executed=value > 0, value=value, mask=True)
+
+
+@register_gate_function("ste")
+def ste(score: torch.Tensor, slope: float) -> Decision:
+    """SkipNet: hard threshold forward, sigmoid derivative backward."""
+    hard = (score > 0).float()
+    return Decision(executed=hard > 0, value=_straight_through(hard, torch.sigmoid(score)), mask=True)
+
+
+@register_gate_function("gumbel")
+def gumbel(score: torch.Tensor, slope: float, tau: float = 1.0) -> Decision:
+    """ConvNet-AIG: straight-through Gumbel-sigmoid (noise from the global torch generator)."""
+    u = torch.rand_like(score).clamp_(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((score + torch.log(u) - torch.log1p(-u)) / tau)
+    hard = (soft > 0.5).float()
+    return Decision(executed=hard > 0, value=_straight_through(hard, soft), mask=True)
+
+
+def train_decision(score: torch.Tensor, gate_fn: str, slope: float) -> Decision:
+    """The training-time relaxation of gate function ``gate_fn`` (always executed by masking)."""
+    return gate_function(gate_fn)(score, slope)
 
 
 def eval_decision(score: torch.Tensor, state: GateState, rate: torch.Tensor, frozen: torch.Tensor | None) -> Decision:

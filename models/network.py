@@ -15,6 +15,10 @@ from torch import nn
 from models.cost import CostTable
 from models.gates import GateState
 
+#: Normalisation of a model built without a dataset's mean/std (training always passes the dataset's own).
+DEFAULT_MEAN = (0.5, 0.5, 0.5)
+DEFAULT_STD = (0.25, 0.25, 0.25)
+
 
 @dataclass
 class ModelOutput:

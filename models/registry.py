@@ -1,21 +1,28 @@
-"""timm-style model registry: ``@register_model``, ``create_model(name, **cfg)``, ``list_models(pattern)``."""
+"""The model registry: ``@register_model``, ``create_model(name, **options)``, ``list_models(pattern)``.
+
+A leaf, as timm's ``_registry.py`` is: it imports nothing of ``models`` and knows no model by name. Each model
+module registers its entrypoints itself, and an entrypoint's keyword parameters *are* that model's options (read
+with ``inspect.signature``): declare every option as a named keyword parameter with its default. ``models``'s
+``__init__`` imports the built-in model modules, so ``import models.registry`` is enough to create them.
+"""
 from __future__ import annotations
 
 import fnmatch
 import inspect
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
-from models.baselines import ResNet
-from models.dsn import DSN
-from models.gates import GATE_FUNCTIONS
-from models.network import CoarseFineNet
+from torch import nn
+
 from robustness.core.errors import ConfigError, UnknownNameError
 
-_REGISTRY: dict[str, Callable[..., CoarseFineNet]] = {}
+Entrypoint = TypeVar("Entrypoint", bound=Callable[..., nn.Module])
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_OPTION_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
-def register_model(fn: Callable[..., CoarseFineNet]) -> Callable[..., CoarseFineNet]:
-    """Register a model constructor under its function name."""
+def register_model(fn: Entrypoint) -> Entrypoint:
+    """Register a model entrypoint under its function name; its keyword parameters are the model's options."""
     _REGISTRY[fn.__name__] = fn
     return fn
 
@@ -25,60 +32,43 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
+def _parameters(name: str) -> dict[str, inspect.Parameter]:
+    if name not in _REGISTRY:
+        raise UnknownNameError("model", name, list_models())
+    signature = inspect.signature(_REGISTRY[name])
+    return {p.name: p for p in signature.parameters.values() if p.kind in _OPTION_KINDS}
+
+
 def model_options(name: str) -> list[str]:
-    """The keyword options ``create_model(name, ...)`` accepts."""
-    if name not in _REGISTRY:
-        raise UnknownNameError("model", name, list_models())
-    # One option set for every built-in model, so that one config trains dsn, dual and resnet alike; options a
-    # model has no use for (gate_fn for resnet) are ignored by it.
-    target = DSN if name in ("dsn", "dual", "resnet") else _REGISTRY[name]
-    return [p for p in inspect.signature(target).parameters if p not in ("self", "ignored", "gated")]
+    """The options of model ``name`` (its entrypoint's keyword parameters), in declaration order."""
+    return list(_parameters(name))
 
 
-def create_model(name: str, **cfg) -> CoarseFineNet:
-    """Build a registered model. Unknown names and options raise errors that list the valid ones."""
-    if name not in _REGISTRY:
-        raise UnknownNameError("model", name, list_models())
-    unknown = sorted(set(cfg) - set(model_options(name)))
+def all_model_options() -> list[str]:
+    """Every option some registered model accepts, sorted (what a shared ``[model]`` table may hold)."""
+    return sorted({option for name in _REGISTRY for option in _parameters(name)})
+
+
+def create_model(name: str, **options: Any) -> nn.Module:
+    """Build model ``name``. Unknown names, unknown options and missing required options raise ConfigErrors.
+
+    The model gets ``model_name`` and ``config`` (:func:`resolved_options`: what rebuilds the same model).
+    """
+    params = _parameters(name)
+    unknown = sorted(set(options) - set(params))
     if unknown:
-        raise ConfigError(f"model {name!r} has no option(s) {', '.join(unknown)}; "
-                          f"valid: {', '.join(model_options(name))}")
-    if cfg.get("depth_n", 3) < 1 or cfg.get("width", 16) < 1:
-        raise ConfigError("depth_n and width must be >= 1")
-    model = _REGISTRY[name](**cfg)
+        raise ConfigError(f"model {name!r} has no option(s) {', '.join(unknown)}; valid: {', '.join(params)}")
+    missing = [p for p, param in params.items() if param.default is inspect.Parameter.empty and p not in options]
+    if missing:
+        raise ConfigError(f"model {name!r} needs option(s) {', '.join(missing)}")
+    model = _REGISTRY[name](**options)
     model.model_name = name
-    model.config = resolved_options(name, cfg)
+    model.config = resolved_options(name, options)
     return model
 
 
-def resolved_options(name: str, cfg: dict) -> dict:
+def resolved_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """Every option of ``name`` with its value (given or default), JSON-safe: what rebuilds the same model."""
-    target = DSN if name in ("dsn", "dual", "resnet") else _REGISTRY[name]
-    params = inspect.signature(target).parameters
-    options = {p: cfg.get(p, params[p].default) for p in model_options(name)}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
-
-
-@register_model
-def dsn(**cfg) -> CoarseFineNet:
-    """DSN: trunk + gated coarse and fine branches, feedback, FiLM on the path (our reconstruction)."""
-    gate_fn = cfg.get("gate_fn", "hardsig")
-    if gate_fn not in GATE_FUNCTIONS:
-        raise UnknownNameError("gate function", gate_fn, GATE_FUNCTIONS)
-    if cfg.get("depth_n", 3) < 2:
-        raise ConfigError("dsn needs depth_n >= 2: a stage's first block is never gated")
-    return DSN(gated=True, **cfg)
-
-
-@register_model
-def dual(**cfg) -> CoarseFineNet:
-    """DSN's topology (trunk, coarse and fine branches, feedback) without gates or FiLM: the static twin."""
-    cfg.pop("gate_fn", None)
-    cfg.pop("film", None)
-    return DSN(gated=False, film=False, **cfg)
-
-
-@register_model
-def resnet(**cfg) -> CoarseFineNet:
-    """Single-branch CIFAR ResNet-(6n+2) with fine and coarse heads."""
-    return ResNet(**cfg)
+    params = _parameters(name)
+    values = {p: options.get(p, param.default) for p, param in params.items()}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}

@@ -19,7 +19,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from robustness.analysis import format_eps, path_distances  # noqa: E402
+from robustness.analysis import path_distances  # noqa: E402
+from robustness.core.vocab import format_eps  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _DPI = 100

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from robustness.analysis import format_eps
+from robustness.core.vocab import format_eps
 
 DASH = "–"
 

@@ -3,6 +3,8 @@
 Trains every model of the ``[run]`` table (default dsn, dual, resnet), attacks each (white-box; the dsn also in
 ``open`` mode, its no-skip view), adds the transfer pairs, writes each run's report and the comparison, and
 returns a short summary. Every step is resumable, so ``--resume`` after an interruption continues where it stopped.
+Each run's results are loaded once (``robustness.results.load_run``) and handed to its report, the comparison and
+the headline; nothing written here is read back.
 
 Layout of ``OUT``::
 
@@ -13,7 +15,6 @@ Layout of ``OUT``::
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import time
@@ -23,13 +24,15 @@ from typing import Any
 
 from attacks.records import worst_case
 from attacks.runner import AttackConfig, run_attacks
-from robustness.core.runtime import package_versions
 from models.training import TrainConfig, train
 from reports.html import write_comparison, write_report
-from reports.load import load_run
+from robustness.analysis import accuracy_rows
+from robustness.analysis.compare import compare_runs
 from robustness.core.config import build, load_config_file
 from robustness.core.errors import ConfigError, RunDirError
 from robustness.core.rundir import atomic_write_json
+from robustness.core.runtime import package_versions
+from robustness.results import RunResults, load_run
 
 log = logging.getLogger(__name__)
 REPORTED_EPS = 8 / 255
@@ -138,26 +141,27 @@ def run_pipeline(config: PipelineConfig, out: str | Path, resume: bool = False, 
                                        gate_modes=["hard"])
         run_attacks(runs[target], transfer, resume=True, transfer_from=runs[source], progress=progress)
 
+    loaded = {name: load_run(run_dir) for name, run_dir in runs.items()}
     summaries, sanity = [], {}
-    for name, run_dir in runs.items():
-        report_dir = write_report(run_dir)
-        summary = json.loads((report_dir / "summary.json").read_text())
-        sanity[name] = [{k: c[k] for k in ("name", "status", "evidence")} for c in summary.get("sanity", [])]
-        summaries.append(_headline(name, run_dir, report_dir))
+    for name, results in loaded.items():
+        report = write_report(results)
+        sanity[name] = [{"name": c.name, "status": c.status, "evidence": c.evidence} for c in report.checks]
+        summaries.append(_headline(name, results, report.index))
 
     compare_dir, verdict = None, "only one model: nothing to compare"
     if len(runs) > 1:
-        compare_dir = write_comparison(list(runs.values()), out / "compare", labels=list(runs))
-        verdict = json.loads((compare_dir / "compare.json").read_text()).get("verdict", "")
+        comparison = compare_runs(list(loaded.values()), labels=list(loaded))
+        compare_dir = write_comparison(comparison, out / "compare")
+        verdict = comparison.verdict
     return PipelineResult(out, summaries, sanity, verdict, compare_dir, time.perf_counter() - start)
 
 
-def _headline(name: str, run_dir: Path, report_dir: Path) -> ModelSummary:
-    """Clean and robust accuracy at 8/255 (white-box, hard gates, fine head) and compute saved, from the records."""
-    results = load_run(run_dir)
-    records = results.records
+def _headline(name: str, results: RunResults, report: Path) -> ModelSummary:
+    """Clean and robust accuracy at 8/255 (white-box, hard gates, fine head; attacks that count for accuracy) and
+    compute saved, from the records."""
+    records = accuracy_rows(results.records)
     white = records[(records["source_run"] == "") & (records["gate_mode"] == "hard") & (records["target"] == "fine")
-                    & (records["norm"] == "linf") & ~records["attack"].isin(["slowdown", "path"])]
+                    & (records["norm"] == "linf")]
     at_eps = white[(white["eps"] - REPORTED_EPS).abs() < 1e-9]
     robust: dict[str, float] = {}
     for attack, group in at_eps.groupby("attack", observed=True):
@@ -168,7 +172,7 @@ def _headline(name: str, run_dir: Path, report_dir: Path) -> ModelSummary:
     saved = None
     if results.full_macs and not white.empty and results.path_names:
         saved = 1.0 - float(white.drop_duplicates("sample")["clean_macs"].mean()) / results.full_macs
-    return ModelSummary(name, clean, robust, saved, report_dir / "index.html")
+    return ModelSummary(name, clean, robust, saved, report)
 
 
 def format_summary(result: PipelineResult) -> str:

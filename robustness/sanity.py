@@ -1,5 +1,9 @@
 """Gradient-masking checks over attack records.
 
+Which attacks a check compares comes from each attack's registered kind (``attacks.base``): single-step,
+iterative, gradient-free, minimal or compute. Compute attacks (``slowdown``) do not count for accuracy; a name the
+registry does not know (an older run, a synthetic frame) belongs to no kind and counts for accuracy.
+
 Each check returns a :class:`Check`: ``pass`` when the records look like an honest evaluation, ``warn`` when they
 show a symptom of gradient masking (or of a broken attack), ``skip`` when the records lack what the check needs.
 The evidence is one sentence with the numbers. Accuracies are compared with a noise tolerance of
@@ -7,21 +11,20 @@ The evidence is one sentence with the numbers. Accuracies are compared with a no
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from robustness.analysis import NON_ACCURACY_ATTACKS, format_eps, transfer_matrix, whitebox
+from attacks.base import GRADIENT_FREE, ITERATIVE, SINGLE_STEP, attack_kind
+from robustness.analysis.selection import accuracy_rows, whitebox
+from robustness.analysis.transfer import transfer_matrix
+from robustness.core.vocab import ROUTING_GRADIENTS, format_eps
 
 Status = Literal["pass", "warn", "skip"]
 
-SINGLE_STEP: frozenset[str] = frozenset({"fgsm"})
-ITERATIVE: frozenset[str] = frozenset({"pgd", "apgd", "apgdt", "apgd-ce", "apgd-dlr", "bim", "mifgsm"})
-GRADIENT_FREE: frozenset[str] = frozenset({"square"})
-ROUTING_GRADIENTS: tuple[str, ...] = ("ste", "bpda", "eot")
 MAX_DETAILS = 20
 
 
@@ -48,10 +51,6 @@ def _points(x: float) -> str:
     return f"{v:g} point" + ("" if v == 1 else "s")
 
 
-def _eps(e: float) -> str:
-    return format_eps(e)
-
-
 def _count(k: int, unit: str) -> str:
     return f"{k} {unit}" if k == 1 else f"{k} {unit}s"
 
@@ -67,9 +66,15 @@ def _accuracy(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def _attack_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """White-box rows of accuracy attacks."""
-    wb = whitebox(df)
-    return wb[~wb["attack"].isin(list(NON_ACCURACY_ATTACKS))]
+    """White-box rows of attacks that count for accuracy."""
+    return accuracy_rows(whitebox(df))
+
+
+def _of_kind(rows: pd.DataFrame, kind: str) -> np.ndarray:
+    """Per row: whether its attack is registered with ``kind`` (unknown names belong to no kind)."""
+    names = rows["attack"].astype(str)
+    kinds = {name: attack_kind(name) for name in names.unique()}
+    return (names.map(kinds) == kind).to_numpy(bool)
 
 
 def _verdict(name: str, violations: list[str], total: int, unit: str, warn_text: str, pass_text: str) -> Check:
@@ -94,8 +99,8 @@ def check_eps_monotone(df: pd.DataFrame, tol: float = 0.01) -> Check:
         best, best_eps = np.inf, None
         for eps, a, n in zip(g["eps"], g["acc"], g["n"]):
             if best_eps is not None and a > best + _tolerance(int(n), tol):
-                violations.append(f"{key[1]}/{key[2]}/{key[5]} on {key[0]}: {_pts(a)} at eps={_eps(eps)} vs "
-                                  f"{_pts(best)} at eps={_eps(best_eps)}")
+                violations.append(f"{key[1]}/{key[2]}/{key[5]} on {key[0]}: {_pts(a)} at eps={format_eps(eps)} vs "
+                                  f"{_pts(best)} at eps={format_eps(best_eps)}")
                 break
             if a < best:
                 best, best_eps = a, eps
@@ -106,14 +111,14 @@ def check_eps_monotone(df: pd.DataFrame, tol: float = 0.01) -> Check:
 
 
 def check_iterative_vs_single_step(df: pd.DataFrame, tol: float = 0.01) -> Check:
-    """Iterative attacks (PGD, APGD, ...) are at least as strong as FGSM at each eps."""
+    """Iterative attacks (PGD, APGD, ...) are at least as strong as single-step ones (FGSM) at each eps."""
     name = "iterative-vs-single-step"
     rows = _attack_rows(df)
     rows = rows[rows["eps"] > 0]
     keys = ["run", "norm", "eps", "gate_mode", "gate_grad", "target"]
-    iterative = rows["attack"].isin(list(ITERATIVE)) | rows["attack"].str.startswith("apgd")
+    iterative = _of_kind(rows, ITERATIVE)
     it = _accuracy(rows[iterative], keys + ["attack"]) if iterative.any() else None
-    ss = _accuracy(rows[rows["attack"].isin(list(SINGLE_STEP))], keys + ["attack"])
+    ss = _accuracy(rows[_of_kind(rows, SINGLE_STEP)], keys + ["attack"])
     if it is None or ss.empty:
         return Check(name, "skip", "Needs both a single-step (fgsm) and an iterative (pgd/apgd) attack.")
     it_best = it.loc[it.groupby(keys, observed=True, dropna=False)["acc"].idxmin()]
@@ -122,7 +127,8 @@ def check_iterative_vs_single_step(df: pd.DataFrame, tol: float = 0.01) -> Check
     if both.empty:
         return Check(name, "skip", "No eps at which both a single-step and an iterative attack were run.")
     violations = [
-        f"{r.attack_it} {_pts(r.acc_it)} vs fgsm {_pts(r.acc_ss)} at eps={_eps(r.eps)} ({r.run}, {r.gate_grad})"
+        f"{r.attack_it} {_pts(r.acc_it)} vs {r.attack_ss} {_pts(r.acc_ss)} at eps={format_eps(r.eps)} "
+        f"({r.run}, {r.gate_grad})"
         for r in both.itertuples()
         if r.acc_it > r.acc_ss + _tolerance(int(min(r.n_it, r.n_ss)), tol)]
     return _verdict(name, violations, len(both), "setting", "the iterative attack is weaker than FGSM",
@@ -141,7 +147,7 @@ def check_unbounded(df: pd.DataFrame, threshold: float = 0.05, proxy_eps: float 
         if linf.empty or linf["eps"].max() < proxy_eps:
             return Check(name, "skip", f"No unbounded attack (eps=inf) and no linf eps >= {proxy_eps} was run.")
         unbounded = linf[linf["eps"] == linf["eps"].max()]
-        how = f"linf eps={_eps(float(unbounded['eps'].iloc[0]))} (proxy for unbounded)"
+        how = f"linf eps={format_eps(float(unbounded['eps'].iloc[0]))} (proxy for unbounded)"
     keys = ["run", "norm", "eps", "gate_mode", "target"]
     acc = _accuracy(unbounded, keys + ["attack", "backend", "gate_grad"])
     best = acc.loc[acc.groupby(keys, observed=True, dropna=False)["acc"].idxmin()]
@@ -159,8 +165,9 @@ def check_square_vs_gradient(df: pd.DataFrame, margin: float = 0.03) -> Check:
     rows = _attack_rows(df)
     rows = rows[rows["eps"] > 0]
     keys = ["run", "norm", "eps", "gate_mode", "target"]
-    sq = rows[rows["attack"].isin(list(GRADIENT_FREE))]
-    grad = rows[~rows["attack"].isin(list(GRADIENT_FREE))]
+    gradient_free = _of_kind(rows, GRADIENT_FREE)
+    sq = rows[gradient_free]
+    grad = rows[~gradient_free]
     if sq.empty or grad.empty:
         return Check(name, "skip", "Needs both the Square attack and a gradient attack.")
     sq_acc = _accuracy(sq, keys).rename(columns={"acc": "acc_sq"})
@@ -169,7 +176,7 @@ def check_square_vs_gradient(df: pd.DataFrame, margin: float = 0.03) -> Check:
     both = sq_acc.merge(g_best, on=keys)
     if both.empty:
         return Check(name, "skip", "No eps at which both Square and a gradient attack were run.")
-    violations = [f"square {_pts(r.acc_sq)} vs {r.attack}/{r.gate_grad} {_pts(r.acc)} at eps={_eps(r.eps)} "
+    violations = [f"square {_pts(r.acc_sq)} vs {r.attack}/{r.gate_grad} {_pts(r.acc)} at eps={format_eps(r.eps)} "
                   f"({r.run}, {r.gate_mode})" for r in both.itertuples() if r.acc_sq < r.acc - margin]
     if violations:
         return Check(name, "warn", f"Gradient masking suspected: the gradient-free Square attack beats every "
@@ -193,7 +200,7 @@ def check_routing_gradients(df: pd.DataFrame, margin: float = 0.03) -> Check:
     both = none.merge(best, on=keys, suffixes=("_none", "_routed"))
     if both.empty:
         return Check(name, "skip", "No attack was run both with gate_grad 'none' and with a routing gradient.")
-    violations = [f"{r.attack} at eps={_eps(r.eps)} on {r.run}: none {_pts(r.acc_none)} vs {r.gate_grad} "
+    violations = [f"{r.attack} at eps={format_eps(r.eps)} on {r.run}: none {_pts(r.acc_none)} vs {r.gate_grad} "
                   f"{_pts(r.acc_routed)}" for r in both.itertuples() if r.acc_none - r.acc_routed > margin]
     if violations:
         return Check(name, "warn", f"The hard-gate ('none') evaluation was masked: routing gradients lower "
@@ -248,8 +255,9 @@ def check_transfer_vs_whitebox(df: pd.DataFrame, tol: float = 0.01) -> Check:
     both = tr.merge(wb[keys + ["success_rate", "n_clean_correct"]], on=keys, suffixes=("_tr", "_wb"))
     if both.empty:
         return Check(name, "skip", "No white-box run of the transferred attack on the target at the same eps.")
-    violations = [f"{r.attack} {r.source_run}->{r.run} at eps={_eps(r.eps)}: transfer {_pts(r.success_rate_tr)} vs "
-                  f"white-box {_pts(r.success_rate_wb)}" for r in both.itertuples()
+    violations = [f"{r.attack} {r.source_run}->{r.run} at eps={format_eps(r.eps)}: "
+                  f"transfer {_pts(r.success_rate_tr)} vs white-box {_pts(r.success_rate_wb)}"
+                  for r in both.itertuples()
                   if r.success_rate_tr > r.success_rate_wb + _tolerance(int(r.n_clean_correct_wb), tol)]
     if violations:
         return Check(name, "warn", f"Transfer beats white-box in {len(violations)} of "
@@ -259,8 +267,8 @@ def check_transfer_vs_whitebox(df: pd.DataFrame, tol: float = 0.01) -> Check:
     return Check(name, "pass", f"Transfer never beats the white-box attack ({_count(len(both), 'setting')} checked).")
 
 
-def run_checks(df: pd.DataFrame, *, zero_grad_share: float | pd.Series | Mapping[str, float] | None = None, tol: float = 0.01,
-               margin: float = 0.03, unbounded_threshold: float = 0.05) -> list[Check]:
+def run_checks(df: pd.DataFrame, *, zero_grad_share: float | pd.Series | Mapping[str, float] | None = None,
+               tol: float = 0.01, margin: float = 0.03, unbounded_threshold: float = 0.05) -> list[Check]:
     """All checks on ``df``, in a fixed order."""
     return [
         check_eps_monotone(df, tol),

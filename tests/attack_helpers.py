@@ -1,7 +1,6 @@
 """Helpers shared by the attack tests: copies of the tiny runs, their test images, a dsn with controlled skipping."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -18,7 +17,7 @@ def copy_run(run: RunDir, dst: Path) -> RunDir:
 
 
 def load_test_images(run: RunDir, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    cfg = json.loads(run.config.read_text())
+    cfg = run.read_config()
     return load_dataset(cfg["dataset"], "test", **cfg.get("data_options", {})).batch(slice(0, n))
 
 

@@ -9,12 +9,12 @@ import torch
 from torch.nn import functional as F
 
 from attacks.adapters import evaluate
-from attacks.adaptive import zero_gradient_share
-from attacks.backends import Target, attack_class
+from attacks.base import Target, attack_class
+from attacks.checks import zero_gradient_share
 from attacks.records import conform
-from attacks.runner import AttackConfig, Batch, EvalPlan, Scorer, derive_seed, load_run_checkpoint, run_attacks
+from attacks.runner import AttackConfig, Batch, EvalPlan, Scorer, load_run_checkpoint, run_attacks
 from models.checkpoint import load_checkpoint, save_checkpoint
-from robustness.core.runtime import seed_everything
+from robustness.core.runtime import derive_seed, seed_everything
 from models.network import CoarseFineNet, ModelOutput
 from robustness.data import load_dataset
 from robustness.core.errors import ConfigError

@@ -245,7 +245,7 @@ def test_strongest_per_sample_takes_worst_gate_grad():
 
 def test_transfer_matrix():
     wb = make_records(100, run="runA", success=np.arange(100) < 60)
-    tr = make_records(100, run="runA", attack="transfer:pgd", source_run="runB", success=np.arange(100) < 25)
+    tr = make_records(100, run="runA", attack="pgd", source_run="runB", success=np.arange(100) < 25)
     tm = analysis.transfer_matrix([wb, tr])
     cross = tm[~tm.whitebox].iloc[0]
     assert (cross.source_run, cross.run, cross.attack, cross.success_rate) == ("runB", "runA", "pgd", 0.25)
@@ -262,3 +262,10 @@ def test_primary_evaluation_prefers_more_eps_then_stronger():
     assert fam["attack"] == "fgsm"
     assert analysis.primary_evaluation(make_records(5, attack="slowdown"))["attack"] == "slowdown"
     assert analysis.primary_evaluation(make_records(5, eps=0.0)) is None
+
+
+def test_accuracy_rows_follow_attack_kinds():
+    frames = [make_records(5, attack=a) for a in ("pgd", "path", "slowdown", "legacy-name")]
+    rows = analysis.accuracy_rows(pd.concat(frames, ignore_index=True))
+    assert set(rows["attack"]) == {"pgd", "path", "legacy-name"}  # only the compute kind is dropped
+    assert len(rows) == 15 and analysis.accuracy_rows(make_records(0)).empty

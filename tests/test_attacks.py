@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-import attacks.backends as backends_mod
+import attacks.base as base_mod
 from attacks.adapters import LogitsView, evaluate
-from attacks.backends import Attack, Target, attack_class
+from attacks.base import ITERATIVE, Attack, Target, attack_class
 from attacks.backends import torchattacks as ta_backend
 from attacks.checks import check_budget
 from attacks.records import RECORD_COLUMNS
@@ -156,12 +156,12 @@ def test_cw_ignores_what_the_library_returns_for_failures(tiny_batch, monkeypatc
 
 def test_budget_violation_is_an_error_and_writes_nothing(tiny_runs, tmp_path, monkeypatch):
     class OverBudget(Attack):
-        name, backend = "pgd", "torchattacks"
+        name, backend, kind = "pgd", "torchattacks", ITERATIVE
 
         def perturb(self, target, x, y, eps, seed):
             return [(x + 2 * e * torch.sign(torch.randn_like(x))).clamp(0, 1) for e in eps]
 
-    monkeypatch.setitem(backends_mod._REGISTRY["pgd"], "torchattacks", OverBudget)
+    monkeypatch.setitem(base_mod._REGISTRY["pgd"], "torchattacks", OverBudget)
     run = copy_run(tiny_runs["dual"], tmp_path / "dual")
     config = AttackConfig(attacks=["pgd"], backends="torchattacks", eps=[4 / 255], n=32, batch_size=32)
     with pytest.raises(BudgetViolation, match=r"'pgd' \(backend torchattacks\) at eps=0.0156863 \(linf\) exceeded "
@@ -194,10 +194,12 @@ def test_logits_view_is_plain_and_captures_gates(tiny_batch):
     logits = view(x)
     out = model(x, mode="hard")
     assert torch.allclose(logits, out.coarse)  # no second normalisation, the coarse head
-    assert torch.equal(view.last_path, out.path) and torch.equal(view.last_macs, out.macs)
+    assert bool((out.path == 0).any())  # the hard forward skips here, so the view below must not
+    # the view runs the model in its gate mode: 'open' executes every block
     opened = LogitsView(model, gate_mode="open")
-    opened(x)
-    assert bool((opened.last_path == 1).all()) and bool((opened.last_macs == model.full_macs).all())
+    full = model(x, mode="open")
+    assert bool((full.path == 1).all()) and bool((full.macs == model.full_macs).all())
+    assert torch.equal(opened(x), full.fine) and not torch.allclose(opened(x), out.fine)
 
 
 def test_apgd_and_square(dsn_run):
@@ -256,7 +258,7 @@ def test_suite_runs_the_library_attack_unchanged(tiny_batch):
     model, x, y = tiny_batch
     import torchattacks
 
-    from attacks.overhead import _PlainLogits, measure_overhead
+    from robustness.bench.overhead import _PlainLogits, measure_overhead
     from robustness.core.runtime import seed_everything
 
     seed_everything(7)

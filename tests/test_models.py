@@ -242,3 +242,76 @@ def test_dsn_loss_adds_gate_terms_only_when_ramped_in(images):
     assert on.total > off.total and on.budget > 0
     total.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".gates." in n)
+
+
+def test_each_model_has_its_own_options():
+    assert model_options("dsn") == ["num_fine", "num_coarse", "depth_n", "width", "gate_fn", "feedback", "film",
+                                    "feedback_channels", "gate_hidden", "open_bias", "image_size", "in_channels",
+                                    "mean", "std"]
+    assert model_options("resnet") == ["num_fine", "num_coarse", "depth_n", "width", "image_size", "in_channels",
+                                       "mean", "std"]
+    assert not {"gate_fn", "film", "open_bias", "gate_hidden"} & set(model_options("dual"))
+    assert "feedback" in model_options("dual")
+    with pytest.raises(ConfigError, match="model 'resnet' has no option.*gate_fn"):
+        create_model("resnet", num_fine=4, num_coarse=2, gate_fn="ste")
+    with pytest.raises(ConfigError, match="model 'dsn' needs option.*num_coarse"):
+        create_model("dsn", num_fine=4)
+    with pytest.raises(ConfigError, match="depth_n and width must be >= 1"):
+        create_model("resnet", num_fine=4, num_coarse=2, width=0)
+
+
+def test_model_config_records_the_resolved_options():
+    model = create_model("dual", **OPTS)
+    assert model.model_name == "dual"
+    assert model.config == {"num_fine": 8, "num_coarse": 2, "depth_n": 3, "width": 4, "feedback": True,
+                            "feedback_channels": None, "image_size": 16, "in_channels": 3,
+                            "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    assert create_model("dsn", **OPTS).config["open_bias"] == 0.4
+
+
+def test_a_model_registers_itself_with_its_keyword_parameters(monkeypatch):
+    import models.registry as registry
+    from models.baselines import ResNet
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @registry.register_model
+    def thin(*, num_fine: int, num_coarse: int, image_size: int = 16) -> torch.nn.Module:
+        return ResNet(num_fine=num_fine, num_coarse=num_coarse, depth_n=1, width=2, image_size=image_size,
+                      in_channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+    assert "thin" in list_models() and model_options("thin") == ["num_fine", "num_coarse", "image_size"]
+    model = create_model("thin", num_fine=3, num_coarse=2)
+    assert model.model_name == "thin" and model.config == {"num_fine": 3, "num_coarse": 2, "image_size": 16}
+    assert registry.all_model_options() == sorted(set().union(*(model_options(n) for n in list_models())))
+
+
+def test_registry_is_a_leaf_and_import_registers_the_builtin_models():
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    source = Path(__file__).resolve().parents[1] / "models" / "registry.py"
+    imported = [n.module or "" for n in ast.walk(ast.parse(source.read_text())) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(ast.parse(source.read_text())) if isinstance(n, ast.Import)
+                 for a in n.names]
+    assert not [m for m in imported if m == "models" or m.startswith("models.")]
+    code = ("import models.registry as r; m = r.create_model('dsn', num_fine=4, num_coarse=2, depth_n=2, width=4, "
+            "image_size=16); print(r.list_models(), type(m).__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=source.parents[1], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "['dsn', 'dual', 'resnet'] DSN"
+
+
+def test_models_command_prints_each_models_own_options(capsys):
+    import argparse
+
+    from robustness.commands import models as models_command
+
+    models_command.run(argparse.Namespace(pattern="*"))
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["resnet"] == ", ".join(model_options("resnet")) and "gate_fn" not in lines["resnet"]
+    assert "gate_fn" in lines["dsn"] and "film" not in lines["dual"]
+    assert lines["gate functions (option gate_fn)"] == "gumbel, hardsig, ste"

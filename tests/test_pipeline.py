@@ -11,6 +11,8 @@ import pytest
 from attacks.records import read_records
 from robustness import cli, pipeline
 from robustness.pipeline import PipelineConfig
+from robustness.results import RunResults
+from test_analysis import make_records
 from test_data import write_fake_cifar100
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +98,30 @@ def test_rerun_refuses_without_resume_and_resume_duplicates_nothing(finished, ca
     assert "Is skipping more robust here?" in stdout and str(out / "compare" / "index.html") in stdout
     after = {m: len(read_records(out / m / "attacks" / "records")) for m in ("dsn", "dual", "resnet")}
     assert after == before
+
+
+def test_each_run_is_loaded_once_and_handed_on(finished, capsys, monkeypatch):
+    config, out = finished
+    loads, reported = [], []
+    real_load, real_report = pipeline.load_run, pipeline.write_report
+    monkeypatch.setattr(pipeline, "load_run", lambda d, *a, **k: loads.append(Path(d)) or real_load(d, *a, **k))
+    monkeypatch.setattr(pipeline, "write_report", lambda r, *a, **k: reported.append(r) or real_report(r, *a, **k))
+    code, stdout, _ = run_cli(["--config", str(config), "--out", str(out), "--resume"], capsys)
+    assert code == 0
+    assert sorted(loads) == sorted(out / m for m in ("dsn", "dual", "resnet"))
+    assert [type(r) for r in reported] == [RunResults] * 3 and [r.path for r in reported] == loads
+    verdict = json.loads((out / "compare" / "compare.json").read_text())["verdict"]
+    assert stdout.rstrip().endswith(f"Is skipping more robust here? {verdict}")
+
+
+def test_headline_counts_path_but_not_slowdown():
+    records = pd.concat([make_records(10, attack="pgd", success=pd.Series(range(10)) < 4),
+                         make_records(10, attack="path", success=pd.Series(range(10)) < 6),
+                         make_records(10, attack="slowdown", success=True)], ignore_index=True)
+    run = RunResults(Path("nowhere"), "dsn", records, {"full_macs": 6e6, "path_names": ["a", "b", "c", "d"]})
+    head = pipeline._headline("dsn", run, Path("nowhere/report/index.html"))
+    assert head.robust == pytest.approx({"pgd": 0.6, "path": 0.4, "worst": 0.4})
+    assert head.clean_acc == 1.0 and head.compute_saved == pytest.approx(0.0)
 
 
 def test_interrupted_run_resumes_to_the_same_records(finished, tmp_path, capsys, monkeypatch):

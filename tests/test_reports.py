@@ -11,9 +11,12 @@ import pandas as pd
 import pytest
 
 from reports import tables
-from reports.html import compare_runs, jsonable, write_comparison, write_report
-from reports.load import load_run
+from reports.html import write_comparison, write_report
+from robustness.analysis.compare import Comparison, compare_runs
 from robustness.core.errors import RunDirError
+from robustness.core.runtime import jsonable
+from robustness.core.vocab import format_eps
+from robustness.results import RunResults, load_run
 from test_analysis import full_macs, make_records
 
 N = 120
@@ -45,6 +48,11 @@ def attacked(run: str, model: str, n_gates: int, *, attacks=("fgsm", "pgd"), gat
                                            gate_mode=gate_mode, n_gates=n_gates, success=success & (eps > 0),
                                            clean_correct=np.arange(N) % 10 != 0, **kw))
     return pd.concat(frames, ignore_index=True)
+
+
+def compare_dirs(run_dirs: list[Path], labels: list[str] | None = None, n_boot: int = 1000) -> Comparison:
+    """Load each run once and compare them (what ``dsn-robust compare`` does)."""
+    return compare_runs([load_run(d) for d in run_dirs], labels, n_boot=n_boot)
 
 
 def write_run(root: Path, records: pd.DataFrame, *, gated: bool = True, metrics: bool = True) -> Path:
@@ -117,7 +125,7 @@ def gated_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def gated_report(gated_run) -> Path:
-    return write_report(gated_run, n_boot=200)
+    return write_report(load_run(gated_run), n_boot=200).out
 
 
 def test_report_writes_all_files(gated_run, gated_report):
@@ -174,7 +182,7 @@ def test_summary_json_schema_and_content(gated_report):
 
 def test_ungated_report_says_not_applicable(tmp_path):
     run_dir = write_run(tmp_path, attacked("resnet1", "resnet", 0), gated=False, metrics=False)
-    out = write_report(run_dir, tmp_path / "elsewhere", n_boot=50)
+    out = write_report(load_run(run_dir), tmp_path / "elsewhere", n_boot=50).out
     assert out == tmp_path / "elsewhere"
     html = (out / "index.html").read_text()
     imgs = assert_self_contained(html)
@@ -187,7 +195,7 @@ def test_ungated_report_says_not_applicable(tmp_path):
 
 def test_missing_run_dir_or_records_is_a_clear_error(tmp_path):
     with pytest.raises(RunDirError, match="does not exist"):
-        write_report(tmp_path / "nope")
+        load_run(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(RunDirError, match=r"no attack records under .*empty; run `dsn-robust attack .*empty` first"):
         load_run(tmp_path / "empty")
@@ -205,8 +213,8 @@ def test_markdown_renderer_escapes_pipes():
     md = tables.to_markdown(pd.DataFrame({"a": ["x|y"], "b": [1]}))
     assert md.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
     assert "&lt;b&gt;" in tables.to_html(pd.DataFrame({"a": ["<b>"]}))
-    assert tables.format_eps(8 / 255) == "8/255" and tables.format_eps(0.5) == "0.5"
-    assert tables.format_eps(float("inf")) == "inf"
+    assert format_eps(8 / 255) == "8/255" and format_eps(0.5) == "0.5"
+    assert format_eps(float("inf")) == "inf"
 
 
 def test_json_payload_is_strict_json():
@@ -219,7 +227,7 @@ def test_json_payload_is_strict_json():
 def test_comparison_of_identical_runs_finds_no_evidence(tmp_path):
     dsn = write_run(tmp_path, attacked("dsn", "dsn", 4))
     dual = write_run(tmp_path, attacked("dual", "dual", 0), gated=False)
-    out = write_comparison([dsn, dual], tmp_path / "cmp", n_boot=200)
+    out = write_comparison(compare_dirs([dsn, dual], n_boot=200), tmp_path / "cmp")
     for name in ("index.html", "compare.md", "compare.csv", "compare.json"):
         assert (out / name).is_file()
     payload = json.loads((out / "compare.json").read_text())
@@ -239,7 +247,7 @@ def test_comparison_of_identical_runs_finds_no_evidence(tmp_path):
 def test_comparison_reports_a_more_robust_skipping_run(tmp_path):
     dsn = write_run(tmp_path, attacked("dsn", "dsn", 4, robust_bonus=0.4, gate_grads=("none", "bpda")))
     dual = write_run(tmp_path, attacked("dual", "dual", 0), gated=False)
-    out = write_comparison([dual, dsn], tmp_path / "cmp", labels=["static", "skip"], n_boot=200)
+    out = write_comparison(compare_dirs([dual, dsn], labels=["static", "skip"], n_boot=200), tmp_path / "cmp")
     payload = json.loads((out / "compare.json").read_text())
     assert payload["reference"] == "static" and payload["skipping_variant"] == "skip(hard)"
     pair = payload["verdict_pairs"][0]
@@ -253,12 +261,12 @@ def test_comparison_reports_a_more_robust_skipping_run(tmp_path):
 
 def test_comparison_splits_gate_modes_and_builds_transfer(tmp_path):
     records = pd.concat([attacked("dsn", "dsn", 4), attacked("dsn", "dsn", 4, gate_mode="open")])
-    transfer = attacked("dsn", "dsn", 4, attacks=("pgd",)).assign(attack="transfer:pgd", source_run="dual")
+    transfer = attacked("dsn", "dsn", 4, attacks=("pgd",)).assign(attack="pgd", source_run="dual")
     transfer["success"] = transfer["success"] & (transfer["sample"] % 2 == 0)
     transfer["adv_correct"] = transfer["clean_correct"] & ~transfer["success"]
     dsn = write_run(tmp_path, pd.concat([records, transfer], ignore_index=True))
     dual = write_run(tmp_path, attacked("dual", "dual", 0), gated=False)
-    cmp = compare_runs([dsn, dual], n_boot=100)
+    cmp = compare_dirs([dsn, dual], n_boot=100)
     assert [v.label for v in cmp.variants] == ["dsn(hard)", "dsn(open)", "dual"]
     assert [v.skipping for v in cmp.variants] == [True, False, False]
     assert [v.compute_saved for v in cmp.variants] == pytest.approx([1 / 6, 0.0, 0.0])
@@ -270,4 +278,44 @@ def test_comparison_splits_gate_modes_and_builds_transfer(tmp_path):
     assert tm[(False, 8 / 255)] < tm[(True, 8 / 255)]
     assert [c.status for c in cmp.sanity["dsn"] if c.name == "transfer-vs-whitebox"] == ["pass"]
     with pytest.raises(RunDirError, match="labels"):
-        compare_runs([dsn, dual], labels=["only one"])
+        compare_dirs([dsn, dual], labels=["only one"])
+
+
+def test_write_report_returns_what_it_wrote(gated_run, tmp_path):
+    report = write_report(load_run(gated_run), tmp_path / "rep", n_boot=50)
+    assert report.out == tmp_path / "rep" and report.index == tmp_path / "rep" / "index.html"
+    assert report.index.is_file() and report.run.name == "dsn1"
+    payload = json.loads((report.out / "summary.json").read_text())
+    assert len(report.summary) == len(payload["summary"]) == (3 * 2 + 2) * 3
+    assert [(c.name, c.status, c.evidence) for c in report.checks] == \
+        [(c["name"], c["status"], c["evidence"]) for c in payload["sanity"]]
+    assert report.worst_case["robust_acc"].tolist() == pytest.approx([r["robust_acc"] for r in payload["worst_case"]])
+    produced = {f.name: f.file for f in report.figures if f.produced}
+    assert produced == {k: v for k, v in payload["figures"].items() if v}
+
+
+def test_compare_runs_takes_loaded_results_not_directories(tmp_path):
+    nowhere = tmp_path / "never-written"
+    manifest = {"dataset": {"name": "synthetic"}, "seed": 0, "n": N, "full_macs": full_macs()}
+    runs = [RunResults(nowhere / name, name, attacked(name, model, gates), dict(manifest, model=model))
+            for name, model, gates in (("dsn", "dsn", 4), ("dual", "dual", 0))]
+    cmp = compare_runs(runs, n_boot=100)
+    assert not nowhere.exists()
+    assert cmp.verdict.startswith("No evidence that skipping helps: dsn(hard) vs dual")
+    assert (cmp.n_boot, cmp.seed) == (100, 0) and [v.run for v in cmp.variants] == runs
+    out = write_comparison(cmp, tmp_path / "cmp")
+    payload = json.loads((out / "compare.json").read_text())
+    assert payload["verdict"] == cmp.verdict and payload["bootstrap"]["n"] == 100
+    assert [v["path"] for v in payload["variants"]] == [str(nowhere / "dsn"), str(nowhere / "dual")]
+
+
+def test_load_run_reads_config_and_describes_the_run(tmp_path):
+    run_dir = write_run(tmp_path, attacked("dsn2", "dsn", 4))
+    (run_dir / "config.json").write_text(json.dumps({"model": "dsn", "seed": 3}))
+    run = load_run(run_dir)
+    assert run.config == {"model": "dsn", "seed": 3}
+    assert run.eps == pytest.approx(EPS) and run.dataset_name == "synthetic" and run.model == "dsn"
+    assert run.fine_to_coarse == [c // 5 for c in range(10)]
+    (run_dir / "attacks" / "manifest.json").write_text("{not json")
+    with pytest.raises(RunDirError, match="cannot read .*manifest.json"):
+        load_run(run_dir)

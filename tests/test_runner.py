@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 
 from attacks.records import EVAL_KEYS, read_records
-from attacks.runner import AttackConfig, parse_eps, run_attacks
+from attacks.runner import AttackConfig, run_attacks
 from robustness.core.errors import ConfigError, RunDirError, UnknownNameError
+from robustness.core.vocab import parse_eps
 from attack_helpers import copy_run, skipping_dsn
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from attacks.base import COMPUTE, ITERATIVE, Attack, attack_kind, register, unregister
 from robustness import sanity
 from test_analysis import make_records
 
@@ -98,8 +99,8 @@ def test_zero_gradient_share():
 
 def test_transfer_beating_whitebox_warns():
     wb = make_records(N, run="runA", success=np.arange(N) < 50)
-    weak = make_records(N, run="runA", attack="transfer:pgd", source_run="runB", success=np.arange(N) < 30)
-    strong = make_records(N, run="runA", attack="transfer:pgd", source_run="runB", success=np.arange(N) < 120)
+    weak = make_records(N, run="runA", attack="pgd", source_run="runB", success=np.arange(N) < 30)
+    strong = make_records(N, run="runA", attack="pgd", source_run="runB", success=np.arange(N) < 120)
     assert sanity.check_transfer_vs_whitebox(pd.concat([wb, weak])).status == "pass"
     c = sanity.check_transfer_vs_whitebox(pd.concat([wb, strong]))
     assert c.status == "warn" and "runB->runA" in c.evidence
@@ -110,3 +111,45 @@ def test_checks_skip_without_data():
     checks = sanity.run_checks(empty)
     assert [c.status for c in checks] == ["skip"] * len(checks)
     assert all(c.evidence for c in checks)
+
+
+# --------------------------------------------------------------------------------------------- kinds decide
+
+class PluginIterative(Attack):
+    """A registered iterative attack no check names: the registry's kind alone must put it in its category."""
+
+    name, backend, kind = "plugin-iter", "test", ITERATIVE
+
+
+@pytest.fixture
+def plugin_attack():
+    register(PluginIterative)
+    yield PluginIterative.name
+    unregister(PluginIterative.name, PluginIterative.backend)
+
+
+def test_categories_follow_registered_kinds(plugin_attack):
+    spec = {(plugin_attack, "none", E8): 0.7, ("fgsm", "none", E8): 0.45}
+    c = sanity.check_iterative_vs_single_step(curves(spec))
+    assert c.status == "warn" and "plugin-iter 70.0% vs fgsm 45.0%" in c.evidence
+
+
+def test_unregistered_names_have_no_kind_but_count_for_accuracy():
+    assert attack_kind("old-attack") is None
+    spec = {("old-attack", "none", E8): 0.7, ("fgsm", "none", E8): 0.45}
+    assert sanity.check_iterative_vs_single_step(curves(spec)).status == "skip"  # not iterative
+    c = sanity.check_unbounded(curves({("old-attack", "none", BIG): 0.3, ("pgd", "none", E8): 0.2}))
+    assert c.status == "warn" and "old-attack/none leaves 30.0%" in c.evidence  # counted for accuracy
+    c = sanity.check_square_vs_gradient(curves({("old-attack", "none", E8): 0.3, ("square", "none", E8): 0.05}))
+    assert c.status == "warn" and "vs old-attack/none 30.0%" in c.evidence  # a gradient attack, not gradient-free
+
+
+def test_compute_attacks_do_not_count_for_accuracy_but_path_does():
+    assert attack_kind("slowdown") == COMPUTE and attack_kind("path") == ITERATIVE
+    spec = {("slowdown", "none", BIG): 1.0, ("pgd", "none", BIG): 0.0, ("pgd", "none", E8): 0.2}
+    assert sanity.check_unbounded(curves(spec)).status == "pass"  # slowdown leaves accuracy alone: not a failure
+    c = sanity.check_unbounded(curves({("path", "none", BIG): 0.3, ("pgd", "none", E8): 0.2}))
+    assert c.status == "warn" and "path/none leaves 30.0%" in c.evidence
+    routed = curves({("path", "none", E8): 0.6, ("path", "bpda", E8): 0.2})
+    c = sanity.check_routing_gradients(routed)
+    assert c.status == "warn" and "path at eps=8/255" in c.evidence

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import models.training as training
+import models.training.trainer as trainer
 from models.checkpoint import load_checkpoint
+from models.network import CoarseFineNet
 from models.training import METRIC_COLUMNS, TrainConfig, read_metrics, train
+from models.training.optim import param_groups
 from robustness import cli
 from robustness.core.errors import ConfigError, RunDirError
 from robustness.core.rundir import RunDir
@@ -73,8 +75,8 @@ class Recorder:
         self.modes: list[tuple[int, str]] = []
         self.gate_weights: list[tuple[int, float]] = []
         self.epoch = 1
-        real_loss = training.dsn_loss
-        real_forward = training.CoarseFineNet.forward
+        real_loss = trainer.dsn_loss
+        real_forward = CoarseFineNet.forward
         recorder = self
 
         def loss_spy(out, fine, coarse, weights, gate_weight=1.0):
@@ -86,8 +88,8 @@ class Recorder:
                 recorder.modes.append((recorder.epoch, kwargs.get("mode")))
             return real_forward(model, x, **kwargs)
 
-        monkeypatch.setattr(training, "dsn_loss", loss_spy)
-        monkeypatch.setattr(training.CoarseFineNet, "forward", forward_spy)
+        monkeypatch.setattr(trainer, "dsn_loss", loss_spy)
+        monkeypatch.setattr(CoarseFineNet, "forward", forward_spy)
 
     def callback(self, epoch: int, row: dict) -> None:
         self.epoch = epoch + 1
@@ -172,7 +174,7 @@ def test_staged_schedule(dsn_run):
 def test_weight_decay_spares_bn_biases_and_gates():
     from models.registry import create_model
     model = create_model("dsn", num_fine=4, num_coarse=2, depth_n=2, width=4, image_size=16)
-    decay, no_decay = training._param_groups(model, 5e-4)
+    decay, no_decay = param_groups(model, 5e-4)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
     decayed = {names[id(p)] for p in decay["params"]}
@@ -444,3 +446,60 @@ def test_cli_flags_override_config_file_and_resolve(tmp_path, capsys):
     # --resume on the finished run: nothing to do, said so, exit 0
     code, stdout, _ = run_cli(["--out", str(out), "--resume"], capsys)
     assert code == 0 and "nothing to do" in stdout
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Options shared between models; the hard-sigmoid saturation warning
+# --------------------------------------------------------------------------------------------------------------
+
+FAST = dict(dataset="synthetic", data_options={"n": 64, "image_size": 16}, test_limit=16, epochs=1, batch_size=32,
+            threads=1, seed=0)
+
+
+def test_an_option_no_model_has_is_an_error_listing_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"model 'resnet' has no option\(s\) colour.*valid: num_fine, num_coarse"):
+        TrainConfig.from_dict(dict(model="resnet", model_options={"colour": 1}))
+
+
+def test_an_option_of_another_model_is_left_out_for_this_one(tmp_path, caplog):
+    from robustness.data import dataset_info
+
+    from models.training.config import model_kwargs
+    config = TrainConfig.from_dict(dict(FAST, model="resnet", model_options={"depth_n": 2, "width": 4,
+                                                                             "gate_fn": "ste", "film": False}))
+    info = dataset_info("synthetic", image_size=16)
+    with caplog.at_level("DEBUG", logger="models.training.config"):
+        kwargs = model_kwargs(config, info)
+    assert "gate_fn" not in kwargs and "film" not in kwargs and kwargs["depth_n"] == 2
+    assert "left out" in caplog.text and "film, gate_fn" in caplog.text
+    result = train(config, tmp_path / "r", progress=False)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["model_options"]["gate_fn"] == "ste"
+    ckpt = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
+    assert ckpt.model_config["depth_n"] == 2 and "gate_fn" not in ckpt.model_config and result.epochs == 1
+
+
+def _saturation_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "saturates the hard sigmoid" in r.getMessage()]
+
+
+def test_default_hardsig_dsn_logs_no_saturation_warning(tmp_path, caplog):
+    config = TrainConfig.from_dict(dict(FAST, model="dsn", model_options={"depth_n": 2, "width": 4}))
+    with caplog.at_level("WARNING"):
+        train(config, tmp_path / "default", progress=False)
+    assert load_checkpoint(tmp_path / "default" / "checkpoints" / "last.pt").model_config["open_bias"] == 0.4
+    assert _saturation_warnings(caplog) == []
+
+
+def test_saturating_open_bias_logs_the_warning(tmp_path, caplog):
+    # open_bias * slope_start + 0.5 = 0.25 * 2 + 0.5 = 1.0 >= 1: saturated from the first step
+    config = TrainConfig.from_dict(dict(FAST, model="dsn", model_options={"depth_n": 2, "width": 4,
+                                                                          "open_bias": 0.25}, slope_start=2.0))
+    with caplog.at_level("WARNING"):
+        train(config, tmp_path / "saturated", progress=False)
+    warnings = _saturation_warnings(caplog)
+    assert len(warnings) == 1 and "open_bias 0.25 with slope_start 2.00" in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the same bias with the straight-through gate: no hard sigmoid to saturate
+        train(config.replace(model_options={"depth_n": 2, "width": 4, "open_bias": 0.25, "gate_fn": "ste"}),
+              tmp_path / "ste", progress=False)
+    assert _saturation_warnings(caplog) == []

@@ -1,4 +1,4 @@
-"""torchattacks 3.5.1 behind the common :class:`attacks.backends.Attack` interface.
+"""torchattacks 3.5.1 behind the common :class:`attacks.base.Attack` interface.
 
 Facts this file works around (DESIGN.md, "Library facts that bite"):
 
@@ -15,14 +15,16 @@ Facts this file works around (DESIGN.md, "Library facts that bite"):
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torchattacks as ta
 from torch import nn
 
-from attacks.backends import (Attack, Target, keep_smallest_adversarial, register, select_worst, step_size,
-                              within_budgets)
+from attacks.base import GRADIENT_FREE, ITERATIVE, SINGLE_STEP, Attack, MinimalAttack, Target, register
+from attacks.params import CWParams, FGSMParams, PGDParams, coerce_floats, positive, positive_int, step_size
+from attacks.selection import keep_smallest_adversarial, select_worst
 
 _TA_NORM = {"linf": "Linf", "l2": "L2"}
 
@@ -46,133 +48,123 @@ class _PositiveLogits(nn.Module):
 
 @register
 class FGSM(Attack):
-    """Fast Gradient Sign Method (Goodfellow et al., ICLR 2015, arXiv:1412.6572).
+    """Fast Gradient Sign Method (Goodfellow et al., "Explaining and harnessing adversarial examples", ICLR 2015,
+    arXiv:1412.6572).
 
     Norm: ``linf`` (``torchattacks.FGSM``: ``x + eps * sign(grad)``) or ``l2`` (the fast gradient method,
     ``x + eps * grad / ||grad||_2``, built as ``torchattacks.PGDL2`` with one step of size ``eps`` and no random
     start). No parameters. Shapes: x [B, C, H, W] in [0, 1], y [B] -> one [B, C, H, W] per eps.
     """
 
-    name, backend = "fgsm", "torchattacks"
-    reference = "Goodfellow et al., Explaining and harnessing adversarial examples, ICLR 2015"
+    name, backend, kind = "fgsm", "torchattacks", SINGLE_STEP
+    Params = FGSMParams
 
-    def perturb(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float],
-                seed: int) -> list[torch.Tensor]:
+    def run(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int) -> torch.Tensor:
         view = target.view()
-        out = []
-        for e in eps:
-            if self.norm == "linf":
-                atk = ta.FGSM(view, eps=float(e))
-            else:
-                atk = ta.PGDL2(view, eps=float(e), alpha=float(e), steps=1, random_start=False)
-            out.append(_prepared(atk, target)(x, y).detach())
-        return out
+        if self.norm == "linf":
+            atk = ta.FGSM(view, eps=float(eps))
+        else:
+            atk = ta.PGDL2(view, eps=float(eps), alpha=float(eps), steps=1, random_start=False)
+        return _prepared(atk, target)(x, y).detach()
 
 
 @register
 class PGD(Attack):
-    """Projected Gradient Descent (Madry et al., ICLR 2018, arXiv:1706.06083): ``torchattacks.PGD`` / ``PGDL2``.
+    """Projected Gradient Descent (Madry et al., "Towards deep learning models resistant to adversarial attacks",
+    ICLR 2018, arXiv:1706.06083): ``torchattacks.PGD`` (``linf``) / ``PGDL2`` (``l2``).
 
-    Parameters: ``steps`` (default 10), ``alpha`` (step size; ``None`` = ``2.5 * eps / steps``),
-    ``random_start`` (default True), ``restarts`` (default 1: independent runs; per sample the first run that
-    fools the deterministic forward is kept, else the one with the highest loss).
+    Parameters (:class:`attacks.params.PGDParams`): ``steps`` (10), ``alpha`` (step size; ``None`` =
+    ``2.5 * eps / steps``), ``random_start`` (True), ``restarts`` (1: independent runs; per sample the first run
+    that fools the deterministic forward is kept, else the one with the highest loss).
     """
 
-    name, backend = "pgd", "torchattacks"
-    reference = "Madry et al., Towards deep learning models resistant to adversarial attacks, ICLR 2018"
+    name, backend, kind = "pgd", "torchattacks", ITERATIVE
+    Params = PGDParams
 
-    def __init__(self, norm: str = "linf", steps: int = 10, alpha: float | None = None, random_start: bool = True,
-                 restarts: int = 1):
-        super().__init__(norm, steps=int(steps), alpha=alpha, random_start=bool(random_start),
-                         restarts=int(restarts))
-
-    @classmethod
-    def from_config(cls, config: Any, norm: str) -> "PGD":
-        return cls(norm, steps=config.steps, alpha=config.pgd_alpha, random_start=config.pgd_random_start,
-                   restarts=config.pgd_restarts)
-
-    def perturb(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float],
-                seed: int) -> list[torch.Tensor]:
+    def run(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int) -> torch.Tensor:
         view = target.view()
         p = self.params
-        out = []
-        for e in eps:
-            alpha = step_size(p["alpha"], e, p["steps"])
-            cls = ta.PGD if self.norm == "linf" else ta.PGDL2
-            runs = []
-            for _ in range(max(p["restarts"], 1)):
-                atk = _prepared(cls(view, eps=float(e), alpha=alpha, steps=p["steps"],
-                                    random_start=p["random_start"]), target)
-                runs.append(atk(x, y).detach())
-            out.append(runs[0] if len(runs) == 1 else select_worst(target, runs, y))
-        return out
+        alpha = step_size(p.alpha, eps, p.steps)
+        cls = ta.PGD if self.norm == "linf" else ta.PGDL2
+        runs = []
+        for _ in range(max(p.restarts, 1)):
+            atk = _prepared(cls(view, eps=float(eps), alpha=alpha, steps=p.steps, random_start=p.random_start),
+                            target)
+            runs.append(atk(x, y).detach())
+        return runs[0] if len(runs) == 1 else select_worst(target, runs, y)
 
 
 @register
-class CW(Attack):
-    """Carlini-Wagner L2 (Carlini & Wagner, IEEE S&P 2017, arXiv:1608.04644): ``torchattacks.CW`` over a c grid.
+class CW(MinimalAttack):
+    """Carlini-Wagner L2 (Carlini & Wagner, "Towards evaluating the robustness of neural networks", IEEE S&P 2017,
+    arXiv:1608.04644): ``torchattacks.CW`` over a grid of c.
 
-    A minimal-perturbation attack, always L2. Parameters: ``c`` (grid of trade-off constants, default
-    (0.1, 1, 10)), ``kappa`` (confidence, 0), ``steps`` (Adam steps per c, 100), ``lr`` (0.01). Each c is one
-    torchattacks run; per sample the smallest-L2 candidate that the recomputed forward misclassifies is kept
-    (torchattacks returns the clean image where it fails, which never counts). At a budget eps the example is
-    used only if its L2 norm is <= eps; otherwise the clean image stands.
+    A minimal-perturbation attack, always L2. Parameters (:class:`attacks.params.CWParams`): ``c`` (the grid of
+    trade-off constants, default (0.1, 1, 10)), ``kappa`` (confidence, 0), ``steps`` (Adam steps per c, 100),
+    ``lr`` (0.01); ``binary_steps`` is foolbox's and unused here. Each c is one torchattacks run; per sample the
+    smallest-L2 candidate that the recomputed forward misclassifies is kept (torchattacks returns the clean image
+    where it fails, which never counts). At a budget eps the example is used only if its L2 norm is <= eps;
+    otherwise the clean image stands.
     """
 
     name, backend = "cw", "torchattacks"
     norms = ("l2",)
-    minimal = True
-    reference = "Carlini & Wagner, Towards evaluating the robustness of neural networks, IEEE S&P 2017"
+    Params = CWParams
 
-    def __init__(self, norm: str = "l2", c: Sequence[float] = (0.1, 1.0, 10.0), kappa: float = 0.0,
-                 steps: int = 100, lr: float = 0.01):
-        super().__init__(norm, c=[float(v) for v in c], kappa=float(kappa), steps=int(steps), lr=float(lr))
+    def __init__(self, norm: str = "l2", params: CWParams | None = None, **overrides):
+        super().__init__(norm, params, **overrides)
 
-    @classmethod
-    def from_config(cls, config: Any, norm: str) -> "CW":
-        return cls("l2", c=config.cw_c, kappa=config.cw_kappa, steps=config.cw_steps, lr=config.cw_lr)
+    def config(self) -> dict:
+        config = super().config()
+        del config["binary_steps"]  # not a parameter of torchattacks' CW
+        return config
 
-    def perturb(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float],
-                seed: int) -> list[torch.Tensor]:
+    def minimize(self, target: Target, x: torch.Tensor, y: torch.Tensor,
+                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         view = _PositiveLogits(target.view())
         p = self.params
         candidates = []
-        for c in p["c"]:
-            atk = _prepared(ta.CW(view, c=c, kappa=p["kappa"], steps=p["steps"], lr=p["lr"]), target)
+        for c in p.c:
+            atk = _prepared(ta.CW(view, c=c, kappa=p.kappa, steps=p.steps, lr=p.lr), target)
             candidates.append(atk(x, y).detach().clamp(0.0, 1.0))
-        best, found = keep_smallest_adversarial(target, x, y, candidates, "l2")
-        return within_budgets(x, best, found, eps, "l2")
+        return keep_smallest_adversarial(target, x, y, candidates, "l2")
+
+
+@dataclass(frozen=True)
+class APGDParams:
+    """APGD: ``steps`` (the runner's ``steps`` unless set), ``restarts``, ``rho`` (step-size decay threshold)."""
+
+    steps: int = 10
+    restarts: int = 1
+    rho: float = 0.75
+
+    def __post_init__(self) -> None:
+        coerce_floats(self)
+        positive_int(self, "steps", "restarts")
+        positive(self, "rho")
 
 
 class _APGD(Attack):
-    """Auto-PGD (Croce & Hein, ICML 2020, arXiv:2003.01690): ``torchattacks.APGD``.
+    """Auto-PGD (Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse
+    parameter-free attacks", ICML 2020, arXiv:2003.01690): ``torchattacks.APGD``.
 
-    Norm ``linf`` or ``l2``. Parameters: ``steps`` (default 10 via the runner's ``steps``), ``restarts`` (1),
-    ``rho`` (0.75). The loss is fixed by the subclass (``ce`` or ``dlr``; DLR needs >= 3 classes). The seed of
-    the starting points is derived from the evaluation seed.
+    Norm ``linf`` or ``l2``. Parameters (:class:`APGDParams`): ``steps`` (default: the runner's ``steps``),
+    ``restarts`` (1), ``rho`` (0.75). The loss is fixed by the subclass (``ce`` or ``dlr``; DLR needs >= 3
+    classes). The seed of the starting points is the evaluation seed.
     """
 
-    loss: str = "ce"
-    reference = "Croce & Hein, Reliable evaluation of adversarial robustness with an ensemble of diverse " \
-                "parameter-free attacks, ICML 2020"
+    kind = ITERATIVE
+    loss: ClassVar[str] = "ce"
+    Params = APGDParams
 
-    def __init__(self, norm: str = "linf", steps: int = 10, restarts: int = 1, rho: float = 0.75):
-        super().__init__(norm, loss=self.loss, steps=int(steps), restarts=int(restarts), rho=float(rho))
+    def config(self) -> dict:
+        return {"norm": self.norm, "loss": self.loss, **{k: v for k, v in super().config().items() if k != "norm"}}
 
-    @classmethod
-    def from_config(cls, config: Any, norm: str) -> "_APGD":
-        return cls(norm, steps=config.apgd_steps or config.steps, restarts=config.apgd_restarts)
-
-    def perturb(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float],
-                seed: int) -> list[torch.Tensor]:
-        view = target.view()
+    def run(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int) -> torch.Tensor:
         p = self.params
-        out = []
-        for e in eps:
-            atk = _prepared(ta.APGD(view, norm=_TA_NORM[self.norm], eps=float(e), steps=p["steps"],
-                                    n_restarts=p["restarts"], seed=seed, loss=self.loss, rho=p["rho"]), target)
-            out.append(atk(x, y).detach())
-        return out
+        atk = _prepared(ta.APGD(target.view(), norm=_TA_NORM[self.norm], eps=float(eps), steps=p.steps,
+                                n_restarts=p.restarts, seed=seed, loss=self.loss, rho=p.rho), target)
+        return atk(x, y).detach()
 
 
 @register
@@ -187,36 +179,36 @@ class APGDDLR(_APGD):
     name, backend, loss = "apgd-dlr", "torchattacks", "dlr"
 
 
+@dataclass(frozen=True)
+class SquareParams:
+    """Square: ``queries`` (per restart), ``restarts``, ``p_init`` (initial fraction of pixels changed)."""
+
+    queries: int = 1000
+    restarts: int = 1
+    p_init: float = 0.8
+
+    def __post_init__(self) -> None:
+        coerce_floats(self)
+        positive_int(self, "queries", "restarts")
+        positive(self, "p_init")
+
+
 @register
 class Square(Attack):
-    """Square Attack (Andriushchenko et al., ECCV 2020, arXiv:1912.00049): ``torchattacks.Square``.
+    """Square Attack (Andriushchenko et al., "Square attack: a query-efficient black-box adversarial attack via
+    random search", ECCV 2020, arXiv:1912.00049): ``torchattacks.Square``.
 
     Gradient-free random search (margin loss), so the routing gradient is irrelevant. Norm ``linf`` or ``l2``.
-    Parameters: ``queries`` (per restart, default 1000), ``restarts`` (1), ``p_init`` (0.8).
+    Parameters (:class:`SquareParams`): ``queries`` (per restart, default 1000), ``restarts`` (1),
+    ``p_init`` (0.8).
     """
 
-    name, backend = "square", "torchattacks"
-    gradient_free = True
-    reference = "Andriushchenko et al., Square attack: a query-efficient black-box adversarial attack via " \
-                "random search, ECCV 2020"
+    name, backend, kind = "square", "torchattacks", GRADIENT_FREE
+    Params = SquareParams
 
-    def __init__(self, norm: str = "linf", queries: int = 1000, restarts: int = 1, p_init: float = 0.8):
-        super().__init__(norm, queries=int(queries), restarts=int(restarts), p_init=float(p_init))
-
-    @classmethod
-    def from_config(cls, config: Any, norm: str) -> "Square":
-        return cls(norm, queries=config.square_queries, restarts=config.square_restarts,
-                   p_init=config.square_p_init)
-
-    def perturb(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float],
-                seed: int) -> list[torch.Tensor]:
-        view = target.view()
+    def run(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int) -> torch.Tensor:
         p = self.params
-        out = []
-        for e in eps:
-            atk = _prepared(ta.Square(view, norm=_TA_NORM[self.norm], eps=float(e), n_queries=p["queries"],
-                                      n_restarts=p["restarts"], p_init=p["p_init"], loss="margin", seed=seed),
-                            target)
-            with torch.no_grad():
-                out.append(atk(x, y).detach())
-        return out
+        atk = _prepared(ta.Square(target.view(), norm=_TA_NORM[self.norm], eps=float(eps), n_queries=p.queries,
+                                  n_restarts=p.restarts, p_init=p.p_init, loss="margin", seed=seed), target)
+        with torch.no_grad():
+            return atk(x, y).detach()

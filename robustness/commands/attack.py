@@ -1,19 +1,23 @@
 """``dsn-robust attack RUN_DIR``: attack a trained run and write per-sample records into it.
 
-An ``[attack]`` table of ``--config FILE`` supplies defaults (any :class:`attacks.runner.AttackConfig` field);
-flags override it. Ends with a short table: clean accuracy, robust accuracy per attack and eps, worst case.
+An ``[attack]`` table of ``--config FILE`` supplies defaults (any :class:`attacks.runner.AttackConfig` field, and
+``[attack.<name>]`` subtables of per-attack parameters); flags override it, ``--set ATTACK.KEY=VALUE`` sets one
+attack parameter. Ends with a short table: clean accuracy, robust accuracy per attack and eps, worst case.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import math
+import tomllib
+from typing import Any
 
-from attacks.runner import AttackConfig, AttackResult, run_attacks
-from robustness.core.config import build, load_config_file, overridden
+from attacks.base import COMPUTE, attack_kind, counts_for_accuracy
+from attacks.runner import ATTACK_ALIASES, FLAT_ALIASES, LIBRARY_BACKENDS, AttackConfig, AttackResult, run_attacks
+from robustness.core.config import load_config_file, overridden
 from robustness.core.errors import ConfigError
+from robustness.core.vocab import HEADS, NORMS, format_eps
 
-__all__ = ["register", "run", "run_attacks", "config_from_args", "summary_table"]
+__all__ = ["register", "run", "run_attacks", "config_from_args", "parse_setting", "summary_table"]
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +30,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attacks", help="comma list of fgsm,pgd,cw,apgd,apgd-ce,apgd-dlr,square,path,slowdown "
                                      "(apgd = apgd-ce and apgd-dlr; default: all)")
     p.add_argument("--eps", help="comma list of budgets in [0,1] pixel units, e.g. 1/255,2/255,4/255,8/255")
-    p.add_argument("--norm", choices=["linf", "l2"], help="threat model (default linf)")
+    p.add_argument("--norm", choices=list(NORMS), help="threat model (default linf)")
     p.add_argument("--cw-eps", dest="cw_eps", help="L2 budgets at which CW is scored when --norm is linf "
                                                    "(default 0.25,0.5,1.0)")
     p.add_argument("--backend", help="torchattacks, foolbox or both (default both); path and slowdown are native")
     p.add_argument("--gate-mode", dest="gate_modes", help="comma list of hard,open,random (default hard)")
     p.add_argument("--gate-grad", dest="gate_grads", help="comma list of none,ste,bpda,eot (default none,bpda)")
-    p.add_argument("--target", choices=["fine", "coarse"], help="head under attack (default fine)")
+    p.add_argument("--target", choices=list(HEADS), help="head under attack (default fine)")
     p.add_argument("--n", type=int, help="number of test samples (default 1000)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="batch size (default 128)")
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
@@ -40,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="iterations of PGD (and APGD, path, slowdown) (default 10)")
     p.add_argument("--restarts", dest="pgd_restarts", type=int, help="PGD restarts (default 1)")
     p.add_argument("--eot-samples", dest="eot_samples", type=int, help="gate draws per EOT forward (default 8)")
+    p.add_argument("--set", dest="set", action="append", default=[], metavar="ATTACK.KEY=VALUE",
+                   help="one parameter of one attack, e.g. pgd.restarts=5 or cw.c=[1.0,10.0] (VALUE is read as "
+                        "TOML; repeatable)")
     p.add_argument("--resume", action="store_true", help="continue (or add to) the run's attack records")
     p.add_argument("--force", action="store_true", help="delete the run's attack records first")
     p.add_argument("--transfer-from", dest="transfer_from", metavar="OTHER_RUN",
@@ -52,15 +59,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace) -> AttackConfig:
     """The AttackConfig of the [attack] table of ``args.config`` with the flags given on top."""
     table = load_config_file(getattr(args, "config", None)).get("attack", {})
-    base = build(AttackConfig, table, where=f"[attack] in {args.config}" if getattr(args, "config", None)
-                 else "attack config")
+    base = AttackConfig.from_table(table, where=f"[attack] in {args.config}" if getattr(args, "config", None)
+                                   else "attack config")
     backend = getattr(args, "backend", None)
-    if backend is not None and backend.strip().lower() not in ("torchattacks", "foolbox", "both"):
-        raise ConfigError(f"unknown backend {backend!r}; choose one of: torchattacks, foolbox, both")
+    if backend is not None and backend.strip().lower() not in (*LIBRARY_BACKENDS, "both"):
+        raise ConfigError(f"unknown backend {backend!r}; choose one of: {', '.join(LIBRARY_BACKENDS)}, both")
     flags = {name: getattr(args, name, None) for name in
              ("attacks", "eps", "norm", "cw_eps", "gate_modes", "gate_grads", "target", "n", "batch_size", "device",
               "seed", "steps", "pgd_restarts", "eot_samples")}
     flags["backends"] = backend
+    settings = [parse_setting(text) for text in getattr(args, "set", None) or []]
+    for alias, value in flags.items():
+        for name, key in FLAT_ALIASES.get(alias, ()) if value is not None else ():
+            if any(s[1] == key and name in ATTACK_ALIASES.get(s[0], [s[0]]) for s in settings):
+                raise ConfigError(f"--set {name}.{key} and the flag for {alias} both set it; keep one")
+    if settings:
+        params = {name: dict(values) for name, values in base.params.items()}
+        for attack, key, value in settings:
+            for name in ATTACK_ALIASES.get(attack, [attack]):
+                params.setdefault(name, {})[key] = value
+        flags["params"] = params
     try:
         return overridden(base, **flags)
     except (TypeError, ValueError) as err:
@@ -75,13 +93,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eps(e: float, norm: str = "linf") -> str:
-    if math.isinf(e):
-        return "inf"
-    k = e * 255
-    if norm == "linf" and 0 < e < 1 and abs(k - round(k)) < 1e-6:
-        return f"{int(round(k))}/255"
-    return f"{e:.4g}"
+def parse_setting(text: str) -> tuple[str, str, Any]:
+    """``"pgd.restarts=5"`` -> ``("pgd", "restarts", 5)``: the value is read as a TOML value (a bare word that
+    is not TOML is a string)."""
+    target, sep, raw = text.partition("=")
+    attack, dot, key = target.strip().partition(".")
+    if not sep or not dot or not attack or not key.strip():
+        raise ConfigError(f"--set {text!r}: write ATTACK.KEY=VALUE, e.g. pgd.restarts=5")
+    try:
+        value = tomllib.loads(f"value = {raw.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return attack.strip().lower(), key.strip(), value
 
 
 def summary_table(result: AttackResult) -> str:
@@ -97,21 +120,21 @@ def summary_table(result: AttackResult) -> str:
         for norm, h in g.groupby("norm", sort=False, observed=True):
             table = (h.groupby(["attack", "backend", "gate_grad", "eps"], observed=True)["adv_correct"].mean()
                      .mul(100).unstack("eps"))
-            table.columns = [_eps(e, norm) for e in table.columns]
+            table.columns = [format_eps(e) for e in table.columns]
             table.index.names = ["attack", "backend", "grad"]
             lines.append(f"robust accuracy (%), {norm} budgets:")
             lines.append(table.to_string(float_format=lambda v: f"{v:.1f}", na_rep="-"))
-        worst = g[g["attack"] != "slowdown"]
+        worst = g[g["attack"].map(lambda a: counts_for_accuracy(str(a))).astype(bool)]
         if not worst.empty:
             per_sample = worst.groupby(["norm", "eps", "sample"], observed=True)["adv_correct"].all()
             acc = per_sample.groupby(level=["norm", "eps"], observed=True).mean().mul(100)
-            cells = ", ".join(f"{norm} {_eps(e, norm)}: {v:.1f}%" for (norm, e), v in acc.items())
+            cells = ", ".join(f"{norm} {format_eps(e)}: {v:.1f}%" for (norm, e), v in acc.items())
             lines.append(f"worst case over attacks: {cells}")
-        slow = g[g["attack"] == "slowdown"]
-        if not slow.empty:
+        for name in [a for a in g["attack"].unique() if attack_kind(str(a)) == COMPUTE]:
+            slow = g[g["attack"] == name]
             means = slow.groupby("eps", observed=True)[["adv_macs", "clean_macs"]].mean()
             ratio = means["adv_macs"] / means["clean_macs"].clip(lower=1e-12)
-            lines.append("slowdown, mean MACs attacked/clean: "
-                         + ", ".join(f"x{v:.3f} at {_eps(e)}" for e, v in ratio.items()))
+            lines.append(f"{name}, mean MACs attacked/clean: "
+                         + ", ".join(f"x{v:.3f} at {format_eps(e)}" for e, v in ratio.items()))
         lines.append("")
     return "\n".join(lines).rstrip()

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from robustness.bench.skipping import format_table, run_benchmark
 from robustness.core.runtime import DEVICE_CHOICES, resolve_device
-from robustness.benchmark import format_table, run_benchmark
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from reports.html import write_comparison
+from robustness.analysis.compare import compare_runs
 from robustness.core.errors import ConfigError
+from robustness.results import load_run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,9 +23,9 @@ def run(args: argparse.Namespace) -> int:
     labels = args.labels.split(",") if args.labels else None
     if labels is not None and len(labels) != len(args.run_dirs):
         raise ConfigError(f"--labels names {len(labels)} runs but {len(args.run_dirs)} were given")
-    out = write_comparison(args.run_dirs, args.out, labels, n_boot=args.bootstrap, seed=args.seed)
-    verdict = json.loads((out / "compare.json").read_text()).get("verdict", "")
+    comparison = compare_runs([load_run(d) for d in args.run_dirs], labels, n_boot=args.bootstrap, seed=args.seed)
+    out = write_comparison(comparison, args.out)
     print(f"comparison: {out / 'index.html'}")
-    if verdict:
-        print(verdict)
+    if comparison.verdict:
+        print(comparison.verdict)
     return 0

@@ -1,8 +1,9 @@
-"""``dsn-robust models``: list registered models and their options."""
+"""``dsn-robust models``: list the registered models, each with its own options, and the gate functions."""
 from __future__ import annotations
 
 import argparse
 
+from models.gates import list_gate_functions
 from models.registry import list_models, model_options
 
 
@@ -15,4 +16,5 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     for name in list_models(args.pattern):
         print(f"{name}: {', '.join(model_options(name))}")
+    print(f"gate functions (option gate_fn): {', '.join(list_gate_functions())}")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from reports.html import write_report
+from robustness.results import load_run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +17,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = write_report(args.run_dir, args.out, n_boot=args.bootstrap, seed=args.seed)
-    print(f"report: {out / 'index.html'}")
+    report = write_report(load_run(args.run_dir), args.out, n_boot=args.bootstrap, seed=args.seed)
+    print(f"report: {report.index}")
     return 0

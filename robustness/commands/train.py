@@ -8,26 +8,25 @@ data-parallel.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from robustness.core.runtime import DEVICE_CHOICES
-from models.gates import GATE_FUNCTIONS
-from models.training import Callback, TrainConfig, TrainResult, env_world, train
+from models.gates import list_gate_functions
+from models.registry import list_models
+from models.training import TrainConfig, TrainResult, train
 from robustness.core.config import load_config_file
-from robustness.core.errors import ConfigError
+from robustness.core.errors import ConfigError, RunDirError
 from robustness.core.rundir import RunDir
+from robustness.core.runtime import DEVICE_CHOICES, env_world
 
 log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model (dsn, dual, resnet) into a run directory",
+    p = sub.add_parser("train", help=f"train a model ({', '.join(list_models())}) into a run directory",
                        description="Train a model into RUN_DIR: config.json, metrics.csv, checkpoints/{last,best}.pt, "
                                    "train.done. Flags override the --config file.")
-    p.add_argument("--model", help="model name: dsn, dual or resnet (default: from the config, else dsn)")
+    p.add_argument("--model", help=f"model name: {', '.join(list_models())} (default: from the config, else dsn)")
     p.add_argument("--dataset", help="dataset name, e.g. synthetic or cifar100 (default: from the config, "
                                      "else synthetic)")
     p.add_argument("--data-root", metavar="DIR", help="folder holding the dataset's local files")
@@ -41,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("model knobs (ablations)")
     g.add_argument("--depth-n", type=int, help="blocks per stage (ResNet-6n+2)")
     g.add_argument("--width", type=int, help="channels of the first stage")
-    g.add_argument("--gate-fn", choices=GATE_FUNCTIONS, help="gate training relaxation (dsn)")
+    g.add_argument("--gate-fn", choices=list_gate_functions(), help="gate training relaxation (dsn)")
     g.add_argument("--no-feedback", action="store_true", help="no coarse-to-fine feedback (dsn, dual)")
     g.add_argument("--no-film", action="store_true", help="no FiLM path encoding (dsn)")
     r = p.add_mutually_exclusive_group()
@@ -57,9 +56,9 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     run = RunDir.at(args.out)
     if getattr(args, "resume", False) and run.config.is_file():
         try:
-            stored = json.loads(run.config.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as err:
-            raise ConfigError(f"{run.config}: unreadable stored config ({err}); use --force to start over") from None
+            stored = run.read_config()
+        except RunDirError as err:
+            raise ConfigError(f"unreadable stored config: {err}; use --force to start over") from None
         base = TrainConfig.from_dict(stored, where=str(run.config))
     tables = load_config_file(args.config)
     config = TrainConfig.from_tables(tables, base=base, where=f"config file {args.config}") if tables else base
@@ -85,16 +84,10 @@ def apply_flags(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
         opts["feedback"] = False
     if getattr(args, "no_film", False):
         opts["film"] = False
-    # Options a model has no use for (gate_fn for resnet) are kept: create_model ignores them, and a run trained
-    # by `dsn-robust run` from the same file records the same options.
+    # Options a model has no use for (gate_fn for resnet) are kept in the config: the trainer leaves them out for
+    # that model, and a run trained by `dsn-robust run` from the same file records the same options.
     values["model_options"] = opts
     return TrainConfig.from_dict(values, where="flags")
-
-
-def train_from_config(config: TrainConfig, out: str | Path, resume: bool = False, force: bool = False,
-                      progress: bool = True, callbacks: Sequence[Callback] | None = None) -> TrainResult:
-    """Train ``config`` into ``out`` (what ``dsn-robust run`` calls)."""
-    return train(config, out, resume=resume, force=force, callbacks=callbacks, progress=progress)
 
 
 def summary_lines(result: TrainResult) -> list[str]:
@@ -124,8 +117,7 @@ def summary_lines(result: TrainResult) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     config = resolve_config(args)
-    result = train_from_config(config, args.out, resume=args.resume, force=args.force,
-                               progress=not args.no_progress)
+    result = train(config, args.out, resume=args.resume, force=args.force, progress=not args.no_progress)
     if env_world()[1] == 0:  # rank 0 alone prints under torchrun
         for line in summary_lines(result):
             print(line)

@@ -12,7 +12,9 @@ Layout of a run directory::
       attacks/records/<evaluation-id>/shard-NNNNN.parquet   per-sample records (attacks.records)
       report/                  index.html, report.md, summary.csv, summary.json, figures/
 
-Like ``robustness.core.errors`` and ``robustness.data``, this module is at the bottom of the import graph.
+:class:`RunDir` is the one owner of those paths and of reading the run's JSON files: other modules ask it for a
+path or a parsed file and never build run paths or parse run files themselves. It sits on the ground floor
+(``robustness.core``) and imports nothing else of the project but the typed errors.
 """
 from __future__ import annotations
 

@@ -1,7 +1,10 @@
-"""Reading one run directory's results (records, manifest, metrics, config) for the reports."""
+"""A run's results, loaded once: attack records, attack manifest, training metrics and config.
+
+:func:`load_run` is the one place that reads them (through :class:`robustness.core.rundir.RunDir` and
+``attacks.records``); analysis, reports, the comparison and the pipeline are handed the :class:`RunResults`.
+"""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,17 @@ class RunResults:
         return str(self.records["model"].iloc[0]) if len(self.records) else ""
 
     @property
+    def dataset_name(self) -> str:
+        """The attacked dataset's name from the manifest ('' when unknown)."""
+        dataset = self.manifest.get("dataset")
+        return str(dataset.get("name", "")) if isinstance(dataset, dict) else str(dataset or "")
+
+    @property
+    def eps(self) -> list[float]:
+        """The eps values the records hold, ascending."""
+        return sorted(float(e) for e in self.records["eps"].unique()) if len(self.records) else []
+
+    @property
     def path_names(self) -> list[str]:
         """Names of the gated blocks, in path-bit order ([] when unknown or ungated)."""
         return [str(p) for p in self.manifest.get("path_names") or []]
@@ -53,27 +67,13 @@ class RunResults:
         return [int(c) for c in mapping] if mapping else None
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise RunDirError(f"cannot read {path}: {err}") from None
-    if not isinstance(value, dict):
-        raise RunDirError(f"{path} does not hold a JSON object")
-    return value
-
-
 def load_run(run_dir: str | Path, require_records: bool = True) -> RunResults:
     """Load ``run_dir``'s attack records, manifest, metrics and config.
 
     Raises ``RunDirError`` when the directory does not exist or (with ``require_records``) holds no attack records.
     """
-    rd = RunDir.at(run_dir)
-    if not rd.root.is_dir():
-        raise RunDirError(f"run directory {rd.root} does not exist")
-    has_records = rd.records.is_dir() and any(rd.records.rglob("*.parquet"))
+    rd = RunDir.at(run_dir).require()
+    has_records = rd.has_records()
     if require_records and not has_records:
         raise RunDirError(f"no attack records under {rd.root}; run `dsn-robust attack {rd.root}` first")
     try:
@@ -86,7 +86,7 @@ def load_run(run_dir: str | Path, require_records: bool = True) -> RunResults:
             metrics = pd.read_csv(rd.metrics)
         except (OSError, ValueError) as err:
             log.warning("ignoring unreadable %s: %s", rd.metrics, err)
-    manifest = _read_json(rd.manifest) or {}
+    manifest = rd.read_manifest() or {}
     name = str(manifest.get("run") or rd.name)
-    return RunResults(path=rd.root, name=name, records=records, manifest=manifest, metrics=metrics,
-                      config=_read_json(rd.config))
+    config = rd.read_config() if rd.config.is_file() else None
+    return RunResults(path=rd.root, name=name, records=records, manifest=manifest, metrics=metrics, config=config)

@@ -2,7 +2,7 @@
 
 (a) *direct*: ``torchattacks.PGD`` on a plain logits wrapper of the model (hard gates, as deployed), nothing else.
 (b) *suite*: the same PGD (same eps, steps, step size, random start, seed) through what the runner does for every
-    batch x evaluation: :class:`attacks.adapters.LogitsView` with gate capture, the budget check, the
+    batch x evaluation: :class:`attacks.adapters.LogitsView`, the attack's budget sweep, the budget check, the
     deterministic clean and adversarial re-evaluation, the frozen-path control and building the records frame.
     Parquet I/O is *excluded* (it depends on the disk, not on the suite; a shard of 128 rows takes a few ms).
 
@@ -21,11 +21,11 @@ import torch
 import torchattacks as ta
 from torch import nn
 
-from attacks.backends import Target, step_size
-from attacks.backends.torchattacks import PGD
-from attacks.runner import Batch, EvalPlan, Scorer, craft, derive_seed
-from robustness.core.runtime import seed_everything
+from attacks.base import Target, attack_class
+from attacks.params import step_size
+from attacks.runner import Batch, EvalPlan, Scorer
 from models.network import CoarseFineNet
+from robustness.core.runtime import derive_seed, seed_everything
 
 
 class _PlainLogits(nn.Module):
@@ -57,7 +57,7 @@ def measure_overhead(model: CoarseFineNet, x: torch.Tensor, y: torch.Tensor, eps
     x, y = x.to(device), y.to(device)
     plain = _PlainLogits(model, head)
     alpha = step_size(None, eps, steps)
-    attack = PGD("linf", steps=steps, alpha=None, random_start=True, restarts=1)
+    attack = attack_class("pgd", "torchattacks")("linf", steps=steps, alpha=None, random_start=True, restarts=1)
     plan = EvalPlan(attack, [float(eps)], "hard", "none", head)
     scorer = Scorer(model, "overhead", getattr(model, "model_name", ""), seed)
     crafting = Target(model, head, "hard", "none", 8, device)
@@ -75,7 +75,7 @@ def measure_overhead(model: CoarseFineNet, x: torch.Tensor, y: torch.Tensor, eps
         if shared_clean:
             batch.clean["hard"] = clean
         unit_seed = derive_seed(seed, plan.id, 0)
-        advs = craft(plan, crafting, batch, unit_seed)
+        advs = plan.attack(crafting, batch.x, batch.labels(plan.target), plan.eps, unit_seed)
         scorer.score(plan, batch, advs, unit_seed)
 
     def timed(fn, *args) -> float:
@@ -104,6 +104,6 @@ def measure_overhead(model: CoarseFineNet, x: torch.Tensor, y: torch.Tensor, eps
     return {"seconds_direct": a, "seconds_suite": b, "ratio": b / a if a > 0 else float("inf"),
             "seconds_suite_single": c, "ratio_single": c / a if a > 0 else float("inf"),
             "repeats": int(repeats), "batch": int(len(x)), "steps": int(steps), "eps": float(eps),
-            "includes": "adapter, gate capture, budget check, adversarial and frozen-path evaluation, record frame; "
+            "includes": "adapter, budget sweep, budget check, adversarial and frozen-path evaluation, record frame; "
                         "the clean evaluation is shared by all evaluations of a batch (ratio_single counts it for "
                         "a lone evaluation); excludes parquet I/O"}

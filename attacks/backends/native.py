@@ -9,21 +9,22 @@
   deterministic gate mode). On an ungated model MACs cannot change and the clean input is returned.
 * frozen-path control and transfer are carried out by :mod:`attacks.runner` (every adversarial example is also
   evaluated with the gates frozen to its clean path; ``--transfer-from`` crafts on another run's model).
-* :func:`zero_gradient_share`: the fraction of samples whose input gradient is exactly zero (a masking signal).
 
-Both attacks run our own PGD loop (:func:`native_pgd`) in ``linf`` or ``l2``.
+Both attacks run our own PGD loop (:func:`native_pgd`) in ``linf`` or ``l2``. Both compute the clean input's gate
+scores (or MACs) once for all budgets: a forward in ``random`` mode or under ``eot`` draws random numbers, so a
+per-budget recomputation would change every later draw.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch.nn import functional as F
 
-from attacks.backends import Attack, Target, register, step_size
-from models.network import CoarseFineNet, ModelOutput
-from robustness.data import DatasetInfo
-from robustness.core.errors import ConfigError
+from attacks.base import COMPUTE, ITERATIVE, Attack, Target, register
+from attacks.params import coerce_floats, non_negative, positive, positive_int, step_size
+from models.network import ModelOutput
 
 Objective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -95,29 +96,38 @@ def _forward(target: Target, x: torch.Tensor) -> ModelOutput:
         return target.model(x)
 
 
+@dataclass(frozen=True)
+class PathParams:
+    """Path attack: ``lam`` (weight of the path term), ``margin`` (how far past its threshold a score must go),
+    ``steps`` (the runner's ``steps`` unless set), ``alpha`` (``None`` = ``2.5 * eps / steps``), ``random_start``."""
+
+    lam: float = 1.0
+    margin: float = 1.0
+    steps: int = 10
+    alpha: float | None = None
+    random_start: bool = True
+
+    def __post_init__(self) -> None:
+        coerce_floats(self)
+        positive_int(self, "steps")
+        positive(self, "alpha")
+        non_negative(self, "lam", "margin")
+
+
 @register
 class PathAttack(Attack):
-    """Path attack (ours): PGD maximising ``CE + lambda * mean_l -max(s_l * d_l, -margin)``.
+    """Path attack (ours; path term in the spirit of ILFO, Haque et al., CVPR 2020): PGD maximising
+    ``CE + lambda * mean_l -max(s_l * d_l, -margin)``.
 
     ``s_l`` is gate l's score on the current input, ``d_l = +1`` if the gate ran on the clean input else ``-1``:
     the term rewards moving every score across its threshold, away from the clean decision, until it is
-    ``margin`` past it. Norm ``linf`` or ``l2``. Parameters: ``lam`` (lambda, default 1), ``margin`` (1),
-    ``steps`` (the runner's ``steps``), ``alpha`` (``None`` = ``2.5 * eps / steps``), ``random_start`` (True).
-    On an ungated model the term is zero and the attack is PGD.
+    ``margin`` past it. Norm ``linf`` or ``l2``. Parameters (:class:`PathParams`): ``lam`` (lambda, default 1),
+    ``margin`` (1), ``steps`` (the runner's ``steps``), ``alpha`` (``None`` = ``2.5 * eps / steps``),
+    ``random_start`` (True). On an ungated model the term is zero and the attack is PGD.
     """
 
-    name, backend = "path", "native"
-    reference = "ours; path term in the spirit of ILFO (Haque et al., CVPR 2020)"
-
-    def __init__(self, norm: str = "linf", lam: float = 1.0, margin: float = 1.0, steps: int = 10,
-                 alpha: float | None = None, random_start: bool = True):
-        super().__init__(norm, lam=float(lam), margin=float(margin), steps=int(steps), alpha=alpha,
-                         random_start=bool(random_start))
-
-    @classmethod
-    def from_config(cls, config: Any, norm: str) -> "PathAttack":
-        return cls(norm, lam=config.path_lambda, steps=config.path_steps or config.steps, alpha=config.pgd_alpha,
-                   random_start=config.pgd_random_start)
+    name, backend, kind = "path", "native", ITERATIVE
+    Params = PathParams
 
     def perturb(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float],
                 seed: int) -> list[torch.Tensor]:
@@ -130,37 +140,45 @@ class PathAttack(Attack):
             out = _forward(target, adv)
             loss = F.cross_entropy(out.logits(target.head).float(), y, reduction="none")
             if direction.shape[1]:
-                term = -(out.path_scores * direction).clamp(min=-p["margin"])
-                loss = loss + p["lam"] * term.mean(1)
+                term = -(out.path_scores * direction).clamp(min=-p.margin)
+                loss = loss + p.lam * term.mean(1)
             return loss, None
 
-        return [native_pgd(objective, x, float(e), self.norm, p["steps"], step_size(p["alpha"], e, p["steps"]),
-                           p["random_start"]) for e in eps]
+        return [native_pgd(objective, x, float(e), self.norm, p.steps, step_size(p.alpha, e, p.steps),
+                           p.random_start) for e in eps]
+
+
+@dataclass(frozen=True)
+class SlowdownParams:
+    """Slowdown attack: ``steps`` (the runner's ``steps`` unless set), ``alpha`` (``None`` = ``2.5 * eps / steps``),
+    ``random_start``, ``label_weight`` (weight of the CE penalty that keeps the prediction; 0: none)."""
+
+    steps: int = 10
+    alpha: float | None = None
+    random_start: bool = True
+    label_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        coerce_floats(self)
+        positive_int(self, "steps")
+        positive(self, "alpha")
+        non_negative(self, "label_weight")
 
 
 @register
 class SlowdownAttack(Attack):
-    """Slowdown / energy attack (ILFO, Haque et al., CVPR 2020; DeepSloth, Hong et al., ICLR 2021).
+    """Slowdown / energy attack (ILFO, Haque, Chauhan, Yang, CVPR 2020; DeepSloth, Hong et al., ICLR 2021).
 
     PGD maximising ``sum_l macs_l * sigmoid(s_l) / full_macs - label_weight * CE`` (``label_weight`` > 0 keeps
     the prediction, a stealthier attack). Per sample the iterate with the most executed MACs is kept, starting
-    from the clean input. Norm ``linf`` or ``l2``. Parameters: ``steps`` (``slowdown_steps`` or the runner's
+    from the clean input. Its target is compute, not the label: kind ``compute``, left out of accuracy and the
+    worst case. Norm ``linf`` or ``l2``. Parameters (:class:`SlowdownParams`): ``steps`` (the runner's
     ``steps``), ``alpha`` (``None`` = ``2.5 * eps / steps``), ``random_start`` (True), ``label_weight`` (0).
     On an ungated model it returns the clean input (MACs cannot change).
     """
 
-    name, backend = "slowdown", "native"
-    reference = "Haque, Chauhan, Yang: ILFO, CVPR 2020; Hong et al.: DeepSloth, ICLR 2021"
-
-    def __init__(self, norm: str = "linf", steps: int = 10, alpha: float | None = None, random_start: bool = True,
-                 label_weight: float = 0.0):
-        super().__init__(norm, steps=int(steps), alpha=alpha, random_start=bool(random_start),
-                         label_weight=float(label_weight))
-
-    @classmethod
-    def from_config(cls, config: Any, norm: str) -> "SlowdownAttack":
-        return cls(norm, steps=config.slowdown_steps or config.steps, alpha=config.pgd_alpha,
-                   random_start=config.pgd_random_start, label_weight=config.slowdown_label_weight)
+    name, backend, kind = "slowdown", "native", COMPUTE
+    Params = SlowdownParams
 
     def perturb(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float],
                 seed: int) -> list[torch.Tensor]:
@@ -176,37 +194,10 @@ class SlowdownAttack(Attack):
         def objective(adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             out = _forward(target, adv)
             loss = (torch.sigmoid(out.path_scores) * costs).sum(1) / scale
-            if p["label_weight"]:
-                loss = loss - p["label_weight"] * F.cross_entropy(out.logits(target.head).float(), y,
-                                                                  reduction="none")
+            if p.label_weight:
+                loss = loss - p.label_weight * F.cross_entropy(out.logits(target.head).float(), y,
+                                                               reduction="none")
             return loss, out.macs.detach().double()
 
-        return [native_pgd(objective, x, float(e), self.norm, p["steps"], step_size(p["alpha"], e, p["steps"]),
-                           p["random_start"], keep_best=clean_macs) for e in eps]
-
-
-def zero_gradient_share(model: CoarseFineNet, x: torch.Tensor, y: torch.Tensor, gate_mode: str = "hard",
-                        gate_grad: str = "none", head: str = "fine", eot_samples: int = 8) -> float:
-    """Fraction of samples whose input gradient of the CE loss (of ``head``) is exactly zero everywhere.
-
-    A large share means gradient-based attacks cannot move those inputs: robustness there is likely masked.
-    """
-    model.eval()
-    xr = x.detach().clone().requires_grad_(True)
-    with model.gating(mode=gate_mode, grad=gate_grad, eot_samples=eot_samples):
-        out = model(xr)
-    loss = F.cross_entropy(out.logits(head).float(), y, reduction="sum")
-    if not loss.requires_grad:
-        return 1.0
-    grad, = torch.autograd.grad(loss, xr, allow_unused=True)
-    if grad is None:
-        return 1.0
-    return float((grad.flatten(1) == 0).all(1).float().mean())
-
-
-def check_transferable(source: DatasetInfo, target: DatasetInfo, source_name: str, target_name: str) -> None:
-    """Raise ConfigError unless examples crafted for ``source`` can be evaluated on ``target`` (same dataset)."""
-    problems = source.differences(target)
-    if problems:
-        raise ConfigError(f"cannot transfer attacks from run {source_name!r} to run {target_name!r}: "
-                          f"{'; '.join(problems)}")
+        return [native_pgd(objective, x, float(e), self.norm, p.steps, step_size(p.alpha, e, p.steps),
+                           p.random_start, keep_best=clean_macs) for e in eps]

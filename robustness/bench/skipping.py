@@ -1,4 +1,5 @@
-"""Throughput of real layer skipping against masked execution, the open network and the static twins.
+"""Throughput of real layer skipping against masked execution, the open network and the static twins
+(``dsn-robust bench``); the attack runner's overhead comes from :mod:`robustness.bench.overhead`.
 
 The number that matters: the wall-clock saving of sub-batch execution relative to masked execution (same
 decisions, every block computed and multiplied by its gate) should be at least 80% of the MACs saving.
@@ -11,10 +12,10 @@ from typing import Callable
 
 import torch
 
-from attacks.overhead import measure_overhead
 from attacks.runner import load_run_checkpoint
 from models.network import CoarseFineNet
 from models.registry import create_model
+from robustness.bench.overhead import measure_overhead
 from robustness.core.errors import ConfigError
 from robustness.core.rundir import RunDir
 

@@ -1,0 +1,258 @@
+"""The common shape of every attack, whichever library implements it; the registry of (attack, backend); kinds.
+
+An attack is a small class (foolbox 3's ``FixedEpsilonAttack`` / ``MinimizationAttack`` split, torchattacks'
+"parameters are keyword arguments with defaults"):
+
+* ``name`` (the record name), ``backend``, the ``norms`` it supports;
+* ``kind``: one of :data:`KINDS`. The kind is the ONE place that decides what an attack's records mean: whether
+  it counts for accuracy and the worst case (every kind but :data:`COMPUTE`), whether routing gradients matter
+  (not for :data:`GRADIENT_FREE`), which sanity check reads it;
+* ``Params``: a frozen dataclass of its parameters with their defaults (shared ones in :mod:`attacks.params`).
+
+``attack(target, x, y, eps, seed)`` (:meth:`Attack.__call__`, final) sweeps the budgets; a subclass implements
+``run`` (one budget at a time), or ``perturb`` (all positive budgets in one call: libraries that sweep a list of
+budgets in one call, such as foolbox, keep doing so), or, as a :class:`MinimalAttack`, ``minimize``. The runner
+does the rest identically for every backend: budget checks, the deterministic re-evaluation that decides success,
+gate capture and records. Adding an attack is one new file that defines such a class and registers it
+(``@register``).
+
+Backends (imported lazily; a library that fails to import is reported once):
+
+* ``torchattacks`` (:mod:`attacks.backends.torchattacks`): fgsm, pgd, cw, apgd-ce, apgd-dlr, square;
+* ``foolbox`` (:mod:`attacks.backends.foolbox`): fgsm, pgd, cw;
+* ``native`` (:mod:`attacks.backends.native`): the gate-aware attacks path and slowdown.
+
+Shapes everywhere: images [B, C, H, W] in [0, 1]; labels [B] (int64, of the attacked head).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import typing
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from attacks.adapters import LogitsView, eval_logits
+from attacks.params import NoParams
+from attacks.selection import within_budgets
+from models.network import CoarseFineNet
+from robustness.core.config import build
+from robustness.core.errors import ConfigError, UnknownNameError
+from robustness.core.runtime import seed_everything
+from robustness.core.vocab import NORMS
+
+BACKENDS = ("torchattacks", "foolbox", "native")
+_MODULES = ("attacks.backends.torchattacks", "attacks.backends.foolbox", "attacks.backends.native")
+log = logging.getLogger(__name__)
+
+SINGLE_STEP = "single-step"
+ITERATIVE = "iterative"
+GRADIENT_FREE = "gradient-free"
+MINIMAL = "minimal"
+COMPUTE = "compute"
+#: What an attack is: one gradient step; an iterative gradient attack; a query-only search (the routing gradient
+#: does not matter); a minimal-perturbation attack run once for all budgets; an attack on compute, not labels.
+KINDS = (SINGLE_STEP, ITERATIVE, GRADIENT_FREE, MINIMAL, COMPUTE)
+
+
+@dataclass
+class Target:
+    """What is attacked: a model, the head whose labels are attacked, and how its gates behave for the attacker.
+
+    ``gate_mode`` is the forward mode (the model is attacked *and* evaluated in it); ``gate_grad`` is the
+    routing gradient the attacker differentiates through (only meaningful for a gated model in ``hard`` mode).
+    """
+
+    model: CoarseFineNet
+    head: str = "fine"
+    gate_mode: str = "hard"
+    gate_grad: str = "none"
+    eot_samples: int = 8
+    device: torch.device | None = None
+
+    def __post_init__(self) -> None:
+        if self.device is None:
+            self.device = next(self.model.parameters()).device
+
+    def view(self) -> LogitsView:
+        """A fresh logits-only view (what the libraries call)."""
+        return LogitsView(self.model, head=self.head, gate_mode=self.gate_mode, gate_grad=self.gate_grad,
+                          eot_samples=self.eot_samples)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic no-grad logits of the attacked head (routing gradient ``none``)."""
+        return eval_logits(self.model, x, self.head, self.gate_mode)
+
+
+class Attack(ABC):
+    """Base class: one attack of one backend, with its parameters (``self.params``, an instance of ``Params``).
+
+    ``Attack(norm, params=None, **overrides)``: ``params`` is a ``Params`` instance (default: ``Params()``),
+    ``overrides`` replace single fields. An unknown or ill-typed parameter is a ConfigError naming the attack,
+    the key and the valid keys.
+
+    Implement ``run`` (one budget) or ``perturb`` (every positive budget at once). Whatever is returned is used
+    exactly as returned: no projection or clipping is added here, because ``x + (adv - x)`` is not ``adv`` in
+    float arithmetic and records must not change with the plumbing. Each example must already lie in its budget
+    and in [0, 1]; the runner checks that and refuses the evaluation otherwise.
+    """
+
+    name: ClassVar[str] = ""
+    backend: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    norms: ClassVar[tuple[str, ...]] = NORMS
+    Params: ClassVar[type] = NoParams
+
+    def __init__(self, norm: str = "linf", params: Any = None, **overrides: Any):
+        if norm not in self.norms:
+            raise UnknownNameError(f"norm for attack {self.name!r}", norm, self.norms)
+        self.norm = norm
+        if params is not None and not isinstance(params, self.Params):
+            raise ConfigError(f"attack {self.name!r}: params must be a {self.Params.__name__}, "
+                              f"got {type(params).__name__}")
+        values = {**(dataclasses.asdict(params) if params is not None else {}), **overrides}
+        self.params = build(self.Params, values, where=f"attack {self.name!r} ({self.backend})")
+
+    def config(self) -> dict[str, Any]:
+        """The attack's norm and parameters, for the manifest."""
+        return {"norm": self.norm, **dataclasses.asdict(self.params)}
+
+    @typing.final
+    def __call__(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float],
+                 seed: int) -> list[torch.Tensor]:
+        """One adversarial batch per budget in ``eps`` (same order); eps 0 is the clean image itself (a copy).
+
+        Seeds every generator with ``seed`` once, then hands the positive budgets to :meth:`perturb` in one call.
+        """
+        positive = [e for e in eps if e > 0]
+        seed_everything(seed)
+        made = self.perturb(target, x, y, positive, seed) if positive else []
+        if len(made) != len(positive):
+            raise RuntimeError(f"attack {self.name!r} ({self.backend}) returned {len(made)} batches for "
+                               f"{len(positive)} budgets")
+        it = iter(made)
+        return [x.clone() if e == 0 else next(it).detach().to(x.dtype) for e in eps]
+
+    def perturb(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float],
+                seed: int) -> list[torch.Tensor]:
+        """One adversarial batch per (positive) budget in ``eps``; by default :meth:`run` once per budget."""
+        return [self.run(target, x, y, e, seed) for e in eps]
+
+    def run(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int) -> torch.Tensor:
+        """The adversarial batch at one budget ``eps``, within it and in [0, 1]."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither run nor perturb")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
+
+
+class MinimalAttack(Attack):
+    """A minimal-perturbation attack (CW): run once for all budgets, then scored per budget.
+
+    :meth:`minimize` returns per sample the smallest adversarial example it found and whether it found one; at a
+    budget the example is used only if its norm fits, otherwise the clean image stands.
+    """
+
+    kind: ClassVar[str] = MINIMAL
+
+    @abstractmethod
+    def minimize(self, target: Target, x: torch.Tensor, y: torch.Tensor,
+                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(best [B, C, H, W], found [B] bool)``: ``best`` is the clean image where nothing was found."""
+
+    def perturb(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float],
+                seed: int) -> list[torch.Tensor]:
+        best, found = self.minimize(target, x, y, seed)
+        return within_budgets(x, best, found, eps, self.norm)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Registry and kinds
+# --------------------------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, dict[str, type[Attack]]] = {}
+_UNAVAILABLE: dict[str, str] = {}
+
+
+def register(cls: type[Attack]) -> type[Attack]:
+    """Class decorator: make ``cls`` available as (``cls.name``, ``cls.backend``) with its kind and Params."""
+    if not cls.name or not cls.backend:
+        raise TypeError(f"{cls.__name__} needs a name and a backend to be registered")
+    if cls.kind not in KINDS:
+        raise TypeError(f"{cls.__name__}.kind must be one of {', '.join(KINDS)}, got {cls.kind!r}")
+    if not dataclasses.is_dataclass(cls.Params):
+        raise TypeError(f"{cls.__name__}.Params must be a dataclass")
+    others = {other.kind for b, other in _REGISTRY.get(cls.name, {}).items() if b != cls.backend}
+    if others and others != {cls.kind}:
+        raise TypeError(f"attack {cls.name!r} is {others.pop()!r} in another backend, {cls.kind!r} in {cls.backend}")
+    _REGISTRY.setdefault(cls.name, {})[cls.backend] = cls
+    return cls
+
+
+def unregister(name: str, backend: str | None = None) -> None:
+    """Remove attack ``name`` (of one ``backend``, or of all): for plug-ins and tests."""
+    if backend is None:
+        _REGISTRY.pop(name, None)
+        return
+    _REGISTRY.get(name, {}).pop(backend, None)
+    if not _REGISTRY.get(name, True):
+        del _REGISTRY[name]
+
+
+def _load() -> None:
+    """Import the backend modules (each registers its attacks); a library that fails to import is reported once."""
+    for module in _MODULES:
+        if module in _UNAVAILABLE:
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            _UNAVAILABLE[module] = str(err)
+            log.warning("attack backend %s is unavailable: %s", module.rsplit(".", 1)[-1], err)
+
+
+def known_attacks() -> list[str]:
+    """Every registered attack name."""
+    _load()
+    return sorted(_REGISTRY)
+
+
+def backends_for(name: str) -> list[str]:
+    """Backends that implement attack ``name`` (:data:`BACKENDS` order first, then any other, sorted)."""
+    _load()
+    if name not in _REGISTRY:
+        raise UnknownNameError("attack", name, known_attacks())
+    return sorted(_REGISTRY[name], key=lambda b: (BACKENDS.index(b) if b in BACKENDS else len(BACKENDS), b))
+
+
+def attack_class(name: str, backend: str) -> type[Attack]:
+    """The class implementing ``name`` in ``backend``."""
+    if backend not in backends_for(name):
+        raise UnknownNameError(f"backend for attack {name!r}", backend, backends_for(name))
+    return _REGISTRY[name][backend]
+
+
+def attack_kind(name: str) -> str | None:
+    """The kind of registered attack ``name``; None if no attack has that name."""
+    _load()
+    classes = _REGISTRY.get(name)
+    return next(iter(classes.values())).kind if classes else None
+
+
+def counts_for_accuracy(name: str) -> bool:
+    """Whether ``name``'s records count for robust accuracy and the worst case: all but compute attacks (and
+    names that are not registered, so that records of an unknown attack are never silently dropped)."""
+    return attack_kind(name) != COMPUTE
+
+
+def attacks_of_kind(*kinds: str) -> list[str]:
+    """Registered attack names of any of ``kinds``, sorted."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise UnknownNameError("attack kind", unknown[0], KINDS)
+    _load()
+    return sorted(name for name in _REGISTRY if attack_kind(name) in kinds)

@@ -1,0 +1,16 @@
+"""Attack a trained run: configuration, the plan of evaluations, scoring into records, the resumable run.
+
+* :mod:`attacks.runner.config`: :class:`AttackConfig` (general options and per-attack parameters);
+* :mod:`attacks.runner.plan`: :class:`EvalPlan`, :func:`plan_evaluations`;
+* :mod:`attacks.runner.scoring`: :class:`Batch`, :class:`Scorer` (adversarial batches -> records);
+* :mod:`attacks.runner.run`: :func:`run_attacks`, :func:`load_run_checkpoint` (manifest, resume, torchrun).
+"""
+from attacks.runner.config import ATTACK_ALIASES, FLAT_ALIASES, LIBRARY_BACKENDS, AttackConfig
+from attacks.runner.plan import EvalPlan, plan_evaluations
+from attacks.runner.run import (MANIFEST_SCHEMA, AttackResult, check_transferable, load_eval_data,
+                                load_run_checkpoint, run_attacks)
+from attacks.runner.scoring import Batch, Scorer, bit_strings
+
+__all__ = ["ATTACK_ALIASES", "FLAT_ALIASES", "LIBRARY_BACKENDS", "AttackConfig", "EvalPlan", "plan_evaluations",
+           "MANIFEST_SCHEMA", "AttackResult", "check_transferable", "load_eval_data", "load_run_checkpoint", "run_attacks", "Batch",
+           "Scorer", "bit_strings"]

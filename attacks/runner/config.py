@@ -1,0 +1,263 @@
+"""What an attack run asks for: :class:`AttackConfig`, its ``[attack]`` table, and each attack's parameters.
+
+General options (attacks, budgets, backends, gate modes, data size, seed, ...) are fields of the config; every
+attack's own parameters live in ``params`` (``{attack name: {key: value}}``, the ``[attack.<name>]`` subtables of
+a config file, e.g. ``[attack.pgd]`` with ``restarts = 5``) and are checked against that attack's ``Params``.
+
+``steps`` is the iteration count of every iterative and compute attack that has a ``steps`` parameter (PGD,
+APGD, path, slowdown, and any such attack registered later) unless its subtable sets it. The flat names of
+earlier versions (``pgd_restarts``, ``cw_c``, ``apgd_steps``, ...; :data:`FLAT_ALIASES`) stay accepted, by the
+constructor and in the ``[attack]`` table, and set exactly the parameters they always set (``pgd_alpha`` and
+``pgd_random_start`` also reach path and slowdown).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import InitVar, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from attacks.base import BACKENDS, COMPUTE, ITERATIVE, attack_class, backends_for, known_attacks
+from robustness.core.config import build
+from robustness.core.errors import ConfigError, UnknownNameError
+from robustness.core.vocab import ATTACK_GATE_MODES, GRAD_MODES, HEADS, NORMS, parse_eps
+
+#: attack names a user may ask for (``apgd`` expands to ``apgd-ce`` and ``apgd-dlr``; also as ``[attack.apgd]``)
+ATTACK_ALIASES = {"apgd": ["apgd-ce", "apgd-dlr"]}
+LIBRARY_BACKENDS = ("torchattacks", "foolbox")
+#: kinds whose ``steps`` parameter follows the general ``steps`` unless set per attack
+_GENERAL_STEPS_KINDS = (ITERATIVE, COMPUTE)
+
+#: flat option of earlier versions -> the (attack, parameter) pairs it sets
+FLAT_ALIASES: dict[str, tuple[tuple[str, str], ...]] = {
+    "pgd_alpha": (("pgd", "alpha"), ("path", "alpha"), ("slowdown", "alpha")),
+    "pgd_random_start": (("pgd", "random_start"), ("path", "random_start"), ("slowdown", "random_start")),
+    "pgd_restarts": (("pgd", "restarts"),),
+    "cw_c": (("cw", "c"),),
+    "cw_steps": (("cw", "steps"),),
+    "cw_lr": (("cw", "lr"),),
+    "cw_binary_steps": (("cw", "binary_steps"),),
+    "cw_kappa": (("cw", "kappa"),),
+    "apgd_steps": (("apgd-ce", "steps"), ("apgd-dlr", "steps")),
+    "apgd_restarts": (("apgd-ce", "restarts"), ("apgd-dlr", "restarts")),
+    "square_queries": (("square", "queries"),),
+    "square_restarts": (("square", "restarts"),),
+    "square_p_init": (("square", "p_init"),),
+    "path_lambda": (("path", "lam"),),
+    "path_steps": (("path", "steps"),),
+    "slowdown_steps": (("slowdown", "steps"),),
+    "slowdown_label_weight": (("slowdown", "label_weight"),),
+}
+
+
+def split_list(value: Any) -> list[Any]:
+    """A list from a list, a comma-separated string or one value (``None``: empty)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        out: list[Any] = []
+        for v in value:
+            out += split_list(v) if isinstance(v, str) else [v]
+        return out
+    return [value]
+
+
+def dedupe(values: Sequence[Any]) -> list[Any]:
+    """``values`` in order, each once."""
+    return list(dict.fromkeys(values))
+
+
+@dataclass
+class AttackConfig:
+    """What to attack with and how. Lists may be given as comma-separated strings; eps as ``"8/255"``.
+
+    ``backends`` selects the library backends (``torchattacks``, ``foolbox``; ``both``); the gate-aware attacks
+    (``path``, ``slowdown``) always run natively. ``norm`` is the threat model of every attack but CW, which is an
+    L2 minimal-perturbation attack: with ``norm='linf'`` it is scored at the L2 budgets ``cw_eps``. ``steps`` is
+    the iteration count of PGD and, unless set separately, of APGD, path and slowdown. ``params`` holds each
+    attack's own parameters by attack name; the flat names of :data:`FLAT_ALIASES` are accepted as keywords.
+    """
+
+    attacks: list[str] | str = field(
+        default_factory=lambda: ["fgsm", "pgd", "cw", "apgd", "square", "path", "slowdown"])
+    eps: list[float | str] | float | str = field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255])
+    norm: str = "linf"
+    cw_eps: list[float | str] | float | str = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    backends: list[str] | str = field(default_factory=lambda: ["torchattacks", "foolbox"])
+    gate_modes: list[str] | str = field(default_factory=lambda: ["hard"])
+    gate_grads: list[str] | str = field(default_factory=lambda: ["none", "bpda"])
+    target: str = "fine"
+    n: int = 1000
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"
+    eot_samples: int = 8
+    steps: int = 10
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # flat aliases (FLAT_ALIASES order): folded into ``params`` and not kept as fields
+    pgd_alpha: InitVar[float | None] = None
+    pgd_random_start: InitVar[bool | None] = None
+    pgd_restarts: InitVar[int | None] = None
+    cw_c: InitVar[list[float | str] | float | str | None] = None
+    cw_steps: InitVar[int | None] = None
+    cw_lr: InitVar[float | None] = None
+    cw_binary_steps: InitVar[int | None] = None
+    cw_kappa: InitVar[float | None] = None
+    apgd_steps: InitVar[int | None] = None
+    apgd_restarts: InitVar[int | None] = None
+    square_queries: InitVar[int | None] = None
+    square_restarts: InitVar[int | None] = None
+    square_p_init: InitVar[float | None] = None
+    path_lambda: InitVar[float | None] = None
+    path_steps: InitVar[int | None] = None
+    slowdown_steps: InitVar[int | None] = None
+    slowdown_label_weight: InitVar[float | None] = None
+
+    def __post_init__(self, *flat: Any) -> None:
+        known = dedupe(known_attacks() + list(ATTACK_ALIASES))
+        self.attacks = [str(a).lower() for a in split_list(self.attacks)]
+        if not self.attacks:
+            raise ConfigError("no attacks given")
+        for name in self.attacks:
+            if name not in known:
+                raise UnknownNameError("attack", name, known)
+        self.norm = str(self.norm).lower()
+        if self.norm not in NORMS:
+            raise UnknownNameError("norm", self.norm, NORMS)
+        self.eps = dedupe([parse_eps(e) for e in split_list(self.eps)])
+        self.cw_eps = dedupe([parse_eps(e) for e in split_list(self.cw_eps)])
+        if not self.eps:
+            raise ConfigError("no eps given")
+        _check_eps(self.eps, self.norm, "eps")
+        _check_eps(self.cw_eps, "l2", "cw_eps")
+        backends = [str(b).lower() for b in split_list(self.backends)]
+        backends = sum((list(LIBRARY_BACKENDS) if b == "both" else [b] for b in backends), [])
+        for b in backends:
+            if b not in BACKENDS:
+                raise UnknownNameError("backend", b, list(BACKENDS) + ["both"])
+        self.backends = dedupe(backends)
+        if not self.backends:
+            raise ConfigError("no backend given")
+        self.gate_modes = dedupe([str(m).lower() for m in split_list(self.gate_modes)])
+        for m in self.gate_modes:
+            if m not in ATTACK_GATE_MODES:
+                raise UnknownNameError("gate mode", m, ATTACK_GATE_MODES)
+        self.gate_grads = dedupe([str(g).lower() for g in split_list(self.gate_grads)])
+        for g in self.gate_grads:
+            if g not in GRAD_MODES:
+                raise UnknownNameError("gate gradient", g, GRAD_MODES)
+        if not self.gate_modes or not self.gate_grads:
+            raise ConfigError("gate_modes and gate_grads must not be empty")
+        if self.target not in HEADS:
+            raise UnknownNameError("target head", str(self.target), HEADS)
+        for name in ("n", "batch_size", "steps", "eot_samples"):
+            self._positive_int(name)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        self.params = _fold_aliases(_own_params(self.params), dict(zip(FLAT_ALIASES, flat)))
+        for name, values in self.params.items():
+            self.options_for(name)  # checks names and values against every backend's Params
+
+    def _positive_int(self, name: str) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        setattr(self, name, int(value))
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any], where: str = "[attack]") -> "AttackConfig":
+        """The config an ``[attack]`` table describes: general keys, flat aliases and ``[attack.<name>]``
+        subtables (what config files and ``dsn-robust run`` use). A parameter set twice (flat and in its
+        subtable) is a ConfigError."""
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table of options, got {type(table).__name__}")
+        subtables = {k: v for k, v in table.items() if isinstance(v, dict)}
+        general = {k: v for k, v in table.items() if k not in subtables and k not in FLAT_ALIASES}
+        flat = {k: v for k, v in table.items() if k in FLAT_ALIASES}
+        names = {f.name for f in dataclasses.fields(cls)} - {"params"}
+        unknown = sorted(set(general) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; valid: "
+                              f"{', '.join(sorted(names | set(FLAT_ALIASES)))} and [attack.<name>] tables")
+        for alias, value in flat.items():
+            for name, key in FLAT_ALIASES[alias]:
+                sub = next((s for s in (name, *[a for a, m in ATTACK_ALIASES.items() if name in m])
+                            if key in subtables.get(s, {})), None)
+                if sub is not None:
+                    raise ConfigError(f"{where}: {alias} and [attack.{sub}] {key} both set {name}'s {key}; "
+                                      f"keep one")
+        config = build(cls, {**general, "params": subtables}, where=where)
+        if not flat:
+            return config
+        try:
+            return dataclasses.replace(config, **flat)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+
+    def expanded_attacks(self) -> list[str]:
+        """Attack names with aliases expanded (``apgd`` -> ``apgd-ce``, ``apgd-dlr``), in order, once each."""
+        return dedupe(sum((ATTACK_ALIASES.get(a, [a]) for a in self.attacks), []))
+
+    def options_for(self, name: str, backend: str | None = None) -> dict[str, Any]:
+        """The keyword arguments of attack ``name`` (of ``backend``; default: checked against every backend):
+        the general ``steps`` where it applies, then the attack's own ``params``."""
+        classes = [attack_class(name, b) for b in ([backend] if backend else backends_for(name))]
+        options: dict[str, Any] = {}
+        for cls in classes:
+            fields = {f.name for f in dataclasses.fields(cls.Params)}
+            own = {**({"steps": self.steps} if "steps" in fields and cls.kind in _GENERAL_STEPS_KINDS else {}),
+                   **self.params.get(name, {})}
+            build(cls.Params, own, where=f"[attack.{name}] ({cls.backend})")
+            options = own
+        return options
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_eps(values: list[float], norm: str, name: str) -> None:
+    for e in values:
+        if math.isnan(e) or e < 0:
+            raise ConfigError(f"{name} {e:g} is negative; budgets are in [0, 1] pixel units")
+        if norm == "linf" and e > 1:
+            raise ConfigError(f"{name} {e:g} is outside [0, 1]: images are in [0, 1] (did you mean {e:g}/255?)")
+        if norm == "l2" and math.isinf(e):
+            raise ConfigError(f"{name} must be finite")
+
+
+def _own_params(params: Any) -> dict[str, dict[str, Any]]:
+    """A copy of ``params`` with alias names expanded (``apgd`` -> ``apgd-ce`` and ``apgd-dlr``)."""
+    if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+        raise ConfigError(f"params must map attack names to tables of parameters, got {params!r}")
+    known = dedupe(known_attacks() + list(ATTACK_ALIASES))
+    out: dict[str, dict[str, Any]] = {}
+    for name in params:
+        if name not in known:
+            raise UnknownNameError("attack (in [attack.<name>])", name, known)
+    for alias, members in ATTACK_ALIASES.items():
+        for member in members:
+            if alias in params:
+                out[member] = dict(params[alias])
+    for name, values in params.items():
+        if name not in ATTACK_ALIASES:
+            out[name] = {**out.get(name, {}), **values}
+    return out
+
+
+def _fold_aliases(params: dict[str, dict[str, Any]], flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``params`` with every flat alias that is set (not None) written into the parameters it names."""
+    for alias, value in flat.items():
+        if value is None:
+            continue
+        if alias == "cw_c":
+            try:
+                value = [float(c) for c in split_list(value)]
+            except (TypeError, ValueError):
+                raise ConfigError(f"cw_c must be numbers, got {value!r}") from None
+        for name, key in FLAT_ALIASES[alias]:
+            params.setdefault(name, {})[key] = value
+    return params

@@ -1,0 +1,100 @@
+"""Which evaluations a config asks for: one :class:`EvalPlan` per (attack, backend, gate mode, routing gradient).
+
+An evaluation is one (attack, backend, norm, gate_mode, gate_grad, target, source_run) with its list of eps. Its id
+(a directory name) is ``<attack>__<backend>__<norm>__<gate_mode>__<gate_grad>__<target>``, plus
+``__from-<source run>`` for transfer, e.g. ``pgd__torchattacks__linf__hard__bpda__fine``.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from attacks.base import GRADIENT_FREE, Attack, attack_class, backends_for
+from attacks.runner.config import AttackConfig
+from robustness.core.errors import ConfigError
+from robustness.core.runtime import jsonable
+
+log = logging.getLogger(__name__)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "_"
+
+
+@dataclass
+class EvalPlan:
+    """One evaluation: an attack object plus where and how it is run and scored."""
+
+    attack: Attack
+    eps: list[float]
+    gate_mode: str
+    gate_grad: str
+    target: str
+    source_run: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.attack.name
+
+    @property
+    def backend(self) -> str:
+        return self.attack.backend
+
+    @property
+    def norm(self) -> str:
+        return self.attack.norm
+
+    @property
+    def id(self) -> str:
+        base = "__".join([self.name, self.backend, self.norm, self.gate_mode, self.gate_grad, self.target])
+        return base + (f"__from-{_safe(self.source_run)}" if self.source_run else "")
+
+    def describe(self, complete: bool = False) -> dict[str, Any]:
+        """The manifest entry of this evaluation."""
+        return {"id": self.id, "attack": self.name, "backend": self.backend, "norm": self.norm,
+                "eps": list(self.eps), "gate_mode": self.gate_mode, "gate_grad": self.gate_grad,
+                "target": self.target, "source_run": self.source_run, "config": jsonable(self.attack.config()),
+                "complete": bool(complete)}
+
+
+def plan_evaluations(config: AttackConfig, gated: bool, source_run: str = "") -> list[EvalPlan]:
+    """The evaluations ``config`` asks for on a model that is ``gated`` (or not), with skips logged.
+
+    Routing gradients collapse to ``none`` where they cannot matter: a model without gates, a gate mode without
+    routing, a gradient-free attack.
+    """
+    plans: list[EvalPlan] = []
+    collapsed: set[str] = set()
+    for name in config.expanded_attacks():
+        available = backends_for(name)
+        chosen = [b for b in available if b == "native" or b in config.backends]
+        if not chosen:
+            log.info("skipping %s: it exists only in %s (asked for %s)", name, ", ".join(available),
+                     ", ".join(config.backends))
+            continue
+        for backend in chosen:
+            cls = attack_class(name, backend)
+            if config.norm in cls.norms:
+                norm, eps = config.norm, config.eps
+            else:
+                norm = cls.norms[0]
+                eps = config.cw_eps if norm == "l2" else config.eps
+            attack = cls(norm, **config.options_for(name, backend))
+            for mode in config.gate_modes:
+                grads = config.gate_grads
+                if not gated or mode != "hard" or cls.kind == GRADIENT_FREE:
+                    if grads != ["none"]:
+                        why = ("the model the examples are crafted on has no gates" if not gated else
+                               f"gate mode {mode!r} has no routing" if mode != "hard" else f"{name} is gradient-free")
+                        if why not in collapsed:
+                            log.info("routing gradients collapse to 'none': %s", why)
+                            collapsed.add(why)
+                    grads = ["none"]
+                for grad in grads:
+                    plans.append(EvalPlan(attack, list(eps), mode, grad, config.target, source_run))
+    if not plans:
+        raise ConfigError("nothing to run: no requested attack exists in the requested backend(s) "
+                          f"{', '.join(config.backends)}")
+    return plans

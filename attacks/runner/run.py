@@ -1,0 +1,305 @@
+"""The run: batches x evaluations (:mod:`attacks.runner.plan`) -> records (:mod:`attacks.runner.scoring`) in a
+run directory; resumable; shardable under torchrun.
+
+Layout written into the run directory::
+
+    attacks/manifest.json                                  what was run (below)
+    attacks/records/<evaluation-id>/shard-<batch:05d>.parquet   rows of one batch, every eps (attacks.records)
+    attacks/worst_case.parquet                             per-sample worst case at each eps over the attacks
+                                                           that count for accuracy (attacks.base.counts_for_accuracy)
+
+The manifest (``schema: dsn-robustness/attacks/v1``) holds: ``run``, ``model``, ``checkpoint`` (relative path),
+``dataset`` (DatasetInfo.to_dict()), ``data`` (dataset name, root, options, split), ``seed``, ``n``,
+``batch_size``, ``n_batches``, ``versions`` (package versions), ``path_names`` (gate names in path-bit order),
+``full_macs``, ``gated_block_macs``, ``zero_grad_share`` (``{"<gate_mode>/<gate_grad>": share}`` of samples whose
+input gradient is exactly zero, on the first batch), ``config`` (the AttackConfig of the last invocation) and
+``evaluations``: one ``{id, attack, backend, norm, eps, gate_mode, gate_grad, target, source_run, config,
+complete}`` per evaluation (``config`` = the attack's parameters; ``complete`` = every shard exists).
+
+Every shard is written atomically, so an interrupted run resumes (``resume=True``) by skipping the shards that
+exist. Every batch x evaluation draws its randomness from a seed derived from (seed, evaluation id, batch), so a
+resumed or a multi-process run gives the same records as an uninterrupted single-process one. Under ``torchrun``
+(``WORLD_SIZE > 1``) rank r takes the batches with ``index % world == r``; rank 0 writes the manifest.
+
+Paths and JSON files of the run directory are :class:`robustness.core.rundir.RunDir`'s; the training config is
+read as a :class:`models.training.TrainConfig`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from attacks.base import Target, counts_for_accuracy
+from attacks.checks import zero_gradient_share
+from attacks.records import RECORD_COLUMNS, conform, read_records, worst_case
+from attacks.runner.config import AttackConfig, dedupe
+from attacks.runner.plan import EvalPlan, plan_evaluations
+from attacks.runner.scoring import Batch, Scorer
+from models.checkpoint import Checkpoint, load_checkpoint
+from models.network import CoarseFineNet
+from models.training import TrainConfig
+from robustness.core.errors import CheckpointError, ConfigError, RunDirError
+from robustness.core.rundir import RunDir, atomic_write, atomic_write_json
+from robustness.core.runtime import (Distributed, derive_seed, distributed, jsonable, package_versions,
+                                     process_device, resolve_device, seed_everything)
+from robustness.data import CoarseFineDataset, DatasetInfo, load_dataset
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SCHEMA = "dsn-robustness/attacks/v1"
+
+
+@dataclass
+class AttackResult:
+    """What :func:`run_attacks` did: the manifest it wrote and every record now in the run (rank 0 only)."""
+
+    run_dir: Path
+    manifest: dict[str, Any]
+    records: pd.DataFrame
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_run_checkpoint(run: RunDir) -> Checkpoint:
+    """The run's best checkpoint, else its last; CheckpointError when it has neither."""
+    run.require()
+    for path in (run.best_checkpoint, run.last_checkpoint):
+        if path.is_file():
+            return load_checkpoint(path)
+    raise CheckpointError(f"{run.root} has no checkpoint (looked for {run.best_checkpoint.relative_to(run.root)} "
+                          f"and {run.last_checkpoint.relative_to(run.root)}); train it first with "
+                          f"`dsn-robust train`")
+
+
+def load_eval_data(run: RunDir, checkpoint: Checkpoint, n: int) -> tuple[CoarseFineDataset, dict[str, Any]]:
+    """The first ``n`` test samples of the data the run was trained on (from its ``config.json``)."""
+    train = TrainConfig.from_dict(run.read_config(), where=str(run.config))
+    data = {"dataset": train.dataset, "data_root": train.data_root, "data_options": train.data_options,
+            "split": "test"}
+    test = load_dataset(train.dataset, "test", root=train.data_root, **train.data_options)
+    problems = test.info.differences(checkpoint.dataset)
+    if problems:
+        raise CheckpointError(f"{checkpoint.path}: the run's test data does not match its checkpoint: "
+                              f"{'; '.join(problems)}")
+    if len(test) < n:
+        log.info("the test split has %d samples; evaluating all of them (asked for %d)", len(test), n)
+    return test.subset(n), data
+
+
+def check_transferable(source: DatasetInfo, target: DatasetInfo, source_name: str, target_name: str) -> None:
+    """Raise ConfigError unless examples crafted for ``source`` can be evaluated on ``target`` (same dataset)."""
+    problems = source.differences(target)
+    if problems:
+        raise ConfigError(f"cannot transfer attacks from run {source_name!r} to run {target_name!r}: "
+                          f"{'; '.join(problems)}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Manifest and resume
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_resumable(run: RunDir, previous: dict[str, Any] | None, setup: dict[str, Any],
+                     plans: Sequence[EvalPlan]) -> None:
+    if previous is None:
+        raise RunDirError(f"{run.root} holds attack records but no {run.manifest.name}; cannot tell how they were "
+                          f"made: pass --force to replace them")
+    for key in ("n", "batch_size", "seed"):
+        if previous.get(key) != setup[key]:
+            raise RunDirError(f"{run.root}: existing attack records were made with {key}={previous.get(key)!r}, "
+                              f"this run asks for {key}={setup[key]!r}; use the same value or pass --force")
+    before = {e.get("id"): e for e in previous.get("evaluations", [])}
+    for plan in plans:
+        old = before.get(plan.id)
+        if old is None:
+            continue
+        new = plan.describe()
+        for key in ("eps", "config"):
+            if jsonable(old.get(key)) != new[key]:
+                raise RunDirError(f"{run.root}: evaluation {plan.id} was run with {key}={old.get(key)!r}, this run "
+                                  f"asks for {new[key]!r}; use the same settings or pass --force")
+
+
+def _complete(run: RunDir, eval_id: str, n_batches: int) -> bool:
+    return all(run.shard(eval_id, b).is_file() for b in range(n_batches))
+
+
+def _manifest(run: RunDir, checkpoint: Checkpoint, model: CoarseFineNet, config: AttackConfig,
+              data_source: dict[str, Any], setup: dict[str, Any], n_batches: int, zero: dict[str, float],
+              plans: Sequence[EvalPlan], previous: dict[str, Any] | None) -> dict[str, Any]:
+    current = [p.describe(_complete(run, p.id, n_batches)) for p in plans]
+    ids = {e["id"] for e in current}
+    kept = [dict(e, complete=_complete(run, e["id"], n_batches))
+            for e in (previous or {}).get("evaluations", []) if e.get("id") not in ids]
+    return {
+        "schema": MANIFEST_SCHEMA,
+        "run": run.name,
+        "model": checkpoint.model_name,
+        "checkpoint": str(checkpoint.path.relative_to(run.root)) if checkpoint.path else "",
+        "dataset": checkpoint.dataset.to_dict(),
+        "data": jsonable(data_source),
+        "seed": setup["seed"],
+        "n": setup["n"],
+        "batch_size": setup["batch_size"],
+        "n_batches": n_batches,
+        "versions": package_versions(),
+        "path_names": list(model.gate_names),
+        "full_macs": float(model.full_macs),
+        "gated_block_macs": [float(m) for m in model.costs.gated_blocks],
+        "zero_grad_share": zero,
+        "config": jsonable(config.to_dict()),
+        "evaluations": kept + current,
+    }
+
+
+def _zero_gradient_shares(model: CoarseFineNet, data: CoarseFineDataset, config: AttackConfig,
+                          plans: Sequence[EvalPlan]) -> dict[str, float]:
+    """Share of zero input gradients on the first batch, per (gate_mode, gate_grad) of the white-box plans."""
+    x, fine, coarse = data.batch(slice(0, config.batch_size))
+    device = next(model.parameters()).device
+    x, y = x.to(device), (fine if config.target == "fine" else coarse).to(device)
+    shares: dict[str, float] = {}
+    combos = dedupe([(p.gate_mode, p.gate_grad) for p in plans if not p.source_run])
+    if not model.is_gated:
+        combos = dedupe([(mode, "none") for mode, _ in combos])
+    for mode, grad in combos:
+        seed_everything(derive_seed(config.seed, "zero-grad", mode, grad))
+        shares[f"{mode}/{grad}"] = zero_gradient_share(model, x, y, mode, grad, config.target, config.eot_samples)
+    return shares
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: bool = False,
+                transfer_from: str | os.PathLike[str] | None = None, progress: bool = True, *, force: bool = False,
+                on_shard: Callable[[Path], None] | None = None) -> AttackResult:
+    """Attack the model of ``run_dir`` as ``config`` says and write records, manifest and worst case into it.
+
+    ``resume`` skips shards that exist (never duplicating rows); ``force`` deletes previous attack results first;
+    with neither, a run that already holds records is a RunDirError. ``transfer_from`` (another run directory)
+    crafts the examples white-box on that run's model and scores them on this one (``source_run`` = its name).
+    ``on_shard(path)`` is called after each shard is written.
+    """
+    if resume and force:
+        raise ConfigError("--resume and --force exclude each other")
+    run = RunDir.at(run_dir)
+    checkpoint = load_run_checkpoint(run)
+    device = process_device(resolve_device(config.device))
+    model = checkpoint.build_model(device).requires_grad_(False)  # attacks need input gradients only
+    data, data_source = load_eval_data(run, checkpoint, config.n)
+    n = len(data)
+
+    crafting_model, source_name = model, ""
+    if transfer_from is not None:
+        source_run = RunDir.at(transfer_from)
+        source_ckpt = load_run_checkpoint(source_run)
+        check_transferable(source_ckpt.dataset, checkpoint.dataset, source_run.name, run.name)
+        if source_run.root.resolve() == run.root.resolve():
+            raise ConfigError("--transfer-from names the attacked run itself; transfer needs another run")
+        crafting_model, source_name = source_ckpt.build_model(device).requires_grad_(False), source_run.name
+
+    plans = plan_evaluations(config, crafting_model.is_gated, source_name)
+    info = checkpoint.dataset
+    head_classes = info.num_fine if config.target == "fine" else info.num_coarse
+    if head_classes < 3 and any(p.name == "apgd-dlr" for p in plans):
+        raise ConfigError(f"apgd-dlr needs at least 3 classes; the {config.target} head has {head_classes}")
+
+    n_batches = math.ceil(n / config.batch_size)
+    setup = {"n": n, "batch_size": config.batch_size, "seed": config.seed}
+    previous = run.read_manifest()
+    existing = run.has_records()
+    if existing:
+        if force:
+            pass
+        elif not resume:
+            raise RunDirError(f"{run.root} already holds attack records; pass --resume to continue (or add to) "
+                              f"them or --force to replace them")
+        else:
+            _check_resumable(run, previous, setup, plans)
+
+    with distributed(device) as dist:
+        dist.barrier()
+        if dist.main:
+            if force and run.attacks.exists():
+                log.info("--force: deleting previous attack results in %s", run.attacks)
+                shutil.rmtree(run.records, ignore_errors=True)
+                for stale in (run.manifest, run.worst_case):
+                    stale.unlink(missing_ok=True)
+                previous = None
+            zero = _zero_gradient_shares(model, data, config, plans)
+            if previous and resume and existing:
+                zero = {**previous.get("zero_grad_share", {}), **zero}
+            manifest = _manifest(run, checkpoint, model, config, data_source, setup, n_batches, zero, plans,
+                                 previous if resume and existing else None)
+            atomic_write_json(run.manifest, manifest)
+        dist.barrier()
+
+        _attack_batches(run, checkpoint.model_name, model, crafting_model, data, config, plans, n_batches, dist,
+                        progress, on_shard)
+
+        dist.barrier()
+        if not dist.main:
+            return AttackResult(run.root, {}, conform(pd.DataFrame(columns=list(RECORD_COLUMNS))))
+        manifest = run.read_manifest() or {}
+        for entry in manifest.get("evaluations", []):
+            entry["complete"] = _complete(run, entry["id"], manifest.get("n_batches", n_batches))
+        atomic_write_json(run.manifest, manifest)
+        records = read_records(run.records) if run.has_records() else conform(
+            pd.DataFrame(columns=list(RECORD_COLUMNS)))
+        counted = [a for a in records["attack"].unique() if counts_for_accuracy(str(a))]
+        worst = worst_case(records[records["attack"].isin(counted)])
+        atomic_write(run.worst_case, lambda tmp: worst.to_parquet(tmp, index=False))
+        return AttackResult(run.root, manifest, records)
+
+
+def _attack_batches(run: RunDir, model_name: str, model: CoarseFineNet, crafting_model: CoarseFineNet,
+                    data: CoarseFineDataset, config: AttackConfig, plans: Sequence[EvalPlan], n_batches: int,
+                    dist: Distributed, progress: bool, on_shard: Callable[[Path], None] | None) -> None:
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    scorer = Scorer(model, run.name, model_name, config.seed)
+    mine = [b for b in range(n_batches) if b % dist.world == dist.rank]
+    skipped = 0
+    bar = tqdm(total=len(mine) * len(plans), desc=f"attack {run.name}", unit="eval", dynamic_ncols=True,
+               disable=not progress or not dist.main)
+    try:
+        for b in mine:
+            todo = [p for p in plans if not run.shard(p.id, b).is_file()]
+            skipped += len(plans) - len(todo)
+            bar.update(len(plans) - len(todo))
+            if not todo:
+                continue
+            lo = b * config.batch_size
+            hi = min(lo + config.batch_size, len(data))
+            x, fine, coarse = data.batch(slice(lo, hi))
+            batch = Batch(b, np.arange(lo, hi), x.to(device), fine.to(device), coarse.to(device))
+            for plan in todo:
+                unit_seed = derive_seed(config.seed, plan.id, b)
+                crafting = Target(crafting_model, plan.target, plan.gate_mode, plan.gate_grad, config.eot_samples,
+                                  device)
+                advs = plan.attack(crafting, batch.x, batch.labels(plan.target), plan.eps, unit_seed)
+                frame = scorer.score(plan, batch, advs, unit_seed)
+                path = run.shard(plan.id, b)
+                atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+                bar.update(1)
+                if on_shard is not None:
+                    on_shard(path)
+    finally:
+        bar.close()
+    if skipped:
+        log.info("resume: %d finished shard(s) kept", skipped)

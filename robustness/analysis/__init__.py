@@ -1,0 +1,53 @@
+"""Analysis of attack records: pure functions from records (``attacks.records`` contract) to frames and intervals.
+
+- :mod:`~robustness.analysis.stats`: Wilson and bootstrap intervals, association with success, paired differences.
+- :mod:`~robustness.analysis.selection`: white-box rows, rows that count for accuracy, the figures' attack family.
+- :mod:`~robustness.analysis.metrics`: gate-path distances, per-evaluation summaries, block rates, robust accuracy
+  and worst case, compute saved.
+- :mod:`~robustness.analysis.transfer`: the transfer matrix.
+- :mod:`~robustness.analysis.compare`: the skip vs no-skip verdict. Import it from its module: it builds on
+  ``robustness.sanity``, which builds on this package, so it is not re-exported here.
+"""
+from robustness.analysis.metrics import (
+    SUMMARY_COLUMNS,
+    WORST_KEYS,
+    block_rates,
+    compute_saved,
+    hamming_distance,
+    is_gated,
+    jaccard_distance,
+    path_distances,
+    path_matrix,
+    robust_accuracy_table,
+    summarize,
+    summarize_group,
+    worst_case_accuracy,
+)
+from robustness.analysis.selection import (
+    accuracy_rows,
+    primary_evaluation,
+    select,
+    strongest_per_sample,
+    whitebox,
+)
+from robustness.analysis.stats import (
+    PAIR_KEYS,
+    Interval,
+    association,
+    auroc,
+    bootstrap,
+    bootstrap_many,
+    bootstrap_mean,
+    paired_difference,
+    pointbiserial,
+    wilson_interval,
+)
+from robustness.analysis.transfer import TRANSFER_KEYS, transfer_matrix
+
+__all__ = [
+    "PAIR_KEYS", "SUMMARY_COLUMNS", "TRANSFER_KEYS", "WORST_KEYS", "Interval", "accuracy_rows", "association",
+    "auroc", "block_rates", "bootstrap", "bootstrap_many", "bootstrap_mean", "compute_saved", "hamming_distance",
+    "is_gated", "jaccard_distance", "paired_difference", "path_distances", "path_matrix", "pointbiserial",
+    "primary_evaluation", "robust_accuracy_table", "select", "strongest_per_sample", "summarize", "summarize_group",
+    "transfer_matrix", "whitebox", "wilson_interval", "worst_case_accuracy",
+]

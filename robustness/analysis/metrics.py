@@ -1,0 +1,303 @@
+"""Per-evaluation metrics over attack records: gate-path distances, the summary of one evaluation (accuracy,
+success, path and compute change, and how path change relates to success), per-block execution and flip rates,
+robust accuracy tables with the per-sample worst case, and the compute a skipping model saves.
+
+Pure functions: records (``attacks.records`` contract) in, DataFrames out. Nothing here needs a model.
+Conventions shared by every function:
+
+- An *evaluation* is one group of :data:`attacks.records.EVAL_KEYS`.
+- Accuracies, rates and shares are fractions in [0, 1]; ``dmacs_pct`` is in percent of ``full_macs``.
+- *Success* is only defined on initially-correct samples (``clean_correct``); success rates and the association
+  statistics are computed on those samples only. Path statistics use every sample.
+- A statistic that is undefined for the data is ``NaN``; intervals follow :mod:`robustness.analysis.stats`.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from attacks.records import EVAL_KEYS, worst_case
+from robustness.analysis.selection import whitebox
+from robustness.analysis.stats import Interval, association, mean_or_nan, put_interval, wilson_interval
+
+#: Keys of a worst-case group (``attacks.records.worst_case``'s default grouping).
+WORST_KEYS: list[str] = ["run", "model", "norm", "eps", "gate_mode", "target", "source_run"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gate paths
+# ---------------------------------------------------------------------------------------------------------------
+
+def is_gated(df: pd.DataFrame) -> bool:
+    """Whether any record carries a gate path (False for ungated models and empty frames)."""
+    return bool(len(df)) and bool((df["clean_path"].str.len() > 0).any())
+
+
+def path_matrix(paths: pd.Series | Sequence[str]) -> np.ndarray:
+    """Boolean matrix (samples x gates) of executed blocks from bit strings; shape (n, 0) when paths are ''.
+
+    Raises ``ValueError`` when the paths differ in length or hold characters other than '0' and '1'.
+    """
+    paths = pd.Series(paths, dtype="string").fillna("")
+    n = len(paths)
+    lengths = paths.str.len().to_numpy()
+    width = int(lengths[0]) if n else 0
+    if n and (lengths != width).any():
+        raise ValueError(f"gate paths differ in length ({sorted(set(lengths.tolist()))}); mixed models in one group?")
+    if width == 0:
+        return np.zeros((n, 0), dtype=bool)
+    raw = np.frombuffer("".join(paths.tolist()).encode("ascii"), dtype=np.uint8).reshape(n, width)
+    if not np.isin(raw, (ord("0"), ord("1"))).all():
+        raise ValueError("gate paths must be bit strings of '0' and '1'")
+    return raw == ord("1")
+
+
+def hamming_distance(a: str, b: str) -> int:
+    """Number of gates whose bit differs between two equally long paths."""
+    return int(path_distances(pd.Series([a]), pd.Series([b]))["hamming"].iloc[0])
+
+
+def jaccard_distance(a: str, b: str) -> float:
+    """1 - |A∩B| / |A∪B| of the sets of executed blocks; 0 when both paths execute nothing."""
+    return float(path_distances(pd.Series([a]), pd.Series([b]))["jaccard"].iloc[0])
+
+
+def path_distances(clean: pd.Series, adv: pd.Series) -> pd.DataFrame:
+    """Per-sample ``hamming`` (int) and ``jaccard`` (float) distances between clean and adversarial paths."""
+    a, b = path_matrix(clean), path_matrix(adv)
+    if a.shape != b.shape:
+        raise ValueError(f"clean and adversarial paths differ in shape: {a.shape} vs {b.shape}")
+    union = (a | b).sum(axis=1)
+    inter = (a & b).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        jac = np.where(union == 0, 0.0, 1.0 - inter / np.maximum(union, 1))
+    return pd.DataFrame({"hamming": (a != b).sum(axis=1).astype(np.int64), "jaccard": jac})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-evaluation summary
+# ---------------------------------------------------------------------------------------------------------------
+
+#: Columns of :func:`summarize` after the :data:`EVAL_KEYS` (``*_low``/``*_high`` are interval bounds).
+SUMMARY_COLUMNS: dict[str, str] = {
+    "n": "samples in the evaluation",
+    "clean_acc_fine": "clean accuracy of the fine head",
+    "clean_acc_coarse": "clean accuracy of the coarse head",
+    "clean_acc": "clean accuracy of the target head",
+    "robust_acc": "accuracy of the target head on adversarial inputs",
+    "n_clean_correct": "initially-correct samples",
+    "n_success": "successful attacks (initially correct, adversarially wrong)",
+    "success_rate": "n_success / n_clean_correct",
+    "gated": "the records carry gate paths",
+    "n_gates": "gates per path",
+    "clean_exec_rate": "mean share of gated blocks executed on clean inputs",
+    "adv_exec_rate": "mean share of gated blocks executed on adversarial inputs",
+    "path_changed": "share of samples whose path changed",
+    "hamming_mean": "mean Hamming distance clean vs adversarial path",
+    "jaccard_mean": "mean Jaccard distance of the executed-block sets",
+    "clean_macs_mean": "mean MACs on clean inputs",
+    "adv_macs_mean": "mean MACs on adversarial inputs",
+    "dmacs_mean": "mean adv_macs - clean_macs",
+    "dmacs_pct": "dmacs_mean in percent of full_macs (NaN without full_macs)",
+    "n_changed": "initially-correct samples whose path changed",
+    "p_success_changed": "P(success | path changed), Wilson interval",
+    "n_unchanged": "initially-correct samples whose path did not change",
+    "p_success_unchanged": "P(success | path unchanged), Wilson interval",
+    "r_hamming": "point-biserial r of Hamming distance with success, bootstrap interval",
+    "auroc_hamming": "AUROC of Hamming distance for success, bootstrap interval",
+    "r_dmacs": "point-biserial r of dMACs with success, bootstrap interval",
+    "auroc_dmacs": "AUROC of dMACs for success, bootstrap interval",
+    "frozen_survival": "share of successes still wrong with the clean path frozen, Wilson interval",
+    "same_superclass": "share of successful fine attacks whose adversarial fine class is in the true superclass "
+                       "(via fine_to_coarse); named same_superclass_proxy when the coarse head's prediction is "
+                       "used instead (adv_pred_coarse == label_coarse)",
+}
+
+
+def _full_macs_for(full_macs: float | Mapping[str, float] | None, run: str) -> float:
+    if full_macs is None:
+        return float("nan")
+    if isinstance(full_macs, Mapping):
+        value = full_macs.get(run)
+        return float(value) if value else float("nan")
+    return float(full_macs) if full_macs else float("nan")
+
+
+def summarize_group(g: pd.DataFrame, full_macs: float = float("nan"),
+                    fine_to_coarse: Sequence[int] | None = None, n_boot: int = 1000, seed: int = 0,
+                    confidence: float = 0.95) -> dict[str, float]:
+    """The :data:`SUMMARY_COLUMNS` metrics of one evaluation's records (without the key columns)."""
+    nan = float("nan")
+    row: dict[str, float] = {"n": len(g)}
+    row["clean_acc_fine"] = mean_or_nan((g["clean_pred_fine"] == g["label_fine"]).to_numpy(bool))
+    row["clean_acc_coarse"] = mean_or_nan((g["clean_pred_coarse"] == g["label_coarse"]).to_numpy(bool))
+    correct = g["clean_correct"].to_numpy(bool)
+    success = g["success"].to_numpy(bool) & correct
+    row["clean_acc"] = mean_or_nan(correct)
+    row["robust_acc"] = mean_or_nan(g["adv_correct"].to_numpy(bool))
+    row["n_clean_correct"], row["n_success"] = int(correct.sum()), int(success.sum())
+    row["success_rate"] = success.sum() / correct.sum() if correct.any() else nan
+
+    clean_bits, adv_bits = path_matrix(g["clean_path"]), path_matrix(g["adv_path"])
+    gated = clean_bits.shape[1] > 0
+    row["gated"], row["n_gates"] = gated, clean_bits.shape[1]
+    dist = path_distances(g["clean_path"], g["adv_path"])
+    hamming = dist["hamming"].to_numpy(float)
+    row["clean_exec_rate"] = float(clean_bits.mean()) if gated and len(g) else nan
+    row["adv_exec_rate"] = float(adv_bits.mean()) if gated and len(g) else nan
+    row["path_changed"] = mean_or_nan(hamming > 0) if gated else nan
+    row["hamming_mean"] = mean_or_nan(hamming) if gated else nan
+    row["jaccard_mean"] = mean_or_nan(dist["jaccard"].to_numpy()) if gated else nan
+
+    dmacs = (g["adv_macs"] - g["clean_macs"]).to_numpy(float)
+    row["clean_macs_mean"] = mean_or_nan(g["clean_macs"].to_numpy(float))
+    row["adv_macs_mean"] = mean_or_nan(g["adv_macs"].to_numpy(float))
+    row["dmacs_mean"] = mean_or_nan(dmacs)
+    row["dmacs_pct"] = 100.0 * row["dmacs_mean"] / full_macs if np.isfinite(full_macs) else nan
+
+    changed = hamming[correct] > 0
+    s = success[correct]
+    if gated:
+        ch = wilson_interval(int(s[changed].sum()), int(changed.sum()), confidence)
+        un = wilson_interval(int(s[~changed].sum()), int((~changed).sum()), confidence)
+    else:
+        ch = un = Interval(nan, nan, nan, 0)
+    row["n_changed"], row["n_unchanged"] = (int(changed.sum()), int((~changed).sum())) if gated else (0, 0)
+    put_interval(row, "p_success_changed", ch)
+    put_interval(row, "p_success_unchanged", un)
+    for name, x in (("hamming", hamming[correct]), ("dmacs", dmacs[correct])):
+        if gated:
+            r, a = association(x, s, n_boot, seed, confidence)
+        else:
+            r = a = Interval(nan, nan, nan, 0)
+        put_interval(row, f"r_{name}", r)
+        put_interval(row, f"auroc_{name}", a)
+
+    frozen_wrong = ~g["frozen_correct"].to_numpy(bool)[success]
+    put_interval(row, "frozen_survival", wilson_interval(int(frozen_wrong.sum()), int(success.sum()), confidence))
+
+    fine_success = success if (g["target"] == "fine").all() else np.zeros(len(g), bool)
+    if fine_to_coarse is not None:
+        lookup = np.asarray(fine_to_coarse, dtype=np.int64)
+        same = lookup[g["adv_pred_fine"].to_numpy(np.int64)] == g["label_coarse"].to_numpy(np.int64)
+        column = "same_superclass"
+    else:
+        same = (g["adv_pred_coarse"] == g["label_coarse"]).to_numpy(bool)
+        column = "same_superclass_proxy"
+    put_interval(row, column, wilson_interval(int(same[fine_success].sum()), int(fine_success.sum()), confidence))
+    return row
+
+
+def summarize(df: pd.DataFrame, full_macs: float | Mapping[str, float] | None = None,
+              fine_to_coarse: Sequence[int] | None = None, n_boot: int = 1000, seed: int = 0,
+              confidence: float = 0.95) -> pd.DataFrame:
+    """One row per evaluation: :data:`EVAL_KEYS` then the :data:`SUMMARY_COLUMNS` metrics.
+
+    ``full_macs`` is the all-blocks-executed cost, one number or a mapping from run name to number.
+    ``fine_to_coarse[c]`` is the superclass of fine class ``c``; without it the superclass column is the proxy.
+    Interval columns come as ``<name>``, ``<name>_low``, ``<name>_high``.
+    """
+    rows = []
+    for key, g in df.groupby(EVAL_KEYS, sort=True, observed=True, dropna=False):
+        row = dict(zip(EVAL_KEYS, key))
+        row.update(summarize_group(g, _full_macs_for(full_macs, str(row["run"])), fine_to_coarse, n_boot, seed,
+                                   confidence))
+        rows.append(row)
+    if not rows:
+        return pd.DataFrame(columns=EVAL_KEYS + list(SUMMARY_COLUMNS))
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-block rates
+# ---------------------------------------------------------------------------------------------------------------
+
+def block_rates(df: pd.DataFrame, path_names: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per evaluation and gated block: execution and flip rates (empty for ungated records).
+
+    Columns: :data:`EVAL_KEYS`, ``block_index``, ``block`` (from ``path_names`` or ``gate<i>``), ``n``,
+    ``clean_rate`` / ``adv_rate`` (share of samples executing the block), ``flip_01`` / ``flip_10`` (share of all
+    samples whose bit went 0->1 / 1->0, so ``adv_rate - clean_rate == flip_01 - flip_10``), and
+    ``flip_01_given_off`` / ``flip_10_given_on`` (the same flips conditioned on the clean bit; NaN if never so).
+    """
+    frames = []
+    for key, g in df.groupby(EVAL_KEYS, sort=True, observed=True, dropna=False):
+        a, b = path_matrix(g["clean_path"]), path_matrix(g["adv_path"])
+        width = a.shape[1]
+        if width == 0:
+            continue
+        names = list(path_names) if path_names is not None and len(path_names) == width else \
+            [f"gate{i}" for i in range(width)]
+        off, on = (~a).sum(axis=0), a.sum(axis=0)
+        f01, f10 = (~a & b).sum(axis=0), (a & ~b).sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            part = pd.DataFrame({
+                "block_index": np.arange(width), "block": names, "n": len(g),
+                "clean_rate": a.mean(axis=0), "adv_rate": b.mean(axis=0),
+                "flip_01": f01 / len(g), "flip_10": f10 / len(g),
+                "flip_01_given_off": np.where(off > 0, f01 / np.maximum(off, 1), np.nan),
+                "flip_10_given_on": np.where(on > 0, f10 / np.maximum(on, 1), np.nan),
+            })
+        for k, v in zip(EVAL_KEYS, key):
+            part.insert(EVAL_KEYS.index(k), k, v)
+        frames.append(part)
+    cols = EVAL_KEYS + ["block_index", "block", "n", "clean_rate", "adv_rate", "flip_01", "flip_10",
+                        "flip_01_given_off", "flip_10_given_on"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Accuracy tables, worst case and compute
+# ---------------------------------------------------------------------------------------------------------------
+
+def worst_case_accuracy(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Per-sample worst case over all white-box attacks (``attacks.records.worst_case``), per eps.
+
+    Columns: :data:`WORST_KEYS`, ``n``, ``n_attacks``, ``attacks`` (comma-separated attack names pooled),
+    ``clean_acc``, ``robust_acc``, ``robust_acc_low``, ``robust_acc_high`` (Wilson).
+    """
+    wb = whitebox(df)
+    cols = WORST_KEYS + ["n", "n_attacks", "attacks", "clean_acc", "robust_acc", "robust_acc_low",
+                         "robust_acc_high"]
+    if wb.empty:
+        return pd.DataFrame(columns=cols)
+    worst = worst_case(wb)
+    pooled = wb.groupby(WORST_KEYS, observed=True, dropna=False)["attack"].agg(
+        lambda s: ",".join(sorted(set(s.astype(str)))))
+    rows = []
+    for key, g in worst.groupby(WORST_KEYS, sort=True, observed=True, dropna=False):
+        row = dict(zip(WORST_KEYS, key))
+        names = pooled.loc[key]
+        iv = wilson_interval(int(g["adv_correct"].sum()), len(g), confidence)
+        row.update(n=len(g), n_attacks=len(names.split(",")), attacks=names,
+                   clean_acc=mean_or_nan(g["clean_correct"].to_numpy(bool)))
+        put_interval(row, "robust_acc", iv)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=cols)
+
+
+def robust_accuracy_table(df: pd.DataFrame, include_worst: bool = True, confidence: float = 0.95) -> pd.DataFrame:
+    """Tidy robust accuracy per evaluation (and per eps): :data:`EVAL_KEYS`, ``n``, ``robust_acc`` (+ Wilson
+    ``_low``/``_high``); with ``include_worst``, worst-case rows (``attack='worst'``, ``backend='any'``,
+    ``gate_grad='any'``) are appended."""
+    rows = []
+    for key, g in df.groupby(EVAL_KEYS, sort=True, observed=True, dropna=False):
+        row = dict(zip(EVAL_KEYS, key), n=len(g))
+        put_interval(row, "robust_acc", wilson_interval(int(g["adv_correct"].sum()), len(g), confidence))
+        rows.append(row)
+    cols = EVAL_KEYS + ["n", "robust_acc", "robust_acc_low", "robust_acc_high"]
+    table = pd.DataFrame(rows, columns=cols)
+    if include_worst and not df.empty:
+        worst = worst_case_accuracy(df, confidence).assign(attack="worst", backend="any", gate_grad="any")
+        table = pd.concat([table, worst[cols]], ignore_index=True) if len(table) else worst[cols]
+    return table
+
+
+def compute_saved(df: pd.DataFrame, full_macs: float | None) -> float:
+    """1 - mean(clean_macs) / full_macs, each (run, gate_mode, sample) counted once (NaN without full_macs)."""
+    if not full_macs or df.empty:
+        return float("nan")
+    per_sample = df.drop_duplicates(["run", "gate_mode", "sample"])
+    return 1.0 - float(per_sample["clean_macs"].mean()) / float(full_macs)

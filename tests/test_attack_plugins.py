@@ -1,0 +1,262 @@
+"""The attack base as an extension point: kinds, per-attack Params and their config, a plug-in attack end to end."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import textwrap
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from attacks import base
+from attacks.base import (COMPUTE, GRADIENT_FREE, ITERATIVE, KINDS, MINIMAL, SINGLE_STEP, Attack, Target,
+                          attack_class, attack_kind, attacks_of_kind, counts_for_accuracy, known_attacks, register)
+from attacks.params import CWParams, PGDParams
+from attacks.records import read_records
+from attacks.runner import AttackConfig, plan_evaluations, run_attacks
+from robustness.commands.attack import config_from_args
+from robustness.core.errors import ConfigError, UnknownNameError
+from attack_helpers import copy_run
+
+EPS = 2 / 255
+
+
+# -- a plug-in attack, defined and registered here only --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TwiceParams:
+    steps: int = 2
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+class SignTwice(Attack):
+    """Test attack: ``steps`` sign-of-gradient steps of ``scale * eps / steps``, clipped to the ball and [0, 1]."""
+
+    name, backend, kind = "sign-twice", "native", ITERATIVE
+    Params = TwiceParams
+    calls: list[tuple[int, list[float]]] = []
+
+    def perturb(self, target, x, y, eps, seed):
+        SignTwice.calls.append((self.params.steps, list(eps)))
+        return super().perturb(target, x, y, eps, seed)
+
+    def run(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int) -> torch.Tensor:
+        view = target.view()
+        adv = x.clone()
+        for _ in range(self.params.steps):
+            adv.requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy(view(adv), y)
+            grad, = torch.autograd.grad(loss, adv)
+            with torch.no_grad():
+                step = adv + self.params.scale * eps / self.params.steps * grad.sign()
+                adv = torch.min(torch.max(step, x - eps), x + eps).clamp(0, 1)
+        return adv.detach()
+
+
+@pytest.fixture
+def sign_twice():
+    register(SignTwice)
+    SignTwice.calls.clear()
+    try:
+        yield SignTwice
+    finally:
+        base.unregister("sign-twice")
+    assert "sign-twice" not in known_attacks()
+
+
+def test_a_registered_test_attack_is_planned_run_recorded_and_counted(sign_twice, tiny_runs, tmp_path):
+    assert attack_kind("sign-twice") == ITERATIVE and "sign-twice" in attacks_of_kind(ITERATIVE)
+    config = AttackConfig(attacks=["sign-twice", "slowdown"], backends="torchattacks", eps=[0.0, EPS],
+                          gate_grads=["none"], n=32, batch_size=32, steps=3, seed=0)
+    plans = plan_evaluations(config, gated=False)
+    assert [(p.name, p.backend) for p in plans] == [("sign-twice", "native"), ("slowdown", "native")]
+    assert plans[0].attack.params == TwiceParams(steps=3)  # the general steps reaches an iterative plug-in
+    run = copy_run(tiny_runs["resnet"], tmp_path / "resnet")
+    result = run_attacks(run.root, config, progress=False)
+    assert SignTwice.calls == [(3, [EPS])]  # eps 0 never reaches the attack: the clean image stands
+    df = result.records
+    mine = df[df["attack"] == "sign-twice"]
+    assert len(mine) == 2 * 32 and set(mine["backend"]) == {"native"}
+    fooled = mine[(mine["eps"] == EPS) & mine["success"]]
+    assert len(fooled) > 0 and (mine["linf"] <= mine["eps"] + 1e-6).all()
+    worst = read_records(run.worst_case)
+    at = worst[worst["eps"] == EPS].set_index("sample")
+    # a sample the plug-in fools is non-robust in the worst case; slowdown (compute) never decides it
+    assert not at.loc[fooled["sample"], "adv_correct"].any()
+    assert (at["adv_correct"] == mine[mine["eps"] == EPS].set_index("sample")["adv_correct"]).all()
+    assert {e["attack"] for e in result.manifest["evaluations"]} == {"sign-twice", "slowdown"}
+    entry = next(e for e in result.manifest["evaluations"] if e["attack"] == "sign-twice")
+    assert entry["config"] == {"norm": "linf", "steps": 3, "scale": 1.0}
+
+
+def test_plug_in_params_come_from_its_subtable(sign_twice):
+    config = AttackConfig.from_table({"attacks": ["sign-twice"], "backends": ["torchattacks"],
+                                      "sign-twice": {"steps": 5, "scale": 0.5}})
+    attack = plan_evaluations(config, gated=True)[0].attack
+    assert attack.params == TwiceParams(steps=5, scale=0.5)
+    with pytest.raises(ConfigError, match=r"sign-twice.*steps must be >= 1, got 0"):
+        AttackConfig.from_table({"sign-twice": {"steps": 0}})
+
+
+def test_register_refuses_a_class_without_a_kind():
+    class NoKind(Attack):
+        name, backend = "no-kind", "native"
+
+    with pytest.raises(TypeError, match="kind must be one of"):
+        register(NoKind)
+    assert "no-kind" not in known_attacks()
+
+
+# -- the kind API -----------------------------------------------------------------------------------------------
+
+
+def test_kinds_of_the_built_in_attacks():
+    assert KINDS == (SINGLE_STEP, ITERATIVE, GRADIENT_FREE, MINIMAL, COMPUTE)
+    kinds = {name: attack_kind(name) for name in ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "path", "square", "cw",
+                                                  "slowdown")}
+    assert kinds == {"fgsm": "single-step", "pgd": "iterative", "apgd-ce": "iterative", "apgd-dlr": "iterative",
+                     "path": "iterative", "square": "gradient-free", "cw": "minimal", "slowdown": "compute"}
+    assert counts_for_accuracy("slowdown") is False
+    assert all(counts_for_accuracy(n) for n in ("fgsm", "pgd", "path", "cw", "square", "apgd-ce"))
+    assert counts_for_accuracy("not-an-attack") is True and attack_kind("not-an-attack") is None
+    assert attacks_of_kind(COMPUTE) == ["slowdown"]
+    assert attacks_of_kind(ITERATIVE) == ["apgd-ce", "apgd-dlr", "path", "pgd"]
+    assert attacks_of_kind(MINIMAL, GRADIENT_FREE) == ["cw", "square"]
+    with pytest.raises(UnknownNameError):
+        attacks_of_kind("sideways")
+    # every backend of one attack shares its kind and its Params
+    for name in ("fgsm", "pgd", "cw"):
+        classes = [attack_class(name, b) for b in ("torchattacks", "foolbox")]
+        assert len({c.kind for c in classes}) == 1 and len({c.Params for c in classes}) == 1
+
+
+def test_the_sweep_hands_positive_budgets_over_in_one_call():
+    seen = []
+
+    class Recorder(Attack):
+        name, backend, kind = "recorder", "native", SINGLE_STEP
+
+        def perturb(self, target, x, y, eps, seed):
+            seen.append(list(eps))
+            return [x + 0.5 * e for e in eps]
+
+    x = torch.zeros(2, 1, 2, 2)
+    out = Recorder()(None, x, torch.zeros(2, dtype=torch.long), [0.0, 0.1, 0.0, 0.2], seed=1)
+    assert seen == [[0.1, 0.2]]
+    assert [float(o.max()) for o in out] == pytest.approx([0.0, 0.05, 0.0, 0.1])
+    assert out[0] is not x and torch.equal(out[0], x)
+
+    class Short(Recorder):
+        def perturb(self, target, x, y, eps, seed):
+            return []
+
+    with pytest.raises(RuntimeError, match="returned 0 batches for 1 budgets"):
+        Short()(None, x, torch.zeros(2, dtype=torch.long), [0.1], seed=1)
+
+
+# -- per-attack parameters in the config --------------------------------------------------------------------------
+
+
+def _pgd(config: AttackConfig, backend: str = "torchattacks"):
+    return next(p.attack for p in plan_evaluations(config, gated=True) if p.name == "pgd" and p.backend == backend)
+
+
+def test_subtable_and_flat_alias_give_the_same_pgd_params():
+    flat = AttackConfig.from_table({"attacks": ["pgd", "path"], "steps": 7, "pgd_restarts": 5, "pgd_alpha": 0.01,
+                                    "pgd_random_start": False})
+    table = AttackConfig.from_table({"attacks": ["pgd", "path"], "steps": 7,
+                                     "pgd": {"restarts": 5, "alpha": 0.01, "random_start": False}})
+    want = PGDParams(steps=7, alpha=0.01, random_start=False, restarts=5)
+    for backend in ("torchattacks", "foolbox"):
+        assert _pgd(flat, backend).params == _pgd(table, backend).params == want
+    # the flat pgd_alpha / pgd_random_start also reach path (as they always did); the subtable is pgd's own
+    by_flat, by_table = (next(p.attack for p in plan_evaluations(c, True) if p.name == "path").params
+                         for c in (flat, table))
+    assert (by_flat.alpha, by_flat.random_start, by_flat.steps) == (0.01, False, 7)
+    assert (by_table.alpha, by_table.random_start, by_table.steps) == (None, True, 7)
+    # the flat names are also constructor keywords, and a subtable can set pgd's steps apart from the rest
+    assert _pgd(AttackConfig(steps=7, pgd_restarts=5, pgd_alpha=0.01, pgd_random_start=False)).params == want
+    own = AttackConfig.from_table({"steps": 4, "pgd": {"steps": 9}})
+    assert own.options_for("pgd")["steps"] == 9 and own.options_for("apgd-ce")["steps"] == 4
+
+
+def test_flat_aliases_resolve_to_the_values_of_earlier_versions():
+    c = AttackConfig(steps=6, cw_c="1,10", cw_steps=30, cw_binary_steps=3, cw_lr=0.05, cw_kappa=1,
+                     apgd_restarts=2, square_queries=100, square_p_init=0.5, path_lambda=2, slowdown_steps=4,
+                     slowdown_label_weight=0.5)
+    assert c.options_for("cw") == {"c": [1.0, 10.0], "steps": 30, "binary_steps": 3, "lr": 0.05, "kappa": 1}
+    assert c.options_for("apgd-ce") == c.options_for("apgd-dlr") == {"steps": 6, "restarts": 2}
+    assert c.options_for("square") == {"queries": 100, "p_init": 0.5}
+    assert c.options_for("path") == {"steps": 6, "lam": 2}
+    assert c.options_for("slowdown") == {"steps": 4, "label_weight": 0.5}
+    assert AttackConfig(apgd_steps=3).options_for("apgd-ce") == {"steps": 3}
+    assert c.options_for("fgsm") == {}
+    defaults = AttackConfig()
+    assert [defaults.options_for(n).get("steps") for n in ("pgd", "apgd-ce", "path", "slowdown", "cw")] == \
+        [10, 10, 10, 10, None]
+    cw = attack_class("cw", "torchattacks")("l2", **c.options_for("cw"))
+    assert cw.params == CWParams(c=(1.0, 10.0), kappa=1.0, steps=30, lr=0.05, binary_steps=3)
+    # the manifest entry keeps the keys of earlier versions (torchattacks' CW has no binary search)
+    assert cw.config() == {"norm": "l2", "c": (1.0, 10.0), "kappa": 1.0, "steps": 30, "lr": 0.05}
+    fb = attack_class("cw", "foolbox")("l2", **c.options_for("cw"))
+    assert fb.config() == {"norm": "l2", "initial_c": 1.0, "binary_steps": 3, "steps": 30, "lr": 0.05, "kappa": 1.0}
+    # dataclasses.replace (what the pipeline and the CLI flags use) keeps the parameters and takes flat names
+    again = dataclasses.replace(c, attacks=["pgd"], pgd_restarts=4)
+    assert again.options_for("cw") == c.options_for("cw") and again.options_for("pgd")["restarts"] == 4
+
+
+def test_unknown_or_bad_per_attack_keys_are_one_line_config_errors():
+    with pytest.raises(ConfigError, match=r"\[attack.pgd\].*unknown option\(s\) restart; valid: alpha, "
+                                          r"random_start, restarts, steps") as err:
+        AttackConfig.from_table({"pgd": {"restart": 5}})
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="restarts must be an int"):
+        AttackConfig.from_table({"pgd": {"restarts": "five"}})
+    with pytest.raises(ConfigError, match="restarts must be a positive integer, got 0"):
+        AttackConfig(pgd_restarts=0)
+    with pytest.raises(ConfigError, match="c must be positive numbers"):
+        AttackConfig(cw_c=[0.0])
+    with pytest.raises(UnknownNameError, match="'pgdd'"):
+        AttackConfig.from_table({"pgdd": {"steps": 5}})
+    with pytest.raises(ConfigError, match="pgd_restarts and \\[attack.pgd\\] restarts both set"):
+        AttackConfig.from_table({"pgd_restarts": 2, "pgd": {"restarts": 3}})
+    with pytest.raises(ConfigError, match=r"attack 'pgd' \(torchattacks\): unknown option\(s\) foo; valid:"):
+        attack_class("pgd", "torchattacks")("linf", foo=1)
+
+
+def _args(**kw) -> argparse.Namespace:
+    values = dict(config=None, attacks=None, eps=None, norm=None, cw_eps=None, gate_modes=None, gate_grads=None,
+                  target=None, n=None, batch_size=None, device=None, seed=None, steps=None, pgd_restarts=None,
+                  eot_samples=None, backend=None, set=[])
+    values.update(kw)
+    return argparse.Namespace(**values)
+
+
+def test_cli_set_flag_and_config_subtables(tmp_path):
+    cfg = tmp_path / "attack.toml"
+    cfg.write_text(textwrap.dedent("""
+        [attack]
+        attacks = ["pgd", "apgd"]
+        cw_steps = 30
+
+        [attack.pgd]
+        restarts = 5
+        alpha = 0.01
+    """))
+    config = config_from_args(_args(config=str(cfg), set=["pgd.steps=20", "apgd.rho=0.5", "cw.c=[1.0, 10.0]"]))
+    assert config.options_for("pgd") == {"steps": 20, "restarts": 5, "alpha": 0.01}
+    assert config.options_for("apgd-dlr") == {"steps": 10, "rho": 0.5}
+    assert config.options_for("cw") == {"steps": 30, "c": [1.0, 10.0]}
+    assert config_from_args(_args(config=str(cfg), pgd_restarts=2)).options_for("pgd")["restarts"] == 2
+    for bad, message in ((["pgd.restarts"], "write ATTACK.KEY=VALUE"), (["pgd.restart=2"], "unknown option"),
+                         (["pgdd.steps=2"], "unknown attack")):
+        with pytest.raises(ConfigError, match=message):
+            config_from_args(_args(set=bad))
+    with pytest.raises(ConfigError, match="both set it"):
+        config_from_args(_args(set=["pgd.restarts=3"], pgd_restarts=2))
