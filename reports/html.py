@@ -20,6 +20,7 @@ import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
+from attacks.base import COMPUTE, attacks_of_kind
 from reports import plots, tables
 from robustness import analysis
 from robustness.analysis.compare import Comparison
@@ -157,7 +158,8 @@ def report_figures(run: RunResults, summary: pd.DataFrame) -> list[FigureItem]:
         return FigureItem(name, title, caption, png, "" if png is not None else "not applicable: no data to plot")
 
     def macs() -> bytes | None:
-        slow = analysis.select(rec, {"attack": "slowdown", "norm": fam["norm"], "gate_mode": fam["gate_mode"]})
+        slow = analysis.select(rec, {"norm": fam["norm"], "gate_mode": fam["gate_mode"]})
+        slow = slow[slow["attack"].isin(attacks_of_kind(COMPUTE))]
         if len(slow):
             best = slow.groupby("gate_grad", observed=True)["adv_macs"].mean().idxmax()
             slow = slow[slow["gate_grad"] == best]
@@ -188,12 +190,8 @@ def _overall(checks: Sequence[Check]) -> str:
 
 
 def _metadata(run: RunResults) -> dict[str, Any]:
-    m, rec = run.manifest, run.records
-    return {"run": run.name, "model": run.model, "dataset": m.get("dataset", ""),
-            "seed": m.get("seed", int(rec["seed"].iloc[0]) if len(rec) else None),
-            "n": m.get("n", int(rec["sample"].nunique()) if len(rec) else 0),
-            "eps": run.eps, "versions": m.get("versions", {}), "path_names": run.path_names,
-            "full_macs": run.full_macs}
+    return {"run": run.name, "model": run.model, "dataset": run.dataset, "seed": run.seed, "n": run.n,
+            "eps": run.eps, "versions": run.versions, "path_names": run.path_names, "full_macs": run.full_macs}
 
 
 @dataclass
@@ -226,8 +224,8 @@ def write_report(run: RunResults, out_dir: str | Path | None = None, *, n_boot: 
     summary = analysis.summarize(rec, run.full_macs, run.fine_to_coarse, n_boot=n_boot, seed=seed)
     worst = analysis.worst_case_accuracy(rec)
     rates = analysis.block_rates(rec, run.path_names)
-    if zero_grad_share is None and run.manifest.get("zero_grad_share") is not None:
-        zero_grad_share = run.manifest["zero_grad_share"]
+    if zero_grad_share is None:
+        zero_grad_share = run.zero_grad_share
     checks = run_checks(rec, zero_grad_share=zero_grad_share)
     figures = report_figures(run, summary)
     meta = _metadata(run)
@@ -242,7 +240,7 @@ def write_report(run: RunResults, out_dir: str | Path | None = None, *, n_boot: 
                                "Flip rates are shares of all samples.", collapsed=True) if gated else
                      TableItem("Per-block execution and flip rates", pd.DataFrame(), NO_GATES),
                      TableItem("Evaluations (attacks manifest)",
-                               tables.evaluations_table(run.manifest.get("evaluations") or []))]
+                               tables.evaluations_table(run.evaluations))]
     last = tables.metrics_table(run.metrics)
     if last is not None:
         tables_bottom.append(TableItem("Training: last epoch", last))
@@ -252,7 +250,7 @@ def write_report(run: RunResults, out_dir: str | Path | None = None, *, n_boot: 
                "checks": checks, "overall": _overall(checks), "tables_top": tables_top,
                "tables_bottom": tables_bottom, "figures": figures, "versions": meta["versions"] or {},
                "bootstrap": {"n": n_boot, "seed": seed}}
-    payload = {"schema": REPORT_SCHEMA, **meta, "evaluations": run.manifest.get("evaluations", []),
+    payload = {"schema": REPORT_SCHEMA, **meta, "evaluations": run.evaluations,
                "bootstrap": {"n": n_boot, "seed": seed, "confidence": 0.95},
                "figures": {f.name: (f.file if f.produced else None) for f in figures},
                "summary": summary, "worst_case": worst, "sanity": _sanity_rows(checks)}
@@ -277,11 +275,11 @@ def _comparison_payload(cmp: Comparison) -> dict[str, Any]:
         "skipping_variant": skip.label if skip else None, "verdict_pairs": cmp.pairs,
         "common_attacks": cmp.common_attacks,
         "variants": [{"label": v.label, "run": v.run.name, "path": str(v.run.path), "model": v.run.model,
-                      "gate_mode": v.gate_mode, "skipping": v.skipping, "dataset": v.run.manifest.get("dataset"),
-                      "seed": v.run.manifest.get("seed"), "n": v.run.manifest.get("n"),
+                      "gate_mode": v.gate_mode, "skipping": v.skipping, "dataset": v.run.dataset,
+                      "seed": v.run.seed, "n": v.run.n,
                       "full_macs": v.run.full_macs, "compute_saved": v.compute_saved,
-                      "versions": v.run.manifest.get("versions", {}),
-                      "evaluations": v.run.manifest.get("evaluations", [])} for v in cmp.variants],
+                      "versions": v.run.versions,
+                      "evaluations": v.run.evaluations} for v in cmp.variants],
         "eps": sorted({e for r in cmp.runs for e in r.eps}),
         "bootstrap": {"n": cmp.n_boot, "seed": cmp.seed, "confidence": 0.95},
         "robust_accuracy": cmp.table, "paired_differences": cmp.differences, "transfer": cmp.transfer,

@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from attacks.records import worst_case
-from attacks.runner import AttackConfig, run_attacks
+from attacks.runner import AttackConfig, load_run_checkpoint, run_attacks
 from models.training import TrainConfig, train
 from reports.html import write_comparison, write_report
 from robustness.analysis import accuracy_rows
 from robustness.analysis.compare import compare_runs
 from robustness.core.config import build, load_config_file
 from robustness.core.errors import ConfigError, RunDirError
-from robustness.core.rundir import atomic_write_json
+from robustness.core.rundir import RunDir, atomic_write_json
 from robustness.core.runtime import package_versions
 from robustness.results import RunResults, load_run
 
@@ -45,7 +45,7 @@ class RunPlan:
     models: list[str] = field(default_factory=lambda: ["dsn", "dual", "resnet"])
     transfer: list[str] = field(default_factory=lambda: ["dual->dsn", "dsn->dual", "resnet->dsn"])
     transfer_attack: str = "pgd"
-    open_mode: bool = True
+    open_mode: bool = True  # also attack every gated model with all blocks open (its no-skip view)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -131,7 +131,7 @@ def run_pipeline(config: PipelineConfig, out: str | Path, resume: bool = False, 
     for name, run_dir in runs.items():
         log.info("== attack %s ==", name)
         attack = config.attack
-        if name == "dsn" and plan.open_mode:
+        if plan.open_mode and load_run_checkpoint(RunDir.at(run_dir)).build_model().is_gated:
             attack = dataclasses.replace(attack, gate_modes=list(dict.fromkeys([*attack.gate_modes, "open"])))
         run_attacks(run_dir, attack, resume=True, progress=progress)
 

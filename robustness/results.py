@@ -60,6 +60,40 @@ class RunResults:
         return float(value) if value else None
 
     @property
+    def evaluations(self) -> list[dict[str, Any]]:
+        """The manifest's evaluation entries (what was attacked, how), [] when unknown."""
+        return list(self.manifest.get("evaluations") or [])
+
+    @property
+    def zero_grad_share(self) -> dict[str, float] | None:
+        """Share of all-zero input gradients per ``gate_mode/gate_grad``, as the attack run measured it."""
+        return self.manifest.get("zero_grad_share")
+
+    @property
+    def seed(self) -> int | None:
+        """The attack run's seed (from the manifest, else from the records)."""
+        if self.manifest.get("seed") is not None:
+            return int(self.manifest["seed"])
+        return int(self.records["seed"].iloc[0]) if len(self.records) else None
+
+    @property
+    def n(self) -> int:
+        """Samples attacked (from the manifest, else counted in the records)."""
+        if self.manifest.get("n") is not None:
+            return int(self.manifest["n"])
+        return int(self.records["sample"].nunique()) if len(self.records) else 0
+
+    @property
+    def dataset(self) -> Any:
+        """The manifest's dataset entry (DatasetInfo as a dict), or '' when unknown."""
+        return self.manifest.get("dataset", "")
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """Package versions that produced the records."""
+        return dict(self.manifest.get("versions") or {})
+
+    @property
     def fine_to_coarse(self) -> list[int] | None:
         """Superclass of each fine class, when the manifest's dataset entry gives it."""
         dataset = self.manifest.get("dataset")

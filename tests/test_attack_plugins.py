@@ -6,6 +6,7 @@ import dataclasses
 import textwrap
 from dataclasses import dataclass
 
+import pandas as pd
 import pytest
 import torch
 
@@ -16,7 +17,10 @@ from attacks.params import CWParams, PGDParams
 from attacks.records import read_records
 from attacks.runner import AttackConfig, plan_evaluations, run_attacks
 from robustness.commands.attack import config_from_args
+from reports.html import write_report
 from robustness.core.errors import ConfigError, UnknownNameError
+from robustness.results import load_run
+from robustness.sanity import run_checks
 from attack_helpers import copy_run
 
 EPS = 2 / 255
@@ -72,10 +76,11 @@ def sign_twice():
 
 def test_a_registered_test_attack_is_planned_run_recorded_and_counted(sign_twice, tiny_runs, tmp_path):
     assert attack_kind("sign-twice") == ITERATIVE and "sign-twice" in attacks_of_kind(ITERATIVE)
-    config = AttackConfig(attacks=["sign-twice", "slowdown"], backends="torchattacks", eps=[0.0, EPS],
+    config = AttackConfig(attacks=["sign-twice", "slowdown", "fgsm"], backends="torchattacks", eps=[0.0, EPS],
                           gate_grads=["none"], n=32, batch_size=32, steps=3, seed=0)
     plans = plan_evaluations(config, gated=False)
-    assert [(p.name, p.backend) for p in plans] == [("sign-twice", "native"), ("slowdown", "native")]
+    assert [(p.name, p.backend) for p in plans] == [("sign-twice", "native"), ("slowdown", "native"),
+                                                    ("fgsm", "torchattacks")]
     assert plans[0].attack.params == TwiceParams(steps=3)  # the general steps reaches an iterative plug-in
     run = copy_run(tiny_runs["resnet"], tmp_path / "resnet")
     result = run_attacks(run.root, config, progress=False)
@@ -90,9 +95,21 @@ def test_a_registered_test_attack_is_planned_run_recorded_and_counted(sign_twice
     # a sample the plug-in fools is non-robust in the worst case; slowdown (compute) never decides it
     assert not at.loc[fooled["sample"], "adv_correct"].any()
     assert (at["adv_correct"] == mine[mine["eps"] == EPS].set_index("sample")["adv_correct"]).all()
-    assert {e["attack"] for e in result.manifest["evaluations"]} == {"sign-twice", "slowdown"}
+    assert {e["attack"] for e in result.manifest["evaluations"]} == {"sign-twice", "slowdown", "fgsm"}
     entry = next(e for e in result.manifest["evaluations"] if e["attack"] == "sign-twice")
     assert entry["config"] == {"norm": "linf", "steps": 3, "scale": 1.0}
+
+    # the sanity checks read its kind: with fgsm as the only other accuracy attack, the iterative-vs-single-step
+    # check has an iterative attack to compare only because the plug-in declared itself iterative
+    loaded = load_run(run.root)
+    checks = {c.name: c for c in run_checks(loaded.records)}
+    assert checks["iterative-vs-single-step"].status != "skip"
+    # and the report shows it: a row of the summary, a line of the robust-accuracy figure's data, the worst case
+    report = write_report(loaded)
+    summary = pd.read_csv(report.out / "summary.csv")
+    assert "sign-twice" in set(summary["attack"]) and "sign-twice" in (report.out / "index.html").read_text()
+    pooled = report.worst_case.loc[report.worst_case["eps"] == EPS, "attacks"].iloc[0].split(",")
+    assert "sign-twice" in pooled and "slowdown" not in pooled
 
 
 def test_plug_in_params_come_from_its_subtable(sign_twice):

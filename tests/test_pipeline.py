@@ -24,24 +24,38 @@ SHRINK = {
     "data": {"n": 400, "image_size": 16, "test_limit": 48},
     "model": {"depth_n": 2, "width": 4},
     "train": {"epochs": 2, "warmup_epochs": 1, "ramp_epochs": 1, "batch_size": 64},
-    "attack": {"n": 24, "batch_size": 12, "steps": 2, "cw_steps": 5, "cw_binary_steps": 1, "cw_c": [1.0],
-               "square_queries": 10, "eot_samples": 2, "backends": ["torchattacks"]},
+    "attack": {"n": 24, "batch_size": 12, "steps": 2, "eot_samples": 2, "backends": ["torchattacks"],
+               "cw": {"steps": 5, "binary_steps": 1, "c": [1.0]}, "square": {"queries": 10}},
 }
 
 
 def write_toml(path: Path, tables: dict) -> Path:
     lines = []
-    for name, table in tables.items():
+
+    def table(name: str, values: dict) -> None:
         lines.append(f"[{name}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in table.items()]
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items() if not isinstance(value, dict))
+        for key, value in values.items():
+            if isinstance(value, dict):
+                table(f'{name}."{key}"', value)
+
+    for name, values in tables.items():
+        table(name, values)
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
+def _merge(base: dict, changes: dict) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            _merge(base.setdefault(key, {}), value)
+        else:
+            base[key] = value
+
+
 def shrunken_quickstart(folder: Path) -> Path:
     tables = tomllib.loads(QUICKSTART.read_text())
-    for name, changes in SHRINK.items():
-        tables.setdefault(name, {}).update(changes)
+    _merge(tables, SHRINK)
     return write_toml(folder / "tiny.toml", tables)
 
 

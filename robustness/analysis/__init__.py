@@ -2,14 +2,14 @@
 
 - :mod:`~robustness.analysis.stats`: Wilson and bootstrap intervals, association with success, paired differences.
 - :mod:`~robustness.analysis.selection`: white-box rows, rows that count for accuracy, the figures' attack family.
-- :mod:`~robustness.analysis.metrics`: gate-path distances, per-evaluation summaries, block rates, robust accuracy
-  and worst case, compute saved.
+- :mod:`~robustness.analysis.summary`: the per-evaluation summary, one registered function per metric.
+- :mod:`~robustness.analysis.metrics`: gate-path distances, block rates, robust accuracy and worst case, compute
+  saved.
 - :mod:`~robustness.analysis.transfer`: the transfer matrix.
 - :mod:`~robustness.analysis.compare`: the skip vs no-skip verdict. Import it from its module: it builds on
   ``robustness.sanity``, which builds on this package, so it is not re-exported here.
 """
 from robustness.analysis.metrics import (
-    SUMMARY_COLUMNS,
     WORST_KEYS,
     block_rates,
     compute_saved,
@@ -19,8 +19,6 @@ from robustness.analysis.metrics import (
     path_distances,
     path_matrix,
     robust_accuracy_table,
-    summarize,
-    summarize_group,
     worst_case_accuracy,
 )
 from robustness.analysis.selection import (
@@ -42,12 +40,21 @@ from robustness.analysis.stats import (
     pointbiserial,
     wilson_interval,
 )
+from robustness.analysis.summary import (
+    SUMMARY_COLUMNS,
+    Evaluation,
+    register_metric,
+    summarize,
+    summarize_group,
+    unregister_metric,
+)
 from robustness.analysis.transfer import TRANSFER_KEYS, transfer_matrix
 
 __all__ = [
-    "PAIR_KEYS", "SUMMARY_COLUMNS", "TRANSFER_KEYS", "WORST_KEYS", "Interval", "accuracy_rows", "association",
-    "auroc", "block_rates", "bootstrap", "bootstrap_many", "bootstrap_mean", "compute_saved", "hamming_distance",
-    "is_gated", "jaccard_distance", "paired_difference", "path_distances", "path_matrix", "pointbiserial",
-    "primary_evaluation", "robust_accuracy_table", "select", "strongest_per_sample", "summarize", "summarize_group",
-    "transfer_matrix", "whitebox", "wilson_interval", "worst_case_accuracy",
+    "PAIR_KEYS", "SUMMARY_COLUMNS", "TRANSFER_KEYS", "WORST_KEYS", "Evaluation", "Interval", "accuracy_rows",
+    "association", "auroc", "block_rates", "bootstrap", "bootstrap_many", "bootstrap_mean", "compute_saved",
+    "hamming_distance", "is_gated", "jaccard_distance", "paired_difference", "path_distances", "path_matrix",
+    "pointbiserial", "primary_evaluation", "register_metric", "robust_accuracy_table", "select",
+    "strongest_per_sample", "summarize", "summarize_group", "transfer_matrix", "unregister_metric", "whitebox",
+    "wilson_interval", "worst_case_accuracy",
 ]

@@ -21,7 +21,7 @@ import pandas as pd
 
 from attacks.records import worst_case
 from robustness.analysis.metrics import compute_saved, is_gated
-from robustness.analysis.selection import strongest_per_sample, whitebox
+from robustness.analysis.selection import accuracy_rows, strongest_per_sample, whitebox
 from robustness.analysis.stats import PAIR_KEYS, paired_difference, wilson_interval
 from robustness.analysis.transfer import transfer_matrix
 from robustness.core.errors import RunDirError
@@ -97,7 +97,7 @@ def _variants(runs: Sequence[RunResults], labels: Sequence[str] | None) -> list[
 
 def _combined(v: Variant, common: Sequence[str]) -> pd.DataFrame:
     """The variant's white-box records, strongest per attack and sample, plus ``attack='worst'`` rows over the
-    attacks every variant ran."""
+    accuracy attacks every variant ran."""
     strong = strongest_per_sample(whitebox(v.records))
     shared = strong[strong["attack"].isin(list(common))]
     parts = [strong] + ([worst_case(shared)] if len(shared) else [])
@@ -174,13 +174,14 @@ def compare_runs(runs: Sequence[RunResults], labels: Sequence[str] | None = None
     if labels is not None and len(labels) != len(runs):
         raise RunDirError(f"got {len(labels)} labels for {len(runs)} run directories")
     notes = []
-    datasets = {(r.dataset_name, r.manifest.get("seed"), r.manifest.get("n")) for r in runs}
+    datasets = {(r.dataset_name, r.seed, r.n) for r in runs}
     if len(datasets) > 1:
         notes.append(f"The runs were attacked on different evaluation sets {sorted(map(str, datasets))}: pairing by "
                      "sample index may be meaningless.")
         log.warning(notes[-1])
     variants = _variants(runs, labels)
-    common = sorted(set.intersection(*[set(whitebox(v.records)["attack"].astype(str)) for v in variants]))
+    common = sorted(set.intersection(*[set(accuracy_rows(whitebox(v.records))["attack"].astype(str))
+                                       for v in variants]))
     combined = {v.label: _combined(v, common) for v in variants}
     ref = variants[0]
 

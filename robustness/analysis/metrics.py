@@ -1,6 +1,6 @@
-"""Per-evaluation metrics over attack records: gate-path distances, the summary of one evaluation (accuracy,
-success, path and compute change, and how path change relates to success), per-block execution and flip rates,
-robust accuracy tables with the per-sample worst case, and the compute a skipping model saves.
+"""Metrics over attack records: gate-path distances, per-block execution and flip rates, robust accuracy tables
+with the per-sample worst case, and the compute a skipping model saves. (The one-row-per-evaluation summary and
+its metric registry live in :mod:`robustness.analysis.summary`.)
 
 Pure functions: records (``attacks.records`` contract) in, DataFrames out. Nothing here needs a model.
 Conventions shared by every function:
@@ -13,14 +13,14 @@ Conventions shared by every function:
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
 from attacks.records import EVAL_KEYS, worst_case
-from robustness.analysis.selection import whitebox
-from robustness.analysis.stats import Interval, association, mean_or_nan, put_interval, wilson_interval
+from robustness.analysis.selection import accuracy_rows, whitebox
+from robustness.analysis.stats import mean_or_nan, put_interval, wilson_interval
 
 #: Keys of a worst-case group (``attacks.records.worst_case``'s default grouping).
 WORST_KEYS: list[str] = ["run", "model", "norm", "eps", "gate_mode", "target", "source_run"]
@@ -77,140 +77,6 @@ def path_distances(clean: pd.Series, adv: pd.Series) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Per-evaluation summary
-# ---------------------------------------------------------------------------------------------------------------
-
-#: Columns of :func:`summarize` after the :data:`EVAL_KEYS` (``*_low``/``*_high`` are interval bounds).
-SUMMARY_COLUMNS: dict[str, str] = {
-    "n": "samples in the evaluation",
-    "clean_acc_fine": "clean accuracy of the fine head",
-    "clean_acc_coarse": "clean accuracy of the coarse head",
-    "clean_acc": "clean accuracy of the target head",
-    "robust_acc": "accuracy of the target head on adversarial inputs",
-    "n_clean_correct": "initially-correct samples",
-    "n_success": "successful attacks (initially correct, adversarially wrong)",
-    "success_rate": "n_success / n_clean_correct",
-    "gated": "the records carry gate paths",
-    "n_gates": "gates per path",
-    "clean_exec_rate": "mean share of gated blocks executed on clean inputs",
-    "adv_exec_rate": "mean share of gated blocks executed on adversarial inputs",
-    "path_changed": "share of samples whose path changed",
-    "hamming_mean": "mean Hamming distance clean vs adversarial path",
-    "jaccard_mean": "mean Jaccard distance of the executed-block sets",
-    "clean_macs_mean": "mean MACs on clean inputs",
-    "adv_macs_mean": "mean MACs on adversarial inputs",
-    "dmacs_mean": "mean adv_macs - clean_macs",
-    "dmacs_pct": "dmacs_mean in percent of full_macs (NaN without full_macs)",
-    "n_changed": "initially-correct samples whose path changed",
-    "p_success_changed": "P(success | path changed), Wilson interval",
-    "n_unchanged": "initially-correct samples whose path did not change",
-    "p_success_unchanged": "P(success | path unchanged), Wilson interval",
-    "r_hamming": "point-biserial r of Hamming distance with success, bootstrap interval",
-    "auroc_hamming": "AUROC of Hamming distance for success, bootstrap interval",
-    "r_dmacs": "point-biserial r of dMACs with success, bootstrap interval",
-    "auroc_dmacs": "AUROC of dMACs for success, bootstrap interval",
-    "frozen_survival": "share of successes still wrong with the clean path frozen, Wilson interval",
-    "same_superclass": "share of successful fine attacks whose adversarial fine class is in the true superclass "
-                       "(via fine_to_coarse); named same_superclass_proxy when the coarse head's prediction is "
-                       "used instead (adv_pred_coarse == label_coarse)",
-}
-
-
-def _full_macs_for(full_macs: float | Mapping[str, float] | None, run: str) -> float:
-    if full_macs is None:
-        return float("nan")
-    if isinstance(full_macs, Mapping):
-        value = full_macs.get(run)
-        return float(value) if value else float("nan")
-    return float(full_macs) if full_macs else float("nan")
-
-
-def summarize_group(g: pd.DataFrame, full_macs: float = float("nan"),
-                    fine_to_coarse: Sequence[int] | None = None, n_boot: int = 1000, seed: int = 0,
-                    confidence: float = 0.95) -> dict[str, float]:
-    """The :data:`SUMMARY_COLUMNS` metrics of one evaluation's records (without the key columns)."""
-    nan = float("nan")
-    row: dict[str, float] = {"n": len(g)}
-    row["clean_acc_fine"] = mean_or_nan((g["clean_pred_fine"] == g["label_fine"]).to_numpy(bool))
-    row["clean_acc_coarse"] = mean_or_nan((g["clean_pred_coarse"] == g["label_coarse"]).to_numpy(bool))
-    correct = g["clean_correct"].to_numpy(bool)
-    success = g["success"].to_numpy(bool) & correct
-    row["clean_acc"] = mean_or_nan(correct)
-    row["robust_acc"] = mean_or_nan(g["adv_correct"].to_numpy(bool))
-    row["n_clean_correct"], row["n_success"] = int(correct.sum()), int(success.sum())
-    row["success_rate"] = success.sum() / correct.sum() if correct.any() else nan
-
-    clean_bits, adv_bits = path_matrix(g["clean_path"]), path_matrix(g["adv_path"])
-    gated = clean_bits.shape[1] > 0
-    row["gated"], row["n_gates"] = gated, clean_bits.shape[1]
-    dist = path_distances(g["clean_path"], g["adv_path"])
-    hamming = dist["hamming"].to_numpy(float)
-    row["clean_exec_rate"] = float(clean_bits.mean()) if gated and len(g) else nan
-    row["adv_exec_rate"] = float(adv_bits.mean()) if gated and len(g) else nan
-    row["path_changed"] = mean_or_nan(hamming > 0) if gated else nan
-    row["hamming_mean"] = mean_or_nan(hamming) if gated else nan
-    row["jaccard_mean"] = mean_or_nan(dist["jaccard"].to_numpy()) if gated else nan
-
-    dmacs = (g["adv_macs"] - g["clean_macs"]).to_numpy(float)
-    row["clean_macs_mean"] = mean_or_nan(g["clean_macs"].to_numpy(float))
-    row["adv_macs_mean"] = mean_or_nan(g["adv_macs"].to_numpy(float))
-    row["dmacs_mean"] = mean_or_nan(dmacs)
-    row["dmacs_pct"] = 100.0 * row["dmacs_mean"] / full_macs if np.isfinite(full_macs) else nan
-
-    changed = hamming[correct] > 0
-    s = success[correct]
-    if gated:
-        ch = wilson_interval(int(s[changed].sum()), int(changed.sum()), confidence)
-        un = wilson_interval(int(s[~changed].sum()), int((~changed).sum()), confidence)
-    else:
-        ch = un = Interval(nan, nan, nan, 0)
-    row["n_changed"], row["n_unchanged"] = (int(changed.sum()), int((~changed).sum())) if gated else (0, 0)
-    put_interval(row, "p_success_changed", ch)
-    put_interval(row, "p_success_unchanged", un)
-    for name, x in (("hamming", hamming[correct]), ("dmacs", dmacs[correct])):
-        if gated:
-            r, a = association(x, s, n_boot, seed, confidence)
-        else:
-            r = a = Interval(nan, nan, nan, 0)
-        put_interval(row, f"r_{name}", r)
-        put_interval(row, f"auroc_{name}", a)
-
-    frozen_wrong = ~g["frozen_correct"].to_numpy(bool)[success]
-    put_interval(row, "frozen_survival", wilson_interval(int(frozen_wrong.sum()), int(success.sum()), confidence))
-
-    fine_success = success if (g["target"] == "fine").all() else np.zeros(len(g), bool)
-    if fine_to_coarse is not None:
-        lookup = np.asarray(fine_to_coarse, dtype=np.int64)
-        same = lookup[g["adv_pred_fine"].to_numpy(np.int64)] == g["label_coarse"].to_numpy(np.int64)
-        column = "same_superclass"
-    else:
-        same = (g["adv_pred_coarse"] == g["label_coarse"]).to_numpy(bool)
-        column = "same_superclass_proxy"
-    put_interval(row, column, wilson_interval(int(same[fine_success].sum()), int(fine_success.sum()), confidence))
-    return row
-
-
-def summarize(df: pd.DataFrame, full_macs: float | Mapping[str, float] | None = None,
-              fine_to_coarse: Sequence[int] | None = None, n_boot: int = 1000, seed: int = 0,
-              confidence: float = 0.95) -> pd.DataFrame:
-    """One row per evaluation: :data:`EVAL_KEYS` then the :data:`SUMMARY_COLUMNS` metrics.
-
-    ``full_macs`` is the all-blocks-executed cost, one number or a mapping from run name to number.
-    ``fine_to_coarse[c]`` is the superclass of fine class ``c``; without it the superclass column is the proxy.
-    Interval columns come as ``<name>``, ``<name>_low``, ``<name>_high``.
-    """
-    rows = []
-    for key, g in df.groupby(EVAL_KEYS, sort=True, observed=True, dropna=False):
-        row = dict(zip(EVAL_KEYS, key))
-        row.update(summarize_group(g, _full_macs_for(full_macs, str(row["run"])), fine_to_coarse, n_boot, seed,
-                                   confidence))
-        rows.append(row)
-    if not rows:
-        return pd.DataFrame(columns=EVAL_KEYS + list(SUMMARY_COLUMNS))
-    return pd.DataFrame(rows)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Per-block rates
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -253,12 +119,13 @@ def block_rates(df: pd.DataFrame, path_names: Sequence[str] | None = None) -> pd
 # ---------------------------------------------------------------------------------------------------------------
 
 def worst_case_accuracy(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
-    """Per-sample worst case over all white-box attacks (``attacks.records.worst_case``), per eps.
+    """Per-sample worst case over the white-box attacks that count for accuracy (``attacks.records.worst_case``),
+    per eps.
 
     Columns: :data:`WORST_KEYS`, ``n``, ``n_attacks``, ``attacks`` (comma-separated attack names pooled),
     ``clean_acc``, ``robust_acc``, ``robust_acc_low``, ``robust_acc_high`` (Wilson).
     """
-    wb = whitebox(df)
+    wb = accuracy_rows(whitebox(df))
     cols = WORST_KEYS + ["n", "n_attacks", "attacks", "clean_acc", "robust_acc", "robust_acc_low",
                          "robust_acc_high"]
     if wb.empty:
