@@ -46,7 +46,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+
+from attacks.base import counts_for_accuracy
 
 RECORD_COLUMNS: dict[str, str] = {
     "run": "string",
@@ -105,6 +108,19 @@ def read_records(path: str | Path) -> pd.DataFrame:
     if not files:
         return conform(pd.DataFrame({c: pd.Series(dtype=t) for c, t in RECORD_COLUMNS.items()}))
     return conform(pd.concat([pd.read_parquet(f) for f in files], ignore_index=True))
+
+
+def accuracy_mask(df: pd.DataFrame) -> np.ndarray:
+    """Per row: whether its attack counts for robust accuracy and the worst case. The attack's registered kind
+    decides (:func:`attacks.base.counts_for_accuracy`: every kind but compute; an unregistered name counts)."""
+    names = df["attack"].astype(str)
+    counts = {name: counts_for_accuracy(name) for name in names.unique()}
+    return names.map(counts).to_numpy(bool)
+
+
+def accuracy_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of attacks that count for accuracy (drops compute attacks such as ``slowdown``)."""
+    return df[accuracy_mask(df)]
 
 
 def worst_case(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:

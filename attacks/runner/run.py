@@ -6,7 +6,7 @@ Layout written into the run directory::
     attacks/manifest.json                                  what was run (below)
     attacks/records/<evaluation-id>/shard-<batch:05d>.parquet   rows of one batch, every eps (attacks.records)
     attacks/worst_case.parquet                             per-sample worst case at each eps over the attacks
-                                                           that count for accuracy (attacks.base.counts_for_accuracy)
+                                                           that count for accuracy (attacks.records.accuracy_rows)
 
 The manifest (``schema: dsn-robustness/attacks/v1``) holds: ``run``, ``model``, ``checkpoint`` (relative path),
 ``dataset`` (DatasetInfo.to_dict()), ``data`` (dataset name, root, options, split), ``seed``, ``n``,
@@ -37,9 +37,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from attacks.base import Target, counts_for_accuracy
+from attacks.base import Target
 from attacks.checks import zero_gradient_share
-from attacks.records import RECORD_COLUMNS, conform, read_records, worst_case
+from attacks.records import RECORD_COLUMNS, accuracy_rows, conform, read_records, worst_case
 from attacks.runner.config import AttackConfig, dedupe
 from attacks.runner.plan import EvalPlan, plan_evaluations
 from attacks.runner.scoring import Batch, Scorer
@@ -260,8 +260,7 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
         atomic_write_json(run.manifest, manifest)
         records = read_records(run.records) if run.has_records() else conform(
             pd.DataFrame(columns=list(RECORD_COLUMNS)))
-        counted = [a for a in records["attack"].unique() if counts_for_accuracy(str(a))]
-        worst = worst_case(records[records["attack"].isin(counted)])
+        worst = worst_case(accuracy_rows(records))
         atomic_write(run.worst_case, lambda tmp: worst.to_parquet(tmp, index=False))
         return AttackResult(run.root, manifest, records)
 

@@ -2,7 +2,8 @@
 setting, the per-sample strongest attack, and the attack family a one-run report shows.
 
 Whether an attack counts for accuracy is not decided here: its kind in the attack registry decides
-(``attacks.base.counts_for_accuracy``; a name the registry does not know, e.g. from an older run, counts).
+(``attacks.records.accuracy_rows``, from ``attacks.base.counts_for_accuracy``; a name the registry does not
+know, e.g. from an older run, counts).
 """
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from attacks.base import counts_for_accuracy
-from attacks.records import worst_case
+from attacks.records import accuracy_mask, accuracy_rows, worst_case
 
 #: Keys of the attack family a one-run report's figures show (see :func:`primary_evaluation`).
 FAMILY_KEYS: list[str] = ["run", "attack", "backend", "norm", "gate_mode", "gate_grad", "target"]
@@ -21,18 +21,6 @@ FAMILY_KEYS: list[str] = ["run", "attack", "backend", "norm", "gate_mode", "gate
 def whitebox(df: pd.DataFrame) -> pd.DataFrame:
     """The white-box rows (``source_run == ''``)."""
     return df[df["source_run"].fillna("") == ""]
-
-
-def accuracy_mask(df: pd.DataFrame) -> np.ndarray:
-    """Per row: whether its attack counts for accuracy (the attack's registered kind decides)."""
-    names = df["attack"].astype(str)
-    counts = {name: counts_for_accuracy(name) for name in names.unique()}
-    return names.map(counts).to_numpy(bool)
-
-
-def accuracy_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows of attacks that count for accuracy (drops compute attacks such as ``slowdown``)."""
-    return df[accuracy_mask(df)]
 
 
 def select(df: pd.DataFrame, where: Mapping[str, object]) -> pd.DataFrame:

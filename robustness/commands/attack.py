@@ -11,7 +11,8 @@ import logging
 import tomllib
 from typing import Any
 
-from attacks.base import COMPUTE, attack_kind, counts_for_accuracy
+from attacks.base import COMPUTE, attack_kind
+from attacks.records import accuracy_rows
 from attacks.runner import ATTACK_ALIASES, FLAT_ALIASES, LIBRARY_BACKENDS, AttackConfig, AttackResult, run_attacks
 from robustness.core.config import load_config_file, overridden
 from robustness.core.errors import ConfigError
@@ -124,7 +125,7 @@ def summary_table(result: AttackResult) -> str:
             table.index.names = ["attack", "backend", "grad"]
             lines.append(f"robust accuracy (%), {norm} budgets:")
             lines.append(table.to_string(float_format=lambda v: f"{v:.1f}", na_rep="-"))
-        worst = g[g["attack"].map(lambda a: counts_for_accuracy(str(a))).astype(bool)]
+        worst = accuracy_rows(g)
         if not worst.empty:
             per_sample = worst.groupby(["norm", "eps", "sample"], observed=True)["adv_correct"].all()
             acc = per_sample.groupby(level=["norm", "eps"], observed=True).mean().mul(100)
