@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -29,10 +29,15 @@ class LogitsView(nn.Module):
         model: a :class:`CoarseFineNet` taking images in [0, 1].
         head: ``fine`` or ``coarse``: whose logits the attack sees.
         gate_mode: forward mode of the gates (``hard``, ``open``, ``soft``, ``random``, ``frozen``).
-        gate_grad: routing gradient the attacker sees (``none``, ``ste``, ``bpda``, ``eot``); it only changes
-            anything for a gated model in ``hard`` mode.
+        gate_grad: routing gradient the attacker sees (``none``, ``ste``, ``bpda``, ``sharp``, ``eot``); it only matters
+            for a gated model in ``hard`` mode.
         eot_samples: gate draws averaged per forward when ``gate_grad='eot'``.
         path: bits [B, n_gates] for ``gate_mode='frozen'``.
+        temperature: per-gate temperatures [n_gates] of the ``sharp`` routing gradient (calibrated on clean inputs).
+        observer: an :class:`attacks.tracking.BestAdversarial` offered every batch the view is called on, with the
+            logits when they are exactly the deployed forward's (so that the best iterate is kept whatever the
+            library does with it).
+        observed_index: the samples of the tracker's batch this view is called on (None: all of them).
 
     Shapes: input [B, C, H, W] in [0, 1]; output [B, classes].
 
@@ -41,7 +46,8 @@ class LogitsView(nn.Module):
     """
 
     def __init__(self, model: CoarseFineNet, head: str = "fine", gate_mode: str = "hard", gate_grad: str = "none",
-                 eot_samples: int = 8, path: torch.Tensor | None = None):
+                 eot_samples: int = 8, path: torch.Tensor | None = None, temperature: torch.Tensor | None = None,
+                 observer: Any = None, observed_index: torch.Tensor | None = None):
         super().__init__()
         if head not in HEADS:
             raise ConfigError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
@@ -51,6 +57,11 @@ class LogitsView(nn.Module):
         self.gate_grad = gate_grad
         self.eot_samples = int(eot_samples)
         self.path = path
+        self.temperature = temperature
+        self.observer = observer
+        self.observed_index = observed_index
+        #: whether this view's logits are the deterministic deployed forward's (then they can be offered as is)
+        self.deployed = not model.is_gated or (gate_grad == "none" and gate_mode != "random")
         model.eval()
         super().train(False)
 
@@ -60,10 +71,13 @@ class LogitsView(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        extra = {"temperature": self.temperature} if self.temperature is not None else {}
         with self.model.gating(mode=self.gate_mode, grad=self.gate_grad, path=self.path,
-                               eot_samples=self.eot_samples):
-            out = self.model(x)
-        return out.logits(self.head)
+                               eot_samples=self.eot_samples, **extra):
+            logits = self.model(x).logits(self.head)
+        if self.observer is not None:
+            self.observer.offer(x, logits if self.deployed else None, self.observed_index)
+        return logits
 
 
 @dataclass

@@ -11,16 +11,19 @@ An attack is a small class (foolbox 3's ``FixedEpsilonAttack`` / ``MinimizationA
 
 ``attack(target, x, y, eps, seed)`` (:meth:`Attack.__call__`, final) sweeps the budgets; a subclass implements
 ``run`` (one budget at a time), or ``perturb`` (all positive budgets in one call: libraries that sweep a list of
-budgets in one call, such as foolbox, keep doing so), or, as a :class:`MinimalAttack`, ``minimize``. The runner
-does the rest identically for every backend: budget checks, the deterministic re-evaluation that decides success,
-gate capture and records. Adding an attack is one new file that defines such a class and registers it
-(``@register``).
+budgets in one call, such as foolbox, keep doing so), or, as a :class:`MinimalAttack`, ``minimize``. For the
+fixed-budget kinds (:data:`TRACKED_KINDS`) ``__call__`` also owns which example comes back: every candidate the
+attack evaluates is offered to a :class:`attacks.tracking.BestAdversarial`, which keeps per sample the first one
+that fools the deployed forward. The runner does the rest identically for every backend: budget checks, the
+deterministic re-evaluation that decides success, gate capture and records. Adding an attack is one new file that
+defines such a class and registers it (``@register``).
 
 Backends (imported lazily; a library that fails to import is reported once):
 
-* ``torchattacks`` (:mod:`attacks.backends.torchattacks`): fgsm, pgd, cw, apgd-ce, apgd-dlr, square;
-* ``foolbox`` (:mod:`attacks.backends.foolbox`): fgsm, pgd, cw;
-* ``native`` (:mod:`attacks.backends.native`): the gate-aware attacks path and slowdown.
+* ``native`` (:mod:`attacks.backends.native_pgd`, :mod:`attacks.backends.native`): the suite's PGD (CE and
+  margin losses, restarts) and the gate-aware attacks path and slowdown;
+* ``torchattacks`` (:mod:`attacks.backends.torchattacks`): fgsm, pgd, apgd-ce, apgd-dlr, square, autoattack;
+* ``foolbox`` (:mod:`attacks.backends.foolbox`): fgsm, pgd, and the minimal-norm cw (binary search over c) and ddn.
 
 Shapes everywhere: images [B, C, H, W] in [0, 1]; labels [B] (int64, of the attacked head).
 """
@@ -37,16 +40,18 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from attacks.adapters import LogitsView, eval_logits
+from attacks.checks import check_budget
+from attacks.tracking import BestAdversarial, within_budgets
 from attacks.params import NoParams
-from attacks.selection import within_budgets
-from models.network import CoarseFineNet
+from models.network import CoarseFineNet, ModelOutput
 from robustness.core.config import build
 from robustness.core.errors import ConfigError, UnknownNameError
 from robustness.core.runtime import seed_everything
 from robustness.core.vocab import NORMS
 
-BACKENDS = ("torchattacks", "foolbox", "native")
-_MODULES = ("attacks.backends.torchattacks", "attacks.backends.foolbox", "attacks.backends.native")
+BACKENDS = ("native", "torchattacks", "foolbox")
+_MODULES = ("attacks.backends.native", "attacks.backends.native_pgd", "attacks.backends.torchattacks",
+            "attacks.backends.foolbox")
 log = logging.getLogger(__name__)
 
 SINGLE_STEP = "single-step"
@@ -57,6 +62,8 @@ COMPUTE = "compute"
 #: What an attack is: one gradient step; an iterative gradient attack; a query-only search (the routing gradient
 #: does not matter); a minimal-perturbation attack run once for all budgets; an attack on compute, not labels.
 KINDS = (SINGLE_STEP, ITERATIVE, GRADIENT_FREE, MINIMAL, COMPUTE)
+#: Fixed-budget kinds: their result per sample is the best candidate they evaluated (attacks.tracking).
+TRACKED_KINDS = (SINGLE_STEP, ITERATIVE, GRADIENT_FREE)
 
 
 @dataclass
@@ -64,7 +71,12 @@ class Target:
     """What is attacked: a model, the head whose labels are attacked, and how its gates behave for the attacker.
 
     ``gate_mode`` is the forward mode (the model is attacked *and* evaluated in it); ``gate_grad`` is the
-    routing gradient the attacker differentiates through (only meaningful for a gated model in ``hard`` mode).
+    routing gradient the attacker differentiates through (only meaningful for a gated model in ``hard`` mode);
+    ``temperature`` the per-gate temperatures of the ``sharp`` routing gradient (calibrated on the clean batch by
+    the runner; None: the model calibrates on each batch it sees). ``tracker`` is set by :meth:`Attack.__call__`
+    while a fixed-budget attack runs (:class:`attacks.tracking.BestAdversarial`); ``keep_first`` (True) makes it
+    keep the first fooling candidate; the runner sets it False when crafting for transfer, where the most
+    confident candidate on the source model transfers better.
     """
 
     model: CoarseFineNet
@@ -73,19 +85,55 @@ class Target:
     gate_grad: str = "none"
     eot_samples: int = 8
     device: torch.device | None = None
+    temperature: torch.Tensor | None = None
+    tracker: BestAdversarial | None = None
+    keep_first: bool = True
 
     def __post_init__(self) -> None:
         if self.device is None:
             self.device = next(self.model.parameters()).device
 
-    def view(self) -> LogitsView:
-        """A fresh logits-only view (what the libraries call)."""
+    def view(self, observed: bool = True, index: torch.Tensor | None = None) -> LogitsView:
+        """A fresh logits-only view (what the libraries call); ``observed``: it offers every batch to the tracker
+        (as the samples ``index`` of the tracked batch when the library is handed only those)."""
         return LogitsView(self.model, head=self.head, gate_mode=self.gate_mode, gate_grad=self.gate_grad,
-                          eot_samples=self.eot_samples)
+                          eot_samples=self.eot_samples, temperature=self.temperature,
+                          observer=self.tracker if observed else None, observed_index=index)
+
+    def on_pending(self, x: torch.Tensor, y: torch.Tensor, eps: float, attack) -> torch.Tensor:
+        """Run ``attack(view, xs, ys) -> adv`` on the samples still to attack at ``eps`` only (all of them outside a
+        tracked attack) and return the full batch (the clean image elsewhere). Samples fooled at a smaller budget
+        or misclassified clean cost nothing."""
+        index = self.tracker.pending(eps) if self.tracker is not None else None
+        if index is None:
+            return attack(self.view(), x, y)
+        out = x.clone()
+        if index.numel():
+            adv = attack(self.view(index=index), x.index_select(0, index), y.index_select(0, index)).detach()
+            self.offer(adv, None, index)
+            out[index] = adv.to(x.dtype)
+        return out
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        """The full model output under the attacker's gate mode and routing gradient (with gradients)."""
+        extra = {"temperature": self.temperature} if self.temperature is not None else {}
+        with self.model.gating(mode=self.gate_mode, grad=self.gate_grad, eot_samples=self.eot_samples, **extra):
+            return self.model(x)
+
+    @property
+    def deployed_logits(self) -> bool:
+        """Whether the attacker's forward values are exactly the deterministic deployed forward's."""
+        return not self.model.is_gated or (self.gate_grad == "none" and self.gate_mode != "random")
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Deterministic no-grad logits of the attacked head (routing gradient ``none``)."""
         return eval_logits(self.model, x, self.head, self.gate_mode)
+
+    def offer(self, candidate: torch.Tensor, logits: torch.Tensor | None = None,
+              index: torch.Tensor | None = None) -> None:
+        """Offer a candidate batch to the tracker (nothing happens outside a tracked attack)."""
+        if self.tracker is not None:
+            self.tracker.offer(candidate, logits, index)
 
 
 class Attack(ABC):
@@ -127,15 +175,32 @@ class Attack(ABC):
         """One adversarial batch per budget in ``eps`` (same order); eps 0 is the clean image itself (a copy).
 
         Seeds every generator with ``seed`` once, then hands the positive budgets to :meth:`perturb` in one call.
+        For a fixed-budget attack (:data:`TRACKED_KINDS`) that call runs under a
+        :class:`attacks.tracking.BestAdversarial`: what is returned per sample and budget is the first candidate
+        the attack evaluated (or returned) that fools the deployed forward, else its lowest-margin one.
         """
         positive = [e for e in eps if e > 0]
         seed_everything(seed)
-        made = self.perturb(target, x, y, positive, seed) if positive else []
-        if len(made) != len(positive):
-            raise RuntimeError(f"attack {self.name!r} ({self.backend}) returned {len(made)} batches for "
-                               f"{len(positive)} budgets")
+        made: list[torch.Tensor] = []
+        if positive and self.kind in TRACKED_KINDS:
+            tracker = BestAdversarial(target, x, y, positive, self.norm, keep_first=target.keep_first)
+            returned = self.perturb(dataclasses.replace(target, tracker=tracker), x, y, positive, seed)
+            self._check_count(returned, positive)
+            for e, adv in zip(positive, returned):
+                # a library that returns an example outside its budget is broken: say so, never drop it silently
+                check_budget(x, adv, e, self.norm, attack=self.name, backend=self.backend)
+                tracker.offer(adv)
+            made = [tracker.best(k) for k in range(len(positive))]
+        elif positive:
+            made = self.perturb(target, x, y, positive, seed)
+            self._check_count(made, positive)
         it = iter(made)
         return [x.clone() if e == 0 else next(it).detach().to(x.dtype) for e in eps]
+
+    def _check_count(self, made: Sequence[torch.Tensor], eps: Sequence[float]) -> None:
+        if len(made) != len(eps):
+            raise RuntimeError(f"attack {self.name!r} ({self.backend}) returned {len(made)} batches for "
+                               f"{len(eps)} budgets")
 
     def perturb(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float],
                 seed: int) -> list[torch.Tensor]:
@@ -151,10 +216,11 @@ class Attack(ABC):
 
 
 class MinimalAttack(Attack):
-    """A minimal-perturbation attack (CW): run once for all budgets, then scored per budget.
+    """A minimal-perturbation attack (CW, DDN): run once, unbounded, then scored per budget.
 
     :meth:`minimize` returns per sample the smallest adversarial example it found and whether it found one; at a
-    budget the example is used only if its norm fits, otherwise the clean image stands.
+    budget the example is used only if its norm fits, otherwise the clean image stands. The runner also scores it
+    at eps = inf: that row holds each sample's minimal norm and whether one was found at all (its convergence).
     """
 
     kind: ClassVar[str] = MINIMAL

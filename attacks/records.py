@@ -14,7 +14,7 @@ backend              string   ``torchattacks``, ``foolbox`` or ``native`` (our o
 norm                 string   ``linf`` or ``l2``
 eps                  float64  the budget in [0, 1] pixel units (``inf`` for an unbounded attack)
 gate_mode            string   forward mode the model was attacked *and* evaluated in (``hard``, ``open``, ...)
-gate_grad            string   routing-gradient mode the attacker saw (``none``, ``ste``, ``bpda``, ``eot``)
+gate_grad            string   routing gradient the attacker saw (``none``, ``ste``, ``bpda``, ``sharp``, ``eot``)
 target               string   head under attack: ``fine`` or ``coarse``
 source_run           string   run the example was crafted on ('' for white-box; another run for transfer)
 sample               int64    index of the sample in the evaluation split
@@ -28,6 +28,8 @@ adv_pred_coarse      int64    coarse prediction on the adversarial input
 clean_correct        bool     clean prediction of the target head is right
 adv_correct          bool     adversarial prediction of the target head is right
 success              bool     ``clean_correct and not adv_correct`` (recomputed from model outputs)
+robust               bool     ``clean_correct and adv_correct``: what robust accuracy counts (RobustBench's rule; a
+                              misclassified sample that an attack pushes to the right class is not robust)
 linf                 float64  L-inf norm of (adv - clean)
 l2                   float64  L2 norm of (adv - clean)
 clean_path           string   gate bits on the clean input, coarse-branch gates then fine-branch gates ('' if none)
@@ -73,6 +75,7 @@ RECORD_COLUMNS: dict[str, str] = {
     "clean_correct": "bool",
     "adv_correct": "bool",
     "success": "bool",
+    "robust": "bool",
     "linf": "float64",
     "l2": "float64",
     "clean_path": "string",
@@ -93,8 +96,11 @@ EVAL_KEYS: list[str] = ["run", "model", "attack", "backend", "norm", "eps", "gat
 def conform(df: pd.DataFrame) -> pd.DataFrame:
     """Return ``df`` with exactly the contract's columns, in order, with the contract's dtypes.
 
-    Raises ``ValueError`` naming any missing column.
+    Records written before the ``robust`` column existed get it as ``clean_correct & adv_correct``. Raises
+    ``ValueError`` naming any missing column.
     """
+    if "robust" not in df.columns and {"clean_correct", "adv_correct"} <= set(df.columns):
+        df = df.assign(robust=df["clean_correct"].astype(bool) & df["adv_correct"].astype(bool))
     missing = [c for c in RECORD_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"records lack column(s): {', '.join(missing)}")
@@ -124,16 +130,17 @@ def accuracy_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def worst_case(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
-    """Per-sample worst case over attacks: a sample counts as robust only if *every* attack failed on it.
+    """Per-sample worst case over attacks: a sample is robust only if it is robust (correct on clean and on
+    adversarial) under *every* attack.
 
     Groups by ``by`` (default: run, model, norm, eps, gate_mode, target, source_run) plus ``sample``, and returns one
     row per group with ``attack='worst'``, ``backend='any'``, ``gate_grad='any'``; the row's adversarial fields
-    are those of the first attack that made the sample wrong (or of the first attack when none did).
+    are those of the first attack under which the sample is not robust (or of the first attack when none).
     """
     by = by or ["run", "model", "norm", "eps", "gate_mode", "target", "source_run"]
     if df.empty:
         return df.copy()
-    ordered = df.sort_values([*by, "sample", "adv_correct"], kind="stable")
+    ordered = df.sort_values([*by, "sample", "robust"], kind="stable")
     worst = ordered.groupby([*by, "sample"], sort=False, observed=True, dropna=False).head(1).copy()
     worst["attack"], worst["backend"], worst["gate_grad"] = "worst", "any", "any"
     return conform(worst.reset_index(drop=True))

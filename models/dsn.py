@@ -109,7 +109,8 @@ class DSN(CoarseFineNet):
                 d = train_decision(score, self.gate_fn, float(self.slope))
             else:
                 frozen = state.path[:, k] if state.mode == "frozen" else None
-                d = eval_decision(score, state, self.gate_rate[k], frozen)
+                temperature = state.temperature[k] if state.mode == "sharpened" else None
+                d = eval_decision(score, state, self.gate_rate[k], frozen, temperature)
             decisions.append((score, d))
             x = _execute(stage[j + 1], x, d)
         for block in list(stage)[len(gates) + 1:]:

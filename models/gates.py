@@ -11,10 +11,18 @@ Vocabulary (see DESIGN.md, "Gate modes"):
   per-block execution rates), ``frozen`` (a given path).
 * routing gradient (what an *attacker* sees through the hard gates): ``none`` (no gradient through routing),
   ``ste`` (straight-through: hard forward, ``sigmoid`` derivative backward), ``bpda`` (forward of the hard network,
-  backward through the soft network), ``eot`` (expectation over Bernoulli(sigmoid(s)) gate samples).
+  backward through the soft network), ``eot`` (expectation over Bernoulli(sigmoid(s)) gate samples), ``sharp``
+  (BPDA whose backward network mixes each gated block by ``sigmoid(s / T)``, ``T`` a per-gate temperature).
 
-The relaxation an attacker differentiates is always ``sigmoid(s)``: it is smooth everywhere, unlike the
-annealed hard sigmoid whose derivative vanishes for most scores once the slope is large.
+The relaxation an attacker differentiates is ``sigmoid(s)`` (``sharp``: ``sigmoid(s / T)``): it is smooth
+everywhere, unlike the annealed hard sigmoid whose derivative vanishes for most scores once the slope is large.
+
+Pitfall behind ``sharp``: a trained model's scores may sit right on the threshold (the STE-trained quickstart dsn
+has median ``|s|`` of about 0.004), so ``sigmoid(s)`` runs nearly every gated block at half strength and the soft
+network BPDA differentiates is far from the hard one. Dividing by a temperature of the scores' own scale
+(:func:`sharpening_temperature`) puts most surrogate values near 0 or 1 again. The temperature is calibrated once
+on clean inputs and then held fixed (``GateState.temperature``): a surrogate that changes with the batch or with
+each attack iterate is not one fixed function, and its gradients are not those of any network.
 """
 from __future__ import annotations
 
@@ -28,6 +36,31 @@ from robustness.core.errors import ConfigError, UnknownNameError
 from robustness.core.vocab import EXECUTIONS, FORWARD_MODES, GRAD_MODES
 
 
+#: Forward modes used inside the model only (routing gradients ``eot`` and ``sharp``); not for users.
+INTERNAL_MODES = ("sample", "sharpened")
+#: ``k`` of :func:`sharpening_temperature`: a gate whose score is the gate's median ``|s|`` gets value
+#: ``sigmoid(+-k)``, i.e. 0.982 / 0.018 for k = 4; half of the samples are further from 0.5 than that.
+SHARPNESS = 4.0
+#: Smallest temperature: keeps ``s / T`` finite for a gate whose scores are all (near) zero.
+MIN_TEMPERATURE = 1e-6
+
+
+def sharpening_temperature(scores: torch.Tensor, sharpness: float = SHARPNESS,
+                           floor: float = MIN_TEMPERATURE) -> torch.Tensor:
+    """Per-gate temperature ``T_l = max(median_b |s_l,b| / sharpness, floor)`` from clean scores [B, n_gates].
+
+    Scale-free: multiplying a gate's scores by ``c > 0`` (which leaves its hard decisions unchanged) multiplies
+    its temperature by ``c``, so the sharpened surrogate ``sigmoid(s / T)`` does not change either. The choice of
+    ``SHARPNESS`` is justified with measurements in models/surrogates.py. Returns a detached float tensor [n_gates].
+    """
+    if scores.dim() != 2 or scores.shape[0] == 0:
+        raise ConfigError(f"gate temperature needs scores [B > 0, n_gates], got shape {tuple(scores.shape)}")
+    if sharpness <= 0:
+        raise ConfigError(f"sharpness must be positive, got {sharpness}")
+    median = scores.detach().float().abs().median(dim=0).values
+    return (median / sharpness).clamp_min(floor)
+
+
 @dataclass(frozen=True)
 class GateState:
     """How gates behave in a forward pass.
@@ -36,6 +69,10 @@ class GateState:
     ``execution`` chooses how hard decisions are carried out: ``subbatch`` computes a block only for the samples
     that run it; ``mask`` computes it for all and multiplies (same outputs, no saving; a benchmark baseline).
     ``sample`` is an internal mode: one Bernoulli(sigmoid(s)) draw with a straight-through gradient (EOT).
+    ``sharpened`` is an internal mode: the soft network with gate values ``sigmoid(s / temperature)`` (the
+    backward network of routing gradient ``sharp``); it needs ``temperature``.
+    ``temperature``: positive per-gate temperatures [n_gates] in path order for routing gradient ``sharp``
+    (see :func:`sharpening_temperature`); ``None`` calibrates one from each batch's own clean scores.
     """
 
     mode: str = "hard"
@@ -43,9 +80,10 @@ class GateState:
     path: torch.Tensor | None = None
     eot_samples: int = 8
     execution: str = "subbatch"
+    temperature: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in FORWARD_MODES + ("sample",):
+        if self.mode not in FORWARD_MODES + INTERNAL_MODES:
             raise ConfigError(f"unknown gate mode {self.mode!r}; choose one of: {', '.join(FORWARD_MODES)}")
         if self.grad not in GRAD_MODES:
             raise ConfigError(f"unknown gate gradient {self.grad!r}; choose one of: {', '.join(GRAD_MODES)}")
@@ -55,6 +93,11 @@ class GateState:
             raise ConfigError("gate mode 'frozen' needs a path (bits [B, n_gates])")
         if self.eot_samples < 1:
             raise ConfigError("eot_samples must be >= 1")
+        if self.temperature is not None and self.temperature.dim() != 1:
+            raise ConfigError(f"gate temperature must be one value per gate [n_gates], got shape "
+                              f"{tuple(self.temperature.shape)}")
+        if self.mode == "sharpened" and self.temperature is None:
+            raise ConfigError("gate mode 'sharpened' needs a temperature (one value per gate)")
 
     def updated(self, **changes) -> "GateState":
         return replace(self, **changes)
@@ -160,14 +203,22 @@ def train_decision(score: torch.Tensor, gate_fn: str, slope: float) -> Decision:
     return gate_function(gate_fn)(score, slope)
 
 
-def eval_decision(score: torch.Tensor, state: GateState, rate: torch.Tensor, frozen: torch.Tensor | None) -> Decision:
-    """The decision in an evaluation forward mode (see module docstring)."""
+def eval_decision(score: torch.Tensor, state: GateState, rate: torch.Tensor, frozen: torch.Tensor | None,
+                  temperature: torch.Tensor | None = None) -> Decision:
+    """The decision in an evaluation forward mode (see module docstring).
+
+    ``temperature``: this gate's temperature (a scalar tensor), used by the internal mode ``sharpened`` only.
+    """
     mode = state.mode
     if mode == "open":
         ones = torch.ones_like(score)
         return Decision(executed=ones > 0, value=ones, mask=state.execution == "mask")
     if mode == "soft":
         return Decision(executed=torch.ones_like(score, dtype=torch.bool), value=torch.sigmoid(score), mask=True)
+    if mode == "sharpened":
+        # in float32: under autocast a half-precision score over a temperature near 1e-6 would lose its digits
+        value = torch.sigmoid(score.float() / temperature.to(score.device, torch.float32)).to(score.dtype)
+        return Decision(executed=torch.ones_like(score, dtype=torch.bool), value=value, mask=True)
     if mode == "sample":
         soft = torch.sigmoid(score)
         hard = torch.bernoulli(soft.detach())

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from models.cost import CostTable
-from models.gates import GateState
+from models.gates import GateState, sharpening_temperature
+from robustness.core.errors import ConfigError
 
 #: Normalisation of a model built without a dataset's mean/std (training always passes the dataset's own).
 DEFAULT_MEAN = (0.5, 0.5, 0.5)
@@ -100,15 +101,21 @@ class CoarseFineNet(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *, mode: str | None = None, grad: str | None = None,
-                path: torch.Tensor | None = None, execution: str | None = None) -> ModelOutput:
+                path: torch.Tensor | None = None, execution: str | None = None,
+                temperature: torch.Tensor | None = None) -> ModelOutput:
         """Run on images ``x`` in [0, 1], [B, C, H, W]. Keyword arguments override the gate state for this call."""
-        changes = {k: v for k, v in dict(mode=mode, grad=grad, path=path, execution=execution).items()
-                   if v is not None}
+        changes = {k: v for k, v in dict(mode=mode, grad=grad, path=path, execution=execution,
+                                         temperature=temperature).items() if v is not None}
         state = self.gate_state.updated(**changes) if changes else self.gate_state
+        if state.temperature is not None and self.is_gated and state.temperature.shape[0] != self.n_gates:
+            raise ConfigError(f"gate temperature has {state.temperature.shape[0]} values, model has "
+                              f"{self.n_gates} gates")
         if not self.is_gated or self.training or state.mode != "hard" or state.grad in ("none", "ste"):
             return self._run(x, state)
         if state.grad == "bpda":
             return self._bpda(x, state)
+        if state.grad == "sharp":
+            return self._sharp(x, state)
         return self._eot(x, state)
 
     def _run(self, x: torch.Tensor, state: GateState) -> ModelOutput:
@@ -118,10 +125,19 @@ class CoarseFineNet(nn.Module):
         """Values of the hard network, gradient of the soft network (Athalye et al. 2018, BPDA)."""
         with torch.no_grad():
             hard = self._run(x, state.updated(grad="none"))
-        soft = self._run(x, state.updated(mode="soft", grad="none"))
-        return ModelOutput(fine=soft.fine + (hard.fine - soft.fine).detach(),
-                           coarse=soft.coarse + (hard.coarse - soft.coarse).detach(),
-                           macs=hard.macs, gates=hard.gates, scores=soft.scores, values=soft.values)
+        return _hard_values(hard, self._run(x, state.updated(mode="soft", grad="none")))
+
+    def _sharp(self, x: torch.Tensor, state: GateState) -> ModelOutput:
+        """BPDA through the sharpened soft network ``sigmoid(s / T)`` (see models/gates.py, models/surrogates.py).
+
+        ``T`` is ``state.temperature``; without one it is calibrated from this batch's hard (clean, detached)
+        scores: a fallback whose surrogate changes with the batch, so attacks should calibrate once and pass it.
+        """
+        with torch.no_grad():
+            hard = self._run(x, state.updated(grad="none"))
+        temperature = state.temperature if state.temperature is not None else sharpening_temperature(
+            hard.path_scores)
+        return _hard_values(hard, self._run(x, state.updated(mode="sharpened", grad="none", temperature=temperature)))
 
     def _eot(self, x: torch.Tensor, state: GateState) -> ModelOutput:
         """Expectation over Bernoulli(sigmoid(s)) gate draws: log of the mean predicted probabilities."""
@@ -141,3 +157,12 @@ class CoarseFineNet(nn.Module):
     def full_macs(self) -> float:
         """Per-sample MACs with every block executed."""
         return self.costs.full
+
+
+def _hard_values(hard: ModelOutput, surrogate: ModelOutput) -> ModelOutput:
+    """Logits equal to ``hard``'s bit for bit, gradient of ``surrogate``'s (adding an exact zero that carries it)."""
+    def route(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return h + (s - s.detach())
+
+    return ModelOutput(fine=route(hard.fine, surrogate.fine), coarse=route(hard.coarse, surrogate.coarse),
+                       macs=hard.macs, gates=hard.gates, scores=surrogate.scores, values=surrogate.values)

@@ -226,7 +226,9 @@ def write_report(run: RunResults, out_dir: str | Path | None = None, *, n_boot: 
     rates = analysis.block_rates(rec, run.path_names)
     if zero_grad_share is None:
         zero_grad_share = run.zero_grad_share
-    checks = run_checks(rec, zero_grad_share=zero_grad_share)
+    queries = run.gradient_free_queries
+    checks = run_checks(rec, zero_grad_share=zero_grad_share,
+                        queries={run.name: queries} if queries is not None else None)
     figures = report_figures(run, summary)
     meta = _metadata(run)
 
@@ -235,7 +237,13 @@ def write_report(run: RunResults, out_dir: str | Path | None = None, *, n_boot: 
                             "Success rate, P(success | path change), AUROC and frozen-path survival are over "
                             "initially-correct samples; intervals are 95% (Wilson or bootstrap)."),
                   TableItem("Worst case over attacks", tables.worst_case_table(worst),
-                            "A sample counts as robust only if every white-box attack failed on it.")]
+                            "A sample counts as robust only if it is correct on the clean input and every "
+                            "white-box attack, under every routing gradient, failed on it: the number to trust."),
+                  TableItem("Attack strength", tables.strength_table(run.evaluations, run.surrogate_fidelity),
+                            "Effort per evaluation; surrogate fidelity = share of (first-batch) samples on which "
+                            "the network the attacker differentiates predicts what the deployed one does; a "
+                            "minimal-norm attack has converged when it found an adversarial example for >= 99% "
+                            "of the clean-correct samples.")]
     tables_bottom = [TableItem("Per-block execution and flip rates", tables.flip_table(rates),
                                "Flip rates are shares of all samples.", collapsed=True) if gated else
                      TableItem("Per-block execution and flip rates", pd.DataFrame(), NO_GATES),
@@ -300,7 +308,8 @@ def write_comparison(cmp: Comparison, out_dir: str | Path) -> Path:
     ref = cmp.reference
     verdict_note = (f"Worst case = per sample, over the attacks every variant ran "
                     f"({', '.join(cmp.common_attacks) or 'none'}), each at its strongest backend and routing gradient "
-                    "(BPDA/STE/EOT count when present). Differences are in percentage points with paired-bootstrap "
+                    "(STE/BPDA/sharp/EOT count when present). Differences are in percentage points with "
+                    "paired-bootstrap "
                     "95% intervals over shared samples; an interval containing 0 is no evidence either way.")
     curves = cmp.table.assign(panel=[f"{a} ({n}, {t})" for a, n, t in
                                      zip(cmp.table["attack"], cmp.table["norm"], cmp.table["target"])])

@@ -122,6 +122,55 @@ def evaluations_table(evaluations: Sequence[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["Evaluation", "eps", "Config", "Complete"])
 
 
+def _budget(config: dict) -> str:
+    """An attack's effort in words, from its manifest config (steps, restarts, losses, queries)."""
+    parts = []
+    if config.get("queries"):
+        parts.append(f"{config['queries']} queries")
+    elif config.get("steps"):
+        parts.append(f"{config['steps']} steps")
+    if config.get("binary_steps") and not config.get("queries"):
+        parts.append(f"{config['binary_steps']} search steps")
+    if int(config.get("restarts", 1) or 1) > 1:
+        parts.append(f"{config['restarts']} restarts")
+    losses = config.get("losses")
+    if losses:
+        parts.append("losses " + "+".join(str(v) for v in losses))
+    return " x ".join(parts) if parts else DASH
+
+
+def _convergence(note: dict | None) -> str:
+    if not note:
+        return DASH
+    share = note.get("share_found")
+    share_text = f"{100 * share:.0f}%" if isinstance(share, (int, float)) else "?"
+    verdict = "converged" if note.get("converged") else "NOT converged: its L2 accuracies are upper bounds"
+    median = note.get("median_norm")
+    median_text = f", median norm {median:.3g}" if isinstance(median, (int, float)) else ""
+    return f"found {note.get('found')}/{note.get('clean_correct')} ({share_text}){median_text}; {verdict}"
+
+
+def strength_table(evaluations: Sequence[dict], fidelity: dict[str, float]) -> pd.DataFrame:
+    """What each evaluation could do: its effort, the fidelity of its routing gradient's surrogate (share of
+    first-batch samples on which the surrogate predicts what the deployed model does) and, for a minimal-norm
+    attack, whether it converged."""
+    rows = []
+    for e in evaluations:
+        if e.get("source_run"):
+            continue
+        key = f"{e.get('gate_mode')}/{e.get('gate_grad')}"
+        effort = "1 step" if e.get("kind") == "single-step" else _budget(e.get("config") or {})
+        rows.append({"Attack": str(e.get("attack", "")), "Kind": str(e.get("kind") or DASH),
+                     "Backend": str(e.get("backend", "")), "Norm": str(e.get("norm", "")),
+                     "Gates": str(e.get("gate_mode", "")), "Routing grad": str(e.get("gate_grad", "")),
+                     "Effort": effort,
+                     "Surrogate fidelity": f"{100 * fidelity[key]:.0f}%" if key in fidelity else DASH,
+                     "Convergence": _convergence(e.get("convergence"))})
+    columns = ["Attack", "Kind", "Backend", "Norm", "Gates", "Routing grad", "Effort", "Surrogate fidelity",
+               "Convergence"]
+    return _drop_constant(pd.DataFrame(rows, columns=columns), ["Norm", "Gates", "Convergence", "Surrogate fidelity"])
+
+
 def metrics_table(metrics: pd.DataFrame | None) -> pd.DataFrame | None:
     """The last epoch of the training metrics, one row per metric (None without metrics)."""
     if metrics is None or metrics.empty:

@@ -137,8 +137,7 @@ def run_pipeline(config: PipelineConfig, out: str | Path, resume: bool = False, 
 
     for source, target in plan.pairs():
         log.info("== transfer %s -> %s ==", source, target)
-        transfer = dataclasses.replace(config.attack, attacks=[plan.transfer_attack], backends=["torchattacks"],
-                                       gate_modes=["hard"])
+        transfer = dataclasses.replace(config.attack, attacks=[plan.transfer_attack], gate_modes=["hard"])
         run_attacks(runs[target], transfer, resume=True, transfer_from=runs[source], progress=progress)
 
     loaded = {name: load_run(run_dir) for name, run_dir in runs.items()}
@@ -165,9 +164,9 @@ def _headline(name: str, results: RunResults, report: Path) -> ModelSummary:
     at_eps = white[(white["eps"] - REPORTED_EPS).abs() < 1e-9]
     robust: dict[str, float] = {}
     for attack, group in at_eps.groupby("attack", observed=True):
-        robust[str(attack)] = float(group.groupby("sample")["adv_correct"].min().mean())
+        robust[str(attack)] = float(group.groupby("sample")["robust"].min().mean())
     if not at_eps.empty:
-        robust["worst"] = float(worst_case(at_eps)["adv_correct"].mean())
+        robust["worst"] = float(worst_case(at_eps)["robust"].mean())
     clean = float(white.drop_duplicates("sample")["clean_correct"].mean()) if not white.empty else float("nan")
     saved = None
     if results.full_macs and not white.empty and results.path_names:
@@ -184,7 +183,7 @@ def format_summary(result: PipelineResult) -> str:
         lines.append(f"  compare  {result.compare / 'index.html'}")
     lines.append("")
     lines.append(f"{'model':<8}{'clean':>8}{'FGSM':>8}{'PGD':>8}{'Square':>8}{'worst':>8}{'compute saved':>15}"
-                 f"   (robust accuracy at Linf eps 8/255, hard gates; CW's L2 results are in the reports)")
+                 f"   (robust accuracy at Linf eps 8/255, hard gates; the L2 results are in the reports)")
     for m in result.models:
         cells = [m.robust.get(a) for a in ("fgsm", "pgd", "square", "worst")]
         saved = "-" if m.compute_saved is None else f"{m.compute_saved:.1%}"

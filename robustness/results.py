@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from attacks.base import GRADIENT_FREE
 from attacks.records import RECORD_COLUMNS, conform, read_records
 from robustness.core.errors import RunDirError
 from robustness.core.rundir import RunDir
@@ -68,6 +69,21 @@ class RunResults:
     def zero_grad_share(self) -> dict[str, float] | None:
         """Share of all-zero input gradients per ``gate_mode/gate_grad``, as the attack run measured it."""
         return self.manifest.get("zero_grad_share")
+
+    @property
+    def surrogate_fidelity(self) -> dict[str, float]:
+        """Per ``gate_mode/gate_grad``: how often the attacker's surrogate predicts what the deployed model does."""
+        return {str(k): float(v) for k, v in (self.manifest.get("surrogate_fidelity") or {}).items()}
+
+    @property
+    def gradient_free_queries(self) -> int | None:
+        """Queries per sample of the run's gradient-free attack (queries x restarts; the largest if several),
+        None when none ran or the manifest does not say."""
+        budgets = [int(e["config"].get("queries", 0)) * int(e["config"].get("restarts", 1))
+                   for e in self.evaluations
+                   if e.get("kind") == GRADIENT_FREE and isinstance(e.get("config"), dict)
+                   and e["config"].get("queries")]
+        return max(budgets) if budgets else None
 
     @property
     def seed(self) -> int | None:

@@ -45,5 +45,7 @@ def skipping_dsn(run: RunDir, dst: Path, skip: float = 0.3) -> RunDir:
     return out
 
 
-def accuracy(df: pd.DataFrame, keys: list[str]) -> pd.Series:
-    return df.groupby(keys, observed=True)["adv_correct"].mean()
+def robust_accuracy(df: pd.DataFrame, keys: list[str]) -> pd.Series:
+    """Robust accuracy per ``keys``: the mean of ``robust`` (clean and adversarial prediction right), never of
+    ``adv_correct`` (a misclassified sample pushed to the right class is not robust)."""
+    return df.groupby(keys, observed=True)["robust"].mean()

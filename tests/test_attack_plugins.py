@@ -12,8 +12,11 @@ import torch
 
 from attacks import base
 from attacks.base import (COMPUTE, GRADIENT_FREE, ITERATIVE, KINDS, MINIMAL, SINGLE_STEP, Attack, Target,
-                          attack_class, attack_kind, attacks_of_kind, counts_for_accuracy, known_attacks, register)
-from attacks.params import CWParams, PGDParams
+                          attack_class, attack_kind, attacks_of_kind, backends_for, counts_for_accuracy,
+                          known_attacks, register)
+from attacks.backends.foolbox import CWParams
+from attacks.backends.native_pgd import NativePGDParams
+from attacks.params import PGDParams
 from attacks.records import read_records
 from attacks.runner import AttackConfig, plan_evaluations, run_attacks
 from robustness.commands.attack import config_from_args
@@ -94,7 +97,7 @@ def test_a_registered_test_attack_is_planned_run_recorded_and_counted(sign_twice
     at = worst[worst["eps"] == EPS].set_index("sample")
     # a sample the plug-in fools is non-robust in the worst case; slowdown (compute) never decides it
     assert not at.loc[fooled["sample"], "adv_correct"].any()
-    assert (at["adv_correct"] == mine[mine["eps"] == EPS].set_index("sample")["adv_correct"]).all()
+    assert (at["robust"] == mine[mine["eps"] == EPS].set_index("sample")["robust"]).all()
     assert {e["attack"] for e in result.manifest["evaluations"]} == {"sign-twice", "slowdown", "fgsm"}
     entry = next(e for e in result.manifest["evaluations"] if e["attack"] == "sign-twice")
     assert entry["config"] == {"norm": "linf", "steps": 3, "scale": 1.0}
@@ -135,35 +138,44 @@ def test_register_refuses_a_class_without_a_kind():
 
 def test_kinds_of_the_built_in_attacks():
     assert KINDS == (SINGLE_STEP, ITERATIVE, GRADIENT_FREE, MINIMAL, COMPUTE)
-    kinds = {name: attack_kind(name) for name in ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "path", "square", "cw",
-                                                  "slowdown")}
+    kinds = {name: attack_kind(name) for name in ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "autoattack", "path",
+                                                  "square", "cw", "ddn", "slowdown")}
     assert kinds == {"fgsm": "single-step", "pgd": "iterative", "apgd-ce": "iterative", "apgd-dlr": "iterative",
-                     "path": "iterative", "square": "gradient-free", "cw": "minimal", "slowdown": "compute"}
+                     "autoattack": "iterative", "path": "iterative", "square": "gradient-free", "cw": "minimal",
+                     "ddn": "minimal", "slowdown": "compute"}
     assert counts_for_accuracy("slowdown") is False
-    assert all(counts_for_accuracy(n) for n in ("fgsm", "pgd", "path", "cw", "square", "apgd-ce"))
+    assert all(counts_for_accuracy(n) for n in ("fgsm", "pgd", "path", "cw", "ddn", "square", "apgd-ce",
+                                                "autoattack"))
     assert counts_for_accuracy("not-an-attack") is True and attack_kind("not-an-attack") is None
     assert attacks_of_kind(COMPUTE) == ["slowdown"]
-    assert attacks_of_kind(ITERATIVE) == ["apgd-ce", "apgd-dlr", "path", "pgd"]
-    assert attacks_of_kind(MINIMAL, GRADIENT_FREE) == ["cw", "square"]
+    assert attacks_of_kind(ITERATIVE) == ["apgd-ce", "apgd-dlr", "autoattack", "path", "pgd"]
+    assert attacks_of_kind(MINIMAL, GRADIENT_FREE) == ["cw", "ddn", "square"]
     with pytest.raises(UnknownNameError):
         attacks_of_kind("sideways")
-    # every backend of one attack shares its kind and its Params
-    for name in ("fgsm", "pgd", "cw"):
-        classes = [attack_class(name, b) for b in ("torchattacks", "foolbox")]
-        assert len({c.kind for c in classes}) == 1 and len({c.Params for c in classes}) == 1
+    # the minimal-norm attacks are foolbox's (torchattacks' fixed-c CW is gone); pgd has three backends, in the
+    # order of preference, sharing its kind and PGDParams (the native one adds its losses)
+    assert backends_for("cw") == backends_for("ddn") == ["foolbox"]
+    assert backends_for("pgd") == ["native", "torchattacks", "foolbox"]
+    for name in ("fgsm", "pgd"):
+        classes = [attack_class(name, b) for b in backends_for(name)]
+        assert len({c.kind for c in classes}) == 1 and all(issubclass(c.Params, PGDParams if name == "pgd" else
+                                                                      classes[0].Params) for c in classes)
+    assert attack_class("pgd", "native").Params is NativePGDParams
 
 
 def test_the_sweep_hands_positive_budgets_over_in_one_call():
     seen = []
 
     class Recorder(Attack):
-        name, backend, kind = "recorder", "native", SINGLE_STEP
+        name, backend, kind = "recorder", "native", COMPUTE
 
         def perturb(self, target, x, y, eps, seed):
             seen.append(list(eps))
             return [x + 0.5 * e for e in eps]
 
     x = torch.zeros(2, 1, 2, 2)
+    # a compute attack: the sweep is the same for every kind, and this one needs no model (fixed-budget kinds are
+    # tracked against the deployed forward, see test_tracking.py)
     out = Recorder()(None, x, torch.zeros(2, dtype=torch.long), [0.0, 0.1, 0.0, 0.2], seed=1)
     assert seen == [[0.1, 0.2]]
     assert [float(o.max()) for o in out] == pytest.approx([0.0, 0.05, 0.0, 0.1])
@@ -180,49 +192,80 @@ def test_the_sweep_hands_positive_budgets_over_in_one_call():
 # -- per-attack parameters in the config --------------------------------------------------------------------------
 
 
-def _pgd(config: AttackConfig, backend: str = "torchattacks"):
+def _pgd(config: AttackConfig, backend: str = "native"):
     return next(p.attack for p in plan_evaluations(config, gated=True) if p.name == "pgd" and p.backend == backend)
 
 
 def test_subtable_and_flat_alias_give_the_same_pgd_params():
     flat = AttackConfig.from_table({"attacks": ["pgd", "path"], "steps": 7, "pgd_restarts": 5, "pgd_alpha": 0.01,
-                                    "pgd_random_start": False})
-    table = AttackConfig.from_table({"attacks": ["pgd", "path"], "steps": 7,
+                                    "pgd_random_start": False, "cross_check": True})
+    table = AttackConfig.from_table({"attacks": ["pgd", "path"], "steps": 7, "cross_check": True,
                                      "pgd": {"restarts": 5, "alpha": 0.01, "random_start": False}})
     want = PGDParams(steps=7, alpha=0.01, random_start=False, restarts=5)
     for backend in ("torchattacks", "foolbox"):
         assert _pgd(flat, backend).params == _pgd(table, backend).params == want
+    assert _pgd(flat).params == _pgd(table).params == NativePGDParams(**dataclasses.asdict(want))
     # the flat pgd_alpha / pgd_random_start also reach path (as they always did); the subtable is pgd's own
     by_flat, by_table = (next(p.attack for p in plan_evaluations(c, True) if p.name == "path").params
                          for c in (flat, table))
     assert (by_flat.alpha, by_flat.random_start, by_flat.steps) == (0.01, False, 7)
     assert (by_table.alpha, by_table.random_start, by_table.steps) == (None, True, 7)
     # the flat names are also constructor keywords, and a subtable can set pgd's steps apart from the rest
-    assert _pgd(AttackConfig(steps=7, pgd_restarts=5, pgd_alpha=0.01, pgd_random_start=False)).params == want
+    assert _pgd(AttackConfig(steps=7, pgd_restarts=5, pgd_alpha=0.01, pgd_random_start=False)).params == \
+        NativePGDParams(**dataclasses.asdict(want))
     own = AttackConfig.from_table({"steps": 4, "pgd": {"steps": 9}})
     assert own.options_for("pgd")["steps"] == 9 and own.options_for("apgd-ce")["steps"] == 4
+
+
+def test_backends_are_an_ordered_preference():
+    def chosen(**kw) -> list[tuple[str, str]]:
+        config = AttackConfig(attacks=["pgd", "fgsm", "cw", "path"], gate_grads="none", **kw)
+        return [(p.name, p.backend) for p in plan_evaluations(config, gated=True) if p.norm == "linf" or
+                p.name != "pgd"]
+
+    # each attack in the first listed backend that has it; the suite's own attacks even when native is not listed
+    assert chosen() == [("pgd", "native"), ("fgsm", "torchattacks"), ("cw", "foolbox"), ("path", "native")]
+    assert chosen(backends="foolbox,torchattacks") == [("pgd", "foolbox"), ("fgsm", "foolbox"), ("cw", "foolbox"),
+                                                       ("path", "native")]
+    assert chosen(backends="torchattacks") == [("pgd", "torchattacks"), ("fgsm", "torchattacks"), ("path", "native")]
+    # cross_check (or "both", the two libraries) runs an attack in every listed backend that has it
+    both = AttackConfig(backends="both")
+    assert both.cross_check and both.backends == ["torchattacks", "foolbox"]
+    assert chosen(backends="both") == [("pgd", "torchattacks"), ("pgd", "foolbox"), ("fgsm", "torchattacks"),
+                                       ("fgsm", "foolbox"), ("cw", "foolbox"), ("path", "native")]
+    assert chosen(cross_check=True)[:3] == [("pgd", "native"), ("pgd", "torchattacks"), ("pgd", "foolbox")]
+
+
+def test_native_pgd_losses_are_a_pgd_parameter():
+    # the native PGD's own parameter, set where pgd runs natively (the default), from a subtable or --set
+    config = AttackConfig.from_table({"attacks": ["pgd"], "pgd": {"losses": ["ce"], "restarts": 2}})
+    assert _pgd(config).params == NativePGDParams(losses=("ce",), restarts=2)
+    assert _pgd(config_from_args(_args(attacks="pgd", set=['pgd.losses=["margin"]']))).params.losses == ("margin",)
+    with pytest.raises(ConfigError, match="losses must be some of ce, margin"):
+        AttackConfig.from_table({"attacks": ["pgd"], "pgd": {"losses": ["hinge"]}})
 
 
 def test_flat_aliases_resolve_to_the_values_of_earlier_versions():
     c = AttackConfig(steps=6, cw_c="1,10", cw_steps=30, cw_binary_steps=3, cw_lr=0.05, cw_kappa=1,
                      apgd_restarts=2, square_queries=100, square_p_init=0.5, path_lambda=2, slowdown_steps=4,
                      slowdown_label_weight=0.5)
-    assert c.options_for("cw") == {"c": [1.0, 10.0], "steps": 30, "binary_steps": 3, "lr": 0.05, "kappa": 1}
+    # cw_c was a grid of c; foolbox's binary search starts at its smallest value
+    assert c.options_for("cw") == {"initial_c": 1.0, "steps": 30, "binary_steps": 3, "lr": 0.05, "kappa": 1}
     assert c.options_for("apgd-ce") == c.options_for("apgd-dlr") == {"steps": 6, "restarts": 2}
     assert c.options_for("square") == {"queries": 100, "p_init": 0.5}
     assert c.options_for("path") == {"steps": 6, "lam": 2}
     assert c.options_for("slowdown") == {"steps": 4, "label_weight": 0.5}
     assert AttackConfig(apgd_steps=3).options_for("apgd-ce") == {"steps": 3}
     assert c.options_for("fgsm") == {}
+    # without a general steps every attack keeps its own default
     defaults = AttackConfig()
-    assert [defaults.options_for(n).get("steps") for n in ("pgd", "apgd-ce", "path", "slowdown", "cw")] == \
-        [10, 10, 10, 10, None]
-    cw = attack_class("cw", "torchattacks")("l2", **c.options_for("cw"))
-    assert cw.params == CWParams(c=(1.0, 10.0), kappa=1.0, steps=30, lr=0.05, binary_steps=3)
-    # the manifest entry keeps the keys of earlier versions (torchattacks' CW has no binary search)
-    assert cw.config() == {"norm": "l2", "c": (1.0, 10.0), "kappa": 1.0, "steps": 30, "lr": 0.05}
-    fb = attack_class("cw", "foolbox")("l2", **c.options_for("cw"))
-    assert fb.config() == {"norm": "l2", "initial_c": 1.0, "binary_steps": 3, "steps": 30, "lr": 0.05, "kappa": 1.0}
+    assert defaults.steps is None
+    assert [defaults.options_for(n).get("steps") for n in ("pgd", "apgd-ce", "path", "slowdown", "cw")] == [None] * 5
+    planned = {p.name: p.attack.params for p in plan_evaluations(AttackConfig(attacks=["pgd", "apgd-ce"]), True)}
+    assert (planned["pgd"].steps, planned["pgd"].restarts, planned["apgd-ce"].steps) == (50, 5, 100)
+    cw = attack_class("cw", "foolbox")("l2", **c.options_for("cw"))
+    assert cw.params == CWParams(initial_c=1.0, binary_steps=3, steps=30, lr=0.05, kappa=1.0)
+    assert cw.config() == {"norm": "l2", "initial_c": 1.0, "binary_steps": 3, "steps": 30, "lr": 0.05, "kappa": 1.0}
     # dataclasses.replace (what the pipeline and the CLI flags use) keeps the parameters and takes flat names
     again = dataclasses.replace(c, attacks=["pgd"], pgd_restarts=4)
     assert again.options_for("cw") == c.options_for("cw") and again.options_for("pgd")["restarts"] == 4
@@ -230,14 +273,14 @@ def test_flat_aliases_resolve_to_the_values_of_earlier_versions():
 
 def test_unknown_or_bad_per_attack_keys_are_one_line_config_errors():
     with pytest.raises(ConfigError, match=r"\[attack.pgd\].*unknown option\(s\) restart; valid: alpha, "
-                                          r"random_start, restarts, steps") as err:
+                                          r"(losses, )?random_start, restarts, steps") as err:
         AttackConfig.from_table({"pgd": {"restart": 5}})
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="restarts must be an int"):
         AttackConfig.from_table({"pgd": {"restarts": "five"}})
     with pytest.raises(ConfigError, match="restarts must be a positive integer, got 0"):
         AttackConfig(pgd_restarts=0)
-    with pytest.raises(ConfigError, match="c must be positive numbers"):
+    with pytest.raises(ConfigError, match="initial_c must be positive, got 0.0"):
         AttackConfig(cw_c=[0.0])
     with pytest.raises(UnknownNameError, match="'pgdd'"):
         AttackConfig.from_table({"pgdd": {"steps": 5}})
@@ -248,9 +291,9 @@ def test_unknown_or_bad_per_attack_keys_are_one_line_config_errors():
 
 
 def _args(**kw) -> argparse.Namespace:
-    values = dict(config=None, attacks=None, eps=None, norm=None, cw_eps=None, gate_modes=None, gate_grads=None,
-                  target=None, n=None, batch_size=None, device=None, seed=None, steps=None, pgd_restarts=None,
-                  eot_samples=None, backend=None, set=[])
+    values = dict(config=None, preset=None, attacks=None, eps=None, norm=None, cw_eps=None, gate_modes=None,
+                  gate_grads=None, target=None, n=None, batch_size=None, device=None, seed=None, steps=None,
+                  pgd_restarts=None, eot_samples=None, backend=None, set=[])
     values.update(kw)
     return argparse.Namespace(**values)
 
@@ -266,10 +309,10 @@ def test_cli_set_flag_and_config_subtables(tmp_path):
         restarts = 5
         alpha = 0.01
     """))
-    config = config_from_args(_args(config=str(cfg), set=["pgd.steps=20", "apgd.rho=0.5", "cw.c=[1.0, 10.0]"]))
+    config = config_from_args(_args(config=str(cfg), set=["pgd.steps=20", "apgd.rho=0.5", "cw.initial_c=0.5"]))
     assert config.options_for("pgd") == {"steps": 20, "restarts": 5, "alpha": 0.01}
-    assert config.options_for("apgd-dlr") == {"steps": 10, "rho": 0.5}
-    assert config.options_for("cw") == {"steps": 30, "c": [1.0, 10.0]}
+    assert config.options_for("apgd-dlr") == {"rho": 0.5}
+    assert config.options_for("cw") == {"steps": 30, "initial_c": 0.5}
     assert config_from_args(_args(config=str(cfg), pgd_restarts=2)).options_for("pgd")["restarts"] == 2
     for bad, message in ((["pgd.restarts"], "write ATTACK.KEY=VALUE"), (["pgd.restart=2"], "unknown option"),
                          (["pgdd.steps=2"], "unknown attack")):

@@ -6,6 +6,7 @@ import tomllib
 from pathlib import Path
 
 import pandas as pd
+import numpy as np
 import pytest
 
 from attacks.records import read_records
@@ -19,13 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.toml"
 CIFAR100 = REPO / "configs" / "cifar100.toml"
 
-#: what shrinks the quickstart job to seconds; everything else (attack list, gate gradients, eps, transfer) stays
+#: what shrinks the quickstart job to seconds (two eps, one L2 budget); everything else (attack list, gate gradients,
+#: transfer) stays
 SHRINK = {
     "data": {"n": 400, "image_size": 16, "test_limit": 48},
     "model": {"depth_n": 2, "width": 4},
     "train": {"epochs": 2, "warmup_epochs": 1, "ramp_epochs": 1, "batch_size": 64},
-    "attack": {"n": 24, "batch_size": 12, "steps": 2, "eot_samples": 2, "backends": ["torchattacks"],
-               "cw": {"steps": 5, "binary_steps": 1, "c": [1.0]}, "square": {"queries": 10}},
+    "attack": {"n": 24, "batch_size": 12, "steps": 2, "eot_samples": 2, "eps": ["2/255", "8/255"], "cw_eps": [0.5],
+               "pgd": {"steps": 2, "restarts": 1}, "apgd": {"steps": 2}, "ddn": {"steps": 5},
+               "square": {"queries": 10}, "path": {"steps": 2}, "slowdown": {"steps": 2}},
 }
 
 
@@ -68,8 +71,9 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 def test_quickstart_config_describes_the_main_job():
     config = PipelineConfig.from_file(QUICKSTART)
     assert config.plan.models == ["dsn", "dual", "resnet"]
-    assert {"fgsm", "pgd", "cw", "square", "path", "slowdown"} <= set(config.attack.attacks)
-    assert {"none", "bpda"} <= set(config.attack.gate_grads)
+    assert {"fgsm", "pgd", "apgd", "ddn", "square", "path", "slowdown"} <= set(config.attack.attacks)
+    assert {"none", "ste", "bpda", "sharp"} <= set(config.attack.gate_grads)
+    assert config.attack.eps[:2] == [1 / 255, 2 / 255], "the informative budgets are in the grid"
     assert any(abs(e - 8 / 255) < 1e-9 for e in config.attack.eps)
     assert config.train.dataset == "synthetic" and config.plan.transfer
 
@@ -95,8 +99,12 @@ def test_run_writes_every_report_and_the_comparison(finished, capsys):
     assert verdict
     dsn = read_records(out / "dsn" / "attacks" / "records")
     assert set(dsn["gate_mode"]) == {"hard", "open"}, "the dsn is also attacked in open mode"
-    assert {"none", "bpda"} <= set(dsn["gate_grad"])
-    assert {"path", "slowdown", "square", "cw", "fgsm", "pgd"} <= set(dsn["attack"])
+    assert {"none", "ste", "bpda", "sharp"} <= set(dsn["gate_grad"])
+    assert {"path", "slowdown", "square", "ddn", "fgsm", "pgd", "apgd-ce", "apgd-dlr"} <= set(dsn["attack"])
+    assert np.isinf(dsn.loc[dsn["attack"] == "ddn", "eps"]).any(), "the minimal attack's unbounded row"
+    manifest = json.loads((out / "dsn" / "attacks" / "manifest.json").read_text())
+    assert set(manifest["surrogate_fidelity"]) == {"hard/none", "hard/ste", "hard/bpda", "hard/sharp"}
+    assert all(e["convergence"] is not None for e in manifest["evaluations"] if e["attack"] == "ddn")
     assert {"dual", "resnet"} == set(dsn.loc[dsn["source_run"] != "", "source_run"]), "transfer pairs into dsn"
     resolved = json.loads((out / "run.json").read_text())
     assert resolved["train"]["epochs"] == 2 and "versions" in resolved

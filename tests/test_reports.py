@@ -319,3 +319,28 @@ def test_load_run_reads_config_and_describes_the_run(tmp_path):
     (run_dir / "attacks" / "manifest.json").write_text("{not json")
     with pytest.raises(RunDirError, match="cannot read .*manifest.json"):
         load_run(run_dir)
+
+
+def test_strength_table_states_effort_fidelity_and_convergence():
+    evaluations = [
+        {"attack": "fgsm", "kind": "single-step", "backend": "torchattacks", "norm": "linf", "gate_mode": "hard",
+         "gate_grad": "bpda", "source_run": "", "config": {"norm": "linf"}},
+        {"attack": "pgd", "kind": "iterative", "backend": "native", "norm": "linf", "gate_mode": "hard",
+         "gate_grad": "sharp", "source_run": "", "config": {"steps": 20, "restarts": 2, "losses": ["ce", "margin"]}},
+        {"attack": "square", "kind": "gradient-free", "backend": "torchattacks", "norm": "linf", "gate_mode": "hard",
+         "gate_grad": "none", "source_run": "", "config": {"queries": 1000, "restarts": 1}},
+        {"attack": "ddn", "kind": "minimal", "backend": "foolbox", "norm": "l2", "gate_mode": "hard",
+         "gate_grad": "none", "source_run": "", "config": {"steps": 100},
+         "convergence": {"clean_correct": 60, "found": 40, "share_found": 40 / 60, "median_norm": 0.5,
+                         "converged": False}},
+        {"attack": "pgd", "kind": "iterative", "backend": "native", "norm": "linf", "gate_mode": "hard",
+         "gate_grad": "none", "source_run": "other", "config": {"steps": 20}},
+    ]
+    table = tables.strength_table(evaluations, {"hard/bpda": 0.62, "hard/sharp": 0.97, "hard/none": 1.0})
+    assert len(table) == 4, "transfer evaluations are not the attacked run's own strength"
+    rows = {(r["Attack"], r["Routing grad"]): r for _, r in table.iterrows()}
+    assert rows[("fgsm", "bpda")]["Effort"] == "1 step" and rows[("fgsm", "bpda")]["Surrogate fidelity"] == "62%"
+    assert rows[("pgd", "sharp")]["Effort"] == "20 steps x 2 restarts x losses ce+margin"
+    assert rows[("square", "none")]["Effort"] == "1000 queries"
+    assert "found 40/60 (67%)" in rows[("ddn", "none")]["Convergence"]
+    assert "NOT converged" in rows[("ddn", "none")]["Convergence"], "an unconverged minimal attack says so"

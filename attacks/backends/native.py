@@ -24,12 +24,12 @@ from torch.nn import functional as F
 
 from attacks.base import COMPUTE, ITERATIVE, Attack, Target, register
 from attacks.params import coerce_floats, non_negative, positive, positive_int, step_size
-from models.network import ModelOutput
 
 Objective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def _project(adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+def project(adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """``adv`` moved into the ``norm`` ball of radius ``eps`` around ``x`` and into [0, 1]."""
     delta = adv - x
     if norm == "linf":
         delta = delta.clamp(-eps, eps)
@@ -39,13 +39,14 @@ def _project(adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch
     return (x + delta).clamp(0.0, 1.0)
 
 
-def _random_start(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+def start_point(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """A uniform point of the ``linf`` ball, or a random direction at a uniform radius in the ``l2`` ball."""
     if norm == "linf":
         return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0.0, 1.0)
     direction = torch.randn_like(x)
     direction = direction / direction.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
     radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
-    return _project(x + direction * radius * eps, x, eps, norm)
+    return project(x + direction * radius * eps, x, eps, norm)
 
 
 def native_pgd(objective: Objective, x: torch.Tensor, eps: float, norm: str, steps: int, alpha: float,
@@ -58,7 +59,7 @@ def native_pgd(objective: Objective, x: torch.Tensor, eps: float, norm: str, ste
     Steps: ``linf`` moves by ``alpha * sign(grad)``, ``l2`` by ``alpha * grad / ||grad||_2``; then projection.
     """
     shape = (-1,) + (1,) * (x.dim() - 1)
-    adv = _random_start(x, eps, norm) if random_start else x.clone()
+    adv = start_point(x, eps, norm) if random_start else x.clone()
     best, best_score = (x.clone(), keep_best.clone()) if keep_best is not None else (None, None)
 
     def remember(candidate: torch.Tensor, score: torch.Tensor | None) -> None:
@@ -81,7 +82,7 @@ def native_pgd(objective: Objective, x: torch.Tensor, eps: float, norm: str, ste
                 step = grad.sign()
             else:
                 step = grad / grad.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).view(shape)
-            adv = _project(adv + alpha * step, x, eps, norm)
+            adv = project(adv + alpha * step, x, eps, norm)
     adv = adv.detach()
     if best is None:
         return adv
@@ -89,11 +90,6 @@ def native_pgd(objective: Objective, x: torch.Tensor, eps: float, norm: str, ste
         _, score = objective(adv)
     remember(adv, score)
     return best
-
-
-def _forward(target: Target, x: torch.Tensor) -> ModelOutput:
-    with target.model.gating(mode=target.gate_mode, grad=target.gate_grad, eot_samples=target.eot_samples):
-        return target.model(x)
 
 
 @dataclass(frozen=True)
@@ -133,12 +129,14 @@ class PathAttack(Attack):
                 seed: int) -> list[torch.Tensor]:
         p = self.params
         with torch.no_grad():
-            clean_scores = _forward(target, x).path_scores
+            clean_scores = target.forward(x).path_scores
         direction = torch.where(clean_scores > 0, 1.0, -1.0)
 
         def objective(adv: torch.Tensor) -> tuple[torch.Tensor, None]:
-            out = _forward(target, adv)
-            loss = F.cross_entropy(out.logits(target.head).float(), y, reduction="none")
+            out = target.forward(adv)
+            logits = out.logits(target.head)
+            target.offer(adv, logits if target.deployed_logits else None)
+            loss = F.cross_entropy(logits.float(), y, reduction="none")
             if direction.shape[1]:
                 term = -(out.path_scores * direction).clamp(min=-p.margin)
                 loss = loss + p.lam * term.mean(1)
@@ -189,10 +187,10 @@ class SlowdownAttack(Attack):
         costs = torch.tensor(model.costs.gated_blocks, dtype=torch.float32, device=x.device)
         scale = float(model.full_macs) or 1.0
         with torch.no_grad():
-            clean_macs = _forward(target, x).macs.double()
+            clean_macs = target.forward(x).macs.double()
 
         def objective(adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            out = _forward(target, adv)
+            out = target.forward(adv)
             loss = (torch.sigmoid(out.path_scores) * costs).sum(1) / scale
             if p.label_weight:
                 loss = loss - p.label_weight * F.cross_entropy(out.logits(target.head).float(), y,

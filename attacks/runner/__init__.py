@@ -12,5 +12,5 @@ from attacks.runner.run import (MANIFEST_SCHEMA, AttackResult, check_transferabl
 from attacks.runner.scoring import Batch, Scorer, bit_strings
 
 __all__ = ["ATTACK_ALIASES", "FLAT_ALIASES", "LIBRARY_BACKENDS", "AttackConfig", "EvalPlan", "plan_evaluations",
-           "MANIFEST_SCHEMA", "AttackResult", "check_transferable", "load_eval_data", "load_run_checkpoint", "run_attacks", "Batch",
-           "Scorer", "bit_strings"]
+           "MANIFEST_SCHEMA", "AttackResult", "check_transferable", "load_eval_data", "load_run_checkpoint",
+           "run_attacks", "Batch", "Scorer", "bit_strings"]

@@ -4,8 +4,13 @@ General options (attacks, budgets, backends, gate modes, data size, seed, ...) a
 attack's own parameters live in ``params`` (``{attack name: {key: value}}``, the ``[attack.<name>]`` subtables of
 a config file, e.g. ``[attack.pgd]`` with ``restarts = 5``) and are checked against that attack's ``Params``.
 
-``steps`` is the iteration count of every iterative and compute attack that has a ``steps`` parameter (PGD,
-APGD, path, slowdown, and any such attack registered later) unless its subtable sets it. The flat names of
+``steps``, when set, is the iteration count of every iterative and compute attack that has a ``steps`` parameter
+(PGD, APGD, path, slowdown, and any such attack registered later) unless its subtable sets it; unset (the
+default), each attack keeps its own default (PGD 50 x 5 restarts, APGD 100).
+
+``backends`` is an ordered preference: each attack runs in the first listed backend that implements it (the
+suite's own ``native`` attacks run even when ``native`` is not listed, if no listed backend has them);
+``cross_check = true`` (or ``backends = "both"``) runs it in every listed backend that implements it. The flat names of
 earlier versions (``pgd_restarts``, ``cw_c``, ``apgd_steps``, ...; :data:`FLAT_ALIASES`) stay accepted, by the
 constructor and in the ``[attack]`` table, and set exactly the parameters they always set (``pgd_alpha`` and
 ``pgd_random_start`` also reach path and slowdown).
@@ -20,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from attacks.base import BACKENDS, COMPUTE, ITERATIVE, attack_class, backends_for, known_attacks
+from attacks.runner.presets import PRESETS, preset_table
 from robustness.core.config import build
 from robustness.core.errors import ConfigError, UnknownNameError
 from robustness.core.vocab import ATTACK_GATE_MODES, GRAD_MODES, HEADS, NORMS, parse_eps
@@ -35,7 +41,7 @@ FLAT_ALIASES: dict[str, tuple[tuple[str, str], ...]] = {
     "pgd_alpha": (("pgd", "alpha"), ("path", "alpha"), ("slowdown", "alpha")),
     "pgd_random_start": (("pgd", "random_start"), ("path", "random_start"), ("slowdown", "random_start")),
     "pgd_restarts": (("pgd", "restarts"),),
-    "cw_c": (("cw", "c"),),
+    "cw_c": (("cw", "initial_c"),),
     "cw_steps": (("cw", "steps"),),
     "cw_lr": (("cw", "lr"),),
     "cw_binary_steps": (("cw", "binary_steps"),),
@@ -75,28 +81,37 @@ def dedupe(values: Sequence[Any]) -> list[Any]:
 class AttackConfig:
     """What to attack with and how. Lists may be given as comma-separated strings; eps as ``"8/255"``.
 
-    ``backends`` selects the library backends (``torchattacks``, ``foolbox``; ``both``); the gate-aware attacks
-    (``path``, ``slowdown``) always run natively. ``norm`` is the threat model of every attack but CW, which is an
-    L2 minimal-perturbation attack: with ``norm='linf'`` it is scored at the L2 budgets ``cw_eps``. ``steps`` is
-    the iteration count of PGD and, unless set separately, of APGD, path and slowdown. ``params`` holds each
-    attack's own parameters by attack name; the flat names of :data:`FLAT_ALIASES` are accepted as keywords.
+    ``backends`` is the ordered preference of implementations (``native``, ``torchattacks``, ``foolbox``;
+    ``both`` = both libraries with ``cross_check``): each attack runs in the first listed one that has it, or in
+    all of them with ``cross_check``. ``norm`` is the threat model of every attack but the minimal-norm ones (CW,
+    DDN), which are L2: with ``norm='linf'`` they are scored at the L2 budgets ``cw_eps`` (and at inf). ``steps``
+    (None: each attack's own default) sets the iterations of every iterative and compute attack.
+    ``threads`` (0: torch's default) sets torch's CPU threads while attacking: 1 is many times faster for small
+    models on a busy CPU. ``minimal_check`` (True) also runs PGD at the minimal-norm attacks' L2 budgets (their
+    convergence check and a fixed-budget floor under the L2 numbers). ``params``
+    holds each attack's own parameters by attack name; the flat names of :data:`FLAT_ALIASES` are accepted as
+    keywords.
     """
 
     attacks: list[str] | str = field(
-        default_factory=lambda: ["fgsm", "pgd", "cw", "apgd", "square", "path", "slowdown"])
+        default_factory=lambda: ["fgsm", "pgd", "apgd", "ddn", "square", "path", "slowdown"])
     eps: list[float | str] | float | str = field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255])
     norm: str = "linf"
     cw_eps: list[float | str] | float | str = field(default_factory=lambda: [0.25, 0.5, 1.0])
-    backends: list[str] | str = field(default_factory=lambda: ["torchattacks", "foolbox"])
+    backends: list[str] | str = field(default_factory=lambda: ["native", "torchattacks", "foolbox"])
+    cross_check: bool = False
     gate_modes: list[str] | str = field(default_factory=lambda: ["hard"])
-    gate_grads: list[str] | str = field(default_factory=lambda: ["none", "bpda"])
+    gate_grads: list[str] | str = field(default_factory=lambda: ["none", "ste", "bpda", "sharp"])
     target: str = "fine"
     n: int = 1000
     batch_size: int = 128
     seed: int = 0
     device: str = "auto"
     eot_samples: int = 8
-    steps: int = 10
+    threads: int = 0
+    steps: int | None = None
+    preset: str = ""  # the preset the table was built from (from_table / --preset apply it; recorded here)
+    minimal_check: bool = True
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
     # flat aliases (FLAT_ALIASES order): folded into ``params`` and not kept as fields
     pgd_alpha: InitVar[float | None] = None
@@ -135,6 +150,8 @@ class AttackConfig:
         _check_eps(self.eps, self.norm, "eps")
         _check_eps(self.cw_eps, "l2", "cw_eps")
         backends = [str(b).lower() for b in split_list(self.backends)]
+        if "both" in backends:
+            self.cross_check = True
         backends = sum((list(LIBRARY_BACKENDS) if b == "both" else [b] for b in backends), [])
         for b in backends:
             if b not in BACKENDS:
@@ -154,8 +171,15 @@ class AttackConfig:
             raise ConfigError("gate_modes and gate_grads must not be empty")
         if self.target not in HEADS:
             raise UnknownNameError("target head", str(self.target), HEADS)
-        for name in ("n", "batch_size", "steps", "eot_samples"):
+        for name in ("n", "batch_size", "eot_samples") + (("steps",) if self.steps is not None else ()):
             self._positive_int(name)
+        if self.preset and self.preset not in PRESETS:
+            raise UnknownNameError("attack preset", str(self.preset), sorted(PRESETS))
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ConfigError(f"threads must be a non-negative integer (0: torch's default), got {self.threads!r}")
+        for flag in ("cross_check", "minimal_check"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         self.params = _fold_aliases(_own_params(self.params), dict(zip(FLAT_ALIASES, flat)))
@@ -175,6 +199,8 @@ class AttackConfig:
         subtable) is a ConfigError."""
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: expected a table of options, got {type(table).__name__}")
+        if table.get("preset"):  # the preset's keys first, the table's own on top
+            table = {**preset_table(str(table["preset"])), **table}
         subtables = {k: v for k, v in table.items() if isinstance(v, dict)}
         general = {k: v for k, v in table.items() if k not in subtables and k not in FLAT_ALIASES}
         flat = {k: v for k, v in table.items() if k in FLAT_ALIASES}
@@ -198,18 +224,31 @@ class AttackConfig:
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
 
+    def backends_of(self, name: str) -> list[str]:
+        """The backends attack ``name`` runs in: the first listed one that implements it (every listed one with
+        ``cross_check``); an attack only the suite itself implements runs natively even if ``native`` is not
+        listed; [] when none applies."""
+        available = backends_for(name)
+        listed = [b for b in self.backends if b in available]
+        if not listed:
+            return ["native"] if available == ["native"] else []
+        return listed if self.cross_check else listed[:1]
+
     def expanded_attacks(self) -> list[str]:
         """Attack names with aliases expanded (``apgd`` -> ``apgd-ce``, ``apgd-dlr``), in order, once each."""
         return dedupe(sum((ATTACK_ALIASES.get(a, [a]) for a in self.attacks), []))
 
     def options_for(self, name: str, backend: str | None = None) -> dict[str, Any]:
-        """The keyword arguments of attack ``name`` (of ``backend``; default: checked against every backend):
+        """The keyword arguments of attack ``name`` (of ``backend``; default: checked against every backend it
+        will run in, or every backend that has it when it runs in none):
         the general ``steps`` where it applies, then the attack's own ``params``."""
-        classes = [attack_class(name, b) for b in ([backend] if backend else backends_for(name))]
+        classes = [attack_class(name, b) for b in ([backend] if backend else
+                                                   (self.backends_of(name) or backends_for(name)))]
         options: dict[str, Any] = {}
         for cls in classes:
             fields = {f.name for f in dataclasses.fields(cls.Params)}
-            own = {**({"steps": self.steps} if "steps" in fields and cls.kind in _GENERAL_STEPS_KINDS else {}),
+            general = self.steps is not None and "steps" in fields and cls.kind in _GENERAL_STEPS_KINDS
+            own = {**({"steps": self.steps} if general else {}),
                    **self.params.get(name, {})}
             build(cls.Params, own, where=f"[attack.{name}] ({cls.backend})")
             options = own
@@ -253,9 +292,9 @@ def _fold_aliases(params: dict[str, dict[str, Any]], flat: dict[str, Any]) -> di
     for alias, value in flat.items():
         if value is None:
             continue
-        if alias == "cw_c":
+        if alias == "cw_c":  # a grid of c once; foolbox's search starts at its smallest value
             try:
-                value = [float(c) for c in split_list(value)]
+                value = min(float(c) for c in split_list(value))
             except (TypeError, ValueError):
                 raise ConfigError(f"cw_c must be numbers, got {value!r}") from None
         for name, key in FLAT_ALIASES[alias]:

@@ -7,12 +7,13 @@ An evaluation is one (attack, backend, norm, gate_mode, gate_grad, target, sourc
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from attacks.base import GRADIENT_FREE, Attack, attack_class, backends_for
-from attacks.runner.config import AttackConfig
+from attacks.base import GRADIENT_FREE, MINIMAL, Attack, attack_class, backends_for, known_attacks
+from attacks.runner.config import AttackConfig, dedupe
 from robustness.core.errors import ConfigError
 from robustness.core.runtime import jsonable
 
@@ -53,10 +54,52 @@ class EvalPlan:
 
     def describe(self, complete: bool = False) -> dict[str, Any]:
         """The manifest entry of this evaluation."""
-        return {"id": self.id, "attack": self.name, "backend": self.backend, "norm": self.norm,
+        return {"id": self.id, "attack": self.name, "kind": self.attack.kind, "backend": self.backend,
+                "norm": self.norm,
                 "eps": list(self.eps), "gate_mode": self.gate_mode, "gate_grad": self.gate_grad,
                 "target": self.target, "source_run": self.source_run, "config": jsonable(self.attack.config()),
                 "complete": bool(complete)}
+
+
+def _attacks_to_run(config: AttackConfig) -> list[tuple[str, str, str, list[float]]]:
+    """``(attack, backend, norm, eps)`` for every attack the config asks for, in order.
+
+    A minimal-norm attack runs in its own norm (L2: at ``cw_eps``, with ``--norm linf``) plus an unbounded row
+    (eps = inf: each sample's minimal norm, and whether one was found). With ``minimal_check``, PGD also runs at
+    those L2 budgets: the minimal attack's convergence check, and a fixed-budget floor under the L2 numbers.
+    """
+    out: list[tuple[str, str, str, list[float]]] = []
+    for name in config.expanded_attacks():
+        chosen = config.backends_of(name)
+        if not chosen:
+            log.info("skipping %s: it exists only in %s (asked for %s)", name, ", ".join(backends_for(name)),
+                     ", ".join(config.backends))
+            continue
+        for backend in chosen:
+            cls = attack_class(name, backend)
+            if config.norm in cls.norms:
+                norm, eps = config.norm, list(config.eps)
+            else:
+                norm = cls.norms[0]
+                eps = list(config.cw_eps if norm == "l2" else config.eps)
+            if cls.kind == MINIMAL:
+                out.append((name, backend, norm, dedupe([*eps, math.inf])))
+                check = config.backends_of("pgd") if config.minimal_check and "pgd" in known_attacks() else []
+                if norm != config.norm and check:
+                    out.append(("pgd", check[0], norm, eps))
+            else:
+                out.append((name, backend, norm, eps))
+    return _unique(out)
+
+
+def _unique(items: list[tuple[str, str, str, list[float]]]) -> list[tuple[str, str, str, list[float]]]:
+    seen: set[tuple[str, str, str]] = set()
+    kept = []
+    for name, backend, norm, eps in items:
+        if (name, backend, norm) not in seen:
+            seen.add((name, backend, norm))
+            kept.append((name, backend, norm, eps))
+    return kept
 
 
 def plan_evaluations(config: AttackConfig, gated: bool, source_run: str = "") -> list[EvalPlan]:
@@ -67,33 +110,21 @@ def plan_evaluations(config: AttackConfig, gated: bool, source_run: str = "") ->
     """
     plans: list[EvalPlan] = []
     collapsed: set[str] = set()
-    for name in config.expanded_attacks():
-        available = backends_for(name)
-        chosen = [b for b in available if b == "native" or b in config.backends]
-        if not chosen:
-            log.info("skipping %s: it exists only in %s (asked for %s)", name, ", ".join(available),
-                     ", ".join(config.backends))
-            continue
-        for backend in chosen:
-            cls = attack_class(name, backend)
-            if config.norm in cls.norms:
-                norm, eps = config.norm, config.eps
-            else:
-                norm = cls.norms[0]
-                eps = config.cw_eps if norm == "l2" else config.eps
-            attack = cls(norm, **config.options_for(name, backend))
-            for mode in config.gate_modes:
-                grads = config.gate_grads
-                if not gated or mode != "hard" or cls.kind == GRADIENT_FREE:
-                    if grads != ["none"]:
-                        why = ("the model the examples are crafted on has no gates" if not gated else
-                               f"gate mode {mode!r} has no routing" if mode != "hard" else f"{name} is gradient-free")
-                        if why not in collapsed:
-                            log.info("routing gradients collapse to 'none': %s", why)
-                            collapsed.add(why)
-                    grads = ["none"]
-                for grad in grads:
-                    plans.append(EvalPlan(attack, list(eps), mode, grad, config.target, source_run))
+    for name, backend, norm, eps in _attacks_to_run(config):
+        cls = attack_class(name, backend)
+        attack = cls(norm, **config.options_for(name, backend))
+        for mode in config.gate_modes:
+            grads = config.gate_grads
+            if not gated or mode != "hard" or cls.kind == GRADIENT_FREE:
+                if grads != ["none"]:
+                    why = ("the model the examples are crafted on has no gates" if not gated else
+                           f"gate mode {mode!r} has no routing" if mode != "hard" else f"{name} is gradient-free")
+                    if why not in collapsed:
+                        log.info("routing gradients collapse to 'none': %s", why)
+                        collapsed.add(why)
+                grads = ["none"]
+            for grad in grads:
+                plans.append(EvalPlan(attack, list(eps), mode, grad, config.target, source_run))
     if not plans:
         raise ConfigError("nothing to run: no requested attack exists in the requested backend(s) "
                           f"{', '.join(config.backends)}")

@@ -12,9 +12,15 @@ The manifest (``schema: dsn-robustness/attacks/v1``) holds: ``run``, ``model``, 
 ``dataset`` (DatasetInfo.to_dict()), ``data`` (dataset name, root, options, split), ``seed``, ``n``,
 ``batch_size``, ``n_batches``, ``versions`` (package versions), ``path_names`` (gate names in path-bit order),
 ``full_macs``, ``gated_block_macs``, ``zero_grad_share`` (``{"<gate_mode>/<gate_grad>": share}`` of samples whose
-input gradient is exactly zero, on the first batch), ``config`` (the AttackConfig of the last invocation) and
-``evaluations``: one ``{id, attack, backend, norm, eps, gate_mode, gate_grad, target, source_run, config,
-complete}`` per evaluation (``config`` = the attack's parameters; ``complete`` = every shard exists).
+input gradient is exactly zero, on the first batch), ``surrogate_fidelity`` (``{"<gate_mode>/<gate_grad>":
+share}`` of first-batch samples whose surrogate network predicts what the deployed one does; 1 for ``none`` and
+``ste``), ``sharp_temperature`` (the per-gate temperatures of the ``sharp`` routing gradient, calibrated on the
+first batch's clean images and used for every batch), ``config`` (the AttackConfig of the last invocation) and
+``evaluations``: one ``{id, attack, kind, backend, norm, eps, gate_mode, gate_grad, target, source_run, config,
+complete}`` per evaluation (``config`` = the attack's parameters; ``complete`` = every shard exists), plus for a
+minimal-norm attack ``convergence`` (``{clean_correct, found, share_found, median_norm, converged}`` from its
+unbounded rows: a minimal attack that does not find an adversarial example for >= 99% of the clean-correct
+samples has not converged, and its accuracies at the budgets are upper bounds).
 
 Every shard is written atomically, so an interrupted run resumes (``resume=True``) by skipping the shards that
 exist. Every batch x evaluation draws its randomness from a seed derived from (seed, evaluation id, batch), so a
@@ -36,8 +42,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
-from attacks.base import Target
+from attacks.base import ITERATIVE, MINIMAL, Target, attack_kind
 from attacks.checks import zero_gradient_share
 from attacks.records import RECORD_COLUMNS, accuracy_rows, conform, read_records, worst_case
 from attacks.runner.config import AttackConfig, dedupe
@@ -45,16 +52,19 @@ from attacks.runner.plan import EvalPlan, plan_evaluations
 from attacks.runner.scoring import Batch, Scorer
 from models.checkpoint import Checkpoint, load_checkpoint
 from models.network import CoarseFineNet
+from models.surrogates import calibrate_temperature, surrogate_fidelity
 from models.training import TrainConfig
 from robustness.core.errors import CheckpointError, ConfigError, RunDirError
 from robustness.core.rundir import RunDir, atomic_write, atomic_write_json
 from robustness.core.runtime import (Distributed, derive_seed, distributed, jsonable, package_versions,
-                                     process_device, resolve_device, seed_everything)
+                                     process_device, resolve_device, seed_everything, torch_threads)
 from robustness.data import CoarseFineDataset, DatasetInfo, load_dataset
 
 log = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA = "dsn-robustness/attacks/v1"
+#: A minimal-norm attack has converged when it finds an adversarial example for this share of clean-correct samples.
+MIN_FOUND_SHARE = 0.99
 
 
 @dataclass
@@ -126,7 +136,7 @@ def _check_resumable(run: RunDir, previous: dict[str, Any] | None, setup: dict[s
             continue
         new = plan.describe()
         for key in ("eps", "config"):
-            if jsonable(old.get(key)) != new[key]:
+            if jsonable(old.get(key)) != jsonable(new[key]):
                 raise RunDirError(f"{run.root}: evaluation {plan.id} was run with {key}={old.get(key)!r}, this run "
                                   f"asks for {new[key]!r}; use the same settings or pass --force")
 
@@ -136,7 +146,7 @@ def _complete(run: RunDir, eval_id: str, n_batches: int) -> bool:
 
 
 def _manifest(run: RunDir, checkpoint: Checkpoint, model: CoarseFineNet, config: AttackConfig,
-              data_source: dict[str, Any], setup: dict[str, Any], n_batches: int, zero: dict[str, float],
+              data_source: dict[str, Any], setup: dict[str, Any], n_batches: int, probes: dict[str, Any],
               plans: Sequence[EvalPlan], previous: dict[str, Any] | None) -> dict[str, Any]:
     current = [p.describe(_complete(run, p.id, n_batches)) for p in plans]
     ids = {e["id"] for e in current}
@@ -157,7 +167,7 @@ def _manifest(run: RunDir, checkpoint: Checkpoint, model: CoarseFineNet, config:
         "path_names": list(model.gate_names),
         "full_macs": float(model.full_macs),
         "gated_block_macs": [float(m) for m in model.costs.gated_blocks],
-        "zero_grad_share": zero,
+        **probes,
         "config": jsonable(config.to_dict()),
         "evaluations": kept + current,
     }
@@ -166,9 +176,7 @@ def _manifest(run: RunDir, checkpoint: Checkpoint, model: CoarseFineNet, config:
 def _zero_gradient_shares(model: CoarseFineNet, data: CoarseFineDataset, config: AttackConfig,
                           plans: Sequence[EvalPlan]) -> dict[str, float]:
     """Share of zero input gradients on the first batch, per (gate_mode, gate_grad) of the white-box plans."""
-    x, fine, coarse = data.batch(slice(0, config.batch_size))
-    device = next(model.parameters()).device
-    x, y = x.to(device), (fine if config.target == "fine" else coarse).to(device)
+    x, y = _first_batch(model, data, config)
     shares: dict[str, float] = {}
     combos = dedupe([(p.gate_mode, p.gate_grad) for p in plans if not p.source_run])
     if not model.is_gated:
@@ -177,6 +185,69 @@ def _zero_gradient_shares(model: CoarseFineNet, data: CoarseFineDataset, config:
         seed_everything(derive_seed(config.seed, "zero-grad", mode, grad))
         shares[f"{mode}/{grad}"] = zero_gradient_share(model, x, y, mode, grad, config.target, config.eot_samples)
     return shares
+
+
+def _first_batch(model: CoarseFineNet, data: CoarseFineDataset, config: AttackConfig):
+    x, fine, coarse = data.batch(slice(0, config.batch_size))
+    device = next(model.parameters()).device
+    return x.to(device), (fine if config.target == "fine" else coarse).to(device)
+
+
+def sharp_temperature(model: CoarseFineNet, data: CoarseFineDataset, config: AttackConfig) -> torch.Tensor | None:
+    """Temperatures of the ``sharp`` routing gradient, calibrated once on the first batch's clean images (so that
+    every batch, resumed or sharded, attacks the same surrogate); None for a model without gates."""
+    if not model.is_gated:
+        return None
+    return calibrate_temperature(model, _first_batch(model, data, config)[0])
+
+
+def _surrogate_fidelities(model: CoarseFineNet, data: CoarseFineDataset, config: AttackConfig,
+                          plans: Sequence[EvalPlan], temperature: torch.Tensor | None) -> dict[str, float]:
+    """Per (gate_mode, gate_grad) of the white-box plans: how often the surrogate predicts what the deployed
+    model does on the first batch (the attacker's gradient is only as good as its surrogate)."""
+    if not model.is_gated:
+        return {}
+    x, _ = _first_batch(model, data, config)
+    out: dict[str, float] = {}
+    for mode, grad in dedupe([(p.gate_mode, p.gate_grad) for p in plans if not p.source_run]):
+        if mode != "hard":
+            continue
+        seed_everything(derive_seed(config.seed, "fidelity", mode, grad))
+        out[f"{mode}/{grad}"] = surrogate_fidelity(model, x, config.target, grad, temperature)
+    return out
+
+
+def _convergence(records: pd.DataFrame, entry: dict[str, Any]) -> dict[str, Any] | None:
+    """A minimal-norm evaluation's convergence, from its records: its unbounded (eps = inf) rows say for how many
+    clean-correct samples it found an adversarial example at all; where a fixed-budget iterative attack ran at the
+    same norm, gates and routing gradient (the PGD of ``minimal_check``), the budgets at which that attack left
+    fewer samples robust (by more than one sample) show the minimal attack stopped short. None without inf rows."""
+    same = records[(records["norm"] == entry["norm"]) & (records["gate_mode"] == entry["gate_mode"])
+                   & (records["gate_grad"] == entry["gate_grad"]) & (records["target"] == entry["target"])
+                   & (records["source_run"] == entry["source_run"])]
+    own = same[(same["attack"] == entry["attack"]) & (same["backend"] == entry["backend"])]
+    unbounded = own[np.isinf(own["eps"])]
+    if unbounded.empty:
+        return None
+    correct = unbounded["clean_correct"].to_numpy(bool)
+    found = correct & ~unbounded["adv_correct"].to_numpy(bool)
+    norms = unbounded[entry["norm"]].to_numpy(float)[found]
+    share = float(found.sum() / correct.sum()) if correct.any() else float("nan")
+    fixed = same[same["attack"].map(lambda a: attack_kind(str(a)) == ITERATIVE).to_numpy(bool)]
+    short: list[dict[str, Any]] = []
+    for eps, mine in own[np.isfinite(own["eps"])].groupby("eps"):
+        theirs = fixed[fixed["eps"] == eps]
+        if theirs.empty:
+            continue
+        robust_mine = int(mine["robust"].sum())
+        robust_fixed = int(theirs.groupby("sample")["robust"].all().sum())
+        if robust_mine > robust_fixed + 1:
+            short.append({"eps": float(eps), "robust": robust_mine, "fixed_budget_robust": robust_fixed,
+                          "fixed_budget_attack": ",".join(sorted(theirs["attack"].astype(str).unique()))})
+    return {"clean_correct": int(correct.sum()), "found": int(found.sum()), "share_found": share,
+            "median_norm": float(np.median(norms)) if len(norms) else float("nan"),
+            "checked_against_fixed_budget": not fixed.empty, "stopped_short": short,
+            "converged": bool(correct.any() and share >= MIN_FOUND_SHARE and not short)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -231,7 +302,10 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
         else:
             _check_resumable(run, previous, setup, plans)
 
-    with distributed(device) as dist:
+    temperature = sharp_temperature(model, data, config)
+    crafting_temperature = (temperature if crafting_model is model
+                            else sharp_temperature(crafting_model, data, config))
+    with torch_threads(config.threads), distributed(device) as dist:
         dist.barrier()
         if dist.main:
             if force and run.attacks.exists():
@@ -240,26 +314,31 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
                 for stale in (run.manifest, run.worst_case):
                     stale.unlink(missing_ok=True)
                 previous = None
-            zero = _zero_gradient_shares(model, data, config, plans)
-            if previous and resume and existing:
-                zero = {**previous.get("zero_grad_share", {}), **zero}
-            manifest = _manifest(run, checkpoint, model, config, data_source, setup, n_batches, zero, plans,
-                                 previous if resume and existing else None)
+            kept = previous if resume and existing else None
+            probes = {"zero_grad_share": _zero_gradient_shares(model, data, config, plans),
+                      "surrogate_fidelity": _surrogate_fidelities(model, data, config, plans, temperature),
+                      "sharp_temperature": None if temperature is None else temperature.tolist()}
+            if kept:
+                for key in ("zero_grad_share", "surrogate_fidelity"):
+                    probes[key] = {**kept.get(key, {}), **probes[key]}
+            manifest = _manifest(run, checkpoint, model, config, data_source, setup, n_batches, probes, plans, kept)
             atomic_write_json(run.manifest, manifest)
         dist.barrier()
 
         _attack_batches(run, checkpoint.model_name, model, crafting_model, data, config, plans, n_batches, dist,
-                        progress, on_shard)
+                        progress, on_shard, crafting_temperature)
 
         dist.barrier()
         if not dist.main:
             return AttackResult(run.root, {}, conform(pd.DataFrame(columns=list(RECORD_COLUMNS))))
         manifest = run.read_manifest() or {}
-        for entry in manifest.get("evaluations", []):
-            entry["complete"] = _complete(run, entry["id"], manifest.get("n_batches", n_batches))
-        atomic_write_json(run.manifest, manifest)
         records = read_records(run.records) if run.has_records() else conform(
             pd.DataFrame(columns=list(RECORD_COLUMNS)))
+        for entry in manifest.get("evaluations", []):
+            entry["complete"] = _complete(run, entry["id"], manifest.get("n_batches", n_batches))
+            if entry.get("kind") == MINIMAL:
+                entry["convergence"] = _convergence(records, entry)
+        atomic_write_json(run.manifest, jsonable(manifest))
         worst = worst_case(accuracy_rows(records))
         atomic_write(run.worst_case, lambda tmp: worst.to_parquet(tmp, index=False))
         return AttackResult(run.root, manifest, records)
@@ -267,7 +346,8 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
 
 def _attack_batches(run: RunDir, model_name: str, model: CoarseFineNet, crafting_model: CoarseFineNet,
                     data: CoarseFineDataset, config: AttackConfig, plans: Sequence[EvalPlan], n_batches: int,
-                    dist: Distributed, progress: bool, on_shard: Callable[[Path], None] | None) -> None:
+                    dist: Distributed, progress: bool, on_shard: Callable[[Path], None] | None,
+                    temperature: torch.Tensor | None = None) -> None:
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -290,7 +370,8 @@ def _attack_batches(run: RunDir, model_name: str, model: CoarseFineNet, crafting
             for plan in todo:
                 unit_seed = derive_seed(config.seed, plan.id, b)
                 crafting = Target(crafting_model, plan.target, plan.gate_mode, plan.gate_grad, config.eot_samples,
-                                  device)
+                                  device, temperature=temperature if plan.gate_grad == "sharp" else None,
+                                  keep_first=not plan.source_run)
                 advs = plan.attack(crafting, batch.x, batch.labels(plan.target), plan.eps, unit_seed)
                 frame = scorer.score(plan, batch, advs, unit_seed)
                 path = run.shard(plan.id, b)

@@ -103,6 +103,7 @@ class Scorer:
                 "clean_pred_fine": clean.fine.cpu().numpy(), "clean_pred_coarse": clean.coarse.cpu().numpy(),
                 "adv_pred_fine": outcome.fine.cpu().numpy(), "adv_pred_coarse": outcome.coarse.cpu().numpy(),
                 "clean_correct": clean_correct, "adv_correct": adv_correct, "success": clean_correct & ~adv_correct,
+                "robust": clean_correct & adv_correct,
                 "linf": linf.cpu().numpy(), "l2": l2.cpu().numpy(),
                 "clean_path": clean_path, "adv_path": clean_path if outcome is clean else bit_strings(outcome.path),
                 "hamming": (clean.path != outcome.path).sum(1).cpu().numpy(),

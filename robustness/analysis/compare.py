@@ -107,7 +107,7 @@ def _combined(v: Variant, common: Sequence[str]) -> pd.DataFrame:
 def _curves(label: str, combined: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for key, g in combined.groupby(PAIR_KEYS, sort=True, observed=True):
-        iv = wilson_interval(int(g["adv_correct"].sum()), len(g))
+        iv = wilson_interval(int(g["robust"].sum()), len(g))
         rows.append(dict(variant=label, **dict(zip(PAIR_KEYS, key)), n=len(g), robust_acc=iv.estimate,
                          robust_acc_low=iv.low, robust_acc_high=iv.high))
     return pd.DataFrame(rows)
@@ -156,10 +156,16 @@ def _compute_points(variants: Sequence[Variant], combined: Mapping[str, pd.DataF
             c = combined[v.label]
             sel = c[(c["attack"] == "worst") & (c["norm"] == at["norm"]) & (c["eps"] == at["eps"])
                     & (c["target"] == at["target"])]
-            acc = float(sel["adv_correct"].mean()) if len(sel) else float("nan")
+            acc = float(sel["robust"].mean()) if len(sel) else float("nan")
         points.append({"variant": v.label, "compute_saved": v.compute_saved, "robust_acc": acc,
                        "at": f"worst case, {at['norm']} eps={format_eps(at['eps'])}" if at else "-"})
     return pd.DataFrame(points, columns=["variant", "compute_saved", "robust_acc", "at"])
+
+
+def _queries(run: RunResults) -> dict[str, int] | None:
+    """The run's gradient-free query budget, keyed as the sanity checks read it."""
+    q = run.gradient_free_queries
+    return {run.name: q} if q is not None else None
 
 
 def compare_runs(runs: Sequence[RunResults], labels: Sequence[str] | None = None, *, n_boot: int = 1000,
@@ -206,5 +212,6 @@ def compare_runs(runs: Sequence[RunResults], labels: Sequence[str] | None = None
                       pairs=pairs, verdict=_verdict(pairs, skip, statics),
                       compute=_compute_points(variants, combined, pairs[0] if pairs else None),
                       transfer=transfer_matrix([r.records for r in runs]),
-                      sanity={name: run_checks(r.records) for name, r in zip(names, runs)}, notes=notes,
+                      sanity={name: run_checks(r.records, queries=_queries(r)) for name, r in zip(names, runs)},
+                      notes=notes,
                       n_boot=n_boot, seed=seed)

@@ -137,7 +137,7 @@ def worst_case_accuracy(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFr
     for key, g in worst.groupby(WORST_KEYS, sort=True, observed=True, dropna=False):
         row = dict(zip(WORST_KEYS, key))
         names = pooled.loc[key]
-        iv = wilson_interval(int(g["adv_correct"].sum()), len(g), confidence)
+        iv = wilson_interval(int(g["robust"].sum()), len(g), confidence)
         row.update(n=len(g), n_attacks=len(names.split(",")), attacks=names,
                    clean_acc=mean_or_nan(g["clean_correct"].to_numpy(bool)))
         put_interval(row, "robust_acc", iv)
@@ -152,7 +152,7 @@ def robust_accuracy_table(df: pd.DataFrame, include_worst: bool = True, confiden
     rows = []
     for key, g in df.groupby(EVAL_KEYS, sort=True, observed=True, dropna=False):
         row = dict(zip(EVAL_KEYS, key), n=len(g))
-        put_interval(row, "robust_acc", wilson_interval(int(g["adv_correct"].sum()), len(g), confidence))
+        put_interval(row, "robust_acc", wilson_interval(int(g["robust"].sum()), len(g), confidence))
         rows.append(row)
     cols = EVAL_KEYS + ["n", "robust_acc", "robust_acc_low", "robust_acc_high"]
     table = pd.DataFrame(rows, columns=cols)

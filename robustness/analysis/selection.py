@@ -53,6 +53,6 @@ def primary_evaluation(df: pd.DataFrame) -> dict[str, str] | None:
     if wb.empty:
         return None
     scores = wb.assign(other=~accuracy_mask(wb)).groupby(FAMILY_KEYS, observed=True).agg(
-        other=("other", "first"), n_eps=("eps", "nunique"), acc=("adv_correct", "mean"))
+        other=("other", "first"), n_eps=("eps", "nunique"), acc=("robust", "mean"))
     best = scores.sort_values(["other", "n_eps", "acc"], ascending=[True, False, True]).index[0]
     return {k: str(v) for k, v in zip(FAMILY_KEYS, best)}

@@ -192,13 +192,13 @@ def paired_difference(df_a: pd.DataFrame, df_b: pd.DataFrame, keys: Sequence[str
         if side.duplicated(on).any():
             raise ValueError(f"records {name} hold several rows per {'/'.join(on)}; collapse them first "
                              "(strongest_per_sample or worst_case)")
-    a = df_a[on + ["adv_correct"]].astype({"adv_correct": bool})
-    b = df_b[on + ["adv_correct"]].astype({"adv_correct": bool})
+    a = df_a[on + ["robust"]].astype({"robust": bool})
+    b = df_b[on + ["robust"]].astype({"robust": bool})
     joined = a.merge(b, on=on, suffixes=("_a", "_b"))
     rows = []
     for key, g in joined.groupby(keys, sort=True, observed=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
-        ya, yb = g["adv_correct_a"].to_numpy(float), g["adv_correct_b"].to_numpy(float)
+        ya, yb = g["robust_a"].to_numpy(float), g["robust_b"].to_numpy(float)
         iv = bootstrap_mean(ya - yb, n_boot, seed, confidence)
         rows.append(dict(zip(keys, key), n=len(g), acc_a=ya.mean(), acc_b=yb.mean(), diff=iv.estimate,
                          diff_low=iv.low, diff_high=iv.high))

@@ -154,7 +154,7 @@ def accuracy(ev: Evaluation) -> dict[str, float]:
     g, correct, success = ev.records, ev.correct, ev.success
     return {"clean_acc_fine": mean_or_nan((g["clean_pred_fine"] == g["label_fine"]).to_numpy(bool)),
             "clean_acc_coarse": mean_or_nan((g["clean_pred_coarse"] == g["label_coarse"]).to_numpy(bool)),
-            "clean_acc": mean_or_nan(correct), "robust_acc": mean_or_nan(g["adv_correct"].to_numpy(bool)),
+            "clean_acc": mean_or_nan(correct), "robust_acc": mean_or_nan(g["robust"].to_numpy(bool)),
             "n_clean_correct": int(correct.sum()), "n_success": int(success.sum()),
             "success_rate": success.sum() / correct.sum() if correct.any() else NAN}
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from attacks.base import COMPUTE, attack_kind
 from attacks.records import accuracy_rows
-from attacks.runner import ATTACK_ALIASES, FLAT_ALIASES, LIBRARY_BACKENDS, AttackConfig, AttackResult, run_attacks
+from attacks.runner import ATTACK_ALIASES, FLAT_ALIASES, AttackConfig, AttackResult, run_attacks
+from attacks.runner.presets import PRESETS, preset_table
 from robustness.core.config import load_config_file, overridden
 from robustness.core.errors import ConfigError
 from robustness.core.vocab import HEADS, NORMS, format_eps
@@ -24,30 +25,42 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("attack", help="attack a trained run (FGSM, PGD, CW, APGD, Square, path, slowdown)",
+    p = sub.add_parser("attack", help="attack a trained run (FGSM, PGD, APGD, DDN/CW, Square, AutoAttack, path, "
+                                      "slowdown)",
                        description="Attack the model of RUN_DIR and write per-sample records to "
-                                   "RUN_DIR/attacks/. Flags override the [attack] table of --config.")
+                                   "RUN_DIR/attacks/. Flags override --preset, which overrides the [attack] table "
+                                   "of --config.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory")
-    p.add_argument("--attacks", help="comma list of fgsm,pgd,cw,apgd,apgd-ce,apgd-dlr,square,path,slowdown "
-                                     "(apgd = apgd-ce and apgd-dlr; default: all)")
+    p.add_argument("--attacks", help="comma list of fgsm,pgd,apgd,apgd-ce,apgd-dlr,ddn,cw,square,autoattack,path,"
+                                     "slowdown (apgd = apgd-ce and apgd-dlr; default: "
+                                     "fgsm,pgd,apgd,ddn,square,path,slowdown)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="a named set of attacks: autoattack (torchattacks' AutoAttack, routing gradients none and "
+                        "sharp), full (the suite at full strength)")
     p.add_argument("--eps", help="comma list of budgets in [0,1] pixel units, e.g. 1/255,2/255,4/255,8/255")
     p.add_argument("--norm", choices=list(NORMS), help="threat model (default linf)")
-    p.add_argument("--cw-eps", dest="cw_eps", help="L2 budgets at which CW is scored when --norm is linf "
-                                                   "(default 0.25,0.5,1.0)")
-    p.add_argument("--backend", help="torchattacks, foolbox or both (default both); path and slowdown are native")
+    p.add_argument("--cw-eps", dest="cw_eps", help="L2 budgets at which the minimal-norm attacks (DDN, CW) are "
+                                                   "scored when --norm is linf (default 0.25,0.5,1.0; also inf)")
+    p.add_argument("--backend", help="comma list, in order of preference, of native,torchattacks,foolbox (each "
+                                     "attack runs in the first that has it; default all three), or both (both "
+                                     "libraries, each attack in every one that has it)")
     p.add_argument("--gate-mode", dest="gate_modes", help="comma list of hard,open,random (default hard)")
-    p.add_argument("--gate-grad", dest="gate_grads", help="comma list of none,ste,bpda,eot (default none,bpda)")
+    p.add_argument("--gate-grad", dest="gate_grads", help="comma list of none,ste,bpda,sharp,eot (default "
+                                                          "none,ste,bpda,sharp)")
     p.add_argument("--target", choices=list(HEADS), help="head under attack (default fine)")
     p.add_argument("--n", type=int, help="number of test samples (default 1000)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="batch size (default 128)")
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
     p.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
-    p.add_argument("--steps", type=int, help="iterations of PGD (and APGD, path, slowdown) (default 10)")
-    p.add_argument("--restarts", dest="pgd_restarts", type=int, help="PGD restarts (default 1)")
+    p.add_argument("--steps", type=int, help="iterations of every iterative attack (default: each its own: PGD 50, "
+                                             "APGD 100, path 50, slowdown 10)")
+    p.add_argument("--restarts", dest="pgd_restarts", type=int, help="PGD restarts per loss (default 5)")
+    p.add_argument("--threads", type=int, help="torch CPU threads while attacking (default 0: torch's default; 1 is "
+                                               "many times faster for small models on a busy CPU)")
     p.add_argument("--eot-samples", dest="eot_samples", type=int, help="gate draws per EOT forward (default 8)")
     p.add_argument("--set", dest="set", action="append", default=[], metavar="ATTACK.KEY=VALUE",
-                   help="one parameter of one attack, e.g. pgd.restarts=5 or cw.c=[1.0,10.0] (VALUE is read as "
-                        "TOML; repeatable)")
+                   help="one parameter of one attack, e.g. pgd.restarts=5 or pgd.losses=[\"ce\"] (VALUE is read "
+                        "as TOML; repeatable)")
     p.add_argument("--resume", action="store_true", help="continue (or add to) the run's attack records")
     p.add_argument("--force", action="store_true", help="delete the run's attack records first")
     p.add_argument("--transfer-from", dest="transfer_from", metavar="OTHER_RUN",
@@ -60,14 +73,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace) -> AttackConfig:
     """The AttackConfig of the [attack] table of ``args.config`` with the flags given on top."""
     table = load_config_file(getattr(args, "config", None)).get("attack", {})
+    if getattr(args, "preset", None):
+        table = {**table, **preset_table(args.preset), "preset": args.preset}
     base = AttackConfig.from_table(table, where=f"[attack] in {args.config}" if getattr(args, "config", None)
                                    else "attack config")
     backend = getattr(args, "backend", None)
-    if backend is not None and backend.strip().lower() not in (*LIBRARY_BACKENDS, "both"):
-        raise ConfigError(f"unknown backend {backend!r}; choose one of: {', '.join(LIBRARY_BACKENDS)}, both")
     flags = {name: getattr(args, name, None) for name in
              ("attacks", "eps", "norm", "cw_eps", "gate_modes", "gate_grads", "target", "n", "batch_size", "device",
-              "seed", "steps", "pgd_restarts", "eot_samples")}
+              "seed", "steps", "pgd_restarts", "eot_samples", "threads")}
     flags["backends"] = backend
     settings = [parse_setting(text) for text in getattr(args, "set", None) or []]
     for alias, value in flags.items():
@@ -119,7 +132,7 @@ def summary_table(result: AttackResult) -> str:
         where = f"{target} head, gates {mode}" + (f", crafted on {source}" if source else "")
         lines.append(f"{result.run_dir.name}: clean accuracy {100 * clean:.1f}% ({where}, n={g['sample'].nunique()})")
         for norm, h in g.groupby("norm", sort=False, observed=True):
-            table = (h.groupby(["attack", "backend", "gate_grad", "eps"], observed=True)["adv_correct"].mean()
+            table = (h.groupby(["attack", "backend", "gate_grad", "eps"], observed=True)["robust"].mean()
                      .mul(100).unstack("eps"))
             table.columns = [format_eps(e) for e in table.columns]
             table.index.names = ["attack", "backend", "grad"]
@@ -127,7 +140,7 @@ def summary_table(result: AttackResult) -> str:
             lines.append(table.to_string(float_format=lambda v: f"{v:.1f}", na_rep="-"))
         worst = accuracy_rows(g)
         if not worst.empty:
-            per_sample = worst.groupby(["norm", "eps", "sample"], observed=True)["adv_correct"].all()
+            per_sample = worst.groupby(["norm", "eps", "sample"], observed=True)["robust"].all()
             acc = per_sample.groupby(level=["norm", "eps"], observed=True).mean().mul(100)
             cells = ", ".join(f"{norm} {format_eps(e)}: {v:.1f}%" for (norm, e), v in acc.items())
             lines.append(f"worst case over attacks: {cells}")

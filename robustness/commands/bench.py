@@ -1,17 +1,30 @@
-"""``dsn-robust bench``: throughput of real skipping vs masked execution, open network and static twins."""
+"""``dsn-robust bench``: throughput of real skipping vs masked execution, open network and static twins; and
+``dsn-robust bench reference RUN_DIR``: an independent reference PGD that the suite's worst case is checked against.
+
+Without a mode word ``bench`` times skipping exactly as before (``dsn-robust bench [--run RUN_DIR] ...``); the
+modes are subparsers so that each one's flags stay its own in ``--help``.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 
+import torch
+
+from robustness.bench.reference import LOSSES, REFERENCE_GATE_MODES, ReferenceConfig, format_table as reference_table
+from robustness.bench.reference import run_reference
 from robustness.bench.skipping import format_table, run_benchmark
+from robustness.core.errors import ConfigError
 from robustness.core.runtime import DEVICE_CHOICES, resolve_device
+from robustness.core.vocab import GRAD_MODES, HEADS, parse_eps
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure the wall-clock saving of real layer skipping (prints JSON + table)",
-                       description="Time dsn hard (sub-batch), dsn masked, dsn open, dual and resnet on one batch. "
-                                   "Target: time saved vs masked >= 80%% of MACs saved.")
+    p = sub.add_parser("bench", help="measure the wall-clock saving of real layer skipping (prints JSON + table); "
+                                     "`bench reference RUN_DIR` runs the independent reference PGD",
+                       description="Without a mode: time dsn hard (sub-batch), dsn masked, dsn open, dual and resnet "
+                                   "on one batch. Target: time saved vs masked >= 80% of MACs saved. "
+                                   "Mode `reference`: see `dsn-robust bench reference --help`.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--run", metavar="RUN_DIR", help="use a trained dsn run's gates (hard mode)")
     src.add_argument("--skip", type=float, default=0.5,
@@ -26,6 +39,40 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="skip timing the attack runner against direct torchattacks PGD")
     p.add_argument("--json-only", action="store_true", help="print only the JSON")
     p.set_defaults(handler=run)
+    modes = p.add_subparsers(dest="bench_mode", metavar="[MODE]", title="modes (optional; none: time skipping)")
+    _register_reference(modes)
+
+
+def _register_reference(modes: argparse._SubParsersAction) -> None:
+    r = modes.add_parser(
+        "reference", help="independent reference L-inf PGD on RUN_DIR, compared with its attack records",
+        description="An independent plain-torch L-inf PGD (random start, alpha = 2.5 eps / steps, first fooling "
+                    "iterate kept, every restart x loss x routing gradient) on the first N test samples of "
+                    "RUN_DIR. If RUN_DIR has attack records, the suite's white-box worst case at each eps is "
+                    "compared on the same samples. Prints JSON + a table; writes nothing.")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory")
+    r.add_argument("--eps", default="1/255,2/255,4/255,8/255",
+                   help="comma-separated L-inf budgets (default %(default)s)")
+    r.add_argument("--n", type=int, default=64, help="first N test samples (default %(default)s)")
+    r.add_argument("--steps", type=int, default=50, help="PGD steps per restart (default %(default)s)")
+    r.add_argument("--restarts", type=int, default=5, help="random restarts per gradient x loss (default %(default)s)")
+    r.add_argument("--grads", default="none,ste,bpda,sharp",
+                   help=f"routing gradients, comma-separated from {','.join(GRAD_MODES)} (default %(default)s)")
+    r.add_argument("--losses", default=",".join(LOSSES), help="losses: ce, margin (default %(default)s)")
+    r.add_argument("--gate-mode", default="hard", choices=REFERENCE_GATE_MODES,
+                   help="forward mode attacked and deployed (default %(default)s)")
+    r.add_argument("--head", default="fine", choices=HEADS, help="head under attack (default %(default)s)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--max-gap", type=float, default=None, metavar="P",
+                   help="exit 1 when the suite's robust accuracy exceeds the reference's by more than P points at "
+                        "some eps (needs attack records in RUN_DIR)")
+    # SUPPRESS: when not given here, a value given before the mode word (`bench --device cuda reference ...`) holds
+    r.add_argument("--device", default=argparse.SUPPRESS, choices=DEVICE_CHOICES, help="default: auto")
+    r.add_argument("--json-only", action="store_true", default=argparse.SUPPRESS, help="print only the JSON")
+    r.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (default 0: torch's default); 1 avoids the many-fold slowdown of "
+                        "small batches when other processes share the cores")
+    r.set_defaults(handler=run_reference_command)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,3 +84,24 @@ def run(args: argparse.Namespace) -> int:
     if not args.json_only:
         print(format_table(result))
     return 0
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def run_reference_command(args: argparse.Namespace) -> int:
+    if args.max_gap is not None and args.max_gap < 0:
+        raise ConfigError(f"--max-gap must be >= 0 points, got {args.max_gap:g}")
+    if args.threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = ReferenceConfig(eps=tuple(parse_eps(e) for e in _names(args.eps)), n=args.n, steps=args.steps,
+                             restarts=args.restarts, grads=_names(args.grads), losses=_names(args.losses),
+                             gate_mode=args.gate_mode, head=args.head, seed=args.seed)
+    result = run_reference(args.run_dir, config, device=resolve_device(args.device), max_gap=args.max_gap)
+    print(json.dumps(result.to_dict(), indent=2))
+    if not args.json_only:
+        print(reference_table(result))
+    return 0 if result.passed else 1

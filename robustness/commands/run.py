@@ -20,10 +20,10 @@ def _default_config() -> str:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="the main job end to end: train, attack, report, compare",
-                       description="Train every model of the config's [run] table, attack each (FGSM, PGD, CW "
-                                   "over an eps sweep with routing gradients none and bpda, plus path, slowdown, "
-                                   "Square and the transfer pairs), write each report and the comparison, and "
-                                   "print a summary.")
+                       description="Train every model of the config's [run] table, attack each (FGSM, PGD, APGD, "
+                                   "DDN over an eps sweep with routing gradients none, ste, bpda and sharp, plus "
+                                   "path, slowdown, Square and the transfer pairs), write each report and the "
+                                   "comparison, and print a summary.")
     p.add_argument("--config", default=None, metavar="TOML",
                    help=f"config with [data], [model], [train], [attack], [run] tables (default {DEFAULT_CONFIG})")
     p.add_argument("--out", default="runs/quickstart", metavar="DIR", help="output directory (default runs/quickstart)")

@@ -178,3 +178,16 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj if isinstance(obj, str) else str(obj)
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's CPU thread count set to ``threads`` for the duration (0: leave torch's default), then restored.
+    On a busy small CPU, 1 thread is many times faster for small models than torch's default."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

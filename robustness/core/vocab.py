@@ -16,8 +16,9 @@ HEADS = ("fine", "coarse")
 FORWARD_MODES = ("hard", "open", "soft", "random", "frozen")
 #: Forward modes an attack evaluation may run in (``soft`` is a relaxation for gradients; ``frozen`` needs a path).
 ATTACK_GATE_MODES = ("hard", "open", "random")
-#: What an attacker differentiates through the hard gates. ``none`` is the naive evaluation.
-GRAD_MODES = ("none", "ste", "bpda", "eot")
+#: What an attacker differentiates through the hard gates. ``none`` is the naive evaluation; ``sharp`` is BPDA
+#: through ``sigmoid(s / T)`` with a per-gate temperature calibrated on clean inputs (models/surrogates.py).
+GRAD_MODES = ("none", "ste", "bpda", "eot", "sharp")
 #: The adaptive routing gradients (everything but ``none``).
 ROUTING_GRADIENTS = tuple(g for g in GRAD_MODES if g != "none")
 #: How hard decisions are carried out: ``subbatch`` runs a block only on its samples, ``mask`` runs and multiplies.

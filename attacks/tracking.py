@@ -1,0 +1,139 @@
+"""The one owner of "which adversarial example does an attack return": per sample and budget, the first candidate
+that fools the *deployed* forward, else the one closest to fooling it.
+
+An iterative attack's last iterate is not its best: an iterate that fooled the model mid-run can be undone by the
+next step, and a surrogate gradient (BPDA, EOT) optimises a network that is not the one deployed. So every
+fixed-budget attack runs under a :class:`BestAdversarial` (set up by :meth:`attacks.base.Attack.__call__`):
+
+* every candidate the attack evaluates is *offered*: the model view the libraries call offers each full batch it
+  sees (:class:`attacks.adapters.LogitsView`), our own loops offer their iterates (with the indices of the
+  samples still attacked), and the base offers what the attack finally returns;
+* a candidate counts for budget ``eps`` only if it lies in that budget (``check_budget``'s tolerance) and in
+  [0, 1]; a candidate found at a small budget is therefore also kept for every larger one;
+* "fools" is decided by the deterministic no-grad forward in the evaluation's gate mode (``Target.logits``), never
+  by a library's flag or a surrogate's logits. Per sample the first fooling candidate is kept (across iterates,
+  restarts and losses); until one is found, the candidate with the lowest deployed margin
+  ``z_y - max_{j != y} z_j``;
+* samples that the deployed model already misclassifies are not robust whatever happens: they are marked fooled
+  (with the clean image) from the start, so that loops need not attack them. In the stochastic ``random`` gate
+  mode nothing is decided up front.
+
+For transfer (examples crafted on one model, scored on another) the first iterate that fools the *source* model
+is a poor choice: it sits on the source's decision boundary and rarely transfers. There ``keep_first=False``
+keeps per sample the candidate with the lowest source margin (the most confident misclassification) and nothing
+is dropped early.
+
+The runner still re-scores every returned example with its own forward; this class only decides which candidate
+is returned.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from attacks.checks import budget_limit, sample_norms
+
+if TYPE_CHECKING:
+    from attacks.base import Target
+
+
+def deployed_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``z_y - max_{j != y} z_j`` per sample (negative: misclassified, up to ties), float64."""
+    z = logits.detach().double()
+    true = z.gather(1, y.view(-1, 1)).squeeze(1)
+    other = z.scatter(1, y.view(-1, 1), -math.inf).amax(1)
+    return true - other
+
+
+class BestAdversarial:
+    """Per sample and budget: the first candidate that fools the deployed forward, else the lowest-margin one.
+
+    ``x`` [B, C, H, W] clean images, ``y`` [B] labels of the attacked head, ``eps`` the (positive) budgets in
+    ``norm``. ``best(k)`` is the chosen batch for ``eps[k]`` (the clean image where no candidate fitted).
+    """
+
+    def __init__(self, target: "Target", x: torch.Tensor, y: torch.Tensor, eps: Sequence[float], norm: str,
+                 keep_first: bool = True):
+        self.target = target
+        self.keep_first = keep_first
+        self.x, self.y = x.detach(), y
+        self.eps = [float(e) for e in eps]
+        self.norm = norm
+        self.limits = [budget_limit(e, norm) for e in self.eps]
+        self.batch_size = x.shape[0]
+        self._best = [self.x.clone() for _ in self.eps]
+        self._margin = [torch.full((self.batch_size,), math.inf, dtype=torch.float64, device=x.device)
+                        for _ in self.eps]
+        self._fooled = [torch.zeros(self.batch_size, dtype=torch.bool, device=x.device) for _ in self.eps]
+        self.deterministic = target.gate_mode != "random"
+        if self.deterministic and keep_first:
+            wrong = target.logits(self.x).argmax(1) != y
+            for fooled in self._fooled:
+                fooled |= wrong
+
+    def offer(self, candidate: torch.Tensor, logits: torch.Tensor | None = None,
+              index: torch.Tensor | None = None) -> None:
+        """Consider ``candidate`` (the full batch, or the samples ``index`` of it) for every budget it fits.
+
+        ``logits``: the deployed forward's logits on ``candidate`` when the caller has them (they must be exactly
+        the deterministic forward's); otherwise they are computed here.
+        """
+        with torch.no_grad():
+            candidate = candidate.detach()
+            if index is None:
+                if candidate.shape != self.x.shape:
+                    return  # a library evaluating a subset: it returns its best of those itself
+                index = torch.arange(self.batch_size, device=candidate.device)
+            elif candidate.shape[0] != index.numel():
+                return
+            if logits is None:
+                logits = self.target.logits(candidate)
+            y = self.y.index_select(0, index)
+            margin = deployed_margin(logits, y)
+            wrong = logits.argmax(1) != y
+            flat = candidate.flatten(1)
+            valid = ~torch.isnan(flat).any(1) & (flat.amin(1) >= 0) & (flat.amax(1) <= 1)
+            norms = sample_norms(candidate.double() - self.x.index_select(0, index).double(), self.norm)
+            for k, limit in enumerate(self.limits):
+                lower = margin < self._margin[k].index_select(0, index)
+                if self.keep_first:
+                    take = valid & (norms <= limit) & ~self._fooled[k].index_select(0, index) & (wrong | lower)
+                else:
+                    take = valid & (norms <= limit) & lower
+                if not take.any():
+                    continue
+                rows = index[take]
+                self._best[k][rows] = candidate[take].to(self.x.dtype)
+                self._margin[k][rows] = margin[take]
+                self._fooled[k][rows] = wrong[take] & self.keep_first
+
+    def fooled(self, k: int) -> torch.Tensor:
+        """Bool [B]: samples already fooled (or misclassified clean) at budget ``eps[k]`` (never, without
+        ``keep_first``: every sample is attacked to the end)."""
+        return self._fooled[k].clone()
+
+    def pending(self, eps: float) -> torch.Tensor:
+        """Indices of the samples still to attack at budget ``eps`` (not yet fooled there, by this attack at this
+        or a smaller budget, and not misclassified clean)."""
+        return (~self._fooled[self.budget_index(eps)]).nonzero().squeeze(1)
+
+    def best(self, k: int) -> torch.Tensor:
+        """The chosen batch at budget ``eps[k]``."""
+        return self._best[k].clone()
+
+    def budget_index(self, eps: float) -> int:
+        """Position of budget ``eps`` in this tracker's list."""
+        return self.eps.index(float(eps))
+
+
+def within_budgets(x: torch.Tensor, best: torch.Tensor, found: torch.Tensor, eps: Sequence[float],
+                   norm: str) -> list[torch.Tensor]:
+    """For a minimal-perturbation attack: at each budget the found example if its norm fits, else the clean one."""
+    norms = sample_norms(best - x, norm)
+    out = []
+    for e in eps:
+        ok = (found & (norms <= float(e))).view(-1, *([1] * (x.dim() - 1)))
+        out.append(torch.where(ok, best, x))
+    return out

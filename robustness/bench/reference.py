@@ -1,0 +1,486 @@
+"""An independent reference L-inf PGD (``dsn-robust bench reference``): the yardstick the suite's worst case is held
+to.
+
+Why a second PGD: the suite's attacks go through adapters, attack libraries, budget sweeps and the runner; a bug
+anywhere there (a gradient that does not reach the input, a step size that is too small, a last iterate that
+undoes an earlier success) makes the suite *optimistic*, and nothing inside the suite can notice it. This module
+is a plain-torch PGD that shares nothing with ``attacks/`` but loading (``attacks.runner.load_run_checkpoint``,
+``load_eval_data``) and reading the records it is compared with (``attacks.records``). Acceptance rule: at every
+eps the suite's worst case is within ``--max-gap`` points of this reference and never more optimistic than that.
+
+The attack, per eps, for every routing gradient ``g`` x loss ``l`` x restart ``r``:
+
+* model in eval mode; the gradient comes from ``model(x, mode=gate_mode, grad=g).logits(head)`` (``sharp``: inside
+  ``model.gating(grad="sharp", temperature=T)`` with ``T = models.surrogates.calibrate_temperature(model, x)``
+  calibrated once on the clean inputs and held fixed); success is judged by the *deployed* forward
+  ``model(x, mode=gate_mode, grad="none")`` without gradient;
+* random uniform start in the eps ball, ``steps`` sign-gradient steps of ``alpha = 2.5 * eps / steps``, projection
+  onto the ball and [0, 1] after each step; losses ``ce`` (cross-entropy) and ``margin``
+  (``max_{j != y} z_j - z_y``), both maximised;
+* per sample the FIRST iterate (the start included) that the deployed forward misclassifies is kept and the sample
+  leaves the batch: only the still-robust samples are attacked further, and a later restart of the same
+  (gradient, loss) only attacks the samples it has not fooled yet;
+* each (gradient, loss) is run on every clean-correct sample, so the per-gradient and per-loss columns are
+  robust accuracies in their own right; a sample is robust only if it is clean-correct and no run fooled it;
+* every kept example is budget-checked (``linf <= eps + 1e-6`` and inside [0, 1]; a violation raises
+  BudgetViolation) and re-scored by one fresh deployed forward; the counts use the re-score.
+
+Seeds: ``torch.manual_seed(derive_seed(seed, eps_index, grad_index, loss_index, restart))`` with integer parts
+only (an arithmetic mix, no string hashing), indexes into the fixed tuples ``GRAD_MODES`` and ``LOSSES``, so a run's
+randomness does not depend on which other gradients or losses were asked for.
+
+Pitfalls recorded here:
+
+* A last-iterate PGD under-reports: with hard gates the loss surface jumps where a gate flips, and a later step
+  can move a fooled sample back. Keeping the first fooling iterate is what "the attack found an example" means.
+* A misclassified clean sample is not robust even if an attack happens to push it to the right class (the
+  records' ``robust`` column follows the same rule); the reference never attacks it.
+* ``gate_mode`` is ``hard`` or ``open``: under ``random`` routing the deployed prediction is itself random, and a
+  first-fooling rule would count lucky draws.
+* For a model without gates every routing gradient is the plain gradient; only ``none`` is run.
+* The suite's rows are compared on the samples both evaluated (the first ``n`` test samples, ``sample < n``),
+  white-box rows only (``source_run == ''``), same gate mode, head and norm (``linf``), attacks that count for
+  accuracy (``attacks.records.accuracy_rows``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from attacks.records import accuracy_rows, read_records, worst_case
+from attacks.runner import load_eval_data, load_run_checkpoint
+from models.network import CoarseFineNet
+from models.surrogates import calibrate_temperature
+from robustness.core.errors import BudgetViolation, ConfigError
+from robustness.core.rundir import RunDir
+from robustness.core.runtime import derive_seed
+from robustness.core.vocab import GRAD_MODES, HEADS, format_eps
+
+log = logging.getLogger(__name__)
+
+#: Losses the reference maximises; the order fixes the seed derivation.
+LOSSES = ("ce", "margin")
+#: Forward modes the reference attacks (see the module docstring for why not ``random``).
+REFERENCE_GATE_MODES = ("hard", "open")
+#: ``alpha = STEP_FACTOR * eps / steps`` (Madry et al.'s 2.5: the steps can cross the ball and come back).
+STEP_FACTOR = 2.5
+#: Float slack of the budget check.
+BUDGET_SLACK = 1e-6
+
+Logits = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """What the reference runs; validated on construction (ConfigError with one line)."""
+
+    eps: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+    n: int = 64
+    steps: int = 50
+    restarts: int = 5
+    grads: tuple[str, ...] = ("none", "ste", "bpda", "sharp")
+    losses: tuple[str, ...] = LOSSES
+    gate_mode: str = "hard"
+    head: str = "fine"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.eps or any(not (0 < e < math.inf) for e in self.eps):
+            raise ConfigError(f"reference eps must be positive and finite, got {list(self.eps)}")
+        for name, value in (("n", self.n), ("steps", self.steps), ("restarts", self.restarts)):
+            if value < 1:
+                raise ConfigError(f"reference {name} must be >= 1, got {value}")
+        _check_names("routing gradient", self.grads, GRAD_MODES)
+        _check_names("loss", self.losses, LOSSES)
+        _check_names("gate mode", (self.gate_mode,), REFERENCE_GATE_MODES)
+        _check_names("head", (self.head,), HEADS)
+
+    def alpha(self, eps: float) -> float:
+        return STEP_FACTOR * eps / self.steps
+
+
+def _check_names(kind: str, names: Sequence[str], known: Sequence[str]) -> None:
+    if not names:
+        raise ConfigError(f"choose at least one {kind}: {', '.join(known)}")
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"unknown {kind} {name!r} for the reference; choose from: {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{kind}s given twice: {', '.join(names)}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The attack
+# --------------------------------------------------------------------------------------------------------------
+
+
+def loss_per_sample(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """The loss the attacker maximises, one value per sample: ``ce`` or ``margin`` (``max_{j!=y} z_j - z_y``)."""
+    if loss == "ce":
+        return F.cross_entropy(logits, y, reduction="none")
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), -math.inf)
+    return others.amax(1) - true
+
+
+def first_fooling_pgd(grad_logits: Logits, deployed_pred: Logits, x: torch.Tensor, y: torch.Tensor, eps: float,
+                      steps: int, alpha: float, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One restart of L-inf PGD on ``x`` (in [0, 1]) with labels ``y``.
+
+    ``grad_logits(x)`` gives the logits the gradient is taken of; ``deployed_pred(x)`` the deployed predictions
+    (called without gradient). Returns ``fooled`` [B] and ``adv`` (``x``'s shape): for a fooled sample the first
+    iterate, the random start included, that ``deployed_pred`` misclassifies; ``x`` itself for the others. A sample
+    leaves the batch as soon as it is fooled. Uses the global torch RNG for the start (seed it before).
+    """
+    fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    adv = x.detach().clone()
+    active = torch.arange(len(x), device=x.device)
+    origin = x.detach()
+    xk = (origin + torch.empty_like(origin).uniform_(-eps, eps)).clamp(0.0, 1.0)
+    for k in range(steps + 1):
+        with torch.no_grad():
+            hit = deployed_pred(xk) != y[active]
+        if hit.any():
+            adv[active[hit]] = xk[hit]
+            fooled[active[hit]] = True
+            active, xk, origin = active[~hit], xk[~hit], origin[~hit]
+        if k == steps or len(active) == 0:
+            break
+        xk = xk.detach().requires_grad_(True)
+        value = loss_per_sample(grad_logits(xk), y[active], loss).sum()
+        (grad,) = torch.autograd.grad(value, xk)
+        xk = xk.detach() + alpha * grad.sign()
+        xk = torch.min(torch.max(xk, origin - eps), origin + eps).clamp(0.0, 1.0)
+    return fooled, adv
+
+
+def check_budget(adv: torch.Tensor, x: torch.Tensor, eps: float) -> float:
+    """The largest L-inf distance of ``adv`` from ``x``; BudgetViolation when it exceeds ``eps`` or leaves [0, 1]."""
+    if len(adv) == 0:
+        return 0.0
+    linf = float((adv - x).abs().flatten(1).amax(1).max())
+    if linf > eps + BUDGET_SLACK or float(adv.min()) < 0.0 or float(adv.max()) > 1.0:
+        raise BudgetViolation(f"reference PGD produced an example outside its budget (linf {linf:.3g} > eps "
+                              f"{eps:.3g} or outside [0, 1]): a bug in robustness.bench.reference")
+    return linf
+
+
+@dataclass
+class EpsOutcome:
+    """Per-sample result of the reference at one eps (tensors on the CPU).
+
+    ``robust`` [n]: clean-correct and fooled by no run. ``by_run[(grad, loss)]`` [n]: robust against that
+    (gradient, loss) over all restarts. ``examples``: for every clean-correct non-robust sample the first confirmed
+    fooling example (the clean input elsewhere). ``unconfirmed``: fooling iterates that the final re-score did not
+    confirm (samples the in-loop forward and the fresh forward disagree on; normally 0).
+    """
+
+    eps: float
+    clean_correct: torch.Tensor
+    robust: torch.Tensor
+    by_run: dict[tuple[str, str], torch.Tensor]
+    examples: torch.Tensor
+    max_linf: float
+    unconfirmed: int
+    seconds: float
+
+    def robust_against(self, grad: str | None = None, loss: str | None = None) -> torch.Tensor:
+        """Robust against every run of ``grad`` (all losses) or of ``loss`` (all gradients)."""
+        masks = [m for (g, l), m in self.by_run.items() if grad in (None, g) and loss in (None, l)]
+        return torch.stack(masks).all(0) if masks else self.clean_correct.clone()
+
+
+@contextmanager
+def _no_parameter_grads(model: torch.nn.Module) -> Iterator[None]:
+    """Only the input needs a gradient: parameters stop requiring one for the duration (restored after)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def _deployed(model: CoarseFineNet, gate_mode: str, head: str) -> Logits:
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x, mode=gate_mode, grad="none").logits(head).argmax(1)
+    return predict
+
+
+def _gradient_forward(model: CoarseFineNet, gate_mode: str, grad: str, head: str) -> Logits:
+    return lambda x: model(x, mode=gate_mode, grad=grad).logits(head)
+
+
+def attack_at_eps(model: CoarseFineNet, x: torch.Tensor, y: torch.Tensor, eps: float, eps_index: int,
+                  config: ReferenceConfig, grads: Sequence[str] | None = None,
+                  temperature: torch.Tensor | None = None) -> EpsOutcome:
+    """Run every (gradient, loss, restart) of the reference at ``eps`` on the whole batch ``x``, ``y``.
+
+    ``grads`` overrides ``config.grads`` (e.g. ``("none",)`` for a model without gates); ``temperature`` is
+    ``sharp``'s (calibrated on ``x`` when None). Logs one line per gradient.
+    """
+    grads = tuple(grads or config.grads)
+    if "sharp" in grads and temperature is None:
+        temperature = calibrate_temperature(model, x)
+    start = time.perf_counter()
+    deployed = _deployed(model, config.gate_mode, config.head)
+    clean_correct = deployed(x) == y
+    examples = x.detach().clone()
+    confirmed = torch.zeros_like(clean_correct)
+    by_run: dict[tuple[str, str], torch.Tensor] = {}
+    max_linf, unconfirmed = 0.0, 0
+    with _no_parameter_grads(model):
+        for grad in grads:
+            grad_start = time.perf_counter()
+            with ExitStack() as stack:
+                if grad == "sharp":
+                    stack.enter_context(model.gating(grad="sharp", temperature=temperature))
+                forward = _gradient_forward(model, config.gate_mode, grad, config.head)
+                for loss in config.losses:
+                    found, adv = _restarts(forward, deployed, x, y, clean_correct, eps, eps_index, grad, loss,
+                                           config)
+                    max_linf = max(max_linf, check_budget(adv[found], x[found], eps))
+                    fooled = found.clone()
+                    if found.any():
+                        fooled[found] = deployed(adv[found]) != y[found]  # the fresh re-score decides
+                    unconfirmed += int((found & ~fooled).sum())
+                    new = fooled & ~confirmed
+                    examples[new] = adv[new]
+                    confirmed |= fooled
+                    by_run[(grad, loss)] = (clean_correct & ~fooled).cpu()
+            robust_g = torch.stack([by_run[(grad, l)] for l in config.losses]).all(0)
+            log.info("reference eps=%s grad=%s: %d/%d robust (%.1f%%), %s x %d restarts, %.1fs",
+                     format_eps(eps), grad, int(robust_g.sum()), len(x), 100.0 * float(robust_g.float().mean()),
+                     ",".join(config.losses), config.restarts, time.perf_counter() - grad_start)
+    robust = torch.stack(list(by_run.values())).all(0)
+    return EpsOutcome(eps=eps, clean_correct=clean_correct.cpu(), robust=robust, by_run=by_run,
+                      examples=examples.cpu(), max_linf=max_linf, unconfirmed=unconfirmed,
+                      seconds=time.perf_counter() - start)
+
+
+def _restarts(forward: Logits, deployed: Logits, x: torch.Tensor, y: torch.Tensor, clean_correct: torch.Tensor,
+              eps: float, eps_index: int, grad: str, loss: str,
+              config: ReferenceConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """All restarts of one (gradient, loss): which samples some restart fooled, and the first example of each."""
+    found = torch.zeros_like(clean_correct)
+    adv = x.detach().clone()
+    for restart in range(config.restarts):
+        idx = (clean_correct & ~found).nonzero().squeeze(1)
+        if len(idx) == 0:
+            break
+        torch.manual_seed(derive_seed(config.seed, eps_index, GRAD_MODES.index(grad), LOSSES.index(loss), restart))
+        fooled, run_adv = first_fooling_pgd(forward, deployed, x[idx], y[idx], eps, config.steps,
+                                            config.alpha(eps), loss)
+        adv[idx[fooled]] = run_adv[fooled]
+        found[idx[fooled]] = True
+    return found, adv
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The suite's worst case on the same samples
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SuiteComparison:
+    """The suite's worst case at one eps against the reference, over the samples both evaluated.
+
+    ``gap`` = suite - reference robust accuracy in points (positive: the suite is optimistic). ``suite_optimistic``:
+    samples the suite calls robust that the reference fooled; ``reference_optimistic``: the reverse.
+    """
+
+    n: int
+    robust: int
+    accuracy: float
+    reference_robust: int
+    reference_accuracy: float
+    gap: float
+    suite_optimistic: int
+    reference_optimistic: int
+    suite_optimistic_samples: list[int]
+    attacks: list[str]
+
+
+def suite_rows(records: pd.DataFrame, gate_mode: str, head: str, n: int) -> pd.DataFrame:
+    """The records that make the suite's worst case comparable with the reference (see the module docstring)."""
+    rows = accuracy_rows(records)
+    keep = ((rows["source_run"].astype(str) == "") & (rows["gate_mode"].astype(str) == gate_mode)
+            & (rows["target"].astype(str) == head) & (rows["norm"].astype(str) == "linf")
+            & (rows["sample"] < n))
+    rows = rows[keep.to_numpy(bool)]
+    if "robust" not in rows.columns:  # records from before the column existed
+        rows = rows.assign(robust=rows["clean_correct"].astype(bool) & rows["adv_correct"].astype(bool))
+    return rows
+
+
+def compare_with_suite(rows: pd.DataFrame, eps: float, reference_robust: np.ndarray) -> SuiteComparison | None:
+    """The suite's per-sample worst case at ``eps`` (min of ``robust`` over its attacks and gradients) against the
+    reference's per-sample ``reference_robust`` [n]; None when the suite has no row at that eps."""
+    at = rows[np.isclose(rows["eps"].to_numpy(float), eps, rtol=1e-9, atol=1e-12)]
+    if at.empty:
+        return None
+    worst = worst_case(at, by=["norm", "eps", "gate_mode", "target", "source_run"])
+    per_sample = worst.groupby("sample")["robust"].all()
+    samples = per_sample.index.to_numpy(int)
+    suite = per_sample.to_numpy(bool)
+    ref = np.asarray(reference_robust, bool)[samples]
+    n = len(samples)
+    acc, ref_acc = 100.0 * float(suite.mean()), 100.0 * float(ref.mean())
+    attacks = sorted({f"{a}/{g}" for a, g in zip(at["attack"].astype(str), at["gate_grad"].astype(str))})
+    return SuiteComparison(n=n, robust=int(suite.sum()), accuracy=acc, reference_robust=int(ref.sum()),
+                           reference_accuracy=ref_acc, gap=acc - ref_acc,
+                           suite_optimistic=int((suite & ~ref).sum()), reference_optimistic=int((ref & ~suite).sum()),
+                           suite_optimistic_samples=[int(s) for s in samples[suite & ~ref]], attacks=attacks)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The command's result
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EpsReport:
+    eps: float
+    eps_label: str
+    n: int
+    robust: int
+    accuracy: float
+    by_grad: dict[str, float]
+    by_loss: dict[str, float]
+    max_linf: float
+    unconfirmed: int
+    seconds: float
+    suite: SuiteComparison | None
+
+
+@dataclass(frozen=True)
+class ReferenceResult:
+    run: str
+    model: str
+    device: str
+    n: int
+    clean_correct: int
+    clean_accuracy: float
+    gate_mode: str
+    head: str
+    steps: int
+    restarts: int
+    step_factor: float
+    grads: list[str]
+    losses: list[str]
+    seed: int
+    temperature: list[float] | None
+    has_records: bool
+    seconds: float
+    eps: list[EpsReport] = field(default_factory=list)
+    max_gap: float | None = None
+
+    @property
+    def worst_gap(self) -> float | None:
+        """The largest suite - reference gap over the eps the suite ran (None: no comparison)."""
+        gaps = [e.suite.gap for e in self.eps if e.suite is not None]
+        return max(gaps) if gaps else None
+
+    @property
+    def passed(self) -> bool:
+        """False when ``max_gap`` is set and the suite is more optimistic than that at some eps."""
+        worst = self.worst_gap
+        return bool(self.max_gap is None or worst is None or worst <= self.max_gap)
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), worst_gap=self.worst_gap, passed=self.passed)
+
+
+def _percent(mask: torch.Tensor) -> float:
+    return 100.0 * float(mask.float().mean())
+
+
+def run_reference(run_dir: str, config: ReferenceConfig, device: torch.device | str = "cpu",
+                  max_gap: float | None = None) -> ReferenceResult:
+    """Attack the first ``config.n`` test samples of ``run_dir``'s checkpoint and compare with its records (if
+    any). Writes nothing. ConfigError when ``max_gap`` is set and the run has no records to compare."""
+    start = time.perf_counter()
+    run = RunDir.at(run_dir).require()
+    has_records = run.has_records()
+    if max_gap is not None and not has_records:
+        raise ConfigError(f"--max-gap compares with the suite's records, and {run.root} has none; run "
+                          f"`dsn-robust attack` first or leave --max-gap out")
+    checkpoint = load_run_checkpoint(run)
+    model = checkpoint.build_model(device).eval()
+    data, _ = load_eval_data(run, checkpoint, config.n)
+    x, fine, coarse = data.batch(slice(None))
+    x = x.to(device)
+    y = (fine if config.head == "fine" else coarse).to(device)
+    grads = config.grads if model.is_gated else ("none",)
+    if grads != config.grads:
+        log.info("%s has no gates: every routing gradient is the plain gradient; running 'none' only",
+                 checkpoint.model_name)
+    temperature = calibrate_temperature(model, x) if "sharp" in grads else None
+    rows = None
+    if has_records:
+        rows = suite_rows(read_records(run.records), config.gate_mode, config.head, len(x))
+    reports = []
+    clean_correct = torch.zeros(0, dtype=torch.bool)
+    for i, eps in enumerate(config.eps):
+        outcome = attack_at_eps(model, x, y, eps, i, config, grads, temperature)
+        clean_correct = outcome.clean_correct
+        suite = compare_with_suite(rows, eps, outcome.robust.numpy()) if rows is not None else None
+        reports.append(EpsReport(
+            eps=eps, eps_label=format_eps(eps), n=len(x), robust=int(outcome.robust.sum()),
+            accuracy=_percent(outcome.robust),
+            by_grad={g: _percent(outcome.robust_against(grad=g)) for g in grads},
+            by_loss={l: _percent(outcome.robust_against(loss=l)) for l in config.losses},
+            max_linf=outcome.max_linf, unconfirmed=outcome.unconfirmed, seconds=outcome.seconds, suite=suite))
+    temps = None if temperature is None else [float(t) for t in torch.as_tensor(temperature).flatten()]
+    return ReferenceResult(
+        run=run.name, model=checkpoint.model_name, device=str(device), n=len(x),
+        clean_correct=int(clean_correct.sum()), clean_accuracy=_percent(clean_correct), gate_mode=config.gate_mode,
+        head=config.head, steps=config.steps, restarts=config.restarts, step_factor=STEP_FACTOR, grads=list(grads),
+        losses=list(config.losses), seed=config.seed, temperature=temps, has_records=has_records,
+        seconds=time.perf_counter() - start, eps=reports, max_gap=max_gap)
+
+
+def format_table(result: ReferenceResult) -> str:
+    """Per eps: the reference's robust accuracy (overall, per gradient, per loss) and the suite beside it."""
+    def cell(value: float | None, fmt: str = "{:.1f}") -> str:
+        return "-" if value is None else fmt.format(value)
+
+    lines = [f"reference L-inf PGD on {result.run} ({result.model}, {result.gate_mode} gates, {result.head} head): "
+             f"{result.steps} steps x {result.restarts} restarts, alpha = {result.step_factor} eps / steps, "
+             f"first fooling iterate kept; clean {result.clean_correct}/{result.n} ({result.clean_accuracy:.1f}%)"]
+    head = f"{'eps':<8}{'reference':>16}" + "".join(f"{g:>8}" for g in result.grads)
+    head += "".join(f"{l:>8}" for l in result.losses)
+    head += f"  |{'suite':>8}{'gap':>8}{'suite-opt':>11}{'ref-opt':>9}"
+    lines.append(head)
+    for e in result.eps:
+        ref = f"{e.robust}/{e.n} {e.accuracy:5.1f}%"
+        row = f"{e.eps_label:<8}{ref:>16}" + "".join(f"{e.by_grad[g]:>8.1f}" for g in result.grads)
+        row += "".join(f"{e.by_loss[l]:>8.1f}" for l in result.losses)
+        s = e.suite
+        row += (f"  |{cell(s and s.accuracy):>8}{cell(s and s.gap, '{:+.1f}'):>8}"
+                f"{cell(s and s.suite_optimistic, '{:d}'):>11}{cell(s and s.reference_optimistic, '{:d}'):>9}")
+        lines.append(row)
+    lines.append("columns: robust accuracy in % (per gradient: all losses; per loss: all gradients); suite = the "
+                 "suite's white-box worst case on the same samples, gap = suite - reference in points (positive: "
+                 "the suite is optimistic), suite-opt / ref-opt = samples only that side calls robust")
+    if not result.has_records:
+        lines.append("the run has no attack records: nothing to compare")
+    if any(e.unconfirmed for e in result.eps):
+        lines.append("note: " + ", ".join(f"{e.eps_label}: {e.unconfirmed}" for e in result.eps if e.unconfirmed)
+                     + " fooling iterate(s) not confirmed by the final re-score (counted robust)")
+    if result.max_gap is not None:
+        verdict = "PASS" if result.passed else "FAIL"
+        lines.append(f"{verdict}: largest gap {cell(result.worst_gap, '{:+.1f}')} points, allowed {result.max_gap:g}")
+    return "\n".join(lines)
