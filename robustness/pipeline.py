@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from robustness.analysis.compare import compare_runs
 from robustness.core.config import build, load_config_file
 from robustness.core.errors import ConfigError, RunDirError
 from robustness.core.rundir import RunDir, atomic_write_json
-from robustness.core.runtime import package_versions
+from robustness.core.runtime import package_versions, resolve_device
 from robustness.results import RunResults, load_run
 
 log = logging.getLogger(__name__)
@@ -46,10 +48,13 @@ class RunPlan:
     transfer: list[str] = field(default_factory=lambda: ["dual->dsn", "dsn->dual", "resnet->dsn"])
     transfer_attack: str = "pgd"
     open_mode: bool = True  # also attack every gated model with all blocks open (its no-skip view)
+    workers: int = 1  # CPU processes that train the models side by side (the attacks' own is [attack] workers)
 
     def __post_init__(self) -> None:
         if not self.models:
             raise ConfigError("[run] models must name at least one model")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ConfigError(f"[run] workers must be a positive integer, got {self.workers!r}")
         for pair in self.transfer:
             source, sep, target = pair.partition("->")
             if not sep or source not in self.models or target not in self.models or source == target:
@@ -124,9 +129,7 @@ def run_pipeline(config: PipelineConfig, out: str | Path, resume: bool = False, 
     plan = config.plan
     runs = {name: out / name for name in plan.models}
 
-    for name, run_dir in runs.items():
-        log.info("== train %s ==", name)
-        train(config.train.replace(model=name), run_dir, resume=True, progress=progress)
+    _train_all(config, runs, progress)
 
     for name, run_dir in runs.items():
         log.info("== attack %s ==", name)
@@ -153,6 +156,36 @@ def run_pipeline(config: PipelineConfig, out: str | Path, resume: bool = False, 
         compare_dir = write_comparison(comparison, out / "compare")
         verdict = comparison.verdict
     return PipelineResult(out, summaries, sanity, verdict, compare_dir, time.perf_counter() - start)
+
+
+def _train_one(name: str, config: TrainConfig, run_dir: Path, progress: bool, level: int | None = None) -> None:
+    """Train one model; in a worker process (``level`` given) its log lines are prefixed with the model's name."""
+    if level is not None:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"[{name}] %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(level)
+    log.info("== train %s ==", name)
+    train(config, run_dir, resume=True, progress=progress)
+
+
+def _train_all(config: PipelineConfig, runs: dict[str, Path], progress: bool) -> None:
+    """Every model's training: one after another, or ``[run] workers`` at a time in spawned processes on a CPU
+    (the runs are independent and each is seeded by its own config, so the checkpoints are the same)."""
+    workers = min(config.plan.workers, len(runs))
+    if workers <= 1 or resolve_device(config.train.device).type != "cpu":
+        for name, run_dir in runs.items():
+            _train_one(name, config.train.replace(model=name), run_dir, progress)
+        return
+    level = logging.getLogger().getEffectiveLevel()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [pool.submit(_train_one, name, config.train.replace(model=name), run_dir, False, level)
+                for name, run_dir in runs.items()]
+        for job in jobs:
+            job.result()  # re-raises a worker's error here, as one line through the CLI
 
 
 def _headline(name: str, results: RunResults, report: Path) -> ModelSummary:

@@ -27,6 +27,7 @@ SHRINK = {
     "model": {"depth_n": 2, "width": 4},
     "train": {"epochs": 2, "warmup_epochs": 1, "ramp_epochs": 1, "batch_size": 64},
     "attack": {"n": 24, "batch_size": 12, "steps": 2, "eot_samples": 2, "eps": ["2/255", "8/255"], "cw_eps": [0.5],
+               "workers": 1,
                "pgd": {"steps": 2, "restarts": 1}, "apgd": {"steps": 2}, "ddn": {"steps": 5},
                "square": {"queries": 10}, "path": {"steps": 2}, "slowdown": {"steps": 2}},
 }
@@ -185,3 +186,22 @@ def test_cifar100_config_trains_on_a_fake_miniature_copy(tmp_path, capsys):
     assert (out / "checkpoints" / "last.pt").is_file()
     metrics = pd.read_csv(out / "metrics.csv")
     assert len(metrics) == 1 and 0.0 <= metrics["test_acc_fine"].iloc[0] <= 1.0
+
+
+def test_models_trained_side_by_side_equal_those_trained_one_after_another(tmp_path):
+    """``[run] workers = 2`` trains in spawned processes; each run is seeded by its own config, so the weights
+    are those of the sequential job, tensor for tensor."""
+    import dataclasses
+
+    import torch
+
+    config = PipelineConfig.from_file(shrunken_quickstart(tmp_path))
+    config = dataclasses.replace(config, plan=dataclasses.replace(config.plan, models=["dual", "resnet"], transfer=[]))
+    for workers, folder in ((1, "one"), (2, "two")):
+        job = dataclasses.replace(config, plan=dataclasses.replace(config.plan, workers=workers))
+        pipeline._train_all(job, {m: tmp_path / folder / m for m in job.plan.models}, progress=False)
+    for model in ("dual", "resnet"):
+        one = torch.load(tmp_path / "one" / model / "checkpoints" / "last.pt", weights_only=True)["state_dict"]
+        two = torch.load(tmp_path / "two" / model / "checkpoints" / "last.pt", weights_only=True)["state_dict"]
+        assert one.keys() == two.keys()
+        assert all(torch.equal(one[k], two[k]) for k in one), model

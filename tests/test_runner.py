@@ -229,6 +229,18 @@ def test_cli_config_file_supplies_defaults(tiny_runs, tmp_path, monkeypatch, cap
 # -- torchrun ---------------------------------------------------------------------------------------------------
 
 
+def test_workers_spawned_by_the_runner_match_one_process(reference, tmp_path):
+    """``workers=2``: the runner spawns the two ranks itself (no torchrun) and the records are those of one
+    process; the returned result is read back from the run directory."""
+    ref_run, ref = reference
+    run = copy_run(ref_run, tmp_path / "dsn")
+    shutil.rmtree(run.attacks)
+    result = run_attacks(run.root, AttackConfig(**SMALL, workers=2, threads=1), progress=False)
+    assert len(list(run.records.rglob("*.parquet"))) == N_EVALS * N_BATCHES
+    pd.testing.assert_frame_equal(_sorted(result.records), _sorted(ref.records))
+    assert all(e["complete"] for e in result.manifest["evaluations"])
+
+
 def test_torchrun_two_processes_match_one(reference, tiny_runs, tmp_path):
     ref_run, ref = reference
     run = copy_run(ref_run, tmp_path / "dsn")

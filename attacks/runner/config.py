@@ -87,7 +87,9 @@ class AttackConfig:
     DDN), which are L2: with ``norm='linf'`` they are scored at the L2 budgets ``cw_eps`` (and at inf). ``steps``
     (None: each attack's own default) sets the iterations of every iterative and compute attack.
     ``threads`` (0: torch's default) sets torch's CPU threads while attacking: 1 is many times faster for small
-    models on a busy CPU. ``minimal_check`` (True) also runs PGD at the minimal-norm attacks' L2 budgets (their
+    models on a busy CPU. ``workers`` (1) > 1 splits the batches over that many processes on a CPU (the runner's
+    torchrun sharding, spawned by the runner itself; ``n / batch_size`` batches must be at least ``workers`` to
+    gain anything); on a GPU use ``torchrun`` instead. ``minimal_check`` (True) also runs PGD at the minimal-norm attacks' L2 budgets (their
     convergence check and a fixed-budget floor under the L2 numbers). ``params``
     holds each attack's own parameters by attack name; the flat names of :data:`FLAT_ALIASES` are accepted as
     keywords.
@@ -109,6 +111,7 @@ class AttackConfig:
     device: str = "auto"
     eot_samples: int = 8
     threads: int = 0
+    workers: int = 1
     steps: int | None = None
     preset: str = ""  # the preset the table was built from (from_table / --preset apply it; recorded here)
     minimal_check: bool = True
@@ -175,6 +178,7 @@ class AttackConfig:
             self._positive_int(name)
         if self.preset and self.preset not in PRESETS:
             raise UnknownNameError("attack preset", str(self.preset), sorted(PRESETS))
+        self._positive_int("workers")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
             raise ConfigError(f"threads must be a non-negative integer (0: torch's default), got {self.threads!r}")
         for flag in ("cross_check", "minimal_check"):

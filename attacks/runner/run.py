@@ -32,10 +32,12 @@ read as a :class:`models.training.TrainConfig`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -43,6 +45,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
+import torch.multiprocessing as mp
 
 from attacks.base import ITERATIVE, MINIMAL, Target, attack_kind
 from attacks.checks import zero_gradient_share
@@ -56,7 +59,7 @@ from models.surrogates import calibrate_temperature, surrogate_fidelity
 from models.training import TrainConfig
 from robustness.core.errors import CheckpointError, ConfigError, RunDirError
 from robustness.core.rundir import RunDir, atomic_write, atomic_write_json
-from robustness.core.runtime import (Distributed, derive_seed, distributed, jsonable, package_versions,
+from robustness.core.runtime import (Distributed, derive_seed, distributed, env_world, jsonable, package_versions,
                                      process_device, resolve_device, seed_everything, torch_threads)
 from robustness.data import CoarseFineDataset, DatasetInfo, load_dataset
 
@@ -302,6 +305,11 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
         else:
             _check_resumable(run, previous, setup, plans)
 
+    if config.workers > 1 and env_world()[0] == 1:
+        if device.type == "cpu":
+            return _run_in_workers(run, config, resume, transfer_from, progress, force, on_shard)
+        log.info("workers=%d applies to CPU runs; on a GPU launch the attack under torchrun", config.workers)
+
     temperature = sharp_temperature(model, data, config)
     crafting_temperature = (temperature if crafting_model is model
                             else sharp_temperature(crafting_model, data, config))
@@ -342,6 +350,39 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
         worst = worst_case(accuracy_rows(records))
         atomic_write(run.worst_case, lambda tmp: worst.to_parquet(tmp, index=False))
         return AttackResult(run.root, manifest, records)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _worker(rank: int, world: int, port: int, run_dir: str, config: AttackConfig, resume: bool,
+            transfer_from: str | None, progress: bool, force: bool, level: int) -> None:
+    """One spawned rank: the environment torchrun would set, then the ordinary (sharded) run."""
+    logging.basicConfig(level=level, format="%(message)s")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    run_attacks(run_dir, dataclasses.replace(config, workers=1), resume=resume, transfer_from=transfer_from,
+                progress=progress and rank == 0, force=force)
+
+
+def _run_in_workers(run: RunDir, config: AttackConfig, resume: bool, transfer_from: Any, progress: bool,
+                    force: bool, on_shard: Callable[[Path], None] | None) -> AttackResult:
+    """``config.workers`` processes on this machine, each taking every ``workers``-th batch (as under torchrun);
+    everything is validated by the caller first, so a user's mistake is still one line from this process."""
+    if on_shard is not None:
+        raise ConfigError("on_shard cannot be observed across worker processes; use workers=1")
+    n_batches = math.ceil(config.n / config.batch_size)
+    if n_batches < config.workers:
+        log.info("%d batch(es) for %d workers: lower batch_size to use them all", n_batches, config.workers)
+    level = logging.getLogger().getEffectiveLevel()
+    mp.start_processes(_worker, nprocs=config.workers, start_method="spawn", join=True,
+                       args=(config.workers, _free_port(), str(run.root), config, resume,
+                             None if transfer_from is None else str(transfer_from), progress, force, level))
+    records = read_records(run.records) if run.has_records() else conform(pd.DataFrame(columns=list(RECORD_COLUMNS)))
+    return AttackResult(run.root, run.read_manifest() or {}, records)
 
 
 def _attack_batches(run: RunDir, model_name: str, model: CoarseFineNet, crafting_model: CoarseFineNet,

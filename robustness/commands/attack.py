@@ -57,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--restarts", dest="pgd_restarts", type=int, help="PGD restarts per loss (default 5)")
     p.add_argument("--threads", type=int, help="torch CPU threads while attacking (default 0: torch's default; 1 is "
                                                "many times faster for small models on a busy CPU)")
+    p.add_argument("--workers", type=int, help="processes that share the batches on a CPU (default 1; needs at "
+                                               "least that many batches: lower --batch-size)")
     p.add_argument("--eot-samples", dest="eot_samples", type=int, help="gate draws per EOT forward (default 8)")
     p.add_argument("--set", dest="set", action="append", default=[], metavar="ATTACK.KEY=VALUE",
                    help="one parameter of one attack, e.g. pgd.restarts=5 or pgd.losses=[\"ce\"] (VALUE is read "
@@ -80,7 +82,7 @@ def config_from_args(args: argparse.Namespace) -> AttackConfig:
     backend = getattr(args, "backend", None)
     flags = {name: getattr(args, name, None) for name in
              ("attacks", "eps", "norm", "cw_eps", "gate_modes", "gate_grads", "target", "n", "batch_size", "device",
-              "seed", "steps", "pgd_restarts", "eot_samples", "threads")}
+              "seed", "steps", "pgd_restarts", "eot_samples", "threads", "workers")}
     flags["backends"] = backend
     settings = [parse_setting(text) for text in getattr(args, "set", None) or []]
     for alias, value in flags.items():
