@@ -216,6 +216,12 @@ def test_static_model_runs_the_plain_gradient_only(tiny_runs):
     assert list(result.eps[0].by_grad) == ["none"]
 
 
+def test_open_mode_runs_the_plain_gradient_only(gated_dsn):
+    result = run_reference(str(gated_dsn.root), ReferenceConfig(eps=(8 / 255,), n=8, steps=2, restarts=1,
+                                                                grads=("none", "bpda"), gate_mode="open", head="coarse"))
+    assert result.grads == ["none"] and list(result.eps[0].by_grad) == ["none"]
+
+
 def test_bench_without_a_mode_still_times_skipping():
     parser = cli.build_parser()
     old = parser.parse_args(["bench", "--run", "R", "--json-only", "--device", "cpu"])

@@ -37,7 +37,8 @@ Pitfalls recorded here:
   records' ``robust`` column follows the same rule); the reference never attacks it.
 * ``gate_mode`` is ``hard`` or ``open``: under ``random`` routing the deployed prediction is itself random, and a
   first-fooling rule would count lucky draws.
-* For a model without gates every routing gradient is the plain gradient; only ``none`` is run.
+* For a model without gates, or a gated one in ``open`` mode, every routing gradient is the plain gradient; only
+  ``none`` is run.
 * The suite's rows are compared on the samples both evaluated (the first ``n`` test samples, ``sample < n``),
   white-box rows only (``source_run == ''``), same gate mode, head and norm (``linf``), attacks that count for
   accuracy (``attacks.records.accuracy_rows``).
@@ -423,10 +424,12 @@ def run_reference(run_dir: str, config: ReferenceConfig, device: torch.device | 
     x, fine, coarse = data.batch(slice(None))
     x = x.to(device)
     y = (fine if config.head == "fine" else coarse).to(device)
-    grads = config.grads if model.is_gated else ("none",)
+    routed = model.is_gated and config.gate_mode == "hard"
+    grads = config.grads if routed else ("none",)
     if grads != config.grads:
-        log.info("%s has no gates: every routing gradient is the plain gradient; running 'none' only",
-                 checkpoint.model_name)
+        why = "has no gates" if not model.is_gated else f"runs every block in gate mode {config.gate_mode!r}"
+        log.info("%s %s: every routing gradient is the plain gradient; running 'none' only",
+                 checkpoint.model_name, why)
     temperature = calibrate_temperature(model, x) if "sharp" in grads else None
     rows = None
     if has_records:
