@@ -217,8 +217,9 @@ def test_static_model_runs_the_plain_gradient_only(tiny_runs):
 
 
 def test_open_mode_runs_the_plain_gradient_only(gated_dsn):
-    result = run_reference(str(gated_dsn.root), ReferenceConfig(eps=(8 / 255,), n=8, steps=2, restarts=1,
-                                                                grads=("none", "bpda"), gate_mode="open", head="coarse"))
+    config = ReferenceConfig(eps=(8 / 255,), n=8, steps=2, restarts=1, grads=("none", "bpda"), gate_mode="open",
+                             head="coarse")
+    result = run_reference(str(gated_dsn.root), config)
     assert result.grads == ["none"] and list(result.eps[0].by_grad) == ["none"]
 
 
