@@ -75,7 +75,7 @@ class PGD(Attack):
         alpha = step_size(p.alpha, eps, p.steps)
         for _ in range(p.restarts):
             for loss_name in p.losses:
-                index = (~tracker.fooled(k)).nonzero().squeeze(1)
+                index = tracker.pending(eps)
                 if index.numel() == 0:
                     return tracker.best(k)
                 self._one_run(target, x, y, index, eps, alpha, LOSSES[loss_name])

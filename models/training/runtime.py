@@ -11,6 +11,7 @@ from typing import Any, ContextManager, Iterator
 import torch
 
 from models.training.config import TrainConfig
+from robustness.core.runtime import torch_threads
 
 
 @contextmanager
@@ -20,9 +21,6 @@ def run_settings(config: TrainConfig, device: torch.device) -> Iterator[None]:
     previous = (torch.are_deterministic_algorithms_enabled(),
                 torch.is_deterministic_algorithms_warn_only_enabled(), det.fill_uninitialized_memory)
     cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
     if device.type == "cpu" and config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         det.fill_uninitialized_memory = False  # NaN-filling every new tensor costs time and buys nothing here
@@ -30,12 +28,12 @@ def run_settings(config: TrainConfig, device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.benchmark = not config.deterministic
         torch.backends.cudnn.deterministic = config.deterministic
     try:
-        yield
+        with torch_threads(config.threads):
+            yield
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         det.fill_uninitialized_memory = previous[2]
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
-        torch.set_num_threads(threads)
 
 
 def autocast(device: torch.device, amp: bool) -> ContextManager[Any]:

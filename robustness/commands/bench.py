@@ -9,13 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from robustness.bench.reference import LOSSES, REFERENCE_GATE_MODES, ReferenceConfig, format_table as reference_table
 from robustness.bench.reference import run_reference
 from robustness.bench.skipping import format_table, run_benchmark
 from robustness.core.errors import ConfigError
-from robustness.core.runtime import DEVICE_CHOICES, resolve_device
+from robustness.core.runtime import DEVICE_CHOICES, resolve_device, torch_threads
 from robustness.core.vocab import GRAD_MODES, HEADS, parse_eps
 
 
@@ -95,12 +93,11 @@ def run_reference_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-gap must be >= 0 points, got {args.max_gap:g}")
     if args.threads < 0:
         raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     config = ReferenceConfig(eps=tuple(parse_eps(e) for e in _names(args.eps)), n=args.n, steps=args.steps,
                              restarts=args.restarts, grads=_names(args.grads), losses=_names(args.losses),
                              gate_mode=args.gate_mode, head=args.head, seed=args.seed)
-    result = run_reference(args.run_dir, config, device=resolve_device(args.device), max_gap=args.max_gap)
+    with torch_threads(args.threads):
+        result = run_reference(args.run_dir, config, device=resolve_device(args.device), max_gap=args.max_gap)
     print(json.dumps(result.to_dict(), indent=2))
     if not args.json_only:
         print(reference_table(result))
