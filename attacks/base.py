@@ -20,10 +20,12 @@ defines such a class and registers it (``@register``).
 
 Backends (imported lazily; a library that fails to import is reported once):
 
-* ``native`` (:mod:`attacks.backends.native_pgd`, :mod:`attacks.backends.native`): the suite's PGD (CE and
-  margin losses, restarts) and the gate-aware attacks path and slowdown;
+* ``native`` (:mod:`attacks.backends.native_pgd`, :mod:`attacks.backends.native_bisect`,
+  :mod:`attacks.backends.native`): the suite's PGD (CE and margin losses, restarts), the per-sample minimal
+  distance by bisection over eps with that PGD (``pgd-bisect``), and the gate-aware attacks path and slowdown;
 * ``torchattacks`` (:mod:`attacks.backends.torchattacks`): fgsm, pgd, apgd-ce, apgd-dlr, square, autoattack;
-* ``foolbox`` (:mod:`attacks.backends.foolbox`): fgsm, pgd, and the minimal-norm cw (binary search over c) and ddn.
+* ``foolbox`` (:mod:`attacks.backends.foolbox`): fgsm, pgd, and the minimal-norm cw (binary search over c), ddn
+  (L2) and fmn (L-inf).
 
 Shapes everywhere: images [B, C, H, W] in [0, 1]; labels [B] (int64, of the attacked head).
 """
@@ -50,7 +52,8 @@ from robustness.core.runtime import seed_everything
 from robustness.core.vocab import NORMS
 
 BACKENDS = ("native", "torchattacks", "foolbox")
-_MODULES = ("attacks.backends.native", "attacks.backends.native_pgd", "attacks.backends.torchattacks",
+_MODULES = ("attacks.backends.native", "attacks.backends.native_pgd", "attacks.backends.native_bisect",
+            "attacks.backends.torchattacks",
             "attacks.backends.foolbox")
 log = logging.getLogger(__name__)
 
@@ -154,6 +157,10 @@ class Attack(ABC):
     kind: ClassVar[str] = ""
     norms: ClassVar[tuple[str, ...]] = NORMS
     Params: ClassVar[type] = NoParams
+    #: another attack whose configured values of the parameters ``inherited_params`` are this one's defaults
+    #: ('' for none; ``attacks.runner.config.AttackConfig.options_for``): ``pgd-bisect`` searches with the run's PGD
+    inherits: ClassVar[str] = ""
+    inherited_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, norm: str = "linf", params: Any = None, **overrides: Any):
         if norm not in self.norms:

@@ -8,8 +8,9 @@ Columns (dtype):
 ===================  =======  =====================================================================================
 run                  string   name of the run directory the model came from
 model                string   registry name of the model (``dsn``, ``dual``, ``resnet``)
-attack               string   attack name (``fgsm``, ``pgd``, ``cw``, ``apgd-ce``, ``apgd-dlr``, ``square``, ``path``,
-                              ``slowdown``); for transfer, the attack run on ``source_run``
+attack               string   attack name (``fgsm``, ``pgd``, ``apgd-ce``, ``apgd-dlr``, ``square``, ``fmn``,
+                              ``pgd-bisect``, ``ddn``, ``cw``, ``path``, ``slowdown``); for transfer, the attack run
+                              on ``source_run``
 backend              string   ``torchattacks``, ``foolbox`` or ``native`` (our own gate-aware attacks)
 norm                 string   ``linf`` or ``l2``
 eps                  float64  the budget in [0, 1] pixel units (``inf`` for an unbounded attack)
@@ -43,6 +44,13 @@ frozen_correct       bool     target-head prediction under the frozen clean path
 ===================  =======  =====================================================================================
 
 For a model without gates, paths are '' and the frozen predictions equal the adversarial ones.
+
+Minimal distances: a minimal-perturbation attack (kind ``minimal``: ``fmn``, ``pgd-bisect``, ``ddn``, ``cw``) has a
+row per sample at ``eps = inf`` holding the smallest adversarial example it found (re-scored and [0, 1]-checked like
+every row; the clean image where it found none, so ``success`` is False there). Its ``linf`` / ``l2`` column (the
+one of its ``norm``) is the sample's distance under that attack and routing gradient;
+``robustness.analysis.distances.minimal_distances`` takes the minimum over attacks and routing gradients (0 for a
+sample misclassified clean, inf where none was found), and the robustness curve follows from it.
 """
 from __future__ import annotations
 

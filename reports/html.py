@@ -8,6 +8,7 @@ JSON. Every file is written atomically; ``index.html`` is written last.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -16,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
@@ -24,6 +26,7 @@ from attacks.base import COMPUTE, attacks_of_kind
 from reports import plots, tables
 from robustness import analysis
 from robustness.analysis.compare import Comparison
+from robustness.analysis.headline import RunHeadline, run_headline
 from robustness.core.rundir import RunDir, atomic_write, atomic_write_text
 from robustness.core.runtime import jsonable
 from robustness.core.vocab import format_eps
@@ -130,19 +133,57 @@ def _family_title(fam: Mapping[str, str]) -> str:
 
 
 def _accuracy_curves(records: pd.DataFrame) -> pd.DataFrame:
-    """Robust accuracy per white-box evaluation and the worst case, labelled for :func:`plots.plot_accuracy_curves`."""
-    acc = analysis.robust_accuracy_table(analysis.whitebox(records))
+    """Robust accuracy per white-box accuracy attack at its strongest backend and routing gradient per sample, and
+    the worst case, labelled for :func:`plots.plot_accuracy_curves`. Compute attacks are no robust accuracy (they
+    have their own section); one line per attack, not per (backend, gradient): 4 routing gradients x 6 attacks
+    made a legend taller than its panel (the appendix and the routing-gradient check keep the split)."""
+    rows = analysis.accuracy_rows(analysis.whitebox(records))
+    acc = analysis.robust_accuracy_table(analysis.strongest_per_sample(rows))
     if acc.empty:
         return acc
-    several_backends = acc.loc[acc["attack"] != "worst", "backend"].nunique() > 1
-    acc["label"] = [("worst case" if a == "worst" else f"{a} ({b + ', ' if several_backends else ''}{g})")
-                    for a, b, g in zip(acc["attack"], acc["backend"], acc["gate_grad"])]
+    acc["label"] = ["worst case" if a == "worst" else str(a) for a in acc["attack"]]
     acc["panel"] = [f"{n}, {t} head, {m} gates" for n, t, m in zip(acc["norm"], acc["target"], acc["gate_mode"])]
     return acc
 
 
+def _grad_curves(records: pd.DataFrame) -> tuple[bytes | None, str]:
+    """The robustness curves of the deployed gate mode, one per routing gradient plus their minimum ('any'), in
+    the first norm (linf before l2) and head that have minimal distances; with the fixed-eps worst case as points."""
+    from robustness.analysis.distances import minimal_distances, robustness_curve
+    dist = minimal_distances(records, by_grad=True)
+    if dist.empty:
+        return None, "not applicable: no minimal-perturbation records (eps = inf)"
+    mode = "hard" if (dist["gate_mode"] == "hard").any() else str(dist["gate_mode"].iloc[0])
+    norm = "linf" if (dist["norm"] == "linf").any() else "l2"
+    dist = dist[(dist["gate_mode"] == mode) & (dist["norm"] == norm)]
+    dist = dist[dist["target"] == ("fine" if (dist["target"] == "fine").any() else dist["target"].iloc[0])]
+    overall = minimal_distances(records)
+    overall = overall[overall.set_index(["gate_mode", "norm", "target"]).index.isin(
+        dist.set_index(["gate_mode", "norm", "target"]).index.unique())]
+    curves = pd.concat([robustness_curve(dist, by_grad=True).rename(columns={"gate_grad": "variant"}),
+                        robustness_curve(overall).assign(variant="any")], ignore_index=True)
+    if curves["variant"].nunique() == 2:  # one routing gradient: its curve is the minimum
+        curves = curves[curves["variant"] == "any"]
+    worst = analysis.worst_case_accuracy(records)
+    fixed = worst[(worst["norm"] == norm) & (worst["gate_mode"] == mode) & (worst["source_run"] == "")
+                  & np.isfinite(worst["eps"].astype(float)) & (worst["eps"] > 0)] if len(worst) else worst
+    if len(fixed) and "target" in fixed:
+        fixed = fixed[fixed["target"] == dist["target"].iloc[0]]
+    fixed = fixed.assign(variant="any")[["variant", "eps", "robust_acc"]] if len(fixed) else None
+    png = plots.plot_robustness_curves(curves, fixed, title=f"Robustness curves ({norm}, {mode} gates)")
+    return png, "" if png is not None else "not applicable: no data to plot"
+
+
+def _training_reason(run: RunResults) -> str:
+    if run.metrics is None or run.metrics.empty:
+        return "not applicable: the run directory has no metrics.csv (or it is empty)"
+    return "not applicable: metrics.csv has none of the columns " + ", ".join(
+        c for _, _, cols in plots.TRAINING_PANELS for c in cols)
+
+
 def report_figures(run: RunResults, summary: pd.DataFrame) -> list[FigureItem]:
-    """The figures of a one-run report (each produced or with the reason it is not)."""
+    """The figures of a one-run report (each produced or with the reason it is not). The gate figures show
+    :func:`analysis.primary_evaluation`'s family: the deployed (``hard``) forward of a gated model."""
     rec = run.records
     gated = analysis.is_gated(rec)
     fam = analysis.primary_evaluation(rec)
@@ -157,36 +198,74 @@ def report_figures(run: RunResults, summary: pd.DataFrame) -> list[FigureItem]:
         png = make()
         return FigureItem(name, title, caption, png, "" if png is not None else "not applicable: no data to plot")
 
-    def macs() -> bytes | None:
-        slow = analysis.select(rec, {"norm": fam["norm"], "gate_mode": fam["gate_mode"]})
-        slow = slow[slow["attack"].isin(attacks_of_kind(COMPUTE))]
-        if len(slow):
-            best = slow.groupby("gate_grad", observed=True)["adv_macs"].mean().idxmax()
-            slow = slow[slow["gate_grad"] == best]
-        return plots.plot_macs(fam_rec, slow, run.full_macs, title=f"Compute under {fam_title}")
-
+    training = plots.plot_training_curves(run.metrics, gated=gated)
+    curves_png, curves_reason = _grad_curves(rec)
     return [
+        FigureItem("robustness_curves", "Robustness curves per routing gradient",
+                   "Share of samples whose minimal adversarial distance (minimum over the minimal-perturbation "
+                   "attacks) exceeds eps, deployed gate mode, per routing gradient and their per-sample minimum "
+                   "('any'); bands: pointwise 95% Wilson; diamonds: the fixed-eps worst case.",
+                   curves_png, curves_reason),
         slot("robust_accuracy", "Robust accuracy vs eps",
-             "Accuracy of the attacked head per attack (backend, routing gradient); dashed black: per-sample worst "
-             "case over all attacks; bands: 95% Wilson; eps = inf is not drawn.",
+             "Accuracy of the attacked head per accuracy attack, each at its strongest backend and routing "
+             "gradient per sample; dashed black: per-sample worst case over all of them; bands: 95% Wilson; "
+             "eps = inf is not drawn; compute attacks are in the Compute section.",
              lambda: plots.plot_accuracy_curves(_accuracy_curves(rec)), needs_paths=False),
+        FigureItem("training_curves", "Training curves",
+                   "Per epoch from metrics.csv: test (solid) and train (dotted) accuracy"
+                   + (", share of gated blocks skipped per branch, MACs saved vs every block executed." if gated
+                      else "."), training, "" if training is not None else _training_reason(run)),
         slot("flip_heatmap", "Per-block flip rates", f"Share of samples whose gate flipped, {fam_title}.",
              lambda: plots.plot_flip_heatmap(analysis.block_rates(fam_rec[fam_rec["eps"] > 0], run.path_names),
                                              title=fam_title)),
         slot("hamming_by_success", "Hamming distance by attack outcome",
              f"Gates flipped between clean and adversarial path, initially-correct samples, {fam_title}.",
              lambda: plots.plot_hamming_by_success(fam_rec, title=fam_title)),
-        slot("macs", "Compute: clean vs attacked vs slowdown",
-             "Mean executed MACs per sample; dashed: every block executed.", macs),
+        slot("macs", "Compute: clean vs attacked",
+             f"Mean executed MACs per sample on clean inputs and under {fam_title}; dashed: every block executed.",
+             lambda: plots.plot_macs(fam_rec, None, run.full_macs, title=f"Compute under {fam_title}")),
         slot("success_by_path_change", "Success with vs without path change",
              f"Attack success among initially-correct samples, 95% Wilson intervals, {fam_title}.",
              lambda: plots.plot_success_by_path_change(analysis.select(summary, fam), title=fam_title)),
     ]
 
 
+def compute_section(run: RunResults, scope: Mapping[str, str] | None,
+                    table: pd.DataFrame | None) -> tuple[TableItem, FigureItem]:
+    """The compute attacks' table and figure from ``table`` (``analysis.compute_attack_table``: MACs clean vs
+    attacked vs every block executed, and the share of the saved compute taken back), or why there are none."""
+    title, name = "Compute attacks", "compute_attacks"
+    caption = ("Mean MACs per sample on clean inputs and under each compute attack (per sample the most over "
+               "backends and routing gradients); dashed: every block executed; labels: share of the saved compute "
+               "taken back = mean(attacked - clean) / (all blocks - mean clean).")
+    if table is None or not analysis.is_gated(run.records):
+        return TableItem(title, pd.DataFrame(), NO_GATES), FigureItem(name, title, caption, None, NO_GATES)
+    if table.empty:
+        reason = (f"not applicable: no compute attack ({', '.join(attacks_of_kind(COMPUTE))}) ran at eps > 0 in "
+                  "the deployed gate mode")
+        return TableItem(title, pd.DataFrame(), reason), FigureItem(name, title, caption, None, reason)
+    png = plots.plot_compute_attacks(table)
+    mode = scope["gate_mode"] if scope else ""
+    return (TableItem(title, tables.compute_attack_display(table),
+                      f"{mode} gates; a compute attack tries to make the model execute more blocks, not to flip its "
+                      "prediction, so it has no robust accuracy."),
+            FigureItem(name, "MACs under compute attacks", caption, png,
+                       "" if png is not None else "not applicable: no data to plot"))
+
+
 def _overall(checks: Sequence[Check]) -> str:
     counts = {s: sum(c.status == s for c in checks) for s in ("pass", "warn", "skip")}
     return f"{worst_status(checks).upper()} ({counts['pass']} pass, {counts['warn']} warn, {counts['skip']} skip)"
+
+
+def _eps_by_norm(records: pd.DataFrame) -> str:
+    """The run's budgets per norm for the page's meta line: ``L∞ 1/255, 2/255 · L2 0.25, 0.5``."""
+    if records.empty:
+        return tables.DASH
+    per_norm = records.groupby("norm", observed=True)["eps"].unique()
+    return " · ".join(f"{tables.NORM_NAMES.get(str(n), n)} " + ", ".join(tables.eps_text(str(n), e)
+                                                                          for e in sorted(per_norm[n]))
+                      for n in sorted(per_norm.index, key=lambda n: (n != "linf", str(n))))
 
 
 def _metadata(run: RunResults) -> dict[str, Any]:
@@ -204,7 +283,9 @@ class RunReport:
     worst_case: pd.DataFrame   # analysis.worst_case_accuracy
     block_rates: pd.DataFrame  # analysis.block_rates
     checks: list[Check]
-    figures: list[FigureItem]
+    figures: list[FigureItem]  # every figure slot, the compute section's included
+    headline: RunHeadline | None = None
+    pivot: pd.DataFrame | None = None  # analysis.accuracy_pivot
 
     @property
     def index(self) -> Path:
@@ -216,7 +297,9 @@ def write_report(run: RunResults, out_dir: str | Path | None = None, *, n_boot: 
                  zero_grad_share: float | dict[str, float] | None = None) -> RunReport:
     """Write the report of a loaded run to ``out_dir`` (default ``RUN_DIR/report``) and return what it computed.
 
-    Files: ``index.html``, ``report.md``, ``figures/*.png``, ``summary.csv``, ``summary.json``.
+    Files: ``index.html``, ``report.md``, ``figures/*.png``, ``summary.csv``, ``summary.json``. The page opens with
+    the headline (:func:`robustness.analysis.headline.run_headline`, also ``summary.json``'s ``headline``) and the
+    attack x eps pivot; the long per-evaluation table is an appendix at the end (and ``summary.csv``).
     """
     out = Path(out_dir) if out_dir is not None else RunDir.at(run.path).report
     rec = run.records
@@ -231,35 +314,51 @@ def write_report(run: RunResults, out_dir: str | Path | None = None, *, n_boot: 
                         queries={run.name: queries} if queries is not None else None)
     figures = report_figures(run, summary)
     meta = _metadata(run)
-
+    headline = run_headline(run, checks, n_boot=n_boot, seed=seed)
+    scope = analysis.headline_scope(rec)
+    pivot = analysis.accuracy_pivot(rec, scope)
     gated = analysis.is_gated(rec)
-    tables_top = [TableItem("Summary per evaluation", tables.summary_table(summary),
-                            "Success rate, P(success | path change), AUROC and frozen-path survival are over "
-                            "initially-correct samples; intervals are 95% (Wilson or bootstrap)."),
-                  TableItem("Worst case over attacks", tables.worst_case_table(worst),
+    compute_attacks = analysis.compute_attack_table(rec, run.full_macs, scope) if gated else None
+    compute_table, compute_figure = compute_section(run, scope, compute_attacks)
+
+    where = f"{headline.target} head, {headline.gate_mode} gates" if gated else f"{headline.target} head"
+    pivot_item = TableItem("Robust accuracy per attack and eps", tables.pivot_table(pivot),
+                           f"{where}, white-box; each attack at its strongest backend and routing gradient per "
+                           f"sample; '{analysis.WORST_ROW}' = robust only if every attack failed. Intervals: "
+                           "headline and appendix." if len(pivot) else
+                           "No white-box accuracy attack at a finite eps > 0 in the deployed gate mode.")
+    appendix = [TableItem("Summary per evaluation", tables.summary_table(summary),
+                          "Every evaluation (also in summary.csv). Success rate, P(success | path change), AUROC and "
+                          "frozen-path survival are over initially-correct samples; intervals are 95% (Wilson or "
+                          "bootstrap); compute attacks have no robust accuracy.", collapsed=True)]
+    tables_top = [TableItem("Worst case over attacks", tables.worst_case_table(worst),
                             "A sample counts as robust only if it is correct on the clean input and every "
                             "white-box attack, under every routing gradient, failed on it: the number to trust."),
                   TableItem("Attack strength", tables.strength_table(run.evaluations, run.surrogate_fidelity),
                             "Effort per evaluation; surrogate fidelity = share of (first-batch) samples on which "
                             "the network the attacker differentiates predicts what the deployed one does; a "
                             "minimal-norm attack has converged when it found an adversarial example for >= 99% "
-                            "of the clean-correct samples.")]
+                            "of the clean-correct samples.", collapsed=True)]
     tables_bottom = [TableItem("Per-block execution and flip rates", tables.flip_table(rates),
                                "Flip rates are shares of all samples.", collapsed=True) if gated else
                      TableItem("Per-block execution and flip rates", pd.DataFrame(), NO_GATES),
                      TableItem("Evaluations (attacks manifest)",
-                               tables.evaluations_table(run.evaluations))]
+                               tables.evaluations_table(run.evaluations), collapsed=True)]
     last = tables.metrics_table(run.metrics)
     if last is not None:
         tables_bottom.append(TableItem("Training: last epoch", last))
 
     context = {"run": run.name, "model": meta["model"], "dataset": run.dataset_name or tables.DASH,
-               "seed": meta["seed"], "n": meta["n"], "eps": [format_eps(e) for e in meta["eps"]],
+               "seed": meta["seed"], "n": meta["n"], "eps": _eps_by_norm(rec),
+               "headline": tables.headline_table(headline), "pivot": pivot_item,
                "checks": checks, "overall": _overall(checks), "tables_top": tables_top,
-               "tables_bottom": tables_bottom, "figures": figures, "versions": meta["versions"] or {},
+               "tables_bottom": tables_bottom, "figures": figures, "compute_table": compute_table,
+               "compute_figure": compute_figure, "appendix": appendix, "versions": meta["versions"] or {},
                "bootstrap": {"n": n_boot, "seed": seed}}
+    figures = [*figures, compute_figure]
     payload = {"schema": REPORT_SCHEMA, **meta, "evaluations": run.evaluations,
                "bootstrap": {"n": n_boot, "seed": seed, "confidence": 0.95},
+               "headline": headline.as_dict(), "pivot": pivot, "compute_attacks": compute_attacks,
                "figures": {f.name: (f.file if f.produced else None) for f in figures},
                "summary": summary, "worst_case": worst, "sanity": _sanity_rows(checks)}
     html_text = _render("report.html.j2", context)
@@ -269,7 +368,7 @@ def write_report(run: RunResults, out_dir: str | Path | None = None, *, n_boot: 
         "report.md": _render("report.md.j2", context),
     }, html_text)
     log.info("wrote report to %s", out)
-    return RunReport(out, run, summary, worst, rates, checks, figures)
+    return RunReport(out, run, summary, worst, rates, checks, figures, headline, pivot)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,7 +378,7 @@ def write_report(run: RunResults, out_dir: str | Path | None = None, *, n_boot: 
 def _comparison_payload(cmp: Comparison) -> dict[str, Any]:
     ref, skip = cmp.reference, cmp.skipping
     return {
-        "schema": COMPARE_SCHEMA, "verdict": cmp.verdict, "reference": ref.label,
+        "schema": COMPARE_SCHEMA, "verdict": cmp.verdict, "verdict_lead": cmp.lead, "reference": ref.label,
         "skipping_variant": skip.label if skip else None, "verdict_pairs": cmp.pairs,
         "common_attacks": cmp.common_attacks,
         "variants": [{"label": v.label, "run": v.run.name, "path": str(v.run.path), "model": v.run.model,
@@ -292,6 +391,8 @@ def _comparison_payload(cmp: Comparison) -> dict[str, Any]:
         "bootstrap": {"n": cmp.n_boot, "seed": cmp.seed, "confidence": 0.95},
         "robust_accuracy": cmp.table, "paired_differences": cmp.differences, "transfer": cmp.transfer,
         "compute": cmp.compute,
+        "distance_verdict": [dataclasses.asdict(p) for p in cmp.distance_pairs],
+        "robustness_curves": cmp.curves, "clean_accuracy": cmp.clean,
         "sanity": {k: _sanity_rows(v) for k, v in cmp.sanity.items()},
         "notes": cmp.notes,
     }
@@ -306,11 +407,35 @@ def write_comparison(cmp: Comparison, out_dir: str | Path) -> Path:
     """
     out = Path(out_dir)
     ref = cmp.reference
-    verdict_note = (f"Worst case = per sample, over the attacks every variant ran "
-                    f"({', '.join(cmp.common_attacks) or 'none'}), each at its strongest backend and routing gradient "
-                    "(STE/BPDA/sharp/EOT count when present). Differences are in percentage points with "
-                    "paired-bootstrap "
-                    "95% intervals over shared samples; an interval containing 0 is no evidence either way.")
+    if cmp.distance_pairs:
+        verdict_note = ("Eps-free: each sample's minimal adversarial distance is the smallest verified example of "
+                        "any minimal-perturbation attack (FMN, DDN, PGD bisection) under any routing gradient. "
+                        "Ratio = median over the samples both variants classify correctly of d(skipping) / "
+                        "d(static); the curves count every sample (a misclassified one is at 0); the largest "
+                        "difference's interval re-selects its eps in each resample. Intervals are 95% paired "
+                        "bootstrap; 'no evidence' only when every interval contains no difference.")
+    else:
+        verdict_note = (f"No minimal-distance records: fixed-eps fallback. Worst case = per sample, over the attacks "
+                        f"every variant ran ({', '.join(cmp.common_attacks) or 'none'}), each at its strongest "
+                        "backend and routing gradient, at the eps where the variants differ most (never where all "
+                        "are at 0%). Differences in percentage points, paired-bootstrap 95% intervals.")
+    fixed = pd.DataFrame(columns=["variant", "eps", "robust_acc"])
+    if len(cmp.curves):
+        norm, head = str(cmp.curves["norm"].iloc[0]), str(cmp.curves["target"].iloc[0])
+        t = cmp.table
+        fixed = t[(t["attack"] == "worst") & (t["norm"] == norm) & (t["target"] == head) & (t["eps"] > 0)
+                  & np.isfinite(t["eps"].astype(float))]
+    robustness_png = plots.plot_robustness_curves(cmp.curves, fixed, title="Robust accuracy vs eps, from each "
+                                                  "sample's minimal distance (bands: 95% Wilson; diamonds: "
+                                                  "fixed-eps worst case)")
+    lead_figures = [FigureItem(
+        "robustness_curves", "Robustness curves",
+        "Share of samples whose minimal adversarial distance exceeds eps, per variant (minimum over attacks and "
+        "routing gradients); diamonds: the fixed-eps attacks' per-sample worst case at the grid, which should lie "
+        "in the band (the sanity check curve-vs-fixed-eps tests it).", robustness_png,
+        "" if robustness_png else "not applicable: no minimal-perturbation records (eps = inf)")]
+    lead_tables = ([TableItem("Verdict per pair", tables.verdict_table(cmp.distance_pairs, cmp.clean))]
+                   if cmp.distance_pairs else []) + [TableItem("Clean accuracy", tables.clean_table(cmp.clean))]
     curves = cmp.table.assign(panel=[f"{a} ({n}, {t})" for a, n, t in
                                      zip(cmp.table["attack"], cmp.table["norm"], cmp.table["target"])])
     at = cmp.compute["at"].iloc[0] if len(cmp.compute) else "-"
@@ -325,15 +450,22 @@ def write_comparison(cmp: Comparison, out_dir: str | Path) -> Path:
                    "Compute saved = 1 - mean clean MACs / all-blocks MACs.", compute_png,
                    "" if compute_png else "not applicable: no full_macs or no shared worst case"),
     ]
+    transfer_png = plots.plot_transfer_heatmap(cmp.transfer)
+    figures.append(FigureItem(
+        "transfer_heatmap", "Transfer matrix (source → target)",
+        "Share of the target's clean-correct samples fooled by examples crafted on the source (rows) against the "
+        "target (columns); the outlined diagonal is the target's own white-box attack; one panel per attack and eps.",
+        transfer_png, "" if transfer_png else "not applicable: no transfer records (source_run != '')"))
     tables_ = [TableItem("Robust accuracy and paired difference to " + ref.label, tables.comparison_table(cmp.table),
                          "Δ = variant − reference on the samples both evaluated, percentage points."),
                TableItem("Compute", tables.compute_table(cmp.compute)),
                TableItem("Transfer (source → target)", tables.transfer_table(cmp.transfer),
                          "" if len(cmp.transfer) else "No transfer records (source_run != '').")]
-    context = {"variants": cmp.variants, "reference": ref.label, "verdict": cmp.verdict,
-               "verdict_note": verdict_note, "sanity": cmp.sanity, "tables": tables_, "figures": figures,
+    context = {"variants": cmp.variants, "reference": ref.label, "verdict": cmp.lead, "verdict_line": cmp.verdict,
+               "verdict_note": verdict_note, "lead_tables": lead_tables, "lead_figures": lead_figures,
+               "sanity": cmp.sanity, "tables": tables_, "figures": figures,
                "notes": cmp.notes, "bootstrap": {"n": cmp.n_boot, "seed": cmp.seed}}
-    _write_outputs(out, figures, {"compare.csv": cmp.table.to_csv(index=False),
+    _write_outputs(out, lead_figures + figures, {"compare.csv": cmp.table.to_csv(index=False),
                                   "compare.json": _json_text(_comparison_payload(cmp)),
                                   "compare.md": _render("compare.md.j2", context)},
                    _render("compare.html.j2", context))

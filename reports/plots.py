@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 
 from robustness.analysis import path_distances  # noqa: E402
 from robustness.core.vocab import format_eps  # noqa: E402
@@ -47,10 +48,15 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def _eps_ticks(ax, eps: Sequence[float]) -> None:
+def _eps_label(eps: float, norm: str = "linf") -> str:
+    """L-inf budgets as k/255, other norms' as plain decimals (an L2 budget is no fraction of 255)."""
+    return format_eps(eps) if norm == "linf" or not np.isfinite(eps) or eps == 0 else f"{eps:.4g}"
+
+
+def _eps_ticks(ax, eps: Sequence[float], norm: str = "linf") -> None:
     eps = sorted(set(float(e) for e in eps))
     ax.set_xticks(eps)
-    ax.set_xticklabels([format_eps(e) for e in eps], rotation=45 if len(eps) > 5 else 0, fontsize=8)
+    ax.set_xticklabels([_eps_label(e, norm) for e in eps], rotation=45 if len(eps) > 5 else 0, fontsize=8)
 
 
 def plot_accuracy_curves(table: pd.DataFrame, line: str = "label", panel: str = "panel",
@@ -77,7 +83,8 @@ def plot_accuracy_curves(table: pd.DataFrame, line: str = "label", panel: str = 
             if "robust_acc_low" in g and g["robust_acc_low"].notna().all():
                 ax.fill_between(g["eps"], 100 * g["robust_acc_low"], 100 * g["robust_acc_high"], alpha=0.1,
                                 color=ln.get_color(), lw=0)
-        _eps_ticks(ax, sub["eps"])
+        norms = set(sub["norm"].astype(str)) if "norm" in sub.columns else {"linf"}
+        _eps_ticks(ax, sub["eps"], norms.pop() if len(norms) == 1 else "linf")
         ax.set_title(str(name), fontsize=9)
         ax.set_xlabel("eps")
         ax.set_ylabel("robust accuracy (%)")
@@ -207,24 +214,204 @@ def plot_success_by_path_change(summary: pd.DataFrame, title: str = "") -> bytes
     return _png(fig)
 
 
-def plot_compute_vs_robust(points: pd.DataFrame, title: str = "") -> bytes | None:
-    """Scatter of compute saved (%) against robust accuracy (%), one labelled point per variant (``points`` has
-    ``variant``, ``compute_saved``, ``robust_acc``); None without a finite point."""
-    if points is None or points.empty:
-        return None
+def _label_column(desired: Sequence[float], gap: float) -> np.ndarray:
+    """Positions (axes fraction, same order as ``desired``) for labels stacked in a column: each as close to its
+    desired height as it can be while neighbours stay ``gap`` apart (top-down, deterministic); a column pushed below
+    the axes (centres closer than ``gap / 2`` to 0) is shifted up as far as its top label allows."""
+    d = np.asarray(desired, float)
+    order = np.argsort(-d, kind="stable")  # top to bottom
+    pos = np.empty(len(d))
+    for rank, i in enumerate(order):
+        pos[i] = d[i] if rank == 0 else min(d[i], pos[order[rank - 1]] - gap)
+    bottom, top = pos[order[-1]], pos[order[0]]
+    if bottom < gap / 2:  # pushed below the axes: shift up, but not out of the top unless the column is too tall
+        pos += min(gap / 2 - bottom, max(0.0, 1.0 - gap / 2 - top))
+    return pos
+
+
+def _compute_vs_robust_figure(points: pd.DataFrame, title: str = "") -> Figure | None:
     p = points[np.isfinite(points["compute_saved"].astype(float)) & np.isfinite(points["robust_acc"].astype(float))]
     if p.empty:
         return None
-    fig, axes = _figure(1)
+    fig, axes = _figure(1, width=6.4)
     ax = axes[0]
-    ax.scatter(100 * p["compute_saved"], 100 * p["robust_acc"], s=40)
-    for _, r in p.iterrows():
-        ax.annotate(str(r["variant"]), (100 * r["compute_saved"], 100 * r["robust_acc"]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+    x, y = 100 * p["compute_saved"].to_numpy(float), 100 * p["robust_acc"].to_numpy(float)
+    ax.scatter(x, y, s=40, zorder=3)
     ax.set_xlabel("compute saved vs all blocks executed (%)")
     ax.set_ylabel("robust accuracy (%)")
-    ax.set_xlim(min(-5.0, 100 * p["compute_saved"].min() - 5), max(50.0, 100 * p["compute_saved"].max() + 10))
+    ax.set_xlim(min(-5.0, x.min() - 5), max(50.0, x.max() + 10))
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     ax.set_title(_title(title or "Compute saved vs robust accuracy"), fontsize=9)
+    # Labels sit in a column right of the axes, ordered like their points' heights, with leader lines: points of
+    # nearly equal compute and accuracy (common: a model in two gate modes) would otherwise print on top of each
+    # other. Label height is measured with the renderer, after a first layout pass. Labels and leader lines are
+    # separate artists, so a label's window extent is its text alone.
+    labels = [ax.text(1.05, 0.5, str(v), transform=ax.transAxes, fontsize=8, va="center", ha="left", clip_on=False,
+                      gid="point-label") for v in p["variant"]]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes_px = ax.get_window_extent(renderer).height
+    gap = 1.35 * max(t.get_window_extent(renderer).height for t in labels) / axes_px
+    desired = ax.transAxes.inverted().transform(ax.transData.transform(np.column_stack([x, y])))[:, 1]
+    for t, ypos, xi, yi in zip(labels, _label_column(desired, gap), x, y):
+        t.set_position((1.05, float(ypos)))
+        ax.annotate("", (xi, yi), xytext=(1.045, float(ypos)), textcoords="axes fraction", annotation_clip=False,
+                    gid="leader-line", arrowprops={"arrowstyle": "-", "color": "0.55", "lw": 0.7, "shrinkA": 0,
+                                                   "shrinkB": 3})
+    return fig
+
+
+def plot_compute_vs_robust(points: pd.DataFrame, title: str = "") -> bytes | None:
+    """Scatter of compute saved (%) against robust accuracy (%), one labelled point per variant (``points`` has
+    ``variant``, ``compute_saved``, ``robust_acc``); labels never overlap (a column beside the axes with leader
+    lines); None without a finite point."""
+    if points is None or points.empty:
+        return None
+    fig = _compute_vs_robust_figure(points, title)
+    return _png(fig) if fig is not None else None
+
+
+def plot_compute_attacks(table: pd.DataFrame) -> bytes | None:
+    """Mean MACs on clean inputs, under each compute attack, and with every block executed, per eps (one panel per
+    compute attack; ``table`` from ``analysis.compute_attack_table``); None when empty."""
+    if table is None or table.empty:
+        return None
+    attacks = list(dict.fromkeys(table["attack"]))
+    n_eps = table.groupby("attack")["eps"].nunique().max()
+    fig, axes = _figure(len(attacks), width=max(4.6, 0.9 * n_eps + 2.5))
+    for ax, attack in zip(axes, attacks):
+        t = table[table["attack"] == attack].sort_values("eps")
+        x = np.arange(len(t))
+        ax.bar(x - 0.2, t["clean_macs"] / 1e6, width=0.4, label="clean", color="tab:blue")
+        ax.bar(x + 0.2, t["adv_macs"] / 1e6, width=0.4, label=f"under {attack}", color="tab:red")
+        full = t["full_macs"].to_numpy(float)
+        if np.isfinite(full).any():
+            ax.axhline(np.nanmax(full) / 1e6, color="black", ls="--", lw=1, label="every block executed")
+        for xi, share, top in zip(x, t["taken_back"].to_numpy(float), t["adv_macs"].to_numpy(float) / 1e6):
+            if np.isfinite(share):
+                ax.annotate(f"{100 * share:.0f}%", (xi + 0.2, top), xytext=(0, 2), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(x)
+        ax.set_xticklabels([_eps_label(e, str(t["norm"].iloc[0])) for e in t["eps"]], fontsize=8)
+        ax.set_xlabel(f"eps ({t['norm'].iloc[0]})")
+        ax.set_ylabel("mean MACs per sample (millions)")
+        low = np.nanmin(t[["clean_macs", "adv_macs"]].to_numpy(float)) / 1e6
+        ax.set_ylim(0.85 * low, 1.04 * max(np.nanmax(full) if np.isfinite(full).any() else 0,
+                                           t["adv_macs"].max()) / 1e6)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
+        ax.set_title(f"{attack}: share of saved compute taken back (labels)", fontsize=9)
+    return _png(fig)
+
+
+#: Training-curve panels: title, y label, and the metrics.csv columns each draws (those present are drawn).
+TRAINING_PANELS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("Accuracy", "accuracy (%)", ("test_acc_fine", "test_acc_coarse", "train_acc_fine", "train_acc_coarse")),
+    ("Skip rate per branch", "blocks skipped (%)", ("skip_coarse", "skip_fine")),
+    ("Compute saved", "MACs saved (%)", ("macs_saved", "gated_macs_saved")),
+)
+
+
+def plot_training_curves(metrics: pd.DataFrame | None, gated: bool = True) -> bytes | None:
+    """Training curves per epoch from ``metrics.csv``: accuracy, skip rate per branch and MACs saved (the last two
+    only for a gated model); a panel draws the columns it finds. None when no panel has a column."""
+    if metrics is None or metrics.empty:
+        return None
+    x = metrics["epoch"] if "epoch" in metrics.columns else pd.Series(np.arange(1, len(metrics) + 1))
+    panels = [(name, ylabel, [c for c in cols if c in metrics.columns and metrics[c].notna().any()])
+              for k, (name, ylabel, cols) in enumerate(TRAINING_PANELS) if gated or k == 0]
+    panels = [p for p in panels if p[2]]
+    if not panels:
+        return None
+    fig, axes = _figure(len(panels), width=4.2, height=3.2)
+    for ax, (name, ylabel, cols) in zip(axes, panels):
+        for c in cols:
+            test = c.startswith("test_")
+            ax.plot(x, 100 * metrics[c].astype(float), marker="o", ms=2.5, lw=1.4 if test else 1.0,
+                    ls="-" if test or not c.startswith("train_") else ":", label=c)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Training curves (metrics.csv)", fontsize=10)
+    return _png(fig)
+
+
+def plot_transfer_heatmap(matrix: pd.DataFrame) -> bytes | None:
+    """Transfer success as source run x target run heatmaps, one panel per (attack, norm, eps, head) at finite eps
+    (``matrix`` from ``analysis.transfer_matrix``); the diagonal is the target's own white-box attack (outlined).
+    A cell is the share of the target's clean-correct samples the source's examples fool, annotated in percent;
+    None without transfer rows."""
+    if matrix is None or matrix.empty or matrix["whitebox"].astype(bool).all():
+        return None
+    m = matrix[np.isfinite(matrix["eps"].astype(float))].copy()
+    if m.empty:
+        return None
+    several = m.groupby("run")["gate_mode"].nunique()
+    m["col"] = [f"{r} ({g})" if several.get(r, 1) > 1 else str(r) for r, g in zip(m["run"], m["gate_mode"])]
+    order = list(dict.fromkeys([*m["source_run"], *m["run"]]))
+    rows = [r for r in order if r in set(m["source_run"])]
+    cols = sorted(set(m["col"]), key=lambda c: (order.index(c.split(" (")[0]), c))
+    panel_keys = ["attack", "norm", "eps", "target"]
+    panels = list(m.groupby(panel_keys, sort=True).groups)
+    fig, axes = _figure(len(panels), width=max(3.2, 0.9 * len(cols) + 2.0), height=max(2.6, 0.55 * len(rows) + 1.6),
+                        max_cols=4)
+    for ax, key in zip(axes, panels):
+        sub = m[(m[panel_keys] == pd.Series(dict(zip(panel_keys, key)))).all(axis=1)]
+        grid = sub.pivot_table(index="source_run", columns="col", values="success_rate", aggfunc="mean")
+        grid = grid.reindex(index=rows, columns=cols)
+        values = 100 * grid.to_numpy(float)
+        ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap="Reds", vmin=0, vmax=100)
+        for (i, j), v in np.ndenumerate(values):
+            ax.text(j, i, f"{v:.0f}%" if np.isfinite(v) else "–", ha="center", va="center", fontsize=8,
+                    color="white" if np.isfinite(v) and v > 60 else "black")
+            if rows[i] == cols[j].split(" (")[0]:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=1.5, ec="black"))
+        ax.set_xticks(range(len(cols)))
+        ax.set_xticklabels(cols, fontsize=8)
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels(rows, fontsize=8)
+        ax.set_xlabel("target (attacked)")
+        ax.set_ylabel("source (crafted on)")
+        attack, norm, eps, target = key
+        ax.set_title(f"{attack}, {norm} eps={_eps_label(eps, norm)}, {target} head", fontsize=9)
+    fig.suptitle("Transfer: attack success on the target's clean-correct samples (outlined: white-box)", fontsize=10)
+    return _png(fig)
+
+
+def plot_robustness_curves(curves: pd.DataFrame, fixed: pd.DataFrame | None = None,
+                           title: str = "Robustness curves") -> bytes | None:
+    """Robust accuracy as a step function of eps per variant (``robustness.analysis.distances.robustness_curve``
+    rows with a ``variant`` column), with its pointwise 95% band, and the fixed-eps worst case of each variant as
+    points (``fixed``: variant, eps, robust_acc); L-inf eps in units of 1/255. A variant named ``any`` (the minimum
+    over routing gradients) is drawn thick and black."""
+    if curves is None or curves.empty:
+        return None
+    norm = str(curves["norm"].iloc[0])
+    scale, unit = (255.0, "eps (x 1/255)") if norm == "linf" else (1.0, "eps (L2)")
+    fig, axes = _figure(1, width=7.5, height=4.4)
+    ax = axes[0]
+    colors = {}
+    for variant, g in curves.groupby("variant", sort=False):
+        g = g.sort_values("eps")
+        strong = variant == "any"  # the per-sample minimum over routing gradients: the number to trust
+        (ln,) = ax.step(g["eps"] * scale, 100 * g["robust_acc"], where="post", lw=2.4 if strong else 1.4,
+                        label=str(variant), color="black" if strong else None)
+        colors[variant] = ln.get_color()
+        ax.fill_between(g["eps"] * scale, 100 * g["robust_acc_low"], 100 * g["robust_acc_high"], step="post",
+                        alpha=0.12, color=ln.get_color(), lw=0)
+    if fixed is not None and len(fixed):
+        for variant, g in fixed.groupby("variant", sort=False):
+            if variant in colors:
+                ax.plot(g["eps"] * scale, 100 * g["robust_acc"], "D", ms=5, mfc="white", color=colors[variant])
+        ax.plot([], [], "D", ms=5, mfc="white", color="grey", label="fixed-eps worst case")
+    ax.set_xlabel(unit)
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(_title(title), fontsize=10)
     return _png(fig)

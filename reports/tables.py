@@ -12,9 +12,13 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from robustness.core.vocab import format_eps
+from attacks.base import KINDS, attack_kind, counts_for_accuracy
+from robustness.analysis.headline import RunHeadline
+from robustness.analysis.pivot import WORST_ROW
+from robustness.core.vocab import format_distance, format_eps
 
 DASH = "–"
+NORM_NAMES = {"linf": "L∞", "l2": "L2"}
 
 
 def _missing(x: object) -> bool:
@@ -57,6 +61,28 @@ def points_ci(diff: float, low: float, high: float) -> str:
     return f"{100 * diff:+.1f}{ci}"
 
 
+def eps_text(norm: str, eps: float) -> str:
+    """An eps for a table cell: L-inf as ``format_eps`` (k/255), any other norm as a plain decimal (an L2 budget
+    of 0.25 is no fraction of 255)."""
+    eps = float(eps)
+    return format_eps(eps) if norm == "linf" or not math.isfinite(eps) or eps == 0 else f"{eps:.4g}"
+
+
+def distance(norm: str, d: float) -> str:
+    """A perturbation size for display (``vocab.format_distance``: L-inf in units of 1/255, L2 with three
+    significant digits); a dash when undefined."""
+    return DASH if _missing(d) else format_distance(float(d), norm)
+
+
+def distance_ci(norm: str, d: float, low: float, high: float) -> str:
+    """``0.156 [0.140, 0.169]``; the interval is left out when undefined."""
+    if _missing(d):
+        return DASH
+    if _missing(low) or _missing(high):
+        return distance(norm, d)
+    return f"{distance(norm, d)} [{distance(norm, low)}, {distance(norm, high)}]"
+
+
 def _drop_constant(df: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
     """Drop the given columns when they hold one value only (they say nothing in a table)."""
     drop = [c for c in columns if c in df.columns and df[c].astype(str).nunique() <= 1 and len(df) > 0]
@@ -74,11 +100,13 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, r in summary.iterrows():
         rows.append({
-            "Attack": r["attack"], "Backend": r["backend"], "Norm": r["norm"], "eps": format_eps(r["eps"]),
+            "Attack": r["attack"], "Backend": r["backend"], "Norm": r["norm"], "eps": eps_text(r["norm"], r["eps"]),
             "Gate mode": r["gate_mode"], "Gate grad": r["gate_grad"], "Target": r["target"],
             "Source": DASH if _missing(r["source_run"]) or not r["source_run"] else r["source_run"],
             "n": str(int(r["n"])),
-            "Clean acc": pct(r["clean_acc"]), "Robust acc": pct(r["robust_acc"]),
+            "Clean acc": pct(r["clean_acc"]),
+            # a compute attack's ``robust`` column is no robust accuracy (it does not try to flip predictions)
+            "Robust acc": pct(r["robust_acc"]) if counts_for_accuracy(str(r["attack"])) else DASH,
             "Success rate": pct(r["success_rate"]), "Mean Hamming": num(r["hamming_mean"]),
             "ΔMACs %": num(r["dmacs_pct"], 1),
             "P(success | path changed)": _ci(r, "p_success_changed"),
@@ -91,10 +119,80 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     return _drop_constant(pd.DataFrame(rows), ["Backend", "Norm", "Gate mode", "Target", "Source"])
 
 
+def headline_table(h: RunHeadline) -> list[dict[str, str]]:
+    """The headline as rows of ``label``, ``value`` and ``detail`` (HTML and Markdown render exactly these)."""
+    scope = f"{h.target} head, {h.gate_mode} gates" if h.gated else f"{h.target} head"
+    rows = [{"label": "Clean accuracy", "value": pct_ci(h.clean.estimate, h.clean.low, h.clean.high),
+             "detail": f"{scope}, n = {h.clean.n}"}]
+    pooled = ""
+    for r in h.robust:
+        detail = (f"worst case per sample over {r.attacks.replace(',', ', ')} (every backend and routing gradient)"
+                  if r.attacks != pooled else "worst case over the same attacks")
+        pooled = r.attacks
+        rows.append({"label": f"Robust accuracy at {NORM_NAMES.get(r.norm, r.norm)} eps = {eps_text(r.norm, r.eps)}",
+                     "value": pct_ci(r.accuracy.estimate, r.accuracy.low, r.accuracy.high),
+                     "detail": f"{detail}, n = {r.accuracy.n}"})
+    for d in h.distances:
+        label = f"Median minimal {NORM_NAMES.get(d.norm, d.norm)} distance"
+        if d.median is None:
+            rows.append({"label": label, "value": DASH, "detail": d.reason})
+            continue
+        iv = d.median
+        tail = "; more than half were never fooled, so the median is unbounded" if math.isinf(iv.estimate) else ""
+        rows.append({"label": label, "value": distance_ci(d.norm, iv.estimate, iv.low, iv.high),
+                     "detail": f"over {d.clean_correct} clean-correct samples, {d.found} fooled by a minimal-norm "
+                               f"attack{tail}"})
+    rows.append({"label": "Compute saved", "value": pct(h.compute_saved) if not h.compute_reason else DASH,
+                 "detail": h.compute_reason or f"1 - mean clean MACs / all-blocks MACs, {h.gate_mode} gates"})
+    rows.append({"label": "Gradient masking checks", "value": h.masking.upper(),
+                 "detail": ("warning: " + ", ".join(h.masking_warnings)) if h.masking_warnings else
+                           "no check warns" if h.masking != "skip" else "no check applied"})
+    return rows
+
+
+def _eps_column(norm: str, eps: float) -> str:
+    return eps_text(norm, eps) if norm == "linf" else f"{NORM_NAMES.get(norm, norm)} {eps_text(norm, eps)}"
+
+
+def _attack_order(name: str) -> tuple[int, str]:
+    if name == WORST_ROW:
+        return len(KINDS) + 1, name
+    kind = attack_kind(name)
+    return (KINDS.index(kind) if kind in KINDS else len(KINDS)), name
+
+
+def pivot_table(pivot: pd.DataFrame) -> pd.DataFrame:
+    """Attack x eps robust accuracy (from ``analysis.accuracy_pivot``): one row per attack by kind (single-step,
+    iterative, gradient-free, minimal), the worst case last; L-inf columns by eps, then L2 columns (``L2 0.5``)."""
+    if pivot is None or pivot.empty:
+        return pd.DataFrame()
+    norm_rank = {"linf": 0, "l2": 1}
+    columns = sorted({(str(n), float(e)) for n, e in zip(pivot["norm"], pivot["eps"])},
+                     key=lambda c: (norm_rank.get(c[0], 2), c[0], c[1]))
+    cells = {(str(r["attack"]), str(r["norm"]), float(r["eps"])): r["robust_acc"] for _, r in pivot.iterrows()}
+    rows = []
+    for attack in sorted(set(pivot["attack"].astype(str)), key=_attack_order):
+        row = {"Attack": attack}
+        for norm, eps in columns:
+            row[_eps_column(norm, eps)] = pct(cells.get((attack, norm, eps), float("nan")))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def compute_attack_display(table: pd.DataFrame) -> pd.DataFrame:
+    """Per compute attack and eps (from ``analysis.compute_attack_table``): mean MACs clean / attacked / all
+    blocks (millions) and the share of the saved compute the attack takes back."""
+    rows = [{"Attack": r["attack"], "Norm": r["norm"], "eps": eps_text(r["norm"], r["eps"]), "n": str(int(r["n"])),
+             "MACs clean (M)": num(r["clean_macs"] / 1e6, 2), "MACs attacked (M)": num(r["adv_macs"] / 1e6, 2),
+             "MACs all blocks (M)": num(r["full_macs"] / 1e6, 2),
+             "Saved compute taken back": pct(r["taken_back"])} for _, r in table.iterrows()]
+    return _drop_constant(pd.DataFrame(rows), ["Norm"])
+
+
 def worst_case_table(worst: pd.DataFrame) -> pd.DataFrame:
     """Worst case over attacks per eps (from ``analysis.worst_case_accuracy``)."""
-    rows = [{"Norm": r["norm"], "eps": format_eps(r["eps"]), "Gate mode": r["gate_mode"], "Target": r["target"],
-             "n": str(int(r["n"])), "Clean acc": pct(r["clean_acc"]),
+    rows = [{"Norm": r["norm"], "eps": eps_text(r["norm"], r["eps"]), "Gate mode": r["gate_mode"],
+             "Target": r["target"], "n": str(int(r["n"])), "Clean acc": pct(r["clean_acc"]),
              "Worst-case robust acc": _ci(r, "robust_acc"), "Attacks pooled": r["attacks"]}
             for _, r in worst.iterrows()]
     return _drop_constant(pd.DataFrame(rows), ["Norm", "Gate mode", "Target"])
@@ -102,7 +200,7 @@ def worst_case_table(worst: pd.DataFrame) -> pd.DataFrame:
 
 def flip_table(rates: pd.DataFrame) -> pd.DataFrame:
     """Per-block execution and flip rates (from ``analysis.block_rates``)."""
-    rows = [{"Attack": r["attack"], "Backend": r["backend"], "Norm": r["norm"], "eps": format_eps(r["eps"]),
+    rows = [{"Attack": r["attack"], "Backend": r["backend"], "Norm": r["norm"], "eps": eps_text(r["norm"], r["eps"]),
              "Gate mode": r["gate_mode"], "Gate grad": r["gate_grad"], "Target": r["target"], "Block": r["block"],
              "Executed (clean)": pct(r["clean_rate"]), "Executed (adv)": pct(r["adv_rate"]),
              "Flip 0→1": pct(r["flip_01"]), "Flip 1→0": pct(r["flip_10"])}
@@ -116,7 +214,7 @@ def evaluations_table(evaluations: Sequence[dict]) -> pd.DataFrame:
     for e in evaluations:
         config = e.get("config") or {}
         rows.append({"Evaluation": str(e.get("id", "")),
-                     "eps": ", ".join(format_eps(x) for x in e.get("eps") or []),
+                     "eps": ", ".join(eps_text(str(e.get("norm", "linf")), x) for x in e.get("eps") or []),
                      "Config": ", ".join(f"{k}={v}" for k, v in config.items()) or DASH,
                      "Complete": "yes" if e.get("complete", True) else "NO"})
     return pd.DataFrame(rows, columns=["Evaluation", "eps", "Config", "Complete"])
@@ -181,8 +279,10 @@ def metrics_table(metrics: pd.DataFrame | None) -> pd.DataFrame | None:
 
 
 def comparison_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Robust accuracy per variant and attack and eps, with the paired difference to the reference variant."""
-    rows = [{"Variant": r["variant"], "Attack": r["attack"], "Norm": r["norm"], "eps": format_eps(r["eps"]),
+    """Robust accuracy per variant and attack and eps, with the paired difference to the reference variant (compute
+    attacks left out: they have no robust accuracy)."""
+    table = table[[a == "worst" or counts_for_accuracy(str(a)) for a in table["attack"]]] if len(table) else table
+    rows = [{"Variant": r["variant"], "Attack": r["attack"], "Norm": r["norm"], "eps": eps_text(r["norm"], r["eps"]),
              "Target": r["target"], "n": str(int(r["n"])), "Robust acc": _ci(r, "robust_acc"),
              "Paired n": DASH if _missing(r.get("n_paired")) else str(int(r["n_paired"])),
              "Δ vs reference (points)": points_ci(r.get("diff"), r.get("diff_low"), r.get("diff_high"))}
@@ -192,7 +292,7 @@ def comparison_table(table: pd.DataFrame) -> pd.DataFrame:
 
 def transfer_table(matrix: pd.DataFrame) -> pd.DataFrame:
     """Success rate of examples crafted on a source run against a target run (from ``analysis.transfer_matrix``)."""
-    rows = [{"Attack": r["attack"], "Norm": r["norm"], "eps": format_eps(r["eps"]), "Source": r["source_run"],
+    rows = [{"Attack": r["attack"], "Norm": r["norm"], "eps": eps_text(r["norm"], r["eps"]), "Source": r["source_run"],
              "Target run": r["run"], "Gate mode": r["gate_mode"], "Kind": "white-box" if r["whitebox"] else "transfer",
              "Success rate": pct(r["success_rate"]), "Initially correct": str(int(r["n_clean_correct"]))}
             for _, r in matrix.iterrows()]
@@ -228,3 +328,31 @@ def to_html(df: pd.DataFrame) -> str:
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in row) + "</tr>"
                    for row in df.itertuples(index=False))
     return f'<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def verdict_table(pairs: Sequence, clean: pd.DataFrame) -> pd.DataFrame:
+    """The eps-free verdict per pair (``robustness.analysis.distances.DistanceComparison``): clean accuracy of
+    each side, median minimal distances, their per-sample ratio, the curves' largest difference and mean gap."""
+    rows = []
+    for p in pairs:
+        d = lambda v, lo=None, hi=None: distance_ci(p.norm, v, lo, hi) if lo is not None else distance(p.norm, v)  # noqa: E731
+        rows.append({
+            "skipping vs static": f"{p.a} vs {p.b}",
+            "clean acc": f"{pct(p.clean_a.estimate)} vs {pct(p.clean_b.estimate)}",
+            "median distance": f"{d(p.median_a.estimate)} vs {d(p.median_b.estimate)}",
+            "distance ratio (median)": num_ci(p.ratio.estimate, p.ratio.low, p.ratio.high),
+            "Wilcoxon p": f"{p.wilcoxon_p:.2g}",
+            "n correct on both": str(p.n_both_correct),
+            "largest curve difference": f"{pct(p.acc_a_at)} vs {pct(p.acc_b_at)} at eps={d(p.eps_at)}: "
+                                        + points_ci(p.diff_at.estimate, p.diff_at.low, p.diff_at.high),
+            "mean curve gap": f"{points_ci(p.gap.estimate, p.gap.low, p.gap.high)} (eps ≤ {d(p.cap)})",
+            "evidence": p.direction(),
+        })
+    return pd.DataFrame(rows)
+
+
+def clean_table(clean: pd.DataFrame) -> pd.DataFrame:
+    """Clean accuracy per variant with its Wilson interval."""
+    return pd.DataFrame({"variant": clean["variant"], "n": clean["n"],
+                         "clean accuracy": [pct_ci(a, lo, hi) for a, lo, hi in
+                                            zip(clean["clean_acc"], clean["clean_acc_low"], clean["clean_acc_high"])]})

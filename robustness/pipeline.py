@@ -24,20 +24,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from attacks.records import worst_case
 from attacks.runner import AttackConfig, load_run_checkpoint, run_attacks
 from models.training import TrainConfig, train
 from reports.html import write_comparison, write_report
 from robustness.analysis import accuracy_rows
 from robustness.analysis.compare import compare_runs
+from robustness.analysis.distances import median_distance, minimal_distances
 from robustness.core.config import build, load_config_file
 from robustness.core.errors import ConfigError, RunDirError
 from robustness.core.rundir import RunDir, atomic_write_json
 from robustness.core.runtime import package_versions, resolve_device
+from robustness.core.vocab import format_distance, format_eps
+from robustness.eps_grid import attack_runs, check_auto
 from robustness.results import RunResults, load_run
 
 log = logging.getLogger(__name__)
-REPORTED_EPS = 8 / 255
 
 
 @dataclass(frozen=True)
@@ -94,9 +98,10 @@ class ModelSummary:
 
     model: str
     clean_acc: float
-    robust: dict[str, float]  # attack (or "worst") -> robust accuracy at REPORTED_EPS (Linf)
+    robust: dict[float, float]  # linf eps of the grid -> worst-case robust accuracy (hard gates, fine head)
     compute_saved: float | None
     report: Path
+    median_distance: float = float("nan")  # median minimal linf distance of the clean-correct samples
 
 
 @dataclass
@@ -131,16 +136,22 @@ def run_pipeline(config: PipelineConfig, out: str | Path, resume: bool = False, 
 
     _train_all(config, runs, progress)
 
+    configs, gated = {}, []
     for name, run_dir in runs.items():
-        log.info("== attack %s ==", name)
         attack = config.attack
-        if plan.open_mode and load_run_checkpoint(RunDir.at(run_dir)).build_model().is_gated:
-            attack = dataclasses.replace(attack, gate_modes=list(dict.fromkeys([*attack.gate_modes, "open"])))
-        run_attacks(run_dir, attack, resume=True, progress=progress)
+        if load_run_checkpoint(RunDir.at(run_dir)).build_model().is_gated:
+            gated.append(name)
+            if plan.open_mode:
+                attack = dataclasses.replace(attack, gate_modes=list(dict.fromkeys([*attack.gate_modes, "open"])))
+        if attack.eps_auto:
+            check_auto(attack, name in gated)
+        configs[name] = attack
+    grid, _ = attack_runs(runs, configs, reference=(gated or list(runs))[0], resume=True, progress=progress)
 
     for source, target in plan.pairs():
         log.info("== transfer %s -> %s ==", source, target)
-        transfer = dataclasses.replace(config.attack, attacks=[plan.transfer_attack], gate_modes=["hard"])
+        transfer = dataclasses.replace(config.attack, attacks=[plan.transfer_attack], gate_modes=["hard"],
+                                       eps=grid if grid is not None else config.attack.eps)
         run_attacks(runs[target], transfer, resume=True, transfer_from=runs[source], progress=progress)
 
     loaded = {name: load_run(run_dir) for name, run_dir in runs.items()}
@@ -189,22 +200,21 @@ def _train_all(config: PipelineConfig, runs: dict[str, Path], progress: bool) ->
 
 
 def _headline(name: str, results: RunResults, report: Path) -> ModelSummary:
-    """Clean and robust accuracy at 8/255 (white-box, hard gates, fine head; attacks that count for accuracy) and
-    compute saved, from the records."""
+    """Clean accuracy, worst-case robust accuracy at each finite linf eps (white-box, hard gates, fine head;
+    attacks that count for accuracy, minimal ones included), median minimal linf distance and compute saved."""
     records = accuracy_rows(results.records)
     white = records[(records["source_run"] == "") & (records["gate_mode"] == "hard") & (records["target"] == "fine")
                     & (records["norm"] == "linf")]
-    at_eps = white[(white["eps"] - REPORTED_EPS).abs() < 1e-9]
-    robust: dict[str, float] = {}
-    for attack, group in at_eps.groupby("attack", observed=True):
-        robust[str(attack)] = float(group.groupby("sample")["robust"].min().mean())
-    if not at_eps.empty:
-        robust["worst"] = float(worst_case(at_eps)["robust"].mean())
+    fixed = white[np.isfinite(white["eps"]) & (white["eps"] > 0)]
+    robust = {float(e): float(g["robust"].mean()) for e, g in worst_case(fixed).groupby("eps")} if len(fixed) else {}
     clean = float(white.drop_duplicates("sample")["clean_correct"].mean()) if not white.empty else float("nan")
     saved = None
     if results.full_macs and not white.empty and results.path_names:
         saved = 1.0 - float(white.drop_duplicates("sample")["clean_macs"].mean()) / results.full_macs
-    return ModelSummary(name, clean, robust, saved, report)
+    d = minimal_distances(results.records)
+    d = d[(d["gate_mode"] == "hard") & (d["target"] == "fine") & (d["norm"] == "linf")]
+    median = median_distance(d, n_boot=0).estimate if len(d) else float("nan")
+    return ModelSummary(name, clean, robust, saved, report, median)
 
 
 def format_summary(result: PipelineResult) -> str:
@@ -215,13 +225,16 @@ def format_summary(result: PipelineResult) -> str:
     if result.compare is not None:
         lines.append(f"  compare  {result.compare / 'index.html'}")
     lines.append("")
-    lines.append(f"{'model':<8}{'clean':>8}{'FGSM':>8}{'PGD':>8}{'Square':>8}{'worst':>8}{'compute saved':>15}"
-                 f"   (robust accuracy at Linf eps 8/255, hard gates; the L2 results are in the reports)")
+    grid = sorted({e for m in result.models for e in m.robust})
+    lines.append(f"{'model':<8}{'clean':>8}{'median dist':>13}" + "".join(f"{format_eps(e):>10}" for e in grid)
+                 + f"{'compute saved':>15}")
     for m in result.models:
-        cells = [m.robust.get(a) for a in ("fgsm", "pgd", "square", "worst")]
         saved = "-" if m.compute_saved is None else f"{m.compute_saved:.1%}"
-        lines.append(f"{m.model:<8}{m.clean_acc:>8.1%}" + "".join("       -" if c is None else f"{c:>8.1%}"
-                                                                for c in cells) + f"{saved:>15}")
+        cells = "".join(f"{m.robust[e]:>10.1%}" if e in m.robust else f"{'-':>10}" for e in grid)
+        lines.append(f"{m.model:<8}{m.clean_acc:>8.1%}{format_distance(m.median_distance, 'linf'):>13}{cells}"
+                     f"{saved:>15}")
+    lines.append("(clean and worst-case robust accuracy at each L-inf eps, hard gates, fine head; median minimal "
+                 "L-inf distance of the correctly classified samples; L2 results are in the reports)")
     lines.append("")
     for model, checks in result.sanity.items():
         warned = [c for c in checks if c["status"] == "warn"]

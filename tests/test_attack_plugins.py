@@ -149,7 +149,7 @@ def test_kinds_of_the_built_in_attacks():
     assert counts_for_accuracy("not-an-attack") is True and attack_kind("not-an-attack") is None
     assert attacks_of_kind(COMPUTE) == ["slowdown"]
     assert attacks_of_kind(ITERATIVE) == ["apgd-ce", "apgd-dlr", "autoattack", "path", "pgd"]
-    assert attacks_of_kind(MINIMAL, GRADIENT_FREE) == ["cw", "ddn", "square"]
+    assert attacks_of_kind(MINIMAL, GRADIENT_FREE) == ["cw", "ddn", "fmn", "pgd-bisect", "square"]
     with pytest.raises(UnknownNameError):
         attacks_of_kind("sideways")
     # the minimal-norm attacks are foolbox's (torchattacks' fixed-c CW is gone); pgd has three backends, in the

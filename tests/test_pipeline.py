@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from attacks.records import read_records
-from robustness import cli, pipeline
+from robustness import cli, eps_grid, pipeline
 from robustness.pipeline import PipelineConfig
 from robustness.results import RunResults
 from test_analysis import make_records
@@ -26,9 +26,10 @@ SHRINK = {
     "data": {"n": 400, "image_size": 16, "test_limit": 48},
     "model": {"depth_n": 2, "width": 4},
     "train": {"epochs": 2, "warmup_epochs": 1, "ramp_epochs": 1, "batch_size": 64},
-    "attack": {"n": 24, "batch_size": 12, "steps": 2, "eot_samples": 2, "eps": ["2/255", "8/255"], "cw_eps": [0.5],
-               "workers": 1,
-               "pgd": {"steps": 2, "restarts": 1}, "apgd": {"steps": 2}, "ddn": {"steps": 5},
+    "attack": {"n": 24, "batch_size": 12, "steps": 2, "eot_samples": 2, "cw_eps": [0.5], "workers": 1,
+               "gate_grads": ["none", "bpda"],
+               "pgd": {"steps": 2, "restarts": 1}, "apgd": {"steps": 2}, "ddn": {"steps": 5}, "fmn": {"steps": 5},
+               "pgd-bisect": {"search_steps": 1},
                "square": {"queries": 10}, "path": {"steps": 2}, "slowdown": {"steps": 2}},
 }
 
@@ -74,8 +75,9 @@ def test_quickstart_config_describes_the_main_job():
     assert config.plan.models == ["dsn", "dual", "resnet"]
     assert {"fgsm", "pgd", "apgd", "ddn", "square", "path", "slowdown"} <= set(config.attack.attacks)
     assert {"none", "ste", "bpda", "sharp"} <= set(config.attack.gate_grads)
-    assert config.attack.eps[:2] == [1 / 255, 2 / 255], "the informative budgets are in the grid"
-    assert any(abs(e - 8 / 255) < 1e-9 for e in config.attack.eps)
+    assert {"fmn", "pgd-bisect"} <= set(config.attack.attacks), "minimal distances in L-inf"
+    assert config.attack.eps_auto, "the grid lands where the models differ"
+    assert config.attack.n >= 97, "Wilson intervals at most +-10 points"
     assert config.train.dataset == "synthetic" and config.plan.transfer
 
 
@@ -97,14 +99,19 @@ def test_run_writes_every_report_and_the_comparison(finished, capsys):
         summary = json.loads((out / model / "report" / "summary.json").read_text())
         assert summary["sanity"], "sanity verdicts are part of every report"
     verdict = json.loads((out / "compare" / "compare.json").read_text())["verdict"]
-    assert verdict
+    assert "median distance ratio" in verdict and "clean" in verdict, "the eps-free verdict, clean accuracy beside"
+    grids = {name: json.loads((out / name / "attacks" / "manifest.json").read_text())["config"]["eps"]
+             for name in ("dsn", "dual", "resnet")}
+    assert len({tuple(g) for g in grids.values()}) == 1 and all(0 < e < 1 for e in grids["dsn"]), \
+        "eps auto: one grid, chosen from the minimal distances, for every model"
     dsn = read_records(out / "dsn" / "attacks" / "records")
     assert set(dsn["gate_mode"]) == {"hard", "open"}, "the dsn is also attacked in open mode"
-    assert {"none", "ste", "bpda", "sharp"} <= set(dsn["gate_grad"])
-    assert {"path", "slowdown", "square", "ddn", "fgsm", "pgd", "apgd-ce", "apgd-dlr"} <= set(dsn["attack"])
+    assert {"none", "bpda"} <= set(dsn["gate_grad"]), "the config's routing gradients (shrunk to two here)"
+    assert {"path", "slowdown", "square", "ddn", "fmn", "pgd-bisect", "fgsm", "pgd", "apgd-ce",
+            "apgd-dlr"} <= set(dsn["attack"])
     assert np.isinf(dsn.loc[dsn["attack"] == "ddn", "eps"]).any(), "the minimal attack's unbounded row"
     manifest = json.loads((out / "dsn" / "attacks" / "manifest.json").read_text())
-    assert set(manifest["surrogate_fidelity"]) == {"hard/none", "hard/ste", "hard/bpda", "hard/sharp"}
+    assert set(manifest["surrogate_fidelity"]) == {"hard/none", "hard/bpda"}
     assert all(e["convergence"] is not None for e in manifest["evaluations"] if e["attack"] == "ddn")
     assert {"dual", "resnet"} == set(dsn.loc[dsn["source_run"] != "", "source_run"]), "transfer pairs into dsn"
     resolved = json.loads((out / "run.json").read_text())
@@ -143,27 +150,27 @@ def test_headline_counts_path_but_not_slowdown():
                          make_records(10, attack="slowdown", success=True)], ignore_index=True)
     run = RunResults(Path("nowhere"), "dsn", records, {"full_macs": 6e6, "path_names": ["a", "b", "c", "d"]})
     head = pipeline._headline("dsn", run, Path("nowhere/report/index.html"))
-    assert head.robust == pytest.approx({"pgd": 0.6, "path": 0.4, "worst": 0.4})
+    assert head.robust == pytest.approx({8 / 255: 0.4})   # the worst case over pgd and path; slowdown not counted
     assert head.clean_acc == 1.0 and head.compute_saved == pytest.approx(0.0)
 
 
 def test_interrupted_run_resumes_to_the_same_records(finished, tmp_path, capsys, monkeypatch):
     config, reference = finished
     out = tmp_path / "out"
-    real = pipeline.run_attacks
+    real = eps_grid.run_attacks
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:  # after the dsn is attacked, during the dual
+        if calls["n"] == 5:  # eps auto: the three minimal-distance phases and the dsn done, during the dual
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "run_attacks", interrupted)
+    monkeypatch.setattr(eps_grid, "run_attacks", interrupted)
     code, _, err = run_cli(["--config", str(config), "--out", str(out)], capsys)
-    assert code == 130 and "--resume" in err
+    assert code == 130 and "--resume" in err and calls["n"] == 5
     assert not (out / "compare").exists()
-    monkeypatch.setattr(pipeline, "run_attacks", real)
+    monkeypatch.setattr(eps_grid, "run_attacks", real)
     code, _, _ = run_cli(["--config", str(config), "--out", str(out), "--resume"], capsys)
     assert code == 0
     for model in ("dsn", "dual", "resnet"):

@@ -17,6 +17,7 @@ from robustness.core.errors import RunDirError
 from robustness.core.runtime import jsonable
 from robustness.core.vocab import format_eps
 from robustness.results import RunResults, load_run
+from robustness.sanity import run_checks
 from test_analysis import full_macs, make_records
 
 N = 120
@@ -140,7 +141,8 @@ def test_report_html_is_self_contained_with_one_img_per_figure(gated_report):
     imgs = assert_self_contained(html)
     payload = json.loads((gated_report / "summary.json").read_text())
     produced = [f for f in payload["figures"].values() if f]
-    assert len(produced) == 5  # gated run with a slowdown attack: every figure applies
+    assert len(produced) == 7  # gated run with a slowdown attack and metrics.csv: every figure applies
+    assert {"training_curves", "compute_attacks"} <= {k for k, v in payload["figures"].items() if v}
     assert len(imgs) == len(produced) == len(list((gated_report / "figures").glob("*.png")))
 
 
@@ -170,7 +172,8 @@ def test_summary_json_schema_and_content(gated_report):
     assert payload["run"] == "dsn1" and payload["model"] == "dsn" and payload["seed"] == 0 and payload["n"] == N
     assert payload["versions"]["torchattacks"] == "3.5.1"
     assert {e["attack"] for e in payload["evaluations"]} == {"fgsm", "pgd", "slowdown"}
-    assert {c["status"] for c in payload["sanity"]} <= {"pass", "warn", "skip"} and len(payload["sanity"]) == 7
+    assert {c["status"] for c in payload["sanity"]} <= {"pass", "warn", "skip"}
+    assert [c["name"] for c in payload["sanity"]] == [c.name for c in run_checks(load_run(gated_report.parent).records)]
     # 3 attacks x 2 gate grads (fgsm/pgd/slowdown hard) + 2 attacks open, 3 eps each
     assert len(payload["summary"]) == (3 * 2 + 2) * 3
     assert all("same_superclass" in row for row in payload["summary"])  # fine_to_coarse came from the manifest
@@ -191,6 +194,12 @@ def test_ungated_report_says_not_applicable(tmp_path):
     assert "not applicable: model has no gates" in (out / "report.md").read_text()
     payload = json.loads((out / "summary.json").read_text())
     assert [k for k, v in payload["figures"].items() if v] == ["robust_accuracy"]
+    compute = html[html.index("<h2>Compute</h2>"):html.index("<h2>Details</h2>")]
+    assert "not applicable: model has no gates" in compute and "<img" not in compute and "slowdown" not in compute
+    headline = payload["headline"]
+    assert headline["compute_saved"] is None and headline["compute_reason"] == "not applicable: model has no gates"
+    assert headline["gated"] is False and headline["gate_mode"] == "hard"
+    assert "training_curves" in payload["figures"] and "no metrics.csv" in html
 
 
 def test_missing_run_dir_or_records_is_a_clear_error(tmp_path):
@@ -233,8 +242,8 @@ def test_comparison_of_identical_runs_finds_no_evidence(tmp_path):
     payload = json.loads((out / "compare.json").read_text())
     assert payload["schema"] == "dsn-robustness/compare/v1"
     assert "no evidence" in payload["verdict"].lower()
-    assert payload["verdict"].startswith("No evidence that skipping helps: dsn(hard) vs dual")
-    assert "eps=8/255" in payload["verdict"]
+    assert payload["verdict"].startswith("No evidence that skipping changes robustness: dsn(hard) vs dual")
+    assert "(where they differ most)" in payload["verdict"]
     pair = payload["verdict_pairs"][0]
     assert pair["diff"] == 0 and pair["diff_low"] <= 0 <= pair["diff_high"]
     html = (out / "index.html").read_text()
@@ -277,6 +286,9 @@ def test_comparison_splits_gate_modes_and_builds_transfer(tmp_path):
     tm = cmp.transfer.set_index(["whitebox", "eps"])["success_rate"]
     assert tm[(False, 8 / 255)] < tm[(True, 8 / 255)]
     assert [c.status for c in cmp.sanity["dsn"] if c.name == "transfer-vs-whitebox"] == ["pass"]
+    out = write_comparison(cmp, tmp_path / "cmp")
+    assert (out / "figures" / "transfer_heatmap.png").read_bytes().startswith(PNG_MAGIC)
+    assert "Transfer matrix" in (out / "index.html").read_text()
     with pytest.raises(RunDirError, match="labels"):
         compare_dirs([dsn, dual], labels=["only one"])
 
@@ -301,7 +313,7 @@ def test_compare_runs_takes_loaded_results_not_directories(tmp_path):
             for name, model, gates in (("dsn", "dsn", 4), ("dual", "dual", 0))]
     cmp = compare_runs(runs, n_boot=100)
     assert not nowhere.exists()
-    assert cmp.verdict.startswith("No evidence that skipping helps: dsn(hard) vs dual")
+    assert cmp.verdict.startswith("No evidence that skipping changes robustness: dsn(hard) vs dual")
     assert (cmp.n_boot, cmp.seed) == (100, 0) and [v.run for v in cmp.variants] == runs
     out = write_comparison(cmp, tmp_path / "cmp")
     payload = json.loads((out / "compare.json").read_text())

@@ -298,8 +298,9 @@ def test_a_minimal_attack_plan_has_eps_inf_and_the_l2_pgd_check():
     assert planned(eps=[1 / 255], cw_eps=[0.25, 0.5]) == [("ddn", "foolbox", "l2", [0.25, 0.5, math.inf]),
                                                           ("pgd", "native", "l2", [0.25, 0.5])]
     assert planned(eps=[1 / 255], cw_eps=[0.25], minimal_check=False) == [("ddn", "foolbox", "l2", [0.25, math.inf])]
-    # with an L2 threat model the minimal attack is scored on the main budgets, and pgd is not added twice
-    assert planned(norm="l2", eps=[0.25]) == [("ddn", "foolbox", "l2", [0.25, math.inf])]
+    # in the threat model's own norm a minimal attack is scored at eps = inf only (its robustness curve gives every
+    # budget, independently of the fixed-eps attacks it is checked against), and pgd is not added twice
+    assert planned(norm="l2", eps=[0.25]) == [("ddn", "foolbox", "l2", [math.inf])]
     config = AttackConfig(attacks=["pgd", "ddn"], norm="l2", eps=[0.25], gate_grads="none")
     assert [(p.name, p.norm) for p in plan_evaluations(config, gated=True)] == [("pgd", "l2"), ("ddn", "l2")]
 

@@ -30,6 +30,8 @@ from robustness.core.config import build
 from robustness.core.errors import ConfigError, UnknownNameError
 from robustness.core.vocab import ATTACK_GATE_MODES, GRAD_MODES, HEADS, NORMS, parse_eps
 
+#: ``eps = "auto"``: the grid is chosen from the minimal distances (robustness.eps_grid)
+AUTO = "auto"
 #: attack names a user may ask for (``apgd`` expands to ``apgd-ce`` and ``apgd-dlr``; also as ``[attack.apgd]``)
 ATTACK_ALIASES = {"apgd": ["apgd-ce", "apgd-dlr"]}
 LIBRARY_BACKENDS = ("torchattacks", "foolbox")
@@ -83,16 +85,18 @@ class AttackConfig:
 
     ``backends`` is the ordered preference of implementations (``native``, ``torchattacks``, ``foolbox``;
     ``both`` = both libraries with ``cross_check``): each attack runs in the first listed one that has it, or in
-    all of them with ``cross_check``. ``norm`` is the threat model of every attack but the minimal-norm ones (CW,
-    DDN), which are L2: with ``norm='linf'`` they are scored at the L2 budgets ``cw_eps`` (and at inf). ``steps``
-    (None: each attack's own default) sets the iterations of every iterative and compute attack.
-    ``threads`` (0: torch's default) sets torch's CPU threads while attacking: 1 is many times faster for small
-    models on a busy CPU. ``workers`` (1) > 1 splits the batches over that many processes on a CPU (the runner's
-    torchrun sharding, spawned by the runner itself; ``n / batch_size`` batches must be at least ``workers`` to
-    gain anything); on a GPU use ``torchrun`` instead. ``minimal_check`` (True) also runs PGD at the minimal-norm attacks' L2 budgets (their
-    convergence check and a fixed-budget floor under the L2 numbers). ``params``
-    holds each attack's own parameters by attack name; the flat names of :data:`FLAT_ALIASES` are accepted as
-    keywords.
+    all of them with ``cross_check``. ``norm`` is the threat model of the fixed-budget attacks, ``eps`` their
+    budgets, or ``"auto"``: chosen from the minimal distances (``robustness.eps_grid``; the fixed-budget attacks
+    then wait until the minimal-perturbation attacks have run). Minimal-perturbation attacks (DDN, FMN, CW,
+    pgd-bisect) run in each of their norms that is ``norm`` or in ``distance_norms`` (default both), unbounded
+    (eps = inf: each sample's distance; an L2 one under ``--norm linf`` is also scored at ``cw_eps``). ``steps`` (None: each attack's own default) sets the
+    iterations of every iterative and compute attack. ``threads`` (0: torch's default) sets torch's CPU threads
+    while attacking: 1 is many times faster for small models on a busy CPU. ``workers`` (1) > 1 splits the
+    batches over that many processes on a CPU (the runner's torchrun sharding, spawned by the runner itself;
+    ``n / batch_size`` batches must be at least ``workers`` to gain anything); on a GPU use ``torchrun`` instead.
+    ``minimal_check`` (True) also runs PGD at the minimal-norm attacks' L2 budgets (their convergence check and a
+    fixed-budget floor under the L2 numbers). ``params`` holds each attack's own parameters by attack name; the
+    flat names of :data:`FLAT_ALIASES` are accepted as keywords.
     """
 
     attacks: list[str] | str = field(
@@ -100,6 +104,7 @@ class AttackConfig:
     eps: list[float | str] | float | str = field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255])
     norm: str = "linf"
     cw_eps: list[float | str] | float | str = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    distance_norms: list[str] | str = field(default_factory=lambda: list(NORMS))
     backends: list[str] | str = field(default_factory=lambda: ["native", "torchattacks", "foolbox"])
     cross_check: bool = False
     gate_modes: list[str] | str = field(default_factory=lambda: ["hard"])
@@ -146,11 +151,18 @@ class AttackConfig:
         self.norm = str(self.norm).lower()
         if self.norm not in NORMS:
             raise UnknownNameError("norm", self.norm, NORMS)
-        self.eps = dedupe([parse_eps(e) for e in split_list(self.eps)])
+        if isinstance(self.eps, str) and self.eps.strip().lower() == AUTO:
+            self.eps = AUTO
+        else:
+            self.eps = dedupe([parse_eps(e) for e in split_list(self.eps)])
+            if not self.eps:
+                raise ConfigError("no eps given")
+            _check_eps(self.eps, self.norm, "eps")
         self.cw_eps = dedupe([parse_eps(e) for e in split_list(self.cw_eps)])
-        if not self.eps:
-            raise ConfigError("no eps given")
-        _check_eps(self.eps, self.norm, "eps")
+        self.distance_norms = dedupe([str(v).lower() for v in split_list(self.distance_norms)])
+        for v in self.distance_norms:
+            if v not in NORMS:
+                raise UnknownNameError("distance norm", v, NORMS)
         _check_eps(self.cw_eps, "l2", "cw_eps")
         backends = [str(b).lower() for b in split_list(self.backends)]
         if "both" in backends:
@@ -189,6 +201,17 @@ class AttackConfig:
         self.params = _fold_aliases(_own_params(self.params), dict(zip(FLAT_ALIASES, flat)))
         for name, values in self.params.items():
             self.options_for(name)  # checks names and values against every backend's Params
+
+    @property
+    def eps_auto(self) -> bool:
+        """Whether the fixed-budget grid is still to be chosen from minimal distances (``eps = "auto"``)."""
+        return self.eps == AUTO
+
+    def fixed_eps(self) -> list[float]:
+        """The fixed-budget grid; ConfigError while it is ``auto`` (resolve it first: ``robustness.eps_grid``)."""
+        if self.eps_auto:
+            raise ConfigError("eps = auto must be resolved into a grid before fixed-budget attacks run")
+        return list(self.eps)  # type: ignore[arg-type]
 
     def _positive_int(self, name: str) -> None:
         value = getattr(self, name)
@@ -245,14 +268,19 @@ class AttackConfig:
     def options_for(self, name: str, backend: str | None = None) -> dict[str, Any]:
         """The keyword arguments of attack ``name`` (of ``backend``; default: checked against every backend it
         will run in, or every backend that has it when it runs in none):
-        the general ``steps`` where it applies, then the attack's own ``params``."""
+        what it inherits from another attack's configuration (``Attack.inherits``: ``pgd-bisect`` takes the run's
+        PGD steps, restarts and losses), the general ``steps`` where it applies, then the attack's own ``params``."""
         classes = [attack_class(name, b) for b in ([backend] if backend else
                                                    (self.backends_of(name) or backends_for(name)))]
         options: dict[str, Any] = {}
         for cls in classes:
             fields = {f.name for f in dataclasses.fields(cls.Params)}
             general = self.steps is not None and "steps" in fields and cls.kind in _GENERAL_STEPS_KINDS
-            own = {**({"steps": self.steps} if general else {}),
+            inherited = {}
+            if cls.inherits in known_attacks():
+                parent = self.options_for(cls.inherits)
+                inherited = {k: parent[k] for k in cls.inherited_params if k in parent}
+            own = {**inherited, **({"steps": self.steps} if general else {}),
                    **self.params.get(name, {})}
             build(cls.Params, own, where=f"[attack.{name}] ({cls.backend})")
             options = own

@@ -64,9 +64,14 @@ class EvalPlan:
 def _attacks_to_run(config: AttackConfig) -> list[tuple[str, str, str, list[float]]]:
     """``(attack, backend, norm, eps)`` for every attack the config asks for, in order.
 
-    A minimal-norm attack runs in its own norm (L2: at ``cw_eps``, with ``--norm linf``) plus an unbounded row
-    (eps = inf: each sample's minimal norm, and whether one was found). With ``minimal_check``, PGD also runs at
-    those L2 budgets: the minimal attack's convergence check, and a fixed-budget floor under the L2 numbers.
+    A minimal-norm attack runs in each of its norms that is ``config.norm`` or one of ``config.distance_norms``
+    (else in its first), unbounded: its rows at eps = inf hold each sample's minimal norm (and whether one was
+    found); the robustness curve gives every budget from them (``robustness.analysis.distances``), independently of
+    the fixed-budget attacks. Only an L2 one under ``--norm linf`` is also scored at the L2 budgets ``cw_eps``,
+    where it is the main L2 number. With
+    ``minimal_check``, PGD also runs at the L2 budgets of an L2 minimal attack under ``--norm linf``: the
+    minimal attack's convergence check, and a fixed-budget floor under the L2 numbers. With ``eps = auto`` only the
+    minimal attacks are returned: the fixed-budget ones wait for the grid.
     """
     out: list[tuple[str, str, str, list[float]]] = []
     for name in config.expanded_attacks():
@@ -77,18 +82,19 @@ def _attacks_to_run(config: AttackConfig) -> list[tuple[str, str, str, list[floa
             continue
         for backend in chosen:
             cls = attack_class(name, backend)
-            if config.norm in cls.norms:
-                norm, eps = config.norm, list(config.eps)
-            else:
-                norm = cls.norms[0]
-                eps = list(config.cw_eps if norm == "l2" else config.eps)
-            if cls.kind == MINIMAL:
+            if cls.kind != MINIMAL:
+                if not config.eps_auto:
+                    norm = config.norm if config.norm in cls.norms else cls.norms[0]
+                    eps = config.fixed_eps() if norm == config.norm else list(config.cw_eps)
+                    out.append((name, backend, norm, eps))
+                continue
+            norms = [v for v in cls.norms if v == config.norm or v in config.distance_norms] or [cls.norms[0]]
+            for norm in norms:
+                eps = list(config.cw_eps) if norm == "l2" and norm != config.norm else []
                 out.append((name, backend, norm, dedupe([*eps, math.inf])))
                 check = config.backends_of("pgd") if config.minimal_check and "pgd" in known_attacks() else []
-                if norm != config.norm and check:
-                    out.append(("pgd", check[0], norm, eps))
-            else:
-                out.append((name, backend, norm, eps))
+                if norm != config.norm and norm == "l2" and check and config.cw_eps:
+                    out.append(("pgd", check[0], norm, list(config.cw_eps)))
     return _unique(out)
 
 

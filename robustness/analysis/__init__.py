@@ -6,6 +6,10 @@
 - :mod:`~robustness.analysis.metrics`: gate-path distances, block rates, robust accuracy and worst case, compute
   saved.
 - :mod:`~robustness.analysis.transfer`: the transfer matrix.
+- :mod:`~robustness.analysis.pivot`: a report's scope (deployed gate mode, head), the attack x eps pivot of robust
+  accuracy and the compute attacks' table.
+- :mod:`~robustness.analysis.headline`: a run's headline. Import it from its module (it uses
+  ``robustness.sanity`` and ``robustness.results``, like ``compare``).
 - :mod:`~robustness.analysis.compare`: the skip vs no-skip verdict. Import it from its module: it builds on
   ``robustness.sanity``, which builds on this package, so it is not re-exported here.
 """
@@ -21,8 +25,19 @@ from robustness.analysis.metrics import (
     robust_accuracy_table,
     worst_case_accuracy,
 )
+from robustness.analysis.pivot import (
+    COMPUTE_COLUMNS,
+    PIVOT_COLUMNS,
+    WORST_ROW,
+    accuracy_pivot,
+    compute_attack_table,
+    headline_scope,
+    scoped,
+)
 from robustness.analysis.selection import (
+    DEPLOYED_MODE,
     accuracy_rows,
+    deployed_mode,
     primary_evaluation,
     select,
     strongest_per_sample,
@@ -51,6 +66,8 @@ from robustness.analysis.summary import (
 from robustness.analysis.transfer import TRANSFER_KEYS, transfer_matrix
 
 __all__ = [
+    "COMPUTE_COLUMNS", "DEPLOYED_MODE", "PIVOT_COLUMNS", "WORST_ROW", "accuracy_pivot", "compute_attack_table",
+    "deployed_mode", "headline_scope", "scoped",
     "PAIR_KEYS", "SUMMARY_COLUMNS", "TRANSFER_KEYS", "WORST_KEYS", "Evaluation", "Interval", "accuracy_rows",
     "association", "auroc", "block_rates", "bootstrap", "bootstrap_many", "bootstrap_mean", "compute_saved",
     "hamming_distance", "is_gated", "jaccard_distance", "paired_difference", "path_distances", "path_matrix",

@@ -1,5 +1,5 @@
 """Which records an analysis looks at: white-box rows, rows of attacks that count for accuracy, rows matching a
-setting, the per-sample strongest attack, and the attack family a one-run report shows.
+setting, the per-sample strongest attack, the deployed gate mode, and the attack family a one-run report shows.
 
 Whether an attack counts for accuracy is not decided here: its kind in the attack registry decides
 (``attacks.records.accuracy_rows``, from ``attacks.base.counts_for_accuracy``; a name the registry does not
@@ -16,6 +16,9 @@ from attacks.records import accuracy_mask, accuracy_rows, worst_case
 
 #: Keys of the attack family a one-run report's figures show (see :func:`primary_evaluation`).
 FAMILY_KEYS: list[str] = ["run", "attack", "backend", "norm", "gate_mode", "gate_grad", "target"]
+
+#: The gate mode a gated model is deployed with (every other mode is a diagnostic forward).
+DEPLOYED_MODE = "hard"
 
 
 def whitebox(df: pd.DataFrame) -> pd.DataFrame:
@@ -44,15 +47,38 @@ def strongest_per_sample(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def deployed_mode(df: pd.DataFrame) -> str | None:
+    """The gate mode that stands for the model as deployed: :data:`DEPLOYED_MODE` when the records hold it, else
+    the mode with the most rows (an ungated model has one); None for empty records."""
+    if df.empty:
+        return None
+    modes = df["gate_mode"].astype(str)
+    if (modes == DEPLOYED_MODE).any():
+        return DEPLOYED_MODE
+    counts = modes.value_counts()
+    return str(sorted(counts.index[counts == counts.max()])[0])
+
+
 def primary_evaluation(df: pd.DataFrame) -> dict[str, str] | None:
-    """The white-box attack family (:data:`FAMILY_KEYS`) the per-run figures show: attacks that count for accuracy
-    first (compute attacks only when there is nothing else), then the most eps values, then the lowest mean robust
-    accuracy over eps > 0; None when no white-box attack ran at eps > 0."""
+    """The white-box attack family (:data:`FAMILY_KEYS`) the per-run figures show, ranked by
+
+    1. the deployed gate mode (:func:`deployed_mode`) first: an ``open`` forward executes every block, so its gate
+       figures are all zeros — ranking across modes by strength picked it whenever it was the weakest model;
+    2. attacks that count for accuracy (compute attacks only when there is nothing else);
+    3. the most finite eps values > 0 (an unbounded minimal-norm row says nothing per eps);
+    4. the lowest mean robust accuracy over those eps.
+
+    None when no white-box attack ran at eps > 0.
+    """
     wb = whitebox(df)
     wb = wb[wb["eps"] > 0]
     if wb.empty:
         return None
-    scores = wb.assign(other=~accuracy_mask(wb)).groupby(FAMILY_KEYS, observed=True).agg(
-        other=("other", "first"), n_eps=("eps", "nunique"), acc=("robust", "mean"))
-    best = scores.sort_values(["other", "n_eps", "acc"], ascending=[True, False, True]).index[0]
+    finite = np.isfinite(wb["eps"].to_numpy(float))
+    ranked = wb.assign(aside=(wb["gate_mode"].astype(str) != deployed_mode(wb)).to_numpy(), other=~accuracy_mask(wb),
+                       eps_=wb["eps"].astype(float).where(finite), robust_=wb["robust"].astype(float).where(finite))
+    scores = ranked.groupby(FAMILY_KEYS, observed=True).agg(aside=("aside", "first"), other=("other", "first"),
+                                                            n_eps=("eps_", "nunique"), acc=("robust_", "mean"))
+    scores["acc"] = scores["acc"].fillna(np.inf)
+    best = scores.sort_values(["aside", "other", "n_eps", "acc"], ascending=[True, True, False, True]).index[0]
     return {k: str(v) for k, v in zip(FAMILY_KEYS, best)}

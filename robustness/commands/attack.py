@@ -9,15 +9,20 @@ from __future__ import annotations
 import argparse
 import logging
 import tomllib
+from pathlib import Path
 from typing import Any
 
 from attacks.base import COMPUTE, attack_kind
 from attacks.records import accuracy_rows
-from attacks.runner import ATTACK_ALIASES, FLAT_ALIASES, AttackConfig, AttackResult, run_attacks
+from attacks.runner import (ATTACK_ALIASES, FLAT_ALIASES, AttackConfig, AttackResult, load_run_checkpoint,
+                            run_attacks)
 from attacks.runner.presets import PRESETS, preset_table
+from robustness.analysis.distances import median_distance, minimal_distances
 from robustness.core.config import load_config_file, overridden
 from robustness.core.errors import ConfigError
-from robustness.core.vocab import HEADS, NORMS, format_eps
+from robustness.core.rundir import RunDir
+from robustness.core.vocab import HEADS, NORMS, format_distance, format_eps
+from robustness.eps_grid import attack_runs, check_auto
 
 __all__ = ["register", "run", "run_attacks", "config_from_args", "parse_setting", "summary_table"]
 
@@ -37,7 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="a named set of attacks: autoattack (torchattacks' AutoAttack, routing gradients none and "
                         "sharp), full (the suite at full strength)")
-    p.add_argument("--eps", help="comma list of budgets in [0,1] pixel units, e.g. 1/255,2/255,4/255,8/255")
+    p.add_argument("--eps", help="comma list of budgets in [0,1] pixel units, e.g. 1/255,2/255,4/255,8/255, or "
+                                 "auto: first the minimal-perturbation attacks, then a grid at the 25/50/75%% "
+                                 "quantiles of the model's minimal distances")
     p.add_argument("--norm", choices=list(NORMS), help="threat model (default linf)")
     p.add_argument("--cw-eps", dest="cw_eps", help="L2 budgets at which the minimal-norm attacks (DDN, CW) are "
                                                    "scored when --norm is linf (default 0.25,0.5,1.0; also inf)")
@@ -103,8 +110,18 @@ def config_from_args(args: argparse.Namespace) -> AttackConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    result = run_attacks(args.run_dir, config, resume=args.resume, transfer_from=args.transfer_from,
-                         progress=args.progress, force=args.force)
+    if config.eps_auto:
+        if args.transfer_from:
+            raise ConfigError("--eps auto chooses the grid from this run's own minimal distances; with "
+                              "--transfer-from give the budgets (e.g. the grid its white-box run chose)")
+        check_auto(config, load_run_checkpoint(RunDir.at(args.run_dir)).build_model().is_gated)
+        name = Path(args.run_dir).name
+        _, results = attack_runs({name: Path(args.run_dir)}, {name: config}, name, resume=args.resume,
+                                 force=args.force, progress=args.progress)
+        result = results[name]
+    else:
+        result = run_attacks(args.run_dir, config, resume=args.resume, transfer_from=args.transfer_from,
+                             progress=args.progress, force=args.force)
     print(summary_table(result))
     return 0
 
@@ -146,6 +163,14 @@ def summary_table(result: AttackResult) -> str:
             acc = per_sample.groupby(level=["norm", "eps"], observed=True).mean().mul(100)
             cells = ", ".join(f"{norm} {format_eps(e)}: {v:.1f}%" for (norm, e), v in acc.items())
             lines.append(f"worst case over attacks: {cells}")
+        dist = minimal_distances(g)
+        for (norm, grad), d in minimal_distances(g, by_grad=True).groupby(["norm", "gate_grad"]):
+            lines.append(f"median minimal {norm} distance ({grad}): "
+                         f"{format_distance(median_distance(d, n_boot=0).estimate, str(norm))}")
+        for norm, d in dist.groupby("norm"):
+            lines.append(f"median minimal {norm} distance, minimum over routing gradients: "
+                         f"{format_distance(median_distance(d, n_boot=0).estimate, str(norm))} "
+                         f"({int(d['found'].sum())} of {int(d['clean_correct'].sum())} clean-correct samples fooled)")
         for name in [a for a in g["attack"].unique() if attack_kind(str(a)) == COMPUTE]:
             slow = g[g["attack"] == name]
             means = slow.groupby("eps", observed=True)[["adv_macs", "clean_macs"]].mean()

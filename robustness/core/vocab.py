@@ -49,7 +49,7 @@ def parse_eps(value: Any) -> float:
 
 
 def format_eps(eps: float) -> str:
-    """``8/255`` for multiples of 1/255 below 1, ``inf`` for unbounded, ``0`` for none, else a short decimal."""
+    """``8/255`` for multiples of 1/255 below 1 (``1.25/255`` for quarters below 16/255), ``inf`` for unbounded, ``0`` for none, else a short decimal."""
     eps = float(eps)
     if math.isinf(eps):
         return "inf"
@@ -58,4 +58,18 @@ def format_eps(eps: float) -> str:
     k = eps * _EPS_DENOMINATOR
     if eps < 1 and round(k) >= 1 and abs(k - round(k)) <= _EPS_TOLERANCE:
         return f"{round(k)}/{_EPS_DENOMINATOR}"
+    if k < 16 and abs(4 * k - round(4 * k)) <= 4 * _EPS_TOLERANCE:  # small quarter steps, as --eps auto rounds
+        return f"{round(4 * k) / 4:g}/{_EPS_DENOMINATOR}"
     return f"{eps:.4g}"
+
+
+def format_distance(value: float, norm: str) -> str:
+    """A perturbation size for people: L-inf in units of 1/255 (``1.6/255``), L2 with three significant digits."""
+    value = float(value)
+    if math.isinf(value):
+        return "inf"
+    if math.isnan(value):
+        return "-"
+    if norm == "linf":
+        return f"{value * _EPS_DENOMINATOR:.3g}/{_EPS_DENOMINATOR}"
+    return f"{value:.3g}"

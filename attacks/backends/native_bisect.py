@@ -1,0 +1,198 @@
+"""Per-sample minimal distance by bisection over eps with the suite's PGD (backend ``native``, attack ``pgd-bisect``).
+
+The minimal-norm attacks of the libraries (DDN, FMN, CW) optimise a surrogate of "smallest fooling
+perturbation" and can stop short; a fixed-budget PGD with restarts is the strongest attack the field trusts, but
+answers only "is there an example within eps?". Asking that question per sample at a shrinking bracket of eps
+gives the smallest budget at which *that* PGD fools the sample (Carlini et al., "On evaluating adversarial
+robustness", 2019, sec. 5: report the minimal distance curve, found by search over eps):
+
+1. **bracket**: each sample starts at ``start``; a budget PGD fools is halved, one it does not is doubled, until
+   the sample has a budget it survives (``lo``) and a fooling example (``hi`` = that example's norm), or the
+   budget leaves [``start`` / 2**10, ``max_eps``] (not found above: distance inf; fooled below: lo = 0);
+2. **bisection**: ``search_steps`` probes at the geometric midpoint ``sqrt(lo * hi)`` (the arithmetic one while
+   lo = 0); after ``k`` steps ``hi / lo <= 2 ** (1 / 2**k)`` (6 steps: 1.1%).
+
+Each probe is the native PGD at a per-sample eps: ``restarts`` runs per loss (CE and margin), ``steps`` steps of
+``2.5 * eps / steps``, every iterate checked against the *deployed* forward and a sample dropped at its first
+fooling iterate, which is kept. A sample's result is the smallest fooling example of all probes. Its parameters
+follow the run's PGD (``steps``, ``restarts``, ``losses``, ``random_start`` of ``[attack.pgd]``) unless
+``[attack.pgd-bisect]`` sets them: the search is exactly as strong as the fixed-budget PGD at every eps it probes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from attacks.backends.native_pgd import LOSSES, NativePGDParams
+from attacks.base import MinimalAttack, Target, register
+from attacks.checks import sample_norms
+from attacks.params import positive, positive_int
+
+#: How far below ``start`` the bracket looks for a budget the sample survives before calling lo = 0.
+_MIN_FACTOR = 2.0 ** -10
+
+
+@dataclass(frozen=True)
+class BisectParams(NativePGDParams):
+    """PGD's parameters (per probe; ``alpha`` must stay ``None``: the step follows each probe's eps) plus
+    ``search_steps`` (6 bisection probes after the bracket), ``start`` (first budget; ``None``: 1/255 for linf,
+    0.25 for l2) and ``max_eps`` (largest budget tried; ``None``: 0.5 for linf, the diagonal of the image cube,
+    ``sqrt(C * H * W)``, for l2, which bounds every L2 distance in [0, 1])."""
+
+    restarts: int = 1
+    search_steps: int = 6
+    start: float | None = None
+    max_eps: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive_int(self, "search_steps")
+        positive(self, "start", "max_eps")
+        if self.alpha is not None:
+            raise ValueError("alpha must be unset (None): each probe steps 2.5 * eps / steps at its own eps")
+
+
+def _limits(params: BisectParams, norm: str, x: torch.Tensor) -> tuple[float, float]:
+    """(start, max_eps) of the search; the L2 diameter of [0, 1]^d bounds every L2 distance."""
+    if norm == "linf":
+        return params.start or 1 / 255, params.max_eps or 0.5
+    diameter = math.sqrt(x[0].numel())
+    return params.start or 0.25, min(params.max_eps or diameter, diameter)
+
+
+@register
+class PGDBisect(MinimalAttack):
+    """Minimal distance per sample by bracketing and bisection over eps with PGD (CE and margin losses).
+
+    Norm ``linf`` or ``l2``. Parameters (:class:`BisectParams`; ``steps``, ``restarts``, ``losses`` and
+    ``random_start`` default to the run's PGD): ``steps`` (50), ``restarts`` (1 per loss), ``losses`` (``ce``,
+    ``margin``), ``random_start`` (True), ``search_steps`` (6), ``start`` (1/255 linf, 0.25 l2), ``max_eps``
+    (0.5 linf, the image diagonal l2). Cost per sample: about (2 + search_steps) PGD runs, each stopped at its
+    first fooling iterate. Shapes: x [B, C, H, W] in [0, 1], y [B] -> (best [B, C, H, W], found [B]).
+    """
+
+    name, backend = "pgd-bisect", "native"
+    Params = BisectParams
+    inherits, inherited_params = "pgd", ("steps", "restarts", "losses", "random_start")
+
+    def minimize(self, target: Target, x: torch.Tensor, y: torch.Tensor,
+                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start, max_eps = _limits(self.params, self.norm, x)
+        min_eps = start * _MIN_FACTOR
+        b = x.shape[0]
+        dev = x.device
+        best, found = x.clone(), torch.zeros(b, dtype=torch.bool, device=dev)
+        hi = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
+        lo = torch.zeros(b, dtype=torch.float64, device=dev)
+        with torch.no_grad():
+            clean_wrong = target.logits(x).argmax(1) != y
+        eps = torch.full((b,), float(start), dtype=torch.float64, device=dev)
+        # bracket: double what survives (until max_eps), halve what is fooled (until min_eps)
+        searching = ~clean_wrong
+        while searching.any():
+            index = searching.nonzero().squeeze(1)
+            fooled = self._probe(target, x, y, index, eps, best, found, hi)
+            survived = index[~fooled]
+            lo[survived] = eps[survived]
+            eps[index] = torch.where(fooled, torch.minimum(eps[index], hi[index]) / 2, eps[index] * 2)
+            searching = ~clean_wrong & ((torch.isinf(hi) & (eps <= max_eps)) | (found & (lo == 0) & (eps >= min_eps)))
+        # bisection inside [lo, hi]
+        for _ in range(self.params.search_steps):
+            open_ = found & (hi > lo * (1 + 1e-6))
+            if not open_.any():
+                break
+            index = open_.nonzero().squeeze(1)
+            mid = torch.where(lo[index] > 0, (lo[index] * hi[index]).sqrt(), hi[index] / 2)
+            eps[index] = mid
+            fooled = self._probe(target, x, y, index, eps, best, found, hi)
+            survived = index[~fooled]
+            lo[survived] = eps[survived]
+        return best, found
+
+    def _probe(self, target: Target, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, eps: torch.Tensor,
+               best: torch.Tensor, found: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """PGD on the samples ``index`` at their budgets ``eps[index]``; records every fooling example smaller than
+        the sample's best so far (``best``, ``found``, ``hi`` in place). Returns bool [len(index)]: fooled."""
+        p = self.params
+        fooled = torch.zeros(index.numel(), dtype=torch.bool, device=x.device)
+        for _ in range(p.restarts):
+            for loss_name in p.losses:
+                todo = (~fooled).nonzero().squeeze(1)
+                if todo.numel() == 0:
+                    return fooled
+                hit = self._one_run(target, x, y, index[todo], eps, LOSSES[loss_name], best, found, hi)
+                fooled[todo[hit]] = True
+        return fooled
+
+    def _one_run(self, target: Target, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, eps: torch.Tensor,
+                 loss_fn: Any, best: torch.Tensor, found: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """One PGD run from a (random) start; each sample stops at its first iterate that fools the deployed
+        forward. Returns bool [len(index)]: fooled."""
+        steps = self.params.steps
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        xs, ys = x.index_select(0, index), y.index_select(0, index)
+        radius = eps.index_select(0, index).to(x.dtype)
+        alpha = 2.5 * radius / steps
+        adv = _start(xs, radius, self.norm) if self.params.random_start else xs.clone()
+        alive = torch.arange(index.numel(), device=x.device)
+        fooled = torch.zeros(index.numel(), dtype=torch.bool, device=x.device)
+        for step in range(steps + 1):
+            adv = adv.detach().requires_grad_(step < steps)
+            with torch.set_grad_enabled(step < steps):
+                logits = target.forward(adv).logits(target.head)
+            deployed = logits.detach() if target.deployed_logits else target.logits(adv.detach())
+            hit = deployed.argmax(1) != ys[alive]
+            if hit.any():
+                rows = alive[hit]
+                self._keep(x, adv.detach()[hit], index[rows], best, found, hi)
+                fooled[rows] = True
+            if step == steps or bool(hit.all()):
+                break
+            grad, = torch.autograd.grad(loss_fn(logits, ys[alive]).sum(), adv, allow_unused=True)
+            keep = ~hit
+            with torch.no_grad():
+                a = adv.detach()[keep]
+                g = torch.zeros_like(a) if grad is None else grad[keep]
+                alive = alive[keep]
+                r = radius[alive]
+                step_ = g.sign() if self.norm == "linf" else g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
+                adv = _project(a + alpha[alive].view(shape) * step_, xs[alive], r, self.norm)
+        return fooled
+
+    def _keep(self, x: torch.Tensor, adv: torch.Tensor, rows: torch.Tensor, best: torch.Tensor,
+              found: torch.Tensor, hi: torch.Tensor) -> None:
+        norms = sample_norms(adv.double() - x.index_select(0, rows).double(), self.norm)
+        smaller = norms < hi.index_select(0, rows)
+        if smaller.any():
+            take = rows[smaller]
+            best[take] = adv[smaller].to(best.dtype)
+            hi[take] = norms[smaller]
+            found[take] = True
+
+
+def _project(adv: torch.Tensor, x: torch.Tensor, radius: torch.Tensor, norm: str) -> torch.Tensor:
+    """``adv`` moved into each sample's ``norm`` ball of radius ``radius[i]`` around ``x[i]`` and into [0, 1]."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    r = radius.view(shape)
+    delta = adv - x
+    if norm == "linf":
+        delta = torch.maximum(torch.minimum(delta, r), -r)
+    else:
+        norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
+        delta = delta * torch.clamp(r / norms, max=1.0)
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def _start(x: torch.Tensor, radius: torch.Tensor, norm: str) -> torch.Tensor:
+    """A uniform point of each sample's ``linf`` ball, or a random direction at a uniform radius in its ``l2`` ball."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    r = radius.view(shape)
+    if norm == "linf":
+        return _project(x + (torch.rand_like(x) * 2 - 1) * r, x, radius, norm)
+    direction = torch.randn_like(x)
+    direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
+    scale = torch.rand(x.shape[0], device=x.device, dtype=x.dtype).view(shape)
+    return _project(x + direction * scale * r, x, radius, norm)

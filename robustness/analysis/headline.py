@@ -1,0 +1,163 @@
+"""A run's headline: the handful of numbers a per-model report opens with.
+
+:func:`run_headline` computes them once, as a :class:`RunHeadline`; the report writes ``as_dict()`` into
+``summary.json`` (key ``headline``) and renders the HTML and Markdown from the same object, so the page and the
+JSON cannot disagree. Every number describes the deployed model (:func:`~robustness.analysis.pivot.headline_scope`:
+gate mode ``hard`` for a gated model, else its only mode, on the fine head when it was attacked):
+
+- clean accuracy with a Wilson interval;
+- robust accuracy at each finite eps of the run's L-inf fixed-eps grid (L2 when it has no L-inf budgets): the
+  per-sample worst case over every accuracy attack, backend and routing gradient (white-box), Wilson interval;
+- the median minimal adversarial distance per norm (:mod:`robustness.analysis.distances`, percentile bootstrap),
+  or the reason there is none;
+- compute saved = 1 - mean clean MACs / all-blocks MACs (not applicable to an ungated model);
+- the masking status: the worst status of the gradient-masking checks and the names of those that warn.
+
+Not re-exported by ``robustness.analysis``: it takes ``robustness.sanity`` checks and a loaded
+``robustness.results.RunResults``, both of which build on the analysis package.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from robustness.analysis.distances import median_distance, minimal_distances, minimal_rows
+from robustness.analysis.metrics import compute_saved, is_gated, worst_case_accuracy
+from robustness.analysis.pivot import headline_scope, scoped
+from robustness.analysis.stats import Interval, wilson_interval
+from robustness.core.vocab import NORMS
+from robustness.results import RunResults
+from robustness.sanity import Check, worst_status
+
+NAN = float("nan")
+NO_GATES = "not applicable: model has no gates"
+
+
+def _interval_dict(iv: Interval) -> dict[str, float]:
+    return {"estimate": iv.estimate, "low": iv.low, "high": iv.high, "n": iv.n}
+
+
+@dataclass(frozen=True)
+class RobustAt:
+    """Worst-case robust accuracy at one fixed budget."""
+
+    norm: str
+    eps: float
+    accuracy: Interval
+    attacks: str  # the attacks pooled, comma-separated
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"norm": self.norm, "eps": self.eps, **_interval_dict(self.accuracy), "attacks": self.attacks}
+
+
+@dataclass(frozen=True)
+class MedianDistance:
+    """The median minimal adversarial distance in one norm over the clean-correct samples, or why there is none."""
+
+    norm: str
+    median: Interval | None
+    found: int = 0           # clean-correct samples some minimal attack fooled
+    clean_correct: int = 0
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        iv = self.median or Interval(NAN, NAN, NAN, 0)
+        return {"norm": self.norm, **_interval_dict(iv), "found": self.found, "clean_correct": self.clean_correct,
+                "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class RunHeadline:
+    """What a per-model report opens with (see the module docstring)."""
+
+    run: str
+    model: str
+    gate_mode: str
+    target: str
+    gated: bool
+    clean: Interval
+    robust: tuple[RobustAt, ...]
+    distances: tuple[MedianDistance, ...]
+    compute_saved: float     # NaN when not applicable (see compute_reason)
+    compute_reason: str
+    masking: str             # pass / warn / skip: the worst check status
+    masking_warnings: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values for ``summary.json`` (pass through ``core.runtime.jsonable`` for inf/NaN)."""
+        return {"run": self.run, "model": self.model, "gate_mode": self.gate_mode, "target": self.target,
+                "gated": self.gated, "clean_acc": _interval_dict(self.clean),
+                "robust_acc": [r.as_dict() for r in self.robust],
+                "median_distance": [d.as_dict() for d in self.distances],
+                "compute_saved": None if math.isnan(self.compute_saved) else self.compute_saved,
+                "compute_reason": self.compute_reason,
+                "masking": {"status": self.masking, "warnings": list(self.masking_warnings)}}
+
+
+def _clean(rows: pd.DataFrame) -> Interval:
+    """Clean accuracy over samples; a sample counts as correct only if every row says so (they agree for a
+    deterministic forward)."""
+    per_sample = rows.groupby("sample", observed=True)["clean_correct"].all()
+    return wilson_interval(int(per_sample.sum()), len(per_sample))
+
+
+def _robust(records: pd.DataFrame, scope: dict[str, str]) -> tuple[RobustAt, ...]:
+    worst = worst_case_accuracy(records)
+    if worst.empty:
+        return ()
+    eps = worst["eps"].to_numpy(float)
+    worst = worst[(worst["gate_mode"].astype(str) == scope["gate_mode"]) & (worst["target"].astype(str) ==
+                  scope["target"]) & (worst["source_run"].fillna("") == "") & np.isfinite(eps) & (eps > 0)]
+    norms = [n for n in NORMS if (worst["norm"] == n).any()]
+    if not norms:
+        return ()
+    grid = worst[worst["norm"] == norms[0]].sort_values("eps")
+    return tuple(RobustAt(str(r["norm"]), float(r["eps"]),
+                          Interval(float(r["robust_acc"]), float(r["robust_acc_low"]), float(r["robust_acc_high"]),
+                                   int(r["n"])), str(r["attacks"])) for _, r in grid.iterrows())
+
+
+def _distances(rows: pd.DataFrame, n_boot: int, seed: int) -> tuple[MedianDistance, ...]:
+    norms = [n for n in NORMS if (rows["norm"].astype(str) == n).any()]
+    if minimal_rows(rows).empty:
+        reason = "no minimal-norm attack in this run (no white-box rows at eps = inf)"
+        return tuple(MedianDistance(n, None, reason=reason) for n in norms)
+    dist = minimal_distances(rows)
+    out = []
+    for norm in norms:
+        d = dist[dist["norm"].astype(str) == norm]
+        if d.empty:
+            out.append(MedianDistance(norm, None, reason=f"no minimal-norm attack in {norm} in this run"))
+            continue
+        correct = d["clean_correct"].to_numpy(bool)
+        if not correct.any():
+            out.append(MedianDistance(norm, None, reason="no clean-correct sample"))
+            continue
+        out.append(MedianDistance(norm, median_distance(d, n_boot=n_boot, seed=seed),
+                                  found=int((d["found"].to_numpy(bool) & correct).sum()),
+                                  clean_correct=int(correct.sum())))
+    return tuple(out)
+
+
+def run_headline(run: RunResults, checks: Sequence[Check], n_boot: int = 1000, seed: int = 0) -> RunHeadline:
+    """The headline of a loaded run (see the module docstring); ``checks`` are the run's ``sanity.run_checks``."""
+    records = run.records
+    scope = headline_scope(records) or {"gate_mode": "", "target": ""}
+    rows = scoped(records, scope)
+    gated = is_gated(records)
+    if not gated:
+        saved, reason = NAN, NO_GATES
+    elif not run.full_macs:
+        saved, reason = NAN, "unknown: the attack manifest has no full_macs"
+    else:
+        saved, reason = compute_saved(rows, run.full_macs), ""
+    return RunHeadline(
+        run=run.name, model=run.model, gate_mode=scope["gate_mode"], target=scope["target"], gated=gated,
+        clean=_clean(rows) if len(rows) else Interval(NAN, NAN, NAN, 0), robust=_robust(records, scope),
+        distances=_distances(rows, n_boot, seed), compute_saved=saved, compute_reason=reason,
+        masking=worst_status(checks), masking_warnings=tuple(c.name for c in checks if c.status == "warn"))
