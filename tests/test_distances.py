@@ -264,3 +264,13 @@ def test_a_clean_accuracy_gap_is_not_called_a_per_sample_robustness_difference()
     pair = compare_distances(_distances(base), _distances(worse_clean, np.arange(200) >= 40), n_boot=500)
     assert pair.ratio.contains(1.0) and pair.gap.low > 0
     assert pair.finding() == "more-accuracy" and pair.direction() == "more"
+
+
+def test_gate_figures_show_the_threat_models_fixed_budget_attack_not_a_minimal_one():
+    from robustness.analysis import primary_evaluation
+    parts = [make_records(20, attack="ddn", backend="foolbox", norm="l2", eps=e, success=np.ones(20, bool))
+             for e in (0.25, 0.5, 1.0)]
+    parts += [make_records(20, attack="pgd", norm="linf", eps=e / 255, success=np.arange(20) < 10) for e in (1, 2, 3)]
+    parts += [make_records(20, attack="pgd", norm="l2", eps=0.5, success=np.ones(20, bool))]
+    family = primary_evaluation(pd.concat(parts))
+    assert (family["attack"], family["norm"]) == ("pgd", "linf")

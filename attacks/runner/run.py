@@ -285,6 +285,9 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
         crafting_model, source_name = source_ckpt.build_model(device).requires_grad_(False), source_run.name
 
     plans = plan_evaluations(config, crafting_model.is_gated, source_name)
+    if config.eps_auto:
+        log.info("eps = auto: only the minimal-perturbation attacks run now; robustness.eps_grid chooses the grid "
+                 "from their distances and runs the fixed-eps attacks at it")
     info = checkpoint.dataset
     head_classes = info.num_fine if config.target == "fine" else info.num_coarse
     if head_classes < 3 and any(p.name == "apgd-dlr" for p in plans):

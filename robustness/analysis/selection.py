@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from attacks.base import MINIMAL, attack_kind
 from attacks.records import accuracy_mask, accuracy_rows, worst_case
 
 #: Keys of the attack family a one-run report's figures show (see :func:`primary_evaluation`).
@@ -65,8 +66,11 @@ def primary_evaluation(df: pd.DataFrame) -> dict[str, str] | None:
     1. the deployed gate mode (:func:`deployed_mode`) first: an ``open`` forward executes every block, so its gate
        figures are all zeros — ranking across modes by strength picked it whenever it was the weakest model;
     2. attacks that count for accuracy (compute attacks only when there is nothing else);
-    3. the most finite eps values > 0 (an unbounded minimal-norm row says nothing per eps);
-    4. the lowest mean robust accuracy over those eps.
+    3. fixed-budget attacks before minimal-norm ones (whose examples at a budget are a by-product of the search);
+    4. the run's main norm (the one with the most fixed-budget rows): an L2 DDN at its three budgets otherwise won
+       over the L-inf threat model by being at 0% there;
+    5. the most finite eps values > 0 (an unbounded minimal-norm row says nothing per eps);
+    6. the lowest mean robust accuracy over those eps.
 
     None when no white-box attack ran at eps > 0.
     """
@@ -75,10 +79,17 @@ def primary_evaluation(df: pd.DataFrame) -> dict[str, str] | None:
     if wb.empty:
         return None
     finite = np.isfinite(wb["eps"].to_numpy(float))
+    names = wb["attack"].astype(str)
+    minimal = names.map({a: attack_kind(a) == MINIMAL for a in names.unique()}).to_numpy(bool)
+    norms = wb.loc[~minimal, "norm"].astype(str)
+    main_norm = norms.value_counts().index[0] if len(norms) else ""
     ranked = wb.assign(aside=(wb["gate_mode"].astype(str) != deployed_mode(wb)).to_numpy(), other=~accuracy_mask(wb),
+                       minimal=minimal, off_norm=(wb["norm"].astype(str) != main_norm).to_numpy(),
                        eps_=wb["eps"].astype(float).where(finite), robust_=wb["robust"].astype(float).where(finite))
-    scores = ranked.groupby(FAMILY_KEYS, observed=True).agg(aside=("aside", "first"), other=("other", "first"),
-                                                            n_eps=("eps_", "nunique"), acc=("robust_", "mean"))
+    scores = ranked.groupby(FAMILY_KEYS, observed=True).agg(
+        aside=("aside", "first"), other=("other", "first"), minimal=("minimal", "first"),
+        off_norm=("off_norm", "first"), n_eps=("eps_", "nunique"), acc=("robust_", "mean"))
     scores["acc"] = scores["acc"].fillna(np.inf)
-    best = scores.sort_values(["aside", "other", "n_eps", "acc"], ascending=[True, True, False, True]).index[0]
+    best = scores.sort_values(["aside", "other", "minimal", "off_norm", "n_eps", "acc"],
+                              ascending=[True, True, True, True, False, True]).index[0]
     return {k: str(v) for k, v in zip(FAMILY_KEYS, best)}
