@@ -186,6 +186,9 @@ def _train_one(name: str, config: TrainConfig, run_dir: Path, progress: bool, le
 def _train_all(config: PipelineConfig, runs: dict[str, Path], progress: bool) -> None:
     """Every model's training: one after another, or ``[run] workers`` at a time in spawned processes on a CPU
     (the runs are independent and each is seeded by its own config, so the checkpoints are the same)."""
+    runs = {name: d for name, d in runs.items() if not RunDir.at(d).train_done.is_file()}
+    if not runs:
+        return  # every model is trained (a resume): no worker processes to start
     workers = min(config.plan.workers, len(runs))
     if workers <= 1 or resolve_device(config.train.device).type != "cpu":
         for name, run_dir in runs.items():

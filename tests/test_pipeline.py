@@ -26,7 +26,7 @@ SHRINK = {
     "data": {"n": 400, "image_size": 16, "test_limit": 48},
     "model": {"depth_n": 2, "width": 4},
     "train": {"epochs": 2, "warmup_epochs": 1, "ramp_epochs": 1, "batch_size": 64},
-    "attack": {"n": 24, "batch_size": 12, "steps": 2, "eot_samples": 2, "cw_eps": [0.5], "workers": 1,
+    "attack": {"n": 16, "batch_size": 8, "steps": 2, "eot_samples": 2, "cw_eps": [0.5], "workers": 1,
                "gate_grads": ["none", "bpda"],
                "pgd": {"steps": 2, "restarts": 1}, "apgd": {"steps": 2}, "ddn": {"steps": 5}, "fmn": {"steps": 5},
                "pgd-bisect": {"search_steps": 1},
@@ -118,26 +118,21 @@ def test_run_writes_every_report_and_the_comparison(finished, capsys):
     assert resolved["train"]["epochs"] == 2 and "versions" in resolved
 
 
-def test_rerun_refuses_without_resume_and_resume_duplicates_nothing(finished, capsys):
+def test_rerun_refuses_without_resume_and_resume_duplicates_nothing_and_loads_each_run_once(finished, capsys,
+                                                                                            monkeypatch):
     config, out = finished
     before = {m: len(read_records(out / m / "attacks" / "records")) for m in ("dsn", "dual", "resnet")}
     code, _, err = run_cli(["--config", str(config), "--out", str(out)], capsys)
     assert code != 0 and "already holds results" in err and "--resume" in err and "Traceback" not in err
-    code, stdout, _ = run_cli(["--config", str(config), "--out", str(out), "--resume"], capsys)
-    assert code == 0
-    assert "Is skipping more robust here?" in stdout and str(out / "compare" / "index.html") in stdout
-    after = {m: len(read_records(out / m / "attacks" / "records")) for m in ("dsn", "dual", "resnet")}
-    assert after == before
-
-
-def test_each_run_is_loaded_once_and_handed_on(finished, capsys, monkeypatch):
-    config, out = finished
     loads, reported = [], []
     real_load, real_report = pipeline.load_run, pipeline.write_report
     monkeypatch.setattr(pipeline, "load_run", lambda d, *a, **k: loads.append(Path(d)) or real_load(d, *a, **k))
     monkeypatch.setattr(pipeline, "write_report", lambda r, *a, **k: reported.append(r) or real_report(r, *a, **k))
     code, stdout, _ = run_cli(["--config", str(config), "--out", str(out), "--resume"], capsys)
     assert code == 0
+    assert "Is skipping more robust here?" in stdout and str(out / "compare" / "index.html") in stdout
+    after = {m: len(read_records(out / m / "attacks" / "records")) for m in ("dsn", "dual", "resnet")}
+    assert after == before
     assert sorted(loads) == sorted(out / m for m in ("dsn", "dual", "resnet"))
     assert [type(r) for r in reported] == [RunResults] * 3 and [r.path for r in reported] == loads
     verdict = json.loads((out / "compare" / "compare.json").read_text())["verdict"]

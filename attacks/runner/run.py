@@ -306,13 +306,15 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
         else:
             _check_resumable(run, previous, setup, plans)
 
-    if config.workers > 1 and env_world()[0] == 1:
+    # a resume with every shard written attacks nothing: no worker processes, no probes (the manifest keeps them)
+    finished = bool(resume and existing and previous) and all(_complete(run, p.id, n_batches) for p in plans)
+    if config.workers > 1 and env_world()[0] == 1 and not finished:
         if device.type == "cpu":
             return _run_in_workers(run, config, resume, transfer_from, progress, force, on_shard)
         log.info("workers=%d applies to CPU runs; on a GPU launch the attack under torchrun", config.workers)
 
-    temperature = sharp_temperature(model, data, config)
-    crafting_temperature = (temperature if crafting_model is model
+    temperature = None if finished else sharp_temperature(model, data, config)
+    crafting_temperature = (temperature if crafting_model is model or finished
                             else sharp_temperature(crafting_model, data, config))
     with torch_threads(config.threads), distributed(device) as dist:
         dist.barrier()
@@ -324,12 +326,16 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
                     stale.unlink(missing_ok=True)
                 previous = None
             kept = previous if resume and existing else None
-            probes = {"zero_grad_share": _zero_gradient_shares(model, data, config, plans),
-                      "surrogate_fidelity": _surrogate_fidelities(model, data, config, plans, temperature),
-                      "sharp_temperature": None if temperature is None else temperature.tolist()}
+            if finished:
+                probes = {key: (previous or {}).get(key) for key in
+                          ("zero_grad_share", "surrogate_fidelity", "sharp_temperature")}
+            else:
+                probes = {"zero_grad_share": _zero_gradient_shares(model, data, config, plans),
+                          "surrogate_fidelity": _surrogate_fidelities(model, data, config, plans, temperature),
+                          "sharp_temperature": None if temperature is None else temperature.tolist()}
             if kept:
                 for key in ("zero_grad_share", "surrogate_fidelity"):
-                    probes[key] = {**kept.get(key, {}), **probes[key]}
+                    probes[key] = {**(kept.get(key) or {}), **(probes[key] or {})}
             manifest = _manifest(run, checkpoint, model, config, data_source, setup, n_batches, probes, plans, kept)
             atomic_write_json(run.manifest, manifest)
         dist.barrier()

@@ -150,9 +150,11 @@ _LEAD = {"more": "Skipping is more robust here", "less": "Skipping is less robus
 
 def _distance_clause(p: DistanceComparison) -> str:
     fmt = lambda v: format_distance(v, p.norm)  # noqa: E731
-    return (f"{p.a} vs {p.b}: median distance ratio {p.ratio.estimate:.2f} [{p.ratio.low:.2f}, {p.ratio.high:.2f}] "
-            f"(medians {fmt(p.median_a.estimate)} vs {fmt(p.median_b.estimate)}, Wilcoxon p={p.wilcoxon_p:.2g}, "
-            f"n={p.n_both_correct} correct on both), curves differ most at eps={fmt(p.eps_at)}: "
+    ratio = (f"median distance ratio {p.ratio.estimate:.2f} [{p.ratio.low:.2f}, {p.ratio.high:.2f}] "
+             f"(medians {fmt(p.median_a.estimate)} vs {fmt(p.median_b.estimate)}, Wilcoxon p={p.wilcoxon_p:.2g}, "
+             f"n={p.n_both_correct} correct on both)" if p.n_both_correct else
+             "no distance ratio (no sample is classified correctly by both)")
+    return (f"{p.a} vs {p.b}: {ratio}, curves differ most at eps={fmt(p.eps_at)}: "
             f"{100 * p.acc_a_at:.1f}% vs {100 * p.acc_b_at:.1f}% ({100 * p.diff_at.estimate:+.1f} points "
             f"[{100 * p.diff_at.low:+.1f}, {100 * p.diff_at.high:+.1f}]), mean gap over eps <= {fmt(p.cap)} "
             f"{100 * p.gap.estimate:+.1f} points [{100 * p.gap.low:+.1f}, {100 * p.gap.high:+.1f}]; "
