@@ -434,7 +434,7 @@ def write_comparison(cmp: Comparison, out_dir: str | Path) -> Path:
         "routing gradients); diamonds: the fixed-eps attacks' per-sample worst case at the grid, which should lie "
         "in the band (the sanity check curve-vs-fixed-eps tests it).", robustness_png,
         "" if robustness_png else "not applicable: no minimal-perturbation records (eps = inf)")]
-    lead_tables = ([TableItem("Verdict per pair", tables.verdict_table(cmp.distance_pairs, cmp.clean))]
+    lead_tables = ([TableItem("Verdict per pair", tables.verdict_table(cmp.distance_pairs))]
                    if cmp.distance_pairs else []) + [TableItem("Clean accuracy", tables.clean_table(cmp.clean))]
     curves = cmp.table.assign(panel=[f"{a} ({n}, {t})" for a, n, t in
                                      zip(cmp.table["attack"], cmp.table["norm"], cmp.table["target"])])

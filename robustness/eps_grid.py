@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from attacks.base import MINIMAL
+from attacks.base import MINIMAL, attack_kind
 from attacks.runner import AttackConfig, AttackResult, run_attacks
 from attacks.runner.plan import plan_evaluations
 from robustness.analysis.distances import auto_eps_grid, minimal_distances
@@ -56,7 +56,10 @@ def choose_grid(records: Mapping[str, pd.DataFrame], reference: str, config: Att
 
 def check_auto(config: AttackConfig, gated: bool) -> None:
     """ConfigError unless ``config`` (with ``eps = auto``) runs a minimal attack in its own norm."""
-    if not any(p.attack.kind == MINIMAL and p.norm == config.norm for p in plan_evaluations(config, gated)):
+    minimal = [name for name in config.expanded_attacks() if attack_kind(name) == MINIMAL]
+    # checked before planning: with no minimal attack an auto plan is empty, and the planner's error would mislead
+    if not minimal or not any(p.attack.kind == MINIMAL and p.norm == config.norm
+                              for p in plan_evaluations(config, gated)):
         raise ConfigError(f"eps = auto places the grid by minimal {config.norm} distances: add a minimal-perturbation "
                           f"attack in {config.norm} (pgd-bisect{', fmn' if config.norm == 'linf' else ', ddn'})")
 

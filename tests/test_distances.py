@@ -110,7 +110,8 @@ def test_minimal_distances_take_the_minimum_and_mark_misclassified_and_unfound()
     assert set(by_grad["gate_grad"]) == {"none", "bpda"} and len(by_grad) == 8
     curve = robustness_curve(d, eps=[0.0, 0.015, 0.025])
     assert curve["robust_acc"].tolist() == [0.75, 0.5, 0.25]
-    assert (curve["robust_acc_low"] <= curve["robust_acc"]).all() and (curve["robust_acc_high"] >= curve["robust_acc"]).all()
+    assert (curve["robust_acc_low"] <= curve["robust_acc"]).all()
+    assert (curve["robust_acc_high"] >= curve["robust_acc"]).all()
     assert median_distance(d, n_boot=0).estimate == pytest.approx(0.02)
 
 
@@ -274,3 +275,13 @@ def test_gate_figures_show_the_threat_models_fixed_budget_attack_not_a_minimal_o
     parts += [make_records(20, attack="pgd", norm="l2", eps=0.5, success=np.ones(20, bool))]
     family = primary_evaluation(pd.concat(parts))
     assert (family["attack"], family["norm"]) == ("pgd", "linf")
+
+
+def test_eps_auto_without_a_minimal_attack_is_one_clear_error():
+    from attacks.runner import AttackConfig
+    from robustness.core.errors import ConfigError
+    from robustness.eps_grid import check_auto
+    with pytest.raises(ConfigError, match="minimal-perturbation attack in linf") as err:
+        check_auto(AttackConfig(attacks=["fgsm", "ddn"], eps="auto"), gated=True)   # ddn is L2 only
+    assert "\n" not in str(err.value)
+    check_auto(AttackConfig(attacks=["fgsm", "fmn"], eps="auto"), gated=True)

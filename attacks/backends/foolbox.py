@@ -13,9 +13,9 @@ Facts this file works around (DESIGN.md, "Library facts that bite"):
   their smallest example per sample, and for samples they fail on CW returns an all-zero image and DDN an
   arbitrary one: an example counts only where the recomputed deployed forward misclassifies it
   (:class:`attacks.base.MinimalAttack` then uses it at every budget its norm fits).
-* ``LInfFMNAttack`` is offered (``fmn``); ``L2FMNAttack`` is not: on the quickstart models its examples sit at norm ``max_stepsize`` whatever the
-  steps (median 0.995 for the default 1.0 at 100 and 300 steps, 0.299 for 0.3) where DDN finds a median of 0.12
-  and an L2 PGD fools 80% of the samples at 0.25: its norm never shrinks.
+* ``LInfFMNAttack`` is offered (``fmn``); ``L2FMNAttack`` is not: on the quickstart models its examples sit at
+  norm ``max_stepsize`` whatever the steps (median 0.995 for the default 1.0 at 100 and 300 steps, 0.299 for
+  0.3) where DDN finds a median of 0.12 and an L2 PGD fools 80% of the samples at 0.25: its norm never shrinks.
 """
 from __future__ import annotations
 

@@ -89,8 +89,8 @@ class AttackConfig:
     budgets, or ``"auto"``: chosen from the minimal distances (``robustness.eps_grid``; the fixed-budget attacks
     then wait until the minimal-perturbation attacks have run). Minimal-perturbation attacks (DDN, FMN, CW,
     pgd-bisect) run in each of their norms that is ``norm`` or in ``distance_norms`` (default both), unbounded
-    (eps = inf: each sample's distance; an L2 one under ``--norm linf`` is also scored at ``cw_eps``). ``steps`` (None: each attack's own default) sets the
-    iterations of every iterative and compute attack. ``threads`` (0: torch's default) sets torch's CPU threads
+    (eps = inf: each sample's distance; an L2 one under ``--norm linf`` is also scored at ``cw_eps``). ``steps``
+    (None: each attack's own default) sets the iterations of every iterative and compute attack. ``threads`` (0: torch's default) sets torch's CPU threads
     while attacking: 1 is many times faster for small models on a busy CPU. ``workers`` (1) > 1 splits the
     batches over that many processes on a CPU (the runner's torchrun sharding, spawned by the runner itself;
     ``n / batch_size`` batches must be at least ``workers`` to gain anything); on a GPU use ``torchrun`` instead.

@@ -324,7 +324,8 @@ def compare_runs(runs: Sequence[RunResults], labels: Sequence[str] | None = None
     names = [labels[i] if labels else r.name for i, r in enumerate(runs)]
     verdict = _verdict(pairs, distance_pairs, skip, statics)
     return Comparison(runs=runs, variants=variants, common_attacks=common, table=table, differences=diff,
-                      pairs=pairs, verdict=verdict, lead=_distance_lead(skip, distance_pairs) if distance_pairs and skip else verdict,
+                      pairs=pairs, verdict=verdict,
+                      lead=_distance_lead(skip, distance_pairs) if distance_pairs and skip else verdict,
                       distance_pairs=distance_pairs, curves=robustness,
                       clean=_clean_accuracy(variants, setting[1] if setting else "fine"),
                       compute=_compute_points(variants, combined, distances, distance_pairs,

@@ -49,7 +49,8 @@ def parse_eps(value: Any) -> float:
 
 
 def format_eps(eps: float) -> str:
-    """``8/255`` for multiples of 1/255 below 1 (``1.25/255`` for quarters below 16/255), ``inf`` for unbounded, ``0`` for none, else a short decimal."""
+    """``8/255`` for multiples of 1/255 below 1 (``1.25/255`` for quarters below 16/255), ``inf`` for unbounded,
+    ``0`` for none, else a short decimal."""
     eps = float(eps)
     if math.isinf(eps):
         return "inf"
