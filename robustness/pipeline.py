@@ -26,13 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from attacks.records import worst_case
 from attacks.runner import AttackConfig, load_run_checkpoint, run_attacks
 from models.training import TrainConfig, train
 from reports.html import write_comparison, write_report
-from robustness.analysis import accuracy_rows
 from robustness.analysis.compare import compare_runs
-from robustness.analysis.distances import median_distance, minimal_distances
+from robustness.analysis.headline import RunHeadline
 from robustness.core.config import build, load_config_file
 from robustness.core.errors import ConfigError, RunDirError
 from robustness.core.rundir import RunDir, atomic_write_json
@@ -159,7 +157,7 @@ def run_pipeline(config: PipelineConfig, out: str | Path, resume: bool = False, 
     for name, results in loaded.items():
         report = write_report(results)
         sanity[name] = [{"name": c.name, "status": c.status, "evidence": c.evidence} for c in report.checks]
-        summaries.append(_headline(name, results, report.index))
+        summaries.append(_summary(name, report.headline, report.index))
 
     compare_dir, verdict = None, "only one model: nothing to compare"
     if len(runs) > 1:
@@ -202,22 +200,14 @@ def _train_all(config: PipelineConfig, runs: dict[str, Path], progress: bool) ->
             job.result()  # re-raises a worker's error here, as one line through the CLI
 
 
-def _headline(name: str, results: RunResults, report: Path) -> ModelSummary:
-    """Clean accuracy, worst-case robust accuracy at each finite linf eps (white-box, hard gates, fine head;
-    attacks that count for accuracy, minimal ones included), median minimal linf distance and compute saved."""
-    records = accuracy_rows(results.records)
-    white = records[(records["source_run"] == "") & (records["gate_mode"] == "hard") & (records["target"] == "fine")
-                    & (records["norm"] == "linf")]
-    fixed = white[np.isfinite(white["eps"]) & (white["eps"] > 0)]
-    robust = {float(e): float(g["robust"].mean()) for e, g in worst_case(fixed).groupby("eps")} if len(fixed) else {}
-    clean = float(white.drop_duplicates("sample")["clean_correct"].mean()) if not white.empty else float("nan")
-    saved = None
-    if results.full_macs and not white.empty and results.path_names:
-        saved = 1.0 - float(white.drop_duplicates("sample")["clean_macs"].mean()) / results.full_macs
-    d = minimal_distances(results.records)
-    d = d[(d["gate_mode"] == "hard") & (d["target"] == "fine") & (d["norm"] == "linf")]
-    median = median_distance(d, n_boot=0).estimate if len(d) else float("nan")
-    return ModelSummary(name, clean, robust, saved, report, median)
+def _summary(name: str, headline: RunHeadline, report: Path) -> ModelSummary:
+    """The lines `run` ends with, from the model report's headline (:func:`robustness.analysis.headline.run_headline`:
+    deployed gate mode, fine head, worst case over accuracy attacks per L-inf eps, median minimal L-inf distance)."""
+    linf = next((d for d in headline.distances if d.norm == "linf" and d.median is not None), None)
+    saved = headline.compute_saved if headline.gated and np.isfinite(headline.compute_saved) else None
+    return ModelSummary(name, headline.clean.estimate,
+                        {r.eps: r.accuracy.estimate for r in headline.robust if r.norm == "linf"}, saved, report,
+                        linf.median.estimate if linf is not None else float("nan"))
 
 
 def format_summary(result: PipelineResult) -> str:

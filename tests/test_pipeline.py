@@ -12,6 +12,7 @@ import pytest
 from attacks.records import read_records
 from robustness import cli, eps_grid, pipeline
 from robustness.pipeline import PipelineConfig
+from robustness.analysis.headline import run_headline
 from robustness.results import RunResults
 from test_analysis import make_records
 from test_data import write_fake_cifar100
@@ -144,7 +145,7 @@ def test_headline_counts_path_but_not_slowdown():
                          make_records(10, attack="path", success=pd.Series(range(10)) < 6),
                          make_records(10, attack="slowdown", success=True)], ignore_index=True)
     run = RunResults(Path("nowhere"), "dsn", records, {"full_macs": 6e6, "path_names": ["a", "b", "c", "d"]})
-    head = pipeline._headline("dsn", run, Path("nowhere/report/index.html"))
+    head = pipeline._summary("dsn", run_headline(run, []), Path("nowhere/report/index.html"))
     assert head.robust == pytest.approx({8 / 255: 0.4})   # the worst case over pgd and path; slowdown not counted
     assert head.clean_acc == 1.0 and head.compute_saved == pytest.approx(0.0)
 
