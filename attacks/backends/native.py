@@ -28,25 +28,36 @@ from attacks.params import coerce_floats, non_negative, positive, positive_int, 
 Objective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def project(adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """``adv`` moved into the ``norm`` ball of radius ``eps`` around ``x`` and into [0, 1]."""
+def _radius(eps: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
+    """``eps`` as a float, or a per-sample [B] tensor shaped to broadcast over ``x``."""
+    return eps.view(-1, *([1] * (x.dim() - 1))) if torch.is_tensor(eps) else eps
+
+
+def project(adv: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor, norm: str) -> torch.Tensor:
+    """``adv`` moved into the ``norm`` ball of radius ``eps`` (one float, or one per sample [B]) around ``x`` and
+    into [0, 1]."""
     delta = adv - x
     if norm == "linf":
-        delta = delta.clamp(-eps, eps)
+        r = _radius(eps, x)
+        delta = delta.clamp(-r, r)
     else:
         norms = delta.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
         delta = delta * torch.clamp(eps / norms, max=1.0).view(-1, *([1] * (x.dim() - 1)))
     return (x + delta).clamp(0.0, 1.0)
 
 
-def start_point(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """A uniform point of the ``linf`` ball, or a random direction at a uniform radius in the ``l2`` ball."""
+def start_point(x: torch.Tensor, eps: float | torch.Tensor, norm: str) -> torch.Tensor:
+    """A uniform point of the ``linf`` ball, or a random direction at a uniform radius in the ``l2`` ball (radius
+    ``eps``: one float, or one per sample [B])."""
+    r = _radius(eps, x)
     if norm == "linf":
+        if torch.is_tensor(eps):
+            return project(x + (torch.rand_like(x) * 2 - 1) * r, x, eps, norm)
         return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0.0, 1.0)
     direction = torch.randn_like(x)
     direction = direction / direction.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
     radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
-    return project(x + direction * radius * eps, x, eps, norm)
+    return project(x + direction * radius * r, x, eps, norm)
 
 
 def native_pgd(objective: Objective, x: torch.Tensor, eps: float, norm: str, steps: int, alpha: float,

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from attacks.backends.native import project, start_point
 from attacks.backends.native_pgd import LOSSES, NativePGDParams
 from attacks.base import MinimalAttack, Target, register
 from attacks.checks import sample_norms
@@ -136,7 +137,7 @@ class PGDBisect(MinimalAttack):
         xs, ys = x.index_select(0, index), y.index_select(0, index)
         radius = eps.index_select(0, index).to(x.dtype)
         alpha = 2.5 * radius / steps
-        adv = _start(xs, radius, self.norm) if self.params.random_start else xs.clone()
+        adv = start_point(xs, radius, self.norm) if self.params.random_start else xs.clone()
         alive = torch.arange(index.numel(), device=x.device)
         fooled = torch.zeros(index.numel(), dtype=torch.bool, device=x.device)
         for step in range(steps + 1):
@@ -159,7 +160,7 @@ class PGDBisect(MinimalAttack):
                 alive = alive[keep]
                 r = radius[alive]
                 step_ = g.sign() if self.norm == "linf" else g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
-                adv = _project(a + alpha[alive].view(shape) * step_, xs[alive], r, self.norm)
+                adv = project(a + alpha[alive].view(shape) * step_, xs[alive], r, self.norm)
         return fooled
 
     def _keep(self, x: torch.Tensor, adv: torch.Tensor, rows: torch.Tensor, best: torch.Tensor,
@@ -171,28 +172,3 @@ class PGDBisect(MinimalAttack):
             best[take] = adv[smaller].to(best.dtype)
             hi[take] = norms[smaller]
             found[take] = True
-
-
-def _project(adv: torch.Tensor, x: torch.Tensor, radius: torch.Tensor, norm: str) -> torch.Tensor:
-    """``adv`` moved into each sample's ``norm`` ball of radius ``radius[i]`` around ``x[i]`` and into [0, 1]."""
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    r = radius.view(shape)
-    delta = adv - x
-    if norm == "linf":
-        delta = torch.maximum(torch.minimum(delta, r), -r)
-    else:
-        norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
-        delta = delta * torch.clamp(r / norms, max=1.0)
-    return (x + delta).clamp(0.0, 1.0)
-
-
-def _start(x: torch.Tensor, radius: torch.Tensor, norm: str) -> torch.Tensor:
-    """A uniform point of each sample's ``linf`` ball, or a random direction at a uniform radius in its ``l2`` ball."""
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    r = radius.view(shape)
-    if norm == "linf":
-        return _project(x + (torch.rand_like(x) * 2 - 1) * r, x, radius, norm)
-    direction = torch.randn_like(x)
-    direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
-    scale = torch.rand(x.shape[0], device=x.device, dtype=x.dtype).view(shape)
-    return _project(x + direction * scale * r, x, radius, norm)
