@@ -16,9 +16,9 @@ the analysis package.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -58,9 +58,14 @@ class Variant:
         """1 - mean clean MACs / full MACs on this variant's white-box records (NaN without full_macs)."""
         return compute_saved(whitebox(self.records), self.run.full_macs)
 
+    @cached_property
+    def minimal(self) -> pd.DataFrame:
+        """This variant's minimal distances (:func:`distances.minimal_distances`), computed once."""
+        return minimal_distances(self.records)
+
     def distances(self, norm: str, target: str) -> pd.DataFrame:
         """Minimal distances in ``norm`` for head ``target`` (minimum over attacks and routing gradients)."""
-        d = minimal_distances(self.records)
+        d = self.minimal
         return d[(d["norm"] == norm) & (d["target"] == target)]
 
 
@@ -244,7 +249,7 @@ def _distance_setting(variants: Sequence[Variant]) -> tuple[str, str] | None:
     variant has minimal distances for; None when there is none."""
     have = None
     for v in variants:
-        d = minimal_distances(v.records)
+        d = v.minimal
         keys = set(zip(d["norm"].astype(str), d["target"].astype(str)))
         have = keys if have is None else have & keys
     for norm in ("linf", "l2"):
