@@ -29,7 +29,6 @@ from robustness.analysis.compare import Comparison
 from robustness.analysis.headline import RunHeadline, run_headline
 from robustness.core.rundir import RunDir, atomic_write, atomic_write_text
 from robustness.core.runtime import jsonable
-from robustness.core.vocab import format_eps
 from robustness.results import RunResults
 from robustness.sanity import Check, run_checks, worst_status
 

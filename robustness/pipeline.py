@@ -37,7 +37,7 @@ from robustness.core.rundir import RunDir, atomic_write_json
 from robustness.core.runtime import package_versions, resolve_device
 from robustness.core.vocab import format_distance, format_eps
 from robustness.eps_grid import attack_runs, check_auto
-from robustness.results import RunResults, load_run
+from robustness.results import load_run
 
 log = logging.getLogger(__name__)
 
