@@ -22,6 +22,23 @@ from robustness.core.errors import ConfigError
 from robustness.core.vocab import HEADS
 
 
+#: Routing gradients whose forward *values* in ``hard`` mode are the deterministic deployed forward's, bit for bit:
+#: ``none`` runs it; ``bpda`` and ``sharp`` return its logits and add the surrogate's gradient as an exact zero
+#: (``models.network._hard_values``). ``ste`` executes gated blocks by masking (``x + v * (f(x) - x)`` is not
+#: ``f(x)`` in floating point) and ``eot`` averages sampled paths: neither is the deployed forward.
+EXACT_HARD_GRADS = ("none", "bpda", "sharp")
+
+
+def gives_deployed_logits(model: CoarseFineNet, gate_mode: str, gate_grad: str) -> bool:
+    """Whether ``model``'s forward under (``gate_mode``, ``gate_grad``) returns exactly the deterministic deployed
+    forward's logits, so that an attack may judge its iterate by them instead of running the model again."""
+    if not model.is_gated:
+        return True
+    if gate_mode == "random":
+        return False
+    return gate_mode != "hard" or gate_grad in EXACT_HARD_GRADS
+
+
 class LogitsView(nn.Module):
     """``model`` seen as ``x -> logits`` of one head, with a fixed gate mode and routing gradient.
 
@@ -61,7 +78,7 @@ class LogitsView(nn.Module):
         self.observer = observer
         self.observed_index = observed_index
         #: whether this view's logits are the deterministic deployed forward's (then they can be offered as is)
-        self.deployed = not model.is_gated or (gate_grad == "none" and gate_mode != "random")
+        self.deployed = gives_deployed_logits(model, gate_mode, gate_grad)
         model.eval()
         super().train(False)
 

@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from attacks.adapters import LogitsView, eval_logits
+from attacks.adapters import LogitsView, eval_logits, gives_deployed_logits
 from attacks.checks import check_budget
 from attacks.tracking import BestAdversarial, within_budgets
 from attacks.params import NoParams
@@ -126,7 +126,7 @@ class Target:
     @property
     def deployed_logits(self) -> bool:
         """Whether the attacker's forward values are exactly the deterministic deployed forward's."""
-        return not self.model.is_gated or (self.gate_grad == "none" and self.gate_mode != "random")
+        return gives_deployed_logits(self.model, self.gate_mode, self.gate_grad)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Deterministic no-grad logits of the attacked head (routing gradient ``none``)."""

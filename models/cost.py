@@ -7,10 +7,14 @@ MACs of each gated block. The per-sample cost of a forward pass is then
 
 ``FlopCounterMode`` counts matrix multiplies and convolutions (2 FLOPs per MAC); element-wise work such as
 BatchNorm, ReLU and pooling is not counted, as in the SkipNet / ConvNet-AIG accounting.
+
+Pitfall: per-sample MACs are ~1e7-1e9, beyond float16 (max 65504) and beyond float32's exact integers (2^24).
+Under CUDA autocast a float32 ``bits @ block_macs`` becomes a float16 matmul and overflows to inf (``MACs saved
+-inf%``). The cost is therefore summed in float64 (float32 on MPS, which has no float64) with autocast off.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -31,13 +35,30 @@ class CostTable:
     full: float
     always_on: float
     gated_blocks: tuple[float, ...]
+    #: the per-block MACs as a tensor per (device, dtype): built once, not copied to the device every forward
+    _tensors: dict = field(default_factory=dict, compare=False, repr=False)
 
     def per_sample(self, executed: torch.Tensor) -> torch.Tensor:
-        """MACs per sample given executed-block bits ``executed`` of shape [B, n_gates] (coarse then fine)."""
+        """MACs per sample given executed-block bits ``executed`` of shape [B, n_gates] (coarse then fine).
+
+        Float64 (float32 on MPS), computed outside autocast: see the module docstring.
+        """
+        device = executed.device
+        dtype = torch.float32 if device.type == "mps" else torch.float64
         if not self.gated_blocks:  # a static model, or a gated one not measured yet
-            return torch.full((executed.shape[0],), self.always_on, device=executed.device)
-        block = torch.tensor(self.gated_blocks, dtype=torch.float32, device=executed.device)
-        return self.always_on + executed.detach().float() @ block
+            return self.constant(executed.shape[0], self.always_on, device)
+        key = (device, dtype)
+        if key not in self._tensors:
+            self._tensors[key] = torch.tensor(self.gated_blocks, dtype=dtype, device=device)
+        with torch.autocast(device.type, enabled=False):
+            return executed.detach().to(dtype) @ self._tensors[key] + self.always_on
+
+    @staticmethod
+    def constant(batch: int, macs: float, device: torch.device) -> torch.Tensor:
+        """``macs`` for each of ``batch`` samples (a static model, or every gated block executed), in the cost
+        dtype (see the module docstring)."""
+        return torch.full((batch,), macs, dtype=torch.float32 if device.type == "mps" else torch.float64,
+                          device=device)
 
     def to_dict(self) -> dict:
         return {"full": self.full, "always_on": self.always_on, "gated_blocks": list(self.gated_blocks)}

@@ -50,10 +50,16 @@ class Branch(nn.Module):
 
 
 def _execute(block: nn.Module, x: torch.Tensor, d: Decision) -> torch.Tensor:
-    """Run ``block`` where ``d`` says so: for the executed sub-batch only, or for all samples with a mask."""
+    """Run ``block`` where ``d`` says so: for the executed sub-batch only, or for all samples with a mask.
+
+    Only a decision that varies per sample (``d.uniform is None``) reads the decisions back to the host: on a GPU
+    that ``nonzero`` is a synchronisation, which an open or frozen-uniform forward must not pay per block.
+    """
     if d.mask:
         v = d.value.view(-1, 1, 1, 1)
         return x + v * (block(x) - x)
+    if d.uniform is not None:
+        return block(x) if d.uniform else x
     idx = d.executed.nonzero().squeeze(1)
     if idx.numel() == x.shape[0]:
         return block(x)
@@ -61,6 +67,16 @@ def _execute(block: nn.Module, x: torch.Tensor, d: Decision) -> torch.Tensor:
         return x
     y = block(x.index_select(0, idx))
     return x.to(y.dtype).index_copy(0, idx, y)  # under autocast the block may return a narrower dtype
+
+
+def _uniform_columns(path: torch.Tensor) -> list[bool | None]:
+    """Per gate of a frozen ``path`` [B, n_gates]: True (every sample runs it), False (none does) or None (mixed).
+
+    Read to the host once per forward, instead of once per gated block.
+    """
+    bits = path > 0.5
+    summary = torch.stack([bits.all(0), (~bits).all(0)]).tolist()
+    return [True if every else False if nobody else None for every, nobody in zip(*summary)]
 
 
 class DSN(CoarseFineNet):
@@ -99,18 +115,25 @@ class DSN(CoarseFineNet):
                 for s, gates in enumerate(getattr(self, name).gates) for j in range(len(gates))]
 
     def _branch_stage(self, branch: Branch, s: int, x: torch.Tensor, state: GateState, offset: int,
-                      decisions: list[tuple[torch.Tensor, Decision]]) -> torch.Tensor:
+                      decisions: list[tuple[torch.Tensor, Decision]], frozen_uniform: list[bool | None],
+                      shared: dict[str, Decision]) -> torch.Tensor:
+        """One stage of a branch; ``shared`` holds decisions that serve every gate of this forward (``open``: one
+        all-ones decision instead of one per gate)."""
         stage, gates = branch.stages[s], branch.gates[s]
         x = stage[0](x)
         for j, gate in enumerate(gates):
             score = gate(x)
             k = offset + len(decisions)
             if self.training and state.mode != "open":
-                d = train_decision(score, self.gate_fn, float(self.slope))
+                d = train_decision(score, self.gate_fn, self.slope)
+            elif state.mode == "open":
+                d = shared.get("open") or shared.setdefault("open", eval_decision(score, state, None, None))
             else:
                 frozen = state.path[:, k] if state.mode == "frozen" else None
                 temperature = state.temperature[k] if state.mode == "sharpened" else None
-                d = eval_decision(score, state, self.gate_rate[k], frozen, temperature)
+                rate = self.gate_rate[k] if state.mode == "random" else None
+                d = eval_decision(score, state, rate, frozen, temperature,
+                                  frozen_uniform[k] if frozen_uniform else None)
             decisions.append((score, d))
             x = _execute(stage[j + 1], x, d)
         for block in list(stage)[len(gates) + 1:]:
@@ -120,30 +143,36 @@ class DSN(CoarseFineNet):
     def _run(self, x: torch.Tensor, state: GateState) -> ModelOutput:
         if state.mode == "frozen" and state.path.shape[1] != self.n_gates:
             raise ValueError(f"frozen path has {state.path.shape[1]} bits, model has {self.n_gates} gates")
+        uniform = _uniform_columns(state.path) if state.mode == "frozen" and not self.training else []
+        shared: dict[str, Decision] = {}
         h = self.stem(self.normalize(x))
         for block in self.trunk:
             h = block(h)
         per_branch: dict[str, list[tuple[torch.Tensor, Decision]]] = {"coarse": [], "fine": []}
         n_coarse_gates = sum(len(g) for g in self.coarse.gates)
 
-        c = self._branch_stage(self.coarse, 0, h, state, 0, per_branch["coarse"])
-        c = self._branch_stage(self.coarse, 1, c, state, 0, per_branch["coarse"])
-        f = self._branch_stage(self.fine, 0, h, state, n_coarse_gates, per_branch["fine"])
+        c = self._branch_stage(self.coarse, 0, h, state, 0, per_branch["coarse"], uniform, shared)
+        c = self._branch_stage(self.coarse, 1, c, state, 0, per_branch["coarse"], uniform, shared)
+        f = self._branch_stage(self.fine, 0, h, state, n_coarse_gates, per_branch["fine"], uniform, shared)
         if self.feedback is not None:
             top_down = F.interpolate(self.feedback(c), size=f.shape[-2:], mode="bilinear", align_corners=False)
             f = torch.cat([f, top_down], dim=1)
-        f = self._branch_stage(self.fine, 1, f, state, n_coarse_gates, per_branch["fine"])
+        f = self._branch_stage(self.fine, 1, f, state, n_coarse_gates, per_branch["fine"], uniform, shared)
 
-        gates = {b: torch.stack([d.executed.float() for _, d in ds], 1) for b, ds in per_branch.items() if ds}
+        gates = {b: torch.stack([d.executed for _, d in ds], 1).float() for b, ds in per_branch.items() if ds}
         scores = {b: torch.stack([s for s, _ in ds], 1) for b, ds in per_branch.items() if ds}
-        values = {b: torch.stack([d.value for _, d in ds], 1) for b, ds in per_branch.items() if ds}
+        values = gates if "open" in shared else {  # open: every value is 1, the executed bits themselves
+            b: torch.stack([d.value for _, d in ds], 1) for b, ds in per_branch.items() if ds}
         if self.film is not None:
-            gamma, beta = self.film(torch.cat(list(values.values()), 1)).chunk(2, dim=1)
-            f = f * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
+            gamma, beta = self.film(torch.cat(list(values.values()), 1)).view(f.shape[0], 2, -1, 1, 1).unbind(1)
+            f = torch.addcmul(beta, f, 1 + gamma)  # f * (1 + gamma) + beta
         fine = self.fine_head(f.mean(dim=(2, 3)))
         coarse = self.coarse_head(c.mean(dim=(2, 3)))
-        executed = torch.cat(list(gates.values()), 1) if gates else x.new_zeros(x.shape[0], 0)
-        return ModelOutput(fine=fine, coarse=coarse, macs=self.costs.per_sample(executed),
+        if state.mode == "open":
+            macs = self.costs.constant(x.shape[0], self.costs.full, x.device)
+        else:
+            macs = self.costs.per_sample(torch.cat(list(gates.values()), 1) if gates else x.new_zeros(x.shape[0], 0))
+        return ModelOutput(fine=fine, coarse=coarse, macs=macs,
                            gates=gates, scores=scores, values=values)
 
 

@@ -121,6 +121,9 @@ class Gate(nn.Module):
         nn.init.constant_(self.fc2.bias, open_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Two kernels fewer per gate (BatchNorm folded into fc1, fc2 as an addmv without the squeeze) were tried
+        # and dropped: a cache of folded weights goes stale silently (BatchNorm updates its running statistics
+        # without bumping their version), and addmv is not covered by CPU autocast (mixed dtypes are an error).
         h = torch.relu(self.bn(self.fc1(x.mean(dim=(2, 3)))))
         return self.fc2(h).squeeze(1)
 
@@ -132,11 +135,15 @@ class Decision:
     ``executed``: bool [B], which samples run the block. ``value``: float [B], the multiplier used when the block
     is executed by masking (carries the gradient, if any). ``mask``: whether the block must be computed for every
     sample (soft values or a routing gradient need it); otherwise it runs on the executed sub-batch only.
+    ``uniform``: what is known *without reading the device tensors*: True when every sample runs the block (open
+    mode, or a frozen path whose column is all ones), False when none does, None when it varies per sample. Only
+    ``None`` makes sub-batch execution read ``executed`` back to the host (one synchronisation on a GPU).
     """
 
     executed: torch.Tensor
     value: torch.Tensor
     mask: bool
+    uniform: bool | None = None
 
 
 def _straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
@@ -147,9 +154,10 @@ def _straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
 # Gate functions: the training-time relaxations, one registered function each
 # --------------------------------------------------------------------------------------------------------------
 
-#: ``fn(score, slope) -> Decision``: scores [B] and the current hard-sigmoid slope give the training decision,
-#: always executed by masking (``mask=True``) so that the gate values carry their gradient.
-GateFunction = Callable[[torch.Tensor, float], Decision]
+#: ``fn(score, slope) -> Decision``: scores [B] and the current hard-sigmoid slope (a float or a 0-dim tensor: the
+#: model passes its ``slope`` buffer as is, because ``float()`` of a GPU tensor waits for the GPU) give the
+#: training decision, always executed by masking (``mask=True``) so that the gate values carry their gradient.
+GateFunction = Callable[[torch.Tensor, "float | torch.Tensor"], Decision]
 _Fn = TypeVar("_Fn", bound=GateFunction)
 
 _GATE_FUNCTIONS: dict[str, GateFunction] = {}
@@ -176,21 +184,21 @@ def gate_function(name: str) -> GateFunction:
 
 
 @register_gate_function("hardsig")
-def hardsig(score: torch.Tensor, slope: float) -> Decision:
+def hardsig(score: torch.Tensor, slope: float | torch.Tensor) -> Decision:
     """CVPR'18 DSN: ``clamp(k*s + 0.5, 0, 1)`` with the annealed slope ``k``."""
     value = torch.clamp(slope * score + 0.5, 0.0, 1.0)
     return Decision(executed=value > 0, value=value, mask=True)
 
 
 @register_gate_function("ste")
-def ste(score: torch.Tensor, slope: float) -> Decision:
+def ste(score: torch.Tensor, slope: float | torch.Tensor) -> Decision:
     """SkipNet: hard threshold forward, sigmoid derivative backward."""
     hard = (score > 0).float()
     return Decision(executed=hard > 0, value=_straight_through(hard, torch.sigmoid(score)), mask=True)
 
 
 @register_gate_function("gumbel")
-def gumbel(score: torch.Tensor, slope: float, tau: float = 1.0) -> Decision:
+def gumbel(score: torch.Tensor, slope: float | torch.Tensor, tau: float = 1.0) -> Decision:
     """ConvNet-AIG: straight-through Gumbel-sigmoid (noise from the global torch generator)."""
     u = torch.rand_like(score).clamp_(1e-6, 1 - 1e-6)
     soft = torch.sigmoid((score + torch.log(u) - torch.log1p(-u)) / tau)
@@ -198,21 +206,24 @@ def gumbel(score: torch.Tensor, slope: float, tau: float = 1.0) -> Decision:
     return Decision(executed=hard > 0, value=_straight_through(hard, soft), mask=True)
 
 
-def train_decision(score: torch.Tensor, gate_fn: str, slope: float) -> Decision:
+def train_decision(score: torch.Tensor, gate_fn: str, slope: float | torch.Tensor) -> Decision:
     """The training-time relaxation of gate function ``gate_fn`` (always executed by masking)."""
     return gate_function(gate_fn)(score, slope)
 
 
-def eval_decision(score: torch.Tensor, state: GateState, rate: torch.Tensor, frozen: torch.Tensor | None,
-                  temperature: torch.Tensor | None = None) -> Decision:
+def eval_decision(score: torch.Tensor, state: GateState, rate: torch.Tensor | None, frozen: torch.Tensor | None,
+                  temperature: torch.Tensor | None = None, frozen_uniform: bool | None = None) -> Decision:
     """The decision in an evaluation forward mode (see module docstring).
 
     ``temperature``: this gate's temperature (a scalar tensor), used by the internal mode ``sharpened`` only.
+    ``rate``: this gate's measured execution rate (a scalar tensor), used by mode ``random`` only.
+    ``frozen_uniform``: in ``frozen`` mode, whether this gate's column of the path is all ones (True), all zeros
+    (False) or mixed (None), as read once per forward by the model.
     """
     mode = state.mode
     if mode == "open":
         ones = torch.ones_like(score)
-        return Decision(executed=ones > 0, value=ones, mask=state.execution == "mask")
+        return Decision(executed=ones > 0, value=ones, mask=state.execution == "mask", uniform=True)
     if mode == "soft":
         return Decision(executed=torch.ones_like(score, dtype=torch.bool), value=torch.sigmoid(score), mask=True)
     if mode == "sharpened":
@@ -227,6 +238,7 @@ def eval_decision(score: torch.Tensor, state: GateState, rate: torch.Tensor, fro
         hard = torch.bernoulli(rate.to(score).expand_as(score))
     elif mode == "frozen":
         hard = frozen.to(score.device, torch.float32)
+        return Decision(executed=hard > 0, value=hard, mask=state.execution == "mask", uniform=frozen_uniform)
     else:  # hard
         hard = (score > 0).float()
         if state.grad == "ste":

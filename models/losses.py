@@ -33,16 +33,22 @@ class LossWeights:
 
 @dataclass(frozen=True)
 class LossParts:
-    """The objective's terms for one batch (floats, for logging)."""
+    """The objective's terms for one batch, for logging: detached 0-dim tensors on the loss's device, so that a
+    training step never waits for the GPU to hand them over (``to_dict`` converts, and waits, once)."""
 
-    total: float
-    ce_fine: float
-    ce_coarse: float
-    budget: float
-    rank: float
+    total: torch.Tensor
+    ce_fine: torch.Tensor
+    ce_coarse: torch.Tensor
+    budget: torch.Tensor
+    rank: torch.Tensor
+
+    def stacked(self) -> torch.Tensor:
+        """The five terms as one float64 tensor [5] on their device (float32 on MPS)."""
+        dtype = torch.float32 if self.total.device.type == "mps" else torch.float64
+        return torch.stack([self.total, self.ce_fine, self.ce_coarse, self.budget, self.rank]).to(dtype)
 
     def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+        return {k: float(v) for k, v in asdict(self).items()}
 
 
 def budget_loss(values: dict[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
@@ -81,6 +87,6 @@ def dsn_loss(out: ModelOutput, fine: torch.Tensor, coarse: torch.Tensor, weights
         budget = budget_loss(out.values, weights)
         rank = ranking_loss(out.values, ce_fine_per_sample.detach(), weights.margin)
         total = total + gate_weight * (weights.budget * budget + weights.rank * rank)
-    return total, LossParts(total=float(total.detach()), ce_fine=float(ce_fine.detach()),
-                            ce_coarse=float(ce_coarse.detach()), budget=float(budget.detach()),
-                            rank=float(rank.detach()))
+    return total, LossParts(total=total.detach().float(), ce_fine=ce_fine.detach().float(),
+                            ce_coarse=ce_coarse.detach().float(), budget=budget.detach().float(),
+                            rank=rank.detach().float())

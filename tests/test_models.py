@@ -106,7 +106,7 @@ def test_open_mode_runs_every_block_for_every_sample(images):
     seen = block_batch_sizes(model, lambda: model(images, mode="open"))
     assert seen == [[32]] * model.n_gates
     out = model(images, mode="open")
-    assert torch.all(out.path == 1) and torch.allclose(out.macs, torch.full((32,), model.full_macs))
+    assert torch.all(out.path == 1) and torch.allclose(out.macs, torch.full((32,), model.full_macs, dtype=torch.float64))
 
 
 def test_macs_add_up_and_match_an_independent_count(images):
@@ -117,7 +117,7 @@ def test_macs_add_up_and_match_an_independent_count(images):
     # twice the width, so they cost the same as stage 2's.
     assert len(set(costs.gated_blocks)) == 1
     out = model(images)
-    expected = costs.always_on + out.path @ torch.tensor(costs.gated_blocks)
+    expected = costs.always_on + out.path.double() @ torch.tensor(costs.gated_blocks, dtype=torch.float64)
     torch.testing.assert_close(out.macs, expected)
     for i in range(4):  # the flop counter sees only what sub-batch execution really computed
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -238,8 +238,9 @@ def test_dsn_loss_adds_gate_terms_only_when_ramped_in(images):
     fine, coarse = torch.randint(0, 8, (32,)), torch.randint(0, 2, (32,))
     _, off = dsn_loss(out, fine, coarse, LossWeights(), gate_weight=0.0)
     total, on = dsn_loss(out, fine, coarse, LossWeights(), gate_weight=1.0)
-    assert off.total == pytest.approx(off.ce_fine + off.ce_coarse, rel=1e-5)
-    assert on.total > off.total and on.budget > 0
+    off, on = off.to_dict(), on.to_dict()  # the parts are device tensors: read once, as floats
+    assert off["total"] == pytest.approx(off["ce_fine"] + off["ce_coarse"], rel=1e-5)
+    assert on["total"] > off["total"] and on["budget"] > 0
     total.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".gates." in n)
 
@@ -315,3 +316,69 @@ def test_models_command_prints_each_models_own_options(capsys):
     assert lines["resnet"] == ", ".join(model_options("resnet")) and "gate_fn" not in lines["resnet"]
     assert "gate_fn" in lines["dsn"] and "film" not in lines["dual"]
     assert lines["gate functions (option gate_fn)"] == "gumbel, hardsig, ste"
+
+
+def test_macs_are_exact_under_autocast_where_float16_or_bfloat16_would_round_them(images):
+    # ResNet-110-sized costs: ~1e8 MACs per block overflow float16 (max 65504) and round in bfloat16, which a
+    # bits @ macs matmul under autocast would use (the H200 logged "MACs saved nan%" under AMP).
+    from models.cost import CostTable
+    table = CostTable(full=4e8 + 3, always_on=1e8 + 1, gated_blocks=(1e8 + 1, 2e8 + 1))
+    bits = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        macs = table.per_sample(bits)
+    assert macs.dtype == torch.float64 and macs.tolist() == [4e8 + 3, 3e8 + 2, 1e8 + 1]
+    model = mixed_gates_dsn()
+    with torch.no_grad():
+        plain = model(images, mode="hard")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_amp = model(images, mode="hard")
+    assert under_amp.macs.dtype == torch.float64
+    expected = model.costs.always_on + under_amp.path.double() @ torch.tensor(model.costs.gated_blocks,
+                                                                             dtype=torch.float64)
+    assert torch.equal(under_amp.macs, expected) and torch.isfinite(under_amp.macs).all()
+    assert plain.macs.dtype == torch.float64
+
+
+def test_frozen_path_with_uniform_columns_runs_or_skips_whole_blocks_without_reading_decisions(images, monkeypatch):
+    model = mixed_gates_dsn()
+    path = torch.zeros(32, model.n_gates)
+    path[:, ::2] = 1  # every even gate runs for every sample, every odd one for none
+    seen = block_batch_sizes(model, lambda: model(images, mode="frozen", path=path))
+    assert seen == [[32] if k % 2 == 0 else [] for k in range(model.n_gates)]
+    calls = []
+    original = torch.Tensor.nonzero
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    with torch.no_grad():
+        frozen = model(images, mode="frozen", path=path)
+        model(images, mode="open")
+        model(images, mode="soft")
+        model(images, mode="hard", execution="mask")
+    assert calls == []  # none of these forwards asks the device which samples run a block
+    with torch.no_grad():
+        masked = model(images, mode="frozen", path=path, execution="mask")
+        mixed = path.clone()
+        mixed[0, 1] = 1  # one column varies per sample: only it is read back
+        model(images, mode="frozen", path=mixed)
+    assert len(calls) == 1
+    torch.testing.assert_close(frozen.fine, masked.fine, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_subbatch_equals_masked_in_true_float32_and_open_mode_never_synchronises():
+    model = mixed_gates_dsn().cuda()
+    x = torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(3)).cuda()
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            real, masked = model(x, mode="hard"), model(x, mode="hard", execution="mask")
+            torch.testing.assert_close(real.fine, masked.fine, atol=1e-5, rtol=1e-5)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                model(x, mode="open")
+                model(x, mode="hard", execution="mask")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

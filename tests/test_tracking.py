@@ -348,3 +348,20 @@ def test_autoattack_preset_runs_and_is_budget_checked(tiny_runs, tmp_path):
     assert (at.loc[at["clean_correct"], "linf"] > 0).all()
     assert result.manifest["config"]["preset"] == "autoattack"
     assert set(result.manifest["surrogate_fidelity"]) == {"hard/none", "hard/sharp"}
+
+
+@pytest.mark.parametrize("mode,grad", [("hard", g) for g in ("none", "ste", "bpda", "sharp", "eot")]
+                         + [("open", "none"), ("soft", "none"), ("random", "none")])
+def test_an_attack_trusts_its_own_logits_only_where_they_are_the_deployed_forward_bit_for_bit(mode, grad):
+    # bpda and sharp return the hard network's logits exactly, so an iterate is judged without a second forward;
+    # ste (masked execution) and eot (averaged draws) are not the deployed forward and must be re-evaluated.
+    from attacks.adapters import gives_deployed_logits
+    from test_models import mixed_gates_dsn
+    model = mixed_gates_dsn()
+    x = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    target = Target(model, "fine", mode, grad, eot_samples=2)
+    expected = {"none": True, "bpda": True, "sharp": True, "ste": False, "eot": False}[grad] and mode != "random"
+    assert target.deployed_logits is expected is gives_deployed_logits(model, mode, grad)
+    if expected:
+        torch.manual_seed(0)
+        assert torch.equal(target.forward(x.clone().requires_grad_(True)).logits("fine"), target.logits(x))

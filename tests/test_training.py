@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -261,6 +262,28 @@ def test_lr_schedules():
     assert cos.lr_factor(0) == 1.0 and cos.lr_factor(5) == pytest.approx(0.5) and cos.lr_factor(10) < 1e-9
     step = tiny(epochs=10, schedule="step", milestones=[4, 8], gamma=0.1)
     assert [round(step.lr_factor(t), 6) for t in (0, 3.9, 4, 7.5, 8, 9.9)] == [1, 1, 0.1, 0.1, 0.01, 0.01]
+
+
+def test_lr_warmup_ramps_from_its_start_to_the_peak():
+    """He et al. 2016 warm ResNet-110 up at a tenth of the peak (the default start): the factor starts there,
+    rises monotonically per iteration and meets the schedule at the end of the warm-up."""
+    for start in (0.1, 0.25, 1.0):
+        config = tiny(epochs=10, schedule="step", milestones=[6], lr_warmup_epochs=2, lr_warmup_start=start)
+        ts = [i / 50 for i in range(0, 101)]  # 50 iterations an epoch over the 2 warm-up epochs
+        factors = [config.lr_factor(t) for t in ts]
+        assert factors[0] == pytest.approx(start)
+        assert all(b >= a for a, b in zip(factors, factors[1:]))
+        assert factors[-1] == 1.0 and config.lr_factor(1.98) == pytest.approx(1 - (1 - start) / 100)
+    assert tiny(lr_warmup_epochs=1).lr_factor(0) == pytest.approx(0.1)  # the default start
+    assert tiny(lr_warmup_epochs=0, lr_warmup_start=0.5).lr_factor(0) == 1.0  # no warm-up: the start is unused
+    cifar100 = TrainConfig.from_tables(tomllib.loads((REPO / "configs/cifar100.toml").read_text()))
+    assert cifar100.lr * cifar100.lr_factor(0) == pytest.approx(0.01)  # epoch 1 of ResNet-110 starts at 0.01
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan"), "0.1"])
+def test_lr_warmup_start_must_be_a_factor_in_0_1(bad):
+    with pytest.raises(ConfigError, match="lr_warmup_start"):
+        tiny(lr_warmup_epochs=1, lr_warmup_start=bad)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import InitVar, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
@@ -30,7 +30,8 @@ from robustness.core.config import build
 from robustness.core.errors import ConfigError, UnknownNameError
 from robustness.core.vocab import ATTACK_GATE_MODES, GRAD_MODES, HEADS, NORMS, parse_eps
 
-#: ``eps = "auto"``: the grid is chosen from the minimal distances (robustness.eps_grid)
+#: ``eps = "auto"``: the grid is chosen from the minimal distances (robustness.eps_grid); ``batch_size = "auto"``:
+#: the batch is sized for the device (attacks.runner.sizing)
 AUTO = "auto"
 #: attack names a user may ask for (``apgd`` expands to ``apgd-ce`` and ``apgd-dlr``; also as ``[attack.apgd]``)
 ATTACK_ALIASES = {"apgd": ["apgd-ce", "apgd-dlr"]}
@@ -94,6 +95,8 @@ class AttackConfig:
     while attacking: 1 is many times faster for small models on a busy CPU. ``workers`` (1) > 1 splits the
     batches over that many processes on a CPU (the runner's torchrun sharding, spawned by the runner itself;
     ``n / batch_size`` batches must be at least ``workers`` to gain anything); on a GPU use ``torchrun`` instead.
+    ``batch_size`` is a positive integer or ``"auto"``: the largest batch that fits on a GPU, a fixed rule on
+    a CPU (:mod:`attacks.runner.sizing`; a resumed run keeps the batch size its records were made with).
     ``minimal_check`` (True) also runs PGD at the minimal-norm attacks' L2 budgets (their convergence check and a
     fixed-budget floor under the L2 numbers). ``params`` holds each attack's own parameters by attack name; the
     flat names of :data:`FLAT_ALIASES` are accepted as keywords.
@@ -111,7 +114,7 @@ class AttackConfig:
     gate_grads: list[str] | str = field(default_factory=lambda: ["none", "ste", "bpda", "sharp"])
     target: str = "fine"
     n: int = 1000
-    batch_size: int = 128
+    batch_size: int | Literal["auto"] = 128
     seed: int = 0
     device: str = "auto"
     eot_samples: int = 8
@@ -186,7 +189,8 @@ class AttackConfig:
             raise ConfigError("gate_modes and gate_grads must not be empty")
         if self.target not in HEADS:
             raise UnknownNameError("target head", str(self.target), HEADS)
-        for name in ("n", "batch_size", "eot_samples") + (("steps",) if self.steps is not None else ()):
+        self.batch_size = _batch_size(self.batch_size)
+        for name in ("n", "eot_samples") + (("steps",) if self.steps is not None else ()):
             self._positive_int(name)
         if self.preset and self.preset not in PRESETS:
             raise UnknownNameError("attack preset", str(self.preset), sorted(PRESETS))
@@ -201,6 +205,12 @@ class AttackConfig:
         self.params = _fold_aliases(_own_params(self.params), dict(zip(FLAT_ALIASES, flat)))
         for name, values in self.params.items():
             self.options_for(name)  # checks names and values against every backend's Params
+
+    @property
+    def batch_auto(self) -> bool:
+        """Whether the batch size is to be chosen for the device (``batch_size = "auto"``:
+        :mod:`attacks.runner.sizing`)."""
+        return self.batch_size == AUTO
 
     @property
     def eps_auto(self) -> bool:
@@ -288,6 +298,15 @@ class AttackConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _batch_size(value: Any) -> int | str:
+    """``value`` as a batch size: a positive integer or ``"auto"`` (any case); anything else is a ConfigError."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ConfigError(f'batch_size must be a positive integer or "auto", got {value!r}')
+    return int(value)
 
 
 def _check_eps(values: list[float], norm: str, name: str) -> None:

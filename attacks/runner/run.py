@@ -10,9 +10,13 @@ Layout written into the run directory::
 
 The manifest (``schema: dsn-robustness/attacks/v1``) holds: ``run``, ``model``, ``checkpoint`` (relative path),
 ``dataset`` (DatasetInfo.to_dict()), ``data`` (dataset name, root, options, split), ``seed``, ``n``,
-``batch_size``, ``n_batches``, ``versions`` (package versions), ``path_names`` (gate names in path-bit order),
-``full_macs``, ``gated_block_macs``, ``zero_grad_share`` (``{"<gate_mode>/<gate_grad>": share}`` of samples whose
-input gradient is exactly zero, on the first batch), ``surrogate_fidelity`` (``{"<gate_mode>/<gate_grad>":
+``batch_size`` (the number used, also when ``"auto"`` chose it: :mod:`attacks.runner.sizing`),
+``batch_size_auto`` (whether it did), ``n_batches``, ``float32`` (``{"tf32": false, "matmul_precision":
+"highest"}``: the float32 arithmetic in force while attacking, which :func:`robustness.core.runtime.true_float32`
+makes exact whatever the process's global TF32 flags say, so that records never depend on them), ``versions``
+(package versions), ``path_names`` (gate names in path-bit order), ``full_macs``, ``gated_block_macs``,
+``zero_grad_share`` (``{"<gate_mode>/<gate_grad>": share}`` of samples whose input gradient is exactly zero, on
+the first batch), ``surrogate_fidelity`` (``{"<gate_mode>/<gate_grad>":
 share}`` of first-batch samples whose surrogate network predicts what the deployed one does; 1 for ``none`` and
 ``ste``), ``sharp_temperature`` (the per-gate temperatures of the ``sharp`` routing gradient, calibrated on the
 first batch's clean images and used for every batch), ``config`` (the AttackConfig of the last invocation) and
@@ -23,9 +27,11 @@ unbounded rows: a minimal attack that does not find an adversarial example for >
 samples has not converged, and its accuracies at the budgets are upper bounds).
 
 Every shard is written atomically, so an interrupted run resumes (``resume=True``) by skipping the shards that
-exist. Every batch x evaluation draws its randomness from a seed derived from (seed, evaluation id, batch), so a
-resumed or a multi-process run gives the same records as an uninterrupted single-process one. Under ``torchrun``
-(``WORLD_SIZE > 1``) rank r takes the batches with ``index % world == r``; rank 0 writes the manifest.
+exist. Shards are keyed by batch index, so a resumed run must cut the data as before: ``batch_size = "auto"``
+reuses the manifest's batch size, and a different fixed one is refused. Every batch x evaluation draws its
+randomness from a seed derived from (seed, evaluation id, batch), so a resumed or a multi-process run gives the
+same records as an uninterrupted single-process one. Under ``torchrun`` (``WORLD_SIZE > 1``) rank r takes the
+batches with ``index % world == r``; rank 0 writes the manifest.
 
 Paths and JSON files of the run directory are :class:`robustness.core.rundir.RunDir`'s; the training config is
 read as a :class:`models.training.TrainConfig`.
@@ -53,14 +59,16 @@ from attacks.records import RECORD_COLUMNS, accuracy_rows, conform, read_records
 from attacks.runner.config import AttackConfig, dedupe
 from attacks.runner.plan import EvalPlan, plan_evaluations
 from attacks.runner.scoring import Batch, Scorer
+from attacks.runner.sizing import resolve_batch_size
 from models.checkpoint import Checkpoint, load_checkpoint
 from models.network import CoarseFineNet
 from models.surrogates import calibrate_temperature, surrogate_fidelity
 from models.training import TrainConfig
 from robustness.core.errors import CheckpointError, ConfigError, RunDirError
 from robustness.core.rundir import RunDir, atomic_write, atomic_write_json
-from robustness.core.runtime import (Distributed, derive_seed, distributed, env_world, jsonable, package_versions,
-                                     process_device, resolve_device, seed_everything, torch_threads)
+from robustness.core.runtime import (Distributed, derive_seed, distributed, env_world, float32_state, jsonable,
+                                     package_versions, process_device, resolve_device, seed_everything,
+                                     torch_threads, true_float32)
 from robustness.data import CoarseFineDataset, DatasetInfo, load_dataset
 
 log = logging.getLogger(__name__)
@@ -165,7 +173,9 @@ def _manifest(run: RunDir, checkpoint: Checkpoint, model: CoarseFineNet, config:
         "seed": setup["seed"],
         "n": setup["n"],
         "batch_size": setup["batch_size"],
+        "batch_size_auto": setup["batch_size_auto"],
         "n_batches": n_batches,
+        "float32": float32_state(),
         "versions": package_versions(),
         "path_names": list(model.gate_names),
         "full_macs": float(model.full_macs),
@@ -293,30 +303,35 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
     if head_classes < 3 and any(p.name == "apgd-dlr" for p in plans):
         raise ConfigError(f"apgd-dlr needs at least 3 classes; the {config.target} head has {head_classes}")
 
-    n_batches = math.ceil(n / config.batch_size)
-    setup = {"n": n, "batch_size": config.batch_size, "seed": config.seed}
     previous = run.read_manifest()
     existing = run.has_records()
-    if existing:
-        if force:
-            pass
-        elif not resume:
-            raise RunDirError(f"{run.root} already holds attack records; pass --resume to continue (or add to) "
-                              f"them or --force to replace them")
-        else:
+    if existing and not force and not resume:
+        raise RunDirError(f"{run.root} already holds attack records; pass --resume to continue (or add to) "
+                          f"them or --force to replace them")
+    resuming = bool(resume and existing)
+    world = env_world()[0] if env_world()[0] > 1 else config.workers if device.type == "cpu" else 1
+    with torch_threads(config.threads), true_float32(), distributed(device) as dist:
+        sizing = resolve_batch_size(config, plans, crafting_model, data, device, world=world,
+                                    previous=previous if resuming else None, agree=dist.all_min)
+        if sizing.auto and dist.main:
+            log.info(sizing.log_line())
+        asked, config = config, dataclasses.replace(config, batch_size=sizing.size)
+        n_batches = math.ceil(n / config.batch_size)
+        setup = {"n": n, "batch_size": config.batch_size, "batch_size_auto": sizing.auto, "seed": config.seed}
+        if resuming:
             _check_resumable(run, previous, setup, plans)
 
-    # a resume with every shard written attacks nothing: no worker processes, no probes (the manifest keeps them)
-    finished = bool(resume and existing and previous) and all(_complete(run, p.id, n_batches) for p in plans)
-    if config.workers > 1 and env_world()[0] == 1 and not finished:
-        if device.type == "cpu":
-            return _run_in_workers(run, config, resume, transfer_from, progress, force, on_shard)
-        log.info("workers=%d applies to CPU runs; on a GPU launch the attack under torchrun", config.workers)
+        # a resume with every shard written attacks nothing: no worker processes, no probes (the manifest keeps
+        # them)
+        finished = bool(resuming and previous) and all(_complete(run, p.id, n_batches) for p in plans)
+        if config.workers > 1 and env_world()[0] == 1 and not finished:
+            if device.type == "cpu":  # the workers size "auto" alike: the same rule for the same world
+                return _run_in_workers(run, asked, n_batches, resume, transfer_from, progress, force, on_shard)
+            log.info("workers=%d applies to CPU runs; on a GPU launch the attack under torchrun", config.workers)
 
-    temperature = None if finished else sharp_temperature(model, data, config)
-    crafting_temperature = (temperature if crafting_model is model or finished
-                            else sharp_temperature(crafting_model, data, config))
-    with torch_threads(config.threads), distributed(device) as dist:
+        temperature = None if finished else sharp_temperature(model, data, config)
+        crafting_temperature = (temperature if crafting_model is model or finished
+                                else sharp_temperature(crafting_model, data, config))
         dist.barrier()
         if dist.main:
             if force and run.attacks.exists():
@@ -325,7 +340,7 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
                 for stale in (run.manifest, run.worst_case):
                     stale.unlink(missing_ok=True)
                 previous = None
-            kept = previous if resume and existing else None
+            kept = previous if resuming else None
             if finished:
                 probes = {key: (previous or {}).get(key) for key in
                           ("zero_grad_share", "surrogate_fidelity", "sharp_temperature")}
@@ -336,7 +351,7 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
             if kept:
                 for key in ("zero_grad_share", "surrogate_fidelity"):
                     probes[key] = {**(kept.get(key) or {}), **(probes[key] or {})}
-            manifest = _manifest(run, checkpoint, model, config, data_source, setup, n_batches, probes, plans, kept)
+            manifest = _manifest(run, checkpoint, model, asked, data_source, setup, n_batches, probes, plans, kept)
             atomic_write_json(run.manifest, manifest)
         dist.barrier()
 
@@ -367,21 +382,22 @@ def _free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, run_dir: str, config: AttackConfig, resume: bool,
             transfer_from: str | None, progress: bool, force: bool, level: int) -> None:
-    """One spawned rank: the environment torchrun would set, then the ordinary (sharded) run."""
-    logging.basicConfig(level=level, format="%(message)s")
+    """One spawned rank: the environment torchrun would set, then the ordinary (sharded) run. The parent has
+    already said what is planned, so the other ranks keep only warnings (rank 0 still reports its progress)."""
+    logging.basicConfig(level=level if rank == 0 else max(level, logging.WARNING), format="%(message)s")
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     run_attacks(run_dir, dataclasses.replace(config, workers=1), resume=resume, transfer_from=transfer_from,
                 progress=progress and rank == 0, force=force)
 
 
-def _run_in_workers(run: RunDir, config: AttackConfig, resume: bool, transfer_from: Any, progress: bool,
-                    force: bool, on_shard: Callable[[Path], None] | None) -> AttackResult:
-    """``config.workers`` processes on this machine, each taking every ``workers``-th batch (as under torchrun);
-    everything is validated by the caller first, so a user's mistake is still one line from this process."""
+def _run_in_workers(run: RunDir, config: AttackConfig, n_batches: int, resume: bool, transfer_from: Any,
+                    progress: bool, force: bool, on_shard: Callable[[Path], None] | None) -> AttackResult:
+    """``config.workers`` processes on this machine, each taking every ``workers``-th of the ``n_batches``
+    batches (as under torchrun); everything is validated by the caller first, so a user's mistake is still one
+    line from this process."""
     if on_shard is not None:
         raise ConfigError("on_shard cannot be observed across worker processes; use workers=1")
-    n_batches = math.ceil(config.n / config.batch_size)
     if n_batches < config.workers:
         log.info("%d batch(es) for %d workers: lower batch_size to use them all", n_batches, config.workers)
     level = logging.getLogger().getEffectiveLevel()

@@ -59,6 +59,7 @@ class TrainConfig:
     milestones: list[int] = field(default_factory=list)  # step schedule; empty: 50% and 75% of the epochs
     gamma: float = 0.1
     lr_warmup_epochs: int = 0
+    lr_warmup_start: float = 0.1  # the LR factor at the start of the warm-up (He et al. 2016: 0.01 of 0.1)
     # DSN stages
     warmup_epochs: int = 2
     ramp_epochs: int = 3
@@ -169,6 +170,8 @@ class TrainConfig:
              f"milestones must be increasing epochs >= 1, got {self.milestones}"),
             (0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}"),
             (self.lr_warmup_epochs >= 0, f"lr_warmup_epochs must be >= 0, got {self.lr_warmup_epochs}"),
+            (0 < self.lr_warmup_start <= 1,
+             f"lr_warmup_start must be in (0, 1] (a factor of lr), got {self.lr_warmup_start}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
             (self.ramp_epochs >= 0, f"ramp_epochs must be >= 0, got {self.ramp_epochs}"),
             (self.slope_start > 0, f"slope_start must be > 0, got {self.slope_start}"),

@@ -207,7 +207,8 @@ class Trainer:
         batches = epoch_batches(len(s.train_set), c.batch_size, c.seed, epoch, s.dist.rank, s.dist.world)
         aug_gen = augmentation_generator(c.seed, epoch, s.dist.rank)
         s.model.train()
-        sums = torch.zeros(9, dtype=torch.float64)  # n, loss, ce_f, ce_c, budget, rank, acc_f, acc_c, skip
+        # n, loss, ce_f, ce_c, budget, rank, acc_f, acc_c, skip: summed on the device, read back once per epoch
+        sums = torch.zeros(9, dtype=torch.float32 if s.device.type == "mps" else torch.float64, device=s.device)
         bar = self._bar(len(batches), epoch, s.dist)
         try:
             for i, idx in enumerate(batches):
@@ -222,9 +223,10 @@ class Trainer:
             if bar is not None:
                 bar.close()
         if s.dist.enabled:
-            sums = s.dist.all_reduce(sums.to(s.device)).cpu()
+            sums = s.dist.all_reduce(sums)
             for buf in s.model.buffers():  # BN statistics: rank 0's, as DDP broadcasts them
                 torch.distributed.broadcast(buf, 0)
+        sums = sums.double().cpu() if sums.device.type != "mps" else sums.cpu().double()
         n = max(float(sums[0]), 1.0)
         row: dict[str, Any] = {
             "epoch": epoch + 1, "loss": float(sums[1]) / n, "ce_fine": float(sums[2]) / n,
@@ -256,12 +258,13 @@ class Trainer:
         s.scaler.step(s.optimizer)
         s.scaler.update()
         s.scheduler.step()
-        b = len(idx)
-        skip = float((out.path_scores <= 0).float().mean()) if s.model.is_gated and gated_phase else 0.0
-        acc_f = float((out.fine.argmax(1) == fine).float().sum())
-        acc_c = float((out.coarse.argmax(1) == coarse).float().sum())
-        return torch.tensor([b, parts.total * b, parts.ce_fine * b, parts.ce_coarse * b, parts.budget * b,
-                             parts.rank * b, acc_f, acc_c, skip * b], dtype=torch.float64)
+        with torch.no_grad():  # every figure stays on the device: no step waits for the GPU to report
+            terms = parts.stacked()
+            b = terms.new_tensor([float(len(idx))])
+            skip = ((out.path_scores <= 0).to(terms.dtype).mean(1).sum().view(1) if s.model.is_gated and gated_phase
+                    else terms.new_zeros(1))
+            correct = torch.stack([(out.fine.argmax(1) == fine).sum(), (out.coarse.argmax(1) == coarse).sum()])
+            return torch.cat([b, terms * b, correct.to(terms.dtype), skip])
 
     def _bar(self, total: int, epoch: int, dist: Distributed):
         if not self.progress or not dist.main or not sys.stderr.isatty():

@@ -56,7 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                           "none,ste,bpda,sharp)")
     p.add_argument("--target", choices=list(HEADS), help="head under attack (default fine)")
     p.add_argument("--n", type=int, help="number of test samples (default 1000)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="batch size (default 128)")
+    p.add_argument("--batch-size", dest="batch_size", type=_batch_size_arg,
+                   help="images per batch, or auto: the largest batch that fits on a GPU (80%% of its free memory, "
+                        "measured), equal batches of at most 128 on a CPU; a resumed run keeps the size its records "
+                        "were made with (default 128)")
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
     p.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
     p.add_argument("--steps", type=int, help="iterations of every iterative attack (default: each its own: PGD 50, "
@@ -77,6 +80,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="TOML file whose [attack] table supplies defaults")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(handler=run)
+
+
+def _batch_size_arg(text: str) -> int | str:
+    """``--batch-size``: a number as an int, anything else as given (AttackConfig accepts ``auto`` and turns the
+    rest into a one-line ConfigError)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def config_from_args(args: argparse.Namespace) -> AttackConfig:

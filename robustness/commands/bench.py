@@ -1,7 +1,7 @@
 """``dsn-robust bench``: throughput of real skipping vs masked execution, open network and static twins; and
 ``dsn-robust bench reference RUN_DIR``: an independent reference PGD that the suite's worst case is checked against.
 
-Without a mode word ``bench`` times skipping exactly as before (``dsn-robust bench [--run RUN_DIR] ...``); the
+Without a mode word ``bench`` times skipping (``dsn-robust bench [--run RUN_DIR] [--batch-size 1,256] ...``); the
 modes are subparsers so that each one's flags stay its own in ``--help``.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 
 from robustness.bench.reference import LOSSES, REFERENCE_GATE_MODES, ReferenceConfig, format_table as reference_table
 from robustness.bench.reference import run_reference
-from robustness.bench.skipping import format_table, run_benchmark
+from robustness.bench.skipping import format_table, parse_batch_sizes, run_benchmark
 from robustness.core.errors import ConfigError
 from robustness.core.runtime import DEVICE_CHOICES, resolve_device, torch_threads
 from robustness.core.vocab import GRAD_MODES, HEADS, parse_eps
@@ -21,14 +21,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure the wall-clock saving of real layer skipping (prints JSON + table); "
                                      "`bench reference RUN_DIR` runs the independent reference PGD",
                        description="Without a mode: time dsn hard (sub-batch), dsn masked, dsn open, dual and resnet "
-                                   "on one batch. Target: time saved vs masked >= 80% of MACs saved. "
+                                   "at each batch size (interleaved; min, median, spread), count their aten ops, "
+                                   "CUDA kernels and host syncs, and time each gated block alone for the ideal "
+                                   "saving of skipping. Targets: dsn open within 1.3x dual's time and aten ops; "
+                                   "sub-batch skipping achieves >= 0.8 of the ideal saving. "
                                    "Mode `reference`: see `dsn-robust bench reference --help`.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--run", metavar="RUN_DIR", help="use a trained dsn run's gates (hard mode)")
     src.add_argument("--skip", type=float, default=0.5,
                      help="without --run: force gates to skip this fraction at random per sample (default 0.5)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per variant; the median is reported")
+    p.add_argument("--batch-size", default=None, metavar="SIZES",
+                   help="comma list of batch sizes (default 1,256,2048 on CUDA; 1,256 on a CPU, where batch 2048 "
+                        "takes minutes)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed rounds per variant, interleaved; ratios use the minimum (default %(default)s)")
     p.add_argument("--depth-n", type=int, default=3, help="without --run: blocks per stage (ResNet-6n+2)")
     p.add_argument("--width", type=int, default=16, help="without --run: channels of the first stage")
     p.add_argument("--image-size", type=int, default=32)
@@ -36,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-attack-overhead", action="store_true",
                    help="skip timing the attack runner against direct torchattacks PGD")
     p.add_argument("--json-only", action="store_true", help="print only the JSON")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (default 0: torch's default); use 1 on a shared CPU, where two "
+                        "threads competing with other processes make timings erratic (see the spread column)")
     p.set_defaults(handler=run)
     modes = p.add_subparsers(dest="bench_mode", metavar="[MODE]", title="modes (optional; none: time skipping)")
     _register_reference(modes)
@@ -74,10 +83,14 @@ def _register_reference(modes: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = run_benchmark(run=args.run, skip=None if args.run else args.skip, batch_size=args.batch_size,
-                           repeats=args.repeats, depth_n=args.depth_n, width=args.width,
-                           image_size=args.image_size, device=resolve_device(args.device),
-                           attack_overhead=not args.no_attack_overhead)
+    if args.threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    device = resolve_device(args.device)
+    batch_sizes = parse_batch_sizes(args.batch_size, device)
+    with torch_threads(args.threads):
+        result = run_benchmark(run=args.run, skip=None if args.run else args.skip, batch_sizes=batch_sizes,
+                               repeats=args.repeats, depth_n=args.depth_n, width=args.width,
+                               image_size=args.image_size, device=device, attack_overhead=not args.no_attack_overhead)
     print(json.dumps(result.to_dict(), indent=2))
     if not args.json_only:
         print(format_table(result))

@@ -1,7 +1,18 @@
-"""The process around a computation: device choice, seeding, the distributed context, versions, JSON safety.
+"""The process around a computation: device choice, seeding, the distributed context, versions, JSON safety,
+float32 precision.
 
 One owner each, so that no module hard-codes ``.cuda()``, derives seeds its own way, joins a process group
-differently or writes NaN into a JSON file.
+differently, writes NaN into a JSON file or flips a global TF32 flag.
+
+TF32: PyTorch lets cuDNN convolutions use TensorFloat-32 by default, and the matmul precision is a process-wide
+setting too, so without :func:`true_float32` attack records would depend on flags nobody set (on an H200 the
+sub-batch and masked outputs of a ResNet-110-sized dsn differ by 4e-4 relative with TF32, 1.5e-6 without).
+Pitfall: since torch 2.9 the legacy flags (``torch.backends.cuda.matmul.allow_tf32``, ``cudnn.allow_tf32``,
+``torch.get_float32_matmul_precision()``) raise a RuntimeError when *read* after the newer per-backend API
+(``torch.backends.*.fp32_precision``) set a state they cannot express; and writing ``allow_tf32`` after a
+``"medium"`` precision produces such a state. So the legacy state is read once, restored through the matmul
+precision (which implies ``matmul.allow_tf32``) and ``cudnn.allow_tf32`` only, and where it cannot be read the
+per-backend precisions are saved and restored instead.
 """
 from __future__ import annotations
 
@@ -14,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields, is_dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -93,6 +104,16 @@ class Distributed:
         if self.enabled:
             torch.distributed.all_reduce(t)
         return t
+
+    def all_min(self, value: int) -> int:
+        """The smallest ``value`` over ranks (what every rank can afford); ``value`` itself for one process."""
+        if not self.enabled:
+            return value
+        on_gpu = torch.distributed.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+        t = torch.tensor([value], dtype=torch.int64,
+                         device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return int(t.item())
 
 
 def env_world() -> tuple[int, int, int]:
@@ -191,3 +212,72 @@ def torch_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Float32 precision (TF32)
+# --------------------------------------------------------------------------------------------------------------
+
+#: the per-backend precisions of torch >= 2.9 that TF32 can reach, and the matmul one in legacy terms
+_PRECISION_BACKENDS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn")
+_LEGACY_MATMUL = {"ieee": "highest", "tf32": "high", "bf16": "medium"}
+
+
+def _legacy_flags() -> tuple[str, bool] | None:
+    """``(matmul precision, cudnn.allow_tf32)`` as the legacy API reports them; None where torch refuses to read
+    them because the per-backend API set a state they cannot express."""
+    try:
+        return torch.get_float32_matmul_precision(), bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        return None
+
+
+def _precision_backends() -> Sequence[Any]:
+    """The backend objects with an ``fp32_precision`` (torch >= 2.9); empty on older torch."""
+    found = []
+    for path in _PRECISION_BACKENDS:
+        obj: Any = torch.backends
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is None or not hasattr(obj, "fp32_precision"):
+            return []
+        found.append(obj)
+    return found
+
+
+def float32_state() -> dict[str, Any]:
+    """The float32 arithmetic in force: ``{"tf32": reduced precision allowed anywhere (cuBLAS or cuDNN),
+    "matmul_precision": "highest" | "high" | "medium"}`` (what attack manifests record)."""
+    legacy = _legacy_flags()
+    if legacy is not None:
+        precision, cudnn = legacy
+        return {"tf32": precision != "highest" or cudnn, "matmul_precision": precision}
+    values = [b.fp32_precision for b in _precision_backends()]
+    if not values:
+        return {"tf32": True, "matmul_precision": "unknown"}
+    matmul = values[0] if values[0] != "none" else getattr(torch.backends, "fp32_precision", "none")
+    return {"tf32": any(v != "ieee" for v in values),  # "none" inherits: cuDNN's default is TF32
+            "matmul_precision": _LEGACY_MATMUL.get(matmul, "highest" if matmul == "none" else matmul)}
+
+
+@contextmanager
+def true_float32() -> Iterator[None]:
+    """Exact float32 matmuls and convolutions (TF32 off for cuBLAS and cuDNN, matmul precision ``highest``) for
+    the duration; the flags as they were afterwards, also after an error. Harmless on CPU. See the module
+    docstring for why the legacy flags are written the way they are."""
+    legacy = _legacy_flags()
+    backends = _precision_backends() if legacy is None else []
+    saved = [b.fp32_precision for b in backends]
+    try:
+        if legacy is not None:
+            torch.set_float32_matmul_precision("highest")  # also turns matmul.allow_tf32 off
+            torch.backends.cudnn.allow_tf32 = False
+        for b in backends:
+            b.fp32_precision = "ieee"
+        yield
+    finally:
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy[0])
+            torch.backends.cudnn.allow_tf32 = legacy[1]
+        for b, value in zip(backends, saved):
+            b.fp32_precision = value
