@@ -8,6 +8,8 @@ routing gradients), rounded to quarters of 1/255, plus the median distance of an
 curve is outside 10-90% at all of those (:func:`robustness.analysis.distances.auto_eps_grid`); then every
 fixed-budget attack runs at that grid. Both phases resume like any attack run: the minimal evaluations of phase 1
 are the same evaluations in phase 2, and the grid is a function of their records, so a rerun picks the same one.
+Under several ranks (torchrun, or the pipeline's attack workers) every rank computes the grid from the records on
+disk, so all of them attack at the same one.
 """
 from __future__ import annotations
 
@@ -19,10 +21,13 @@ from pathlib import Path
 import pandas as pd
 
 from attacks.base import MINIMAL, attack_kind
+from attacks.records import read_records
 from attacks.runner import AttackConfig, AttackResult, run_attacks
 from attacks.runner.plan import plan_evaluations
 from robustness.analysis.distances import auto_eps_grid, minimal_distances
 from robustness.core.errors import ConfigError
+from robustness.core.rundir import RunDir
+from robustness.core.runtime import env_world
 from robustness.core.vocab import format_eps
 
 log = logging.getLogger(__name__)
@@ -75,8 +80,10 @@ def attack_runs(runs: Mapping[str, Path], configs: Mapping[str, AttackConfig], r
         phase1 = {}
         for name in auto:
             log.info("== minimal distances %s (eps auto, phase 1) ==", name)
-            phase1[name] = run_attacks(runs[name], configs[name], resume=resume, force=force,
-                                       progress=progress).records
+            records = run_attacks(runs[name], configs[name], resume=resume, force=force, progress=progress).records
+            if env_world()[1] != 0:  # run_attacks hands records to rank 0 only; every rank needs the same grid
+                records = read_records(RunDir.at(runs[name]).records)
+            phase1[name] = records
         grid = choose_grid(phase1, reference if reference in auto else auto[0], configs[auto[0]])
     results = {}
     for name, config in configs.items():

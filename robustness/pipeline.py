@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from attacks.runner import AttackConfig, load_run_checkpoint, run_attacks
 from models.training import TrainConfig, train
@@ -34,7 +35,7 @@ from robustness.analysis.headline import RunHeadline
 from robustness.core.config import build, load_config_file
 from robustness.core.errors import ConfigError, RunDirError
 from robustness.core.rundir import RunDir, atomic_write_json
-from robustness.core.runtime import package_versions, resolve_device
+from robustness.core.runtime import distributed, env_world, free_port, join_as_rank, package_versions, resolve_device
 from robustness.core.vocab import format_distance, format_eps
 from robustness.eps_grid import attack_runs, check_auto
 from robustness.results import load_run
@@ -144,13 +145,7 @@ def run_pipeline(config: PipelineConfig, out: str | Path, resume: bool = False, 
         if attack.eps_auto:
             check_auto(attack, name in gated)
         configs[name] = attack
-    grid, _ = attack_runs(runs, configs, reference=(gated or list(runs))[0], resume=True, progress=progress)
-
-    for source, target in plan.pairs():
-        log.info("== transfer %s -> %s ==", source, target)
-        transfer = dataclasses.replace(config.attack, attacks=[plan.transfer_attack], gate_modes=["hard"],
-                                       eps=grid if grid is not None else config.attack.eps)
-        run_attacks(runs[target], transfer, resume=True, transfer_from=runs[source], progress=progress)
+    _attack_all(config, runs, configs, (gated or list(runs))[0], progress)
 
     loaded = {name: load_run(run_dir) for name, run_dir in runs.items()}
     summaries, sanity = [], {}
@@ -196,6 +191,48 @@ def _train_all(config: PipelineConfig, runs: dict[str, Path], progress: bool) ->
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         jobs = [pool.submit(_train_one, name, config.train.replace(model=name), run_dir, False, level)
                 for name, run_dir in runs.items()]
+        for job in jobs:
+            job.result()  # re-raises a worker's error here, as one line through the CLI
+
+
+def _attack_stage(config: PipelineConfig, runs: dict[str, Path], configs: dict[str, AttackConfig], reference: str,
+                  progress: bool) -> None:
+    """Every attack of the run: the white-box attacks (both phases of ``eps = auto``), then the transfer pairs."""
+    grid, _ = attack_runs(runs, configs, reference=reference, resume=True, progress=progress)
+    for source, target in config.plan.pairs():
+        log.info("== transfer %s -> %s ==", source, target)
+        transfer = dataclasses.replace(config.attack, attacks=[config.plan.transfer_attack], gate_modes=["hard"],
+                                       eps=grid if grid is not None else config.attack.eps)
+        run_attacks(runs[target], transfer, resume=True, transfer_from=runs[source], progress=progress)
+
+
+def _attack_rank(rank: int, world: int, port: int, config: PipelineConfig, runs: dict[str, Path],
+                 configs: dict[str, AttackConfig], reference: str, progress: bool, level: int) -> None:
+    """One of the ``[attack] workers`` processes: joins their process group once and runs the whole attack stage
+    as that rank (each ``run_attacks`` takes this rank's share of the batches, as under torchrun)."""
+    logging.basicConfig(level=level if rank == 0 else max(level, logging.WARNING), format="%(message)s")
+    join_as_rank(rank, world, port)
+    with distributed(torch.device("cpu")):
+        _attack_stage(config, runs, configs, reference, progress and rank == 0)
+
+
+def _attack_all(config: PipelineConfig, runs: dict[str, Path], configs: dict[str, AttackConfig], reference: str,
+                progress: bool) -> None:
+    """The attack stage, on a CPU with ``[attack] workers`` > 1 in that many processes started once for all of it.
+
+    ``run_attacks`` alone would start its workers afresh for each of its calls (two per model with ``eps = auto``,
+    one per transfer pair); each start costs seconds (imports, the first flop count's import of torch's compiler),
+    about a minute per quickstart. The records are the same: every call shards its batches by rank either way.
+    """
+    workers = config.attack.workers
+    if workers <= 1 or env_world()[0] > 1 or resolve_device(config.attack.device).type != "cpu":
+        _attack_stage(config, runs, configs, reference, progress)
+        return
+    level = logging.getLogger().getEffectiveLevel()
+    port = free_port()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [pool.submit(_attack_rank, rank, workers, port, config, runs, configs, reference, progress, level)
+                for rank in range(workers)]
         for job in jobs:
             job.result()  # re-raises a worker's error here, as one line through the CLI
 

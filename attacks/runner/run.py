@@ -43,7 +43,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -66,9 +65,9 @@ from models.surrogates import calibrate_temperature, surrogate_fidelity
 from models.training import TrainConfig
 from robustness.core.errors import CheckpointError, ConfigError, RunDirError
 from robustness.core.rundir import RunDir, atomic_write, atomic_write_json
-from robustness.core.runtime import (Distributed, derive_seed, distributed, env_world, float32_state, jsonable,
-                                     package_versions, process_device, resolve_device, seed_everything,
-                                     torch_threads, true_float32)
+from robustness.core.runtime import (Distributed, derive_seed, distributed, env_world, float32_state, free_port,
+                                     join_as_rank, jsonable, package_versions, process_device, resolve_device,
+                                     seed_everything, torch_threads, true_float32)
 from robustness.data import CoarseFineDataset, DatasetInfo, load_dataset
 
 log = logging.getLogger(__name__)
@@ -374,19 +373,12 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
         return AttackResult(run.root, manifest, records)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _worker(rank: int, world: int, port: int, run_dir: str, config: AttackConfig, resume: bool,
             transfer_from: str | None, progress: bool, force: bool, level: int) -> None:
     """One spawned rank: the environment torchrun would set, then the ordinary (sharded) run. The parent has
     already said what is planned, so the other ranks keep only warnings (rank 0 still reports its progress)."""
     logging.basicConfig(level=level if rank == 0 else max(level, logging.WARNING), format="%(message)s")
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    join_as_rank(rank, world, port)
     run_attacks(run_dir, dataclasses.replace(config, workers=1), resume=resume, transfer_from=transfer_from,
                 progress=progress and rank == 0, force=force)
 
@@ -402,7 +394,7 @@ def _run_in_workers(run: RunDir, config: AttackConfig, n_batches: int, resume: b
         log.info("%d batch(es) for %d workers: lower batch_size to use them all", n_batches, config.workers)
     level = logging.getLogger().getEffectiveLevel()
     mp.start_processes(_worker, nprocs=config.workers, start_method="spawn", join=True,
-                       args=(config.workers, _free_port(), str(run.root), config, resume,
+                       args=(config.workers, free_port(), str(run.root), config, resume,
                              None if transfer_from is None else str(transfer_from), progress, force, level))
     records = read_records(run.records) if run.has_records() else conform(pd.DataFrame(columns=list(RECORD_COLUMNS)))
     return AttackResult(run.root, run.read_manifest() or {}, records)

@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import random
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, is_dataclass
 from importlib import metadata
@@ -114,6 +115,19 @@ class Distributed:
                          device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         return int(t.item())
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now: the rendezvous of processes this machine spawns itself."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def join_as_rank(rank: int, world: int, port: int) -> None:
+    """Set the environment ``torchrun`` would give rank ``rank`` of ``world`` processes on this machine."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
 
 
 def env_world() -> tuple[int, int, int]:
