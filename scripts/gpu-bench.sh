@@ -105,25 +105,7 @@ attack n $ATTACK_N, cifar100 epochs $C100_EPOCHS, total budget ${TOTAL}s"
   torch.cuda.get_device_name() if torch.cuda.is_available() else '')" 2>&1 | tee -a "$OUT/log.txt"
 
 # 1. hard sub-batch vs masked outputs with TF32 off (the attack evaluation's precision)
-step tf32-check 60 "$PY" - "$DEVICE" "$R110_DEPTH" "$R110_WIDTH" "$OUT/tf32-check.json" <<'PYEOF'
-import json, sys, torch
-from models.registry import create_model
-device, depth, width, out = torch.device(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-torch.backends.cudnn.allow_tf32 = False
-torch.backends.cuda.matmul.allow_tf32 = False
-model = create_model("dsn", num_fine=100, num_coarse=20, depth_n=depth, width=width).to(device).eval()
-model.gate_rate.fill_(0.5)
-x = torch.rand(256, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
-with torch.no_grad():
-    torch.manual_seed(0); sub = model(x, mode="random", execution="subbatch")
-    torch.manual_seed(0); mask = model(x, mode="random", execution="mask")
-rel = float((sub.fine - mask.fine).abs().max() / mask.fine.abs().max())
-same_path = bool(torch.equal(sub.path, mask.path))
-json.dump({"depth_n": depth, "width": width, "batch": 256, "tf32": False, "max_rel_diff": rel,
-           "same_path": same_path, "ok": same_path and rel < 1e-5}, open(out, "w"), indent=2)
-print(f"hard sub-batch vs masked, depth_n {depth} width {width}, TF32 off: max relative difference {rel:.2e}")
-sys.exit(0 if same_path and rel < 1e-5 else 1)
-PYEOF
+step tf32-check 60 "$PY" scripts/subbatch_vs_masked.py "$DEVICE" "$R110_DEPTH" "$R110_WIDTH" "$OUT/tf32-check.json"
 
 # 2. the skipping benchmark at ResNet-20 and ResNet-110 size (--json-only: stdout is the JSON)
 bench() {  # bench NAME LIMIT ARGS...

@@ -31,21 +31,6 @@ cp "$WORK/dsn/metrics.csv" "$OUT/metrics.csv"
 "$PY" -m robustness.cli bench --skip 0.5 --device "$DEVICE" --batch-size 256 --json-only > "$OUT/bench-r20.json"
 "$PY" -m robustness.cli bench --skip 0.5 --device "$DEVICE" --batch-size 256 --depth-n 18 \
   --no-attack-overhead --json-only > "$OUT/bench-r110.json"
-run "$PY" - "$DEVICE" <<'PYEOF'
-import sys, torch
-from models.registry import create_model
-device = torch.device(sys.argv[1])
-torch.backends.cudnn.allow_tf32 = False
-torch.backends.cuda.matmul.allow_tf32 = False
-model = create_model("dsn", num_fine=100, num_coarse=20, depth_n=18, width=16).to(device).eval()
-model.gate_rate.fill_(0.5)
-x = torch.rand(256, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
-with torch.no_grad():
-    torch.manual_seed(0); sub = model(x, mode="random", execution="subbatch")
-    torch.manual_seed(0); mask = model(x, mode="random", execution="mask")
-rel = float((sub.fine - mask.fine).abs().max() / mask.fine.abs().max())
-print(f"hard sub-batch vs masked, ResNet-110-sized dsn, TF32 off: max relative difference {rel:.2e}")
-assert torch.equal(sub.path, mask.path) and rel < 1e-5, rel
-PYEOF
+run "$PY" scripts/subbatch_vs_masked.py "$DEVICE" 18 16
 rm -rf "$WORK"
 echo "gpu-smoke: all steps finished" | tee -a "$OUT/log.txt"
