@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from robustness.core.runtime import accumulation_dtype
+
 
 def count_macs(fn, *inputs: torch.Tensor) -> float:
     """MACs of ``fn(*inputs)`` as counted by torch's flop counter (one forward, no autograd)."""
@@ -44,7 +46,7 @@ class CostTable:
         Float64 (float32 on MPS), computed outside autocast: see the module docstring.
         """
         device = executed.device
-        dtype = torch.float32 if device.type == "mps" else torch.float64
+        dtype = accumulation_dtype(device)
         if not self.gated_blocks:  # a static model, or a gated one not measured yet
             return self.constant(executed.shape[0], self.always_on, device)
         key = (device, dtype)
@@ -57,8 +59,7 @@ class CostTable:
     def constant(batch: int, macs: float, device: torch.device) -> torch.Tensor:
         """``macs`` for each of ``batch`` samples (a static model, or every gated block executed), in the cost
         dtype (see the module docstring)."""
-        return torch.full((batch,), macs, dtype=torch.float32 if device.type == "mps" else torch.float64,
-                          device=device)
+        return torch.full((batch,), macs, dtype=accumulation_dtype(device), device=device)
 
     def to_dict(self) -> dict:
         return {"full": self.full, "always_on": self.always_on, "gated_blocks": list(self.gated_blocks)}

@@ -238,12 +238,12 @@ def eval_decision(score: torch.Tensor, state: GateState, rate: torch.Tensor | No
         hard = torch.bernoulli(rate.to(score).expand_as(score))
     elif mode == "frozen":
         hard = frozen.to(score.device, torch.float32)
-        return Decision(executed=hard > 0, value=hard, mask=state.execution == "mask", uniform=frozen_uniform)
     else:  # hard
         hard = (score > 0).float()
         if state.grad == "ste":
             return Decision(executed=hard > 0, value=_straight_through(hard, torch.sigmoid(score)), mask=True)
-    return Decision(executed=hard > 0, value=hard.detach(), mask=state.execution == "mask")
+    # frozen_uniform is None outside frozen mode: random and hard decisions vary per sample
+    return Decision(executed=hard > 0, value=hard.detach(), mask=state.execution == "mask", uniform=frozen_uniform)
 
 
 def hardsig_slope(epoch: int, start: float = 1.0, growth: float = 1.0, max_slope: float = 50.0) -> float:

@@ -17,6 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from models.network import ModelOutput
+from robustness.core.runtime import accumulation_dtype
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,9 @@ class LossParts:
     rank: torch.Tensor
 
     def stacked(self) -> torch.Tensor:
-        """The five terms as one float64 tensor [5] on their device (float32 on MPS)."""
-        dtype = torch.float32 if self.total.device.type == "mps" else torch.float64
-        return torch.stack([self.total, self.ce_fine, self.ce_coarse, self.budget, self.rank]).to(dtype)
+        """The five terms as one tensor [5] on their device, in its accumulation dtype (float64 but on MPS)."""
+        terms = torch.stack([self.total, self.ce_fine, self.ce_coarse, self.budget, self.rank])
+        return terms.to(accumulation_dtype(terms.device))
 
     def to_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}

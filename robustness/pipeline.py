@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -188,11 +188,16 @@ def _train_all(config: PipelineConfig, runs: dict[str, Path], progress: bool) ->
             _train_one(name, config.train.replace(model=name), run_dir, progress)
         return
     level = logging.getLogger().getEffectiveLevel()
+    _in_processes(_train_one, [(name, config.train.replace(model=name), run_dir, False, level)
+                               for name, run_dir in runs.items()], workers)
+
+
+def _in_processes(fn: Callable[..., None], calls: list[tuple], workers: int) -> None:
+    """``fn(*args)`` for each ``args`` of ``calls``, ``workers`` spawned processes at a time; a worker's error is
+    re-raised here (so a typed error is still one line through the CLI)."""
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = [pool.submit(_train_one, name, config.train.replace(model=name), run_dir, False, level)
-                for name, run_dir in runs.items()]
-        for job in jobs:
-            job.result()  # re-raises a worker's error here, as one line through the CLI
+        for job in [pool.submit(fn, *args) for args in calls]:
+            job.result()
 
 
 def _attack_stage(config: PipelineConfig, runs: dict[str, Path], configs: dict[str, AttackConfig], reference: str,
@@ -210,8 +215,7 @@ def _attack_rank(rank: int, world: int, port: int, config: PipelineConfig, runs:
                  configs: dict[str, AttackConfig], reference: str, progress: bool, level: int) -> None:
     """One of the ``[attack] workers`` processes: joins their process group once and runs the whole attack stage
     as that rank (each ``run_attacks`` takes this rank's share of the batches, as under torchrun)."""
-    logging.basicConfig(level=level if rank == 0 else max(level, logging.WARNING), format="%(message)s")
-    join_as_rank(rank, world, port)
+    join_as_rank(rank, world, port, level)
     with distributed(torch.device("cpu")):
         _attack_stage(config, runs, configs, reference, progress and rank == 0)
 
@@ -228,13 +232,9 @@ def _attack_all(config: PipelineConfig, runs: dict[str, Path], configs: dict[str
     if workers <= 1 or env_world()[0] > 1 or resolve_device(config.attack.device).type != "cpu":
         _attack_stage(config, runs, configs, reference, progress)
         return
-    level = logging.getLogger().getEffectiveLevel()
-    port = free_port()
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = [pool.submit(_attack_rank, rank, workers, port, config, runs, configs, reference, progress, level)
-                for rank in range(workers)]
-        for job in jobs:
-            job.result()  # re-raises a worker's error here, as one line through the CLI
+    level, port = logging.getLogger().getEffectiveLevel(), free_port()
+    _in_processes(_attack_rank, [(rank, workers, port, config, runs, configs, reference, progress, level)
+                                 for rank in range(workers)], workers)
 
 
 def _summary(name: str, headline: RunHeadline, report: Path) -> ModelSummary:

@@ -308,7 +308,8 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
         raise RunDirError(f"{run.root} already holds attack records; pass --resume to continue (or add to) "
                           f"them or --force to replace them")
     resuming = bool(resume and existing)
-    world = env_world()[0] if env_world()[0] > 1 else config.workers if device.type == "cpu" else 1
+    launched = env_world()[0]
+    world = launched if launched > 1 else config.workers if device.type == "cpu" else 1
     with torch_threads(config.threads), true_float32(), distributed(device) as dist:
         sizing = resolve_batch_size(config, plans, crafting_model, data, device, world=world,
                                     previous=previous if resuming else None, agree=dist.all_min)
@@ -375,10 +376,8 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
 
 def _worker(rank: int, world: int, port: int, run_dir: str, config: AttackConfig, resume: bool,
             transfer_from: str | None, progress: bool, force: bool, level: int) -> None:
-    """One spawned rank: the environment torchrun would set, then the ordinary (sharded) run. The parent has
-    already said what is planned, so the other ranks keep only warnings (rank 0 still reports its progress)."""
-    logging.basicConfig(level=level if rank == 0 else max(level, logging.WARNING), format="%(message)s")
-    join_as_rank(rank, world, port)
+    """One spawned rank: the environment torchrun would set, then the ordinary (sharded) run."""
+    join_as_rank(rank, world, port, level)
     run_attacks(run_dir, dataclasses.replace(config, workers=1), resume=resume, transfer_from=transfer_from,
                 progress=progress and rank == 0, force=force)
 

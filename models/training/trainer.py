@@ -30,7 +30,8 @@ from models.training.runtime import autocast, run_settings
 from models.training.schedule import augment_batch, augmentation_generator, epoch_batches
 from robustness.core.errors import ConfigError, RunDirError
 from robustness.core.rundir import RunDir, atomic_write_json, atomic_write_text
-from robustness.core.runtime import Distributed, derive_seed, distributed, resolve_device, seed_everything
+from robustness.core.runtime import (Distributed, accumulation_dtype, derive_seed, distributed, resolve_device,
+                                     seed_everything)
 from robustness.data import CoarseFineDataset, DatasetInfo, load_dataset
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ class Trainer:
         aug_gen = augmentation_generator(c.seed, epoch, s.dist.rank)
         s.model.train()
         # n, loss, ce_f, ce_c, budget, rank, acc_f, acc_c, skip: summed on the device, read back once per epoch
-        sums = torch.zeros(9, dtype=torch.float32 if s.device.type == "mps" else torch.float64, device=s.device)
+        sums = torch.zeros(9, dtype=accumulation_dtype(s.device), device=s.device)
         bar = self._bar(len(batches), epoch, s.dist)
         try:
             for i, idx in enumerate(batches):
@@ -226,7 +227,7 @@ class Trainer:
             sums = s.dist.all_reduce(sums)
             for buf in s.model.buffers():  # BN statistics: rank 0's, as DDP broadcasts them
                 torch.distributed.broadcast(buf, 0)
-        sums = sums.double().cpu() if sums.device.type != "mps" else sums.cpu().double()
+        sums = sums.cpu().double()
         n = max(float(sums[0]), 1.0)
         row: dict[str, Any] = {
             "epoch": epoch + 1, "loss": float(sums[1]) / n, "ce_fine": float(sums[2]) / n,

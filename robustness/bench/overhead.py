@@ -39,7 +39,8 @@ class _PlainLogits(nn.Module):
         return self.model(x, mode="hard", grad="none").logits(self.head)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for ``device`` to finish its queued work (CUDA only: a CPU runs synchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -79,10 +80,10 @@ def measure_overhead(model: CoarseFineNet, x: torch.Tensor, y: torch.Tensor, eps
         scorer.score(plan, batch, advs, unit_seed)
 
     def timed(fn, *args) -> float:
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         fn(*args)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t
 
     # as in the runner, parameters do not require gradients (both variants run on the same model)

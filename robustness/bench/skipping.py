@@ -31,7 +31,7 @@ import torch
 from attacks.runner import load_run_checkpoint
 from models.network import CoarseFineNet
 from models.registry import create_model, model_options
-from robustness.bench.overhead import measure_overhead
+from robustness.bench.overhead import measure_overhead, sync
 from robustness.bench.profile import count_ops
 from robustness.core.errors import ConfigError
 from robustness.core.rundir import RunDir
@@ -129,11 +129,6 @@ def parse_batch_sizes(text: str | None, device: torch.device) -> tuple[int, ...]
 
 
 # -- timing ----------------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
                      device: torch.device) -> dict[str, list[float]]:
     """Seconds of each ``fns[name]()`` over ``repeats`` rounds, round-robin in an order that alternates between
@@ -143,13 +138,13 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
     with torch.no_grad():
         for name in names:
             fns[name]()
-        _sync(device)
+        sync(device)
         for r in range(repeats):
             for name in names if r % 2 == 0 else reversed(names):
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 fns[name]()
-                _sync(device)
+                sync(device)
                 samples[name].append(time.perf_counter() - start)
     return samples
 

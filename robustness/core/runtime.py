@@ -17,6 +17,7 @@ per-backend precisions are saved and restored instead.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import platform
@@ -117,6 +118,12 @@ class Distributed:
         return int(t.item())
 
 
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """The dtype for sums that must stay exact on ``device`` (per-sample MACs ~1e8, a training epoch's loss
+    sums): float64, or float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now: the rendezvous of processes this machine spawns itself."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -124,8 +131,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def join_as_rank(rank: int, world: int, port: int) -> None:
-    """Set the environment ``torchrun`` would give rank ``rank`` of ``world`` processes on this machine."""
+def join_as_rank(rank: int, world: int, port: int, log_level: int) -> None:
+    """Set the environment ``torchrun`` would give rank ``rank`` of ``world`` processes on this machine, and the
+    process's logging: ``log_level`` on rank 0, warnings only on the others (the parent has already said what is
+    planned; rank 0 reports the progress)."""
+    logging.basicConfig(level=log_level if rank == 0 else max(log_level, logging.WARNING), format="%(message)s")
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
 
