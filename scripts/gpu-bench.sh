@@ -133,7 +133,7 @@ if [ "$TINY" = 1 ]; then
   derive configs/quickstart.toml "$QS_CONFIG" data.n=200 data.test_limit=50 train.epochs=1 train.warmup_epochs=0 \
     train.ramp_epochs=0 attack.n=8 attack.batch_size=8 attack.workers=1 run.workers=1 attack.eps="[0.01, 0.03]"
 fi
-step quickstart 150 "${CLI[@]}" run --config "$QS_CONFIG" --device "$DEVICE" --out "$WORK/qs" --no-progress
+step quickstart 120 "${CLI[@]}" run --config "$QS_CONFIG" --device "$DEVICE" --out "$WORK/qs" --no-progress
 
 # 5. the paper-scale recipe on synthetic data: does it leave chance, and how fast does the dsn train
 C100_CONFIG=configs/cifar100.toml
@@ -143,6 +143,10 @@ if [ "$TINY" = 1 ]; then
     train.ramp_epochs=0 train.lr_warmup_epochs=0
   C100_DATA=(--batch-size 64)
 else
+  # the 200-epoch schedule cut to C100_EPOCHS: gates open for 2 epochs, losses ramped over 3, lr steps at 8 and 12
+  # (the config's 10 + 10 warm-up and ramp and its milestones at 100 and 150 would leave no trained gates at 15)
+  C100_CONFIG="$WORK/c100.toml"
+  derive configs/cifar100.toml "$C100_CONFIG" train.warmup_epochs=2 train.ramp_epochs=3 train.milestones="[8, 12]"
   C100_DATA=()
 fi
 step c100-train 200 "${CLI[@]}" train --config "$C100_CONFIG" --dataset synthetic --epochs "$C100_EPOCHS" \
@@ -152,7 +156,7 @@ cp "$WORK/c100/metrics.csv" "$OUT/c100-metrics.csv" 2>/dev/null
 # the headline figures, read back from what the steps wrote
 SETTINGS="device=$DEVICE tiny=$TINY bench_sizes=$BENCH_SIZES bench_repeats=$BENCH_REPEATS r110_depth_n=$R110_DEPTH \
 r110_width=$R110_WIDTH attack_n=$ATTACK_N attack_eps=8/255 pgd_steps=20 pgd_restarts=1 cw_steps=$CW_STEPS \
-cw_binary_steps=$CW_BINARY_STEPS c100_epochs=$C100_EPOCHS total_budget_s=$TOTAL"
+cw_binary_steps=$CW_BINARY_STEPS c100_epochs=$C100_EPOCHS c100_schedule=warmup2,ramp3,milestones8+12 total_budget_s=$TOTAL"
 "$PY" - "$OUT" "$STEPS" "$WORK" "$SETTINGS" <<'PYEOF' 2>&1 | tee -a "$OUT/log.txt"
 import csv, json, os, sys
 out, steps_file, work, settings = sys.argv[1:]

@@ -155,9 +155,9 @@ def _complete(run: RunDir, eval_id: str, n_batches: int) -> bool:
     return all(run.shard(eval_id, b).is_file() for b in range(n_batches))
 
 
-def _manifest(run: RunDir, checkpoint: Checkpoint, model: CoarseFineNet, config: AttackConfig,
-              data_source: dict[str, Any], setup: dict[str, Any], n_batches: int, probes: dict[str, Any],
-              plans: Sequence[EvalPlan], previous: dict[str, Any] | None) -> dict[str, Any]:
+def _manifest(run: RunDir, subject: Subject, config: AttackConfig, setup: dict[str, Any], n_batches: int,
+              probes: dict[str, Any], plans: Sequence[EvalPlan], previous: dict[str, Any] | None) -> dict[str, Any]:
+    model = subject.model
     current = [p.describe(_complete(run, p.id, n_batches)) for p in plans]
     ids = {e["id"] for e in current}
     kept = [dict(e, complete=_complete(run, e["id"], n_batches))
@@ -165,10 +165,10 @@ def _manifest(run: RunDir, checkpoint: Checkpoint, model: CoarseFineNet, config:
     return {
         "schema": MANIFEST_SCHEMA,
         "run": run.name,
-        "model": checkpoint.model_name,
-        "checkpoint": str(checkpoint.path.relative_to(run.root)) if checkpoint.path else "",
-        "dataset": checkpoint.dataset.to_dict(),
-        "data": jsonable(data_source),
+        "model": subject.model_name,
+        "checkpoint": subject.checkpoint,
+        "dataset": subject.dataset.to_dict(),
+        "data": jsonable(subject.data_source),
         "seed": setup["seed"],
         "n": setup["n"],
         "batch_size": setup["batch_size"],
@@ -265,6 +265,31 @@ def _convergence(records: pd.DataFrame, entry: dict[str, Any]) -> dict[str, Any]
 # --------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Subject:
+    """What an attack run attacks: the deployed model, its test data, and where both came from (for the manifest).
+
+    ``checkpoint`` is the checkpoint's path relative to the run directory, "" for a model handed over in memory
+    (:func:`attack_subject` then runs in this process only).
+    """
+
+    model: CoarseFineNet
+    model_name: str
+    dataset: DatasetInfo
+    data: CoarseFineDataset
+    data_source: dict[str, Any]
+    checkpoint: str = ""
+
+
+def load_subject(run: RunDir, n: int, device: torch.device) -> Subject:
+    """The run's model (best checkpoint, else last) on ``device`` and the first ``n`` samples of its test data."""
+    checkpoint = load_run_checkpoint(run)
+    model = checkpoint.build_model(device).requires_grad_(False)  # attacks need input gradients only
+    data, data_source = load_eval_data(run, checkpoint, n)
+    return Subject(model, checkpoint.model_name, checkpoint.dataset, data, data_source,
+                   str(checkpoint.path.relative_to(run.root)) if checkpoint.path else "")
+
+
 def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: bool = False,
                 transfer_from: str | os.PathLike[str] | None = None, progress: bool = True, *, force: bool = False,
                 on_shard: Callable[[Path], None] | None = None) -> AttackResult:
@@ -278,26 +303,39 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
     if resume and force:
         raise ConfigError("--resume and --force exclude each other")
     run = RunDir.at(run_dir)
-    checkpoint = load_run_checkpoint(run)
     device = process_device(resolve_device(config.device))
-    model = checkpoint.build_model(device).requires_grad_(False)  # attacks need input gradients only
-    data, data_source = load_eval_data(run, checkpoint, config.n)
-    n = len(data)
-
-    crafting_model, source_name = model, ""
+    subject = load_subject(run, config.n, device)
+    crafting_model, source_name = None, ""
     if transfer_from is not None:
         source_run = RunDir.at(transfer_from)
         source_ckpt = load_run_checkpoint(source_run)
-        check_transferable(source_ckpt.dataset, checkpoint.dataset, source_run.name, run.name)
+        check_transferable(source_ckpt.dataset, subject.dataset, source_run.name, run.name)
         if source_run.root.resolve() == run.root.resolve():
             raise ConfigError("--transfer-from names the attacked run itself; transfer needs another run")
         crafting_model, source_name = source_ckpt.build_model(device).requires_grad_(False), source_run.name
+    return attack_subject(run, subject, config, resume=resume, force=force, progress=progress, on_shard=on_shard,
+                          crafting_model=crafting_model, source_name=source_name, transfer_from=transfer_from)
+
+
+def attack_subject(run: RunDir, subject: Subject, config: AttackConfig, *, resume: bool = False,
+                   force: bool = False, progress: bool = True, on_shard: Callable[[Path], None] | None = None,
+                   crafting_model: CoarseFineNet | None = None, source_name: str = "",
+                   transfer_from: str | os.PathLike[str] | None = None) -> AttackResult:
+    """Attack ``subject`` as ``config`` says and write records, manifest and worst case into ``run``: the one code
+    path of ``dsn-robust attack`` and of the Python API. ``crafting_model`` (named ``source_name``) crafts the
+    examples for a transfer evaluation; :func:`run_attacks` documents the rest."""
+    if resume and force:
+        raise ConfigError("--resume and --force exclude each other")
+    model, data, data_source = subject.model, subject.data, subject.data_source
+    device = next(model.parameters()).device
+    n = len(data)
+    crafting_model = model if crafting_model is None else crafting_model
 
     plans = plan_evaluations(config, crafting_model.is_gated, source_name)
     if config.eps_auto:
         log.info("eps = auto: only the minimal-perturbation attacks run now; robustness.eps_grid chooses the grid "
                  "from their distances and runs the fixed-eps attacks at it")
-    info = checkpoint.dataset
+    info = subject.dataset
     head_classes = info.num_fine if config.target == "fine" else info.num_coarse
     if head_classes < 3 and any(p.name == "apgd-dlr" for p in plans):
         raise ConfigError(f"apgd-dlr needs at least 3 classes; the {config.target} head has {head_classes}")
@@ -326,6 +364,8 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
         finished = bool(resuming and previous) and all(_complete(run, p.id, n_batches) for p in plans)
         if config.workers > 1 and env_world()[0] == 1 and not finished:
             if device.type == "cpu":  # the workers size "auto" alike: the same rule for the same world
+                if not subject.checkpoint:
+                    raise ConfigError("an in-memory model is attacked in this process: use workers=1")
                 return _run_in_workers(run, asked, n_batches, resume, transfer_from, progress, force, on_shard)
             log.info("workers=%d applies to CPU runs; on a GPU launch the attack under torchrun", config.workers)
 
@@ -351,11 +391,11 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
             if kept:
                 for key in ("zero_grad_share", "surrogate_fidelity"):
                     probes[key] = {**(kept.get(key) or {}), **(probes[key] or {})}
-            manifest = _manifest(run, checkpoint, model, asked, data_source, setup, n_batches, probes, plans, kept)
+            manifest = _manifest(run, subject, asked, setup, n_batches, probes, plans, kept)
             atomic_write_json(run.manifest, manifest)
         dist.barrier()
 
-        _attack_batches(run, checkpoint.model_name, model, crafting_model, data, config, plans, n_batches, dist,
+        _attack_batches(run, subject.model_name, model, crafting_model, data, config, plans, n_batches, dist,
                         progress, on_shard, crafting_temperature)
 
         dist.barrier()
