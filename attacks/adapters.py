@@ -3,10 +3,13 @@
 torchattacks and foolbox call ``model(x)`` and expect *one* logits tensor; our models return a structured
 :class:`models.network.ModelOutput`. :class:`LogitsView` picks a head and fixes the gate behaviour (forward mode and
 routing gradient) for every call the library makes. It does **not** normalise: the model holds its dataset's
-mean/std and normalises inside, so attacks work in [0, 1] pixel space.
+mean/std and normalises inside, so attacks work in [0, 1] pixel space. Any ``nn.Module`` is accepted: a model that
+is not a :class:`CoarseFineNet` goes through :func:`models.protocol.adapt` first (a plain classifier becomes a
+static single-head model), so ``LogitsView(torchvision.models.resnet18())`` works.
 
 :func:`evaluate` is the single place where an attack's outcome is decided: a no-grad forward in a deterministic
-gate mode (``hard`` runs the model's real sub-batch execution). A library's own success flag is never used.
+gate mode (``hard`` runs the model's real sub-batch execution). A library's own success flag is never used. A
+single-head model's coarse predictions are :data:`NO_HEAD` (no coarse label is invented).
 """
 from __future__ import annotations
 
@@ -18,8 +21,12 @@ import torch
 from torch import nn
 
 from models.network import CoarseFineNet
+from models.protocol import adapt
 from robustness.core.errors import ConfigError
 from robustness.core.vocab import HEADS
+
+#: The prediction (and label) of a head the model (or the data) does not have: records keep their int64 columns.
+NO_HEAD = -1
 
 
 #: Routing gradients whose forward *values* in ``hard`` mode are the deterministic deployed forward's, bit for bit:
@@ -43,7 +50,8 @@ class LogitsView(nn.Module):
     """``model`` seen as ``x -> logits`` of one head, with a fixed gate mode and routing gradient.
 
     Arguments:
-        model: a :class:`CoarseFineNet` taking images in [0, 1].
+        model: a :class:`CoarseFineNet` taking images in [0, 1], or any ``nn.Module`` (adapted with
+            :func:`models.protocol.adapt`).
         head: ``fine`` or ``coarse``: whose logits the attack sees.
         gate_mode: forward mode of the gates (``hard``, ``open``, ``soft``, ``random``, ``frozen``).
         gate_grad: routing gradient the attacker sees (``none``, ``ste``, ``bpda``, ``sharp``, ``eot``); it only matters
@@ -62,12 +70,13 @@ class LogitsView(nn.Module):
     cannot switch on BatchNorm statistics updates or training-time gate functions.
     """
 
-    def __init__(self, model: CoarseFineNet, head: str = "fine", gate_mode: str = "hard", gate_grad: str = "none",
+    def __init__(self, model: nn.Module, head: str = "fine", gate_mode: str = "hard", gate_grad: str = "none",
                  eot_samples: int = 8, path: torch.Tensor | None = None, temperature: torch.Tensor | None = None,
                  observer: Any = None, observed_index: torch.Tensor | None = None):
         super().__init__()
         if head not in HEADS:
             raise ConfigError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
+        model = adapt(model)
         self.model = model
         self.head = head
         self.gate_mode = gate_mode
@@ -99,7 +108,8 @@ class LogitsView(nn.Module):
 
 @dataclass
 class Evaluation:
-    """Outcome of a deterministic forward: predictions of both heads, executed path bits and MACs per sample."""
+    """Outcome of a deterministic forward: predictions of both heads (``coarse`` is :data:`NO_HEAD` for a
+    single-head model), executed path bits and MACs per sample."""
 
     fine: torch.Tensor
     coarse: torch.Tensor
@@ -127,7 +137,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def evaluate(model: CoarseFineNet, x: torch.Tensor, gate_mode: str = "hard",
+def evaluate(model: nn.Module, x: torch.Tensor, gate_mode: str = "hard",
              path: torch.Tensor | None = None) -> Evaluation:
     """Predictions, path bits and MACs of ``model`` on ``x`` (no grad, routing gradient ``none``).
 
@@ -137,14 +147,17 @@ def evaluate(model: CoarseFineNet, x: torch.Tensor, gate_mode: str = "hard",
     """
     if gate_mode == "frozen" and path is None:
         raise ConfigError("evaluate(gate_mode='frozen') needs a path")
+    model = adapt(model)
     with _eval_mode(model):
         out = model(x, mode=gate_mode, grad="none", path=path.float() if path is not None else None)
-    return Evaluation(fine=out.fine.argmax(1), coarse=out.coarse.argmax(1), path=out.path > 0.5,
-                      macs=out.macs.detach().double())
+    fine = out.fine.argmax(1)
+    coarse = out.coarse.argmax(1) if out.coarse is not None else torch.full_like(fine, NO_HEAD)
+    return Evaluation(fine=fine, coarse=coarse, path=out.path > 0.5, macs=out.macs.detach().double())
 
 
 @torch.no_grad()
-def eval_logits(model: CoarseFineNet, x: torch.Tensor, head: str, gate_mode: str = "hard") -> torch.Tensor:
+def eval_logits(model: nn.Module, x: torch.Tensor, head: str, gate_mode: str = "hard") -> torch.Tensor:
     """Logits of ``head`` under a no-grad deterministic forward in ``gate_mode`` (routing gradient ``none``)."""
+    model = adapt(model)
     with _eval_mode(model):
         return model(x, mode=gate_mode, grad="none").logits(head)

@@ -46,6 +46,7 @@ from attacks.checks import check_budget
 from attacks.tracking import BestAdversarial, within_budgets
 from attacks.params import NoParams
 from models.network import CoarseFineNet, ModelOutput
+from models.protocol import adapt
 from robustness.core.config import build
 from robustness.core.errors import ConfigError, UnknownNameError
 from robustness.core.runtime import seed_everything
@@ -82,7 +83,7 @@ class Target:
     confident candidate on the source model transfers better.
     """
 
-    model: CoarseFineNet
+    model: CoarseFineNet | torch.nn.Module
     head: str = "fine"
     gate_mode: str = "hard"
     gate_grad: str = "none"
@@ -93,6 +94,7 @@ class Target:
     keep_first: bool = True
 
     def __post_init__(self) -> None:
+        self.model = adapt(self.model)  # any nn.Module: a plain classifier becomes a static single-head model
         if self.device is None:
             self.device = next(self.model.parameters()).device
 

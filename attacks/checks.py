@@ -16,6 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from models.network import CoarseFineNet
+from models.protocol import adapt
 from robustness.core.errors import BudgetViolation
 
 LINF_ATOL = 1e-6
@@ -68,12 +69,15 @@ def check_budget(clean: torch.Tensor, adv: torch.Tensor, eps: float, norm: str, 
     return linf, l2
 
 
-def zero_gradient_share(model: CoarseFineNet, x: torch.Tensor, y: torch.Tensor, gate_mode: str = "hard",
-                        gate_grad: str = "none", head: str = "fine", eot_samples: int = 8) -> float:
+def zero_gradient_share(model: CoarseFineNet | torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                        gate_mode: str = "hard", gate_grad: str = "none", head: str = "fine",
+                        eot_samples: int = 8) -> float:
     """Fraction of samples whose input gradient of the CE loss (of ``head``) is exactly zero everywhere.
 
     A large share means gradient-based attacks cannot move those inputs: robustness there is likely masked.
+    ``model`` may be any ``nn.Module`` (:func:`models.protocol.adapt`).
     """
+    model = adapt(model)
     model.eval()
     xr = x.detach().clone().requires_grad_(True)
     with model.gating(mode=gate_mode, grad=gate_grad, eot_samples=eot_samples):

@@ -51,15 +51,27 @@ every row; the clean image where it found none, so ``success`` is False there). 
 one of its ``norm``) is the sample's distance under that attack and routing gradient;
 ``robustness.analysis.distances.minimal_distances`` takes the minimum over attacks and routing gradients (0 for a
 sample misclassified clean, inf where none was found), and the robustness curve follows from it.
+
+Fingerprints: every shard carries, in its Parquet key-value metadata under ``dsn_robustness.fingerprint``, a JSON
+object saying what produced it (:func:`write_shard`, :func:`shard_fingerprint`; the runner defines the keys:
+checkpoint SHA-256, seed, n, batch size, versions, the evaluation's resolved parameters). Metadata rather than a
+column: it is the same for every row of a shard, the record contract above (and every frame built from it) stays
+as it is, and it is read from the file footer alone, without the rows. pandas keeps schema metadata it does not
+know when reading, and drops it on any write, so shards are written through pyarrow here.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from attacks.base import counts_for_accuracy
+from robustness.core.errors import RunDirError
 
 RECORD_COLUMNS: dict[str, str] = {
     "run": "string",
@@ -115,13 +127,49 @@ def conform(df: pd.DataFrame) -> pd.DataFrame:
     return df[list(RECORD_COLUMNS)].astype(RECORD_COLUMNS)
 
 
+FINGERPRINT_KEY = b"dsn_robustness.fingerprint"
+
+
+def write_shard(frame: pd.DataFrame, path: str | Path, fingerprint: dict[str, Any]) -> None:
+    """Write ``frame`` as a Parquet file at ``path`` (a temporary path: callers rename it into place) with
+    ``fingerprint`` in its key-value metadata."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    metadata = {**(table.schema.metadata or {}), FINGERPRINT_KEY: json.dumps(fingerprint, sort_keys=True).encode()}
+    pq.write_table(table.replace_schema_metadata(metadata), path)
+
+
+def shard_fingerprint(path: str | Path) -> dict[str, Any] | None:
+    """The fingerprint a shard was written with (None for a shard written before fingerprints existed);
+    RunDirError naming the file and the fix when it is not a readable Parquet file."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+        raw = metadata.get(FINGERPRINT_KEY)
+        return None if raw is None else json.loads(raw)
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise _unreadable(Path(path), err) from None
+
+
+def _unreadable(path: Path, err: Exception) -> RunDirError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    return RunDirError(f"attack shard {path} is unreadable ({first}); delete it (`attack --resume` recomputes it) "
+                       f"or rerun the attack with --force")
+
+
 def read_records(path: str | Path) -> pd.DataFrame:
-    """Read one Parquet file or every ``*.parquet`` below a directory into one conformed frame."""
+    """Read one Parquet file or every ``*.parquet`` below a directory into one conformed frame; RunDirError naming
+    the file when one is corrupt (e.g. truncated)."""
     path = Path(path)
     files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
     if not files:
         return conform(pd.DataFrame({c: pd.Series(dtype=t) for c, t in RECORD_COLUMNS.items()}))
-    return conform(pd.concat([pd.read_parquet(f) for f in files], ignore_index=True))
+    return conform(pd.concat([_read_one(f) for f in files], ignore_index=True))
+
+
+def _read_one(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise _unreadable(path, err) from None
 
 
 def accuracy_mask(df: pd.DataFrame) -> np.ndarray:

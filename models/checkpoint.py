@@ -3,7 +3,8 @@
 A checkpoint is a plain dict of tensors and JSON-like values::
 
     format        "dsn-robustness/checkpoint/v1"
-    model         {"name": "dsn", "config": {...create_model options...}}
+    model         {"name": "dsn", "config": {...create_model options...}}; a model built from a model file or an
+                  entry point (models.model_file) adds "source": {"kind", "location", "factory"} and is rebuilt from it
     dataset       DatasetInfo.to_dict()
     state_dict    model weights and buffers
     train_state   {"epoch": int, "optimizer": ..., "scheduler": ..., "scaler": ..., "rng": ...} (may be empty)
@@ -12,18 +13,18 @@ A checkpoint is a plain dict of tensors and JSON-like values::
 """
 from __future__ import annotations
 
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from models.model_file import ModelSource
 from models.network import CoarseFineNet
 from models.registry import create_model, list_models, model_options
+from models.safe_load import load_torch_file
 from robustness.data import DatasetInfo
-from robustness.core.errors import CheckpointError, DSNError
+from robustness.core.errors import CheckpointError, ConfigError, DSNError
 from robustness.core.rundir import atomic_write
 from robustness.core.runtime import package_versions
 
@@ -42,18 +43,42 @@ class Checkpoint:
     metrics: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
+    #: where a model that is not in the registry came from (``models.model_file.ModelSource.to_dict()``)
+    model_source: dict[str, str] | None = None
 
     def build_model(self, device: torch.device | str = "cpu") -> CoarseFineNet:
-        """A model with this checkpoint's architecture and weights, in eval mode, on ``device``."""
+        """A model with this checkpoint's architecture and weights, in eval mode, on ``device``.
+
+        A model from a model file or an entry point is rebuilt from that source; CheckpointError (one line) when
+        it is gone."""
         try:
-            model = create_model(self.model_name, **_creatable(self.model_name, self.model_config))
+            model = self._rebuild()
             model.load_state_dict(self.state_dict)
+        except CheckpointError:
+            raise
         except DSNError as err:
             raise CheckpointError(f"{self.path}: cannot rebuild the model it describes: {err}") from None
         except (RuntimeError, TypeError) as err:
             first = str(err).strip().splitlines()[0]
             raise CheckpointError(f"{self.path}: weights do not fit model {self.model_name!r}: {first}") from None
         return model.to(device).eval()
+
+    def _rebuild(self) -> CoarseFineNet:
+        if self.model_source is None:
+            return create_model(self.model_name, **_creatable(self.model_name, self.model_config))
+        source = ModelSource.from_dict(self.model_source)
+        try:
+            source.load_factory()
+        except ConfigError as err:
+            raise CheckpointError(f"{self.path}: its model comes from {source}, which cannot be loaded ({err}); "
+                                  f"restore it or retrain") from None
+        return source.build(self.model_config, name=self.model_name, mean=self._normalisation("mean"),
+                            std=self._normalisation("std"))
+
+    def _normalisation(self, key: str) -> list[float] | None:
+        """The adapter's mean or std as saved (None when the wrapper normalised nothing)."""
+        value = self.state_dict.get(key)
+        return None if value is None else value.flatten().tolist()
 
     def check_matches(self, model_name: str, model_config: dict[str, Any] | None = None,
                       dataset: DatasetInfo | None = None) -> None:
@@ -86,9 +111,13 @@ def save_checkpoint(path: str | Path, model: CoarseFineNet, dataset: DatasetInfo
                     train_state: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> None:
     """Write a checkpoint atomically (a crash never leaves a truncated file at ``path``)."""
     module = getattr(model, "module", model)  # unwrap DDP
+    source = getattr(module, "source", None)
+    described = {"name": module.model_name, "config": _creatable(module.model_name, module.config)}
+    if source is not None:
+        described = {**described, "config": dict(module.config), "source": source.to_dict()}
     payload = {
         "format": FORMAT,
-        "model": {"name": module.model_name, "config": _creatable(module.model_name, module.config)},
+        "model": described,
         "dataset": dataset.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
         "train_state": train_state or {},
@@ -101,22 +130,14 @@ def save_checkpoint(path: str | Path, model: CoarseFineNet, dataset: DatasetInfo
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint safely. Missing, truncated, foreign or unsafe files raise CheckpointError (one line)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported content"
-        raise CheckpointError(f"{path}: refused to load: not a plain-weights checkpoint ({reason[:160]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first[:160]})") from None
+    raw = load_torch_file(path, "checkpoint")
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a dsn-robustness checkpoint (expected format {FORMAT!r})")
     try:
         return Checkpoint(model_name=raw["model"]["name"], model_config=dict(raw["model"]["config"]),
                           dataset=DatasetInfo.from_dict(raw["dataset"]), state_dict=raw["state_dict"],
                           train_state=raw.get("train_state", {}), metrics=raw.get("metrics", {}),
-                          versions=raw.get("versions", {}), path=path)
+                          versions=raw.get("versions", {}), path=path,
+                          model_source=dict(raw["model"]["source"]) if "source" in raw["model"] else None)
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: checkpoint is missing or has a malformed field ({err})") from None

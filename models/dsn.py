@@ -23,6 +23,7 @@ from models.blocks import BasicBlock, Stem, check_size, init_weights, make_stage
 from models.cost import measure_costs
 from models.gates import Decision, Gate, GateState, eval_decision, gate_function, train_decision
 from models.network import DEFAULT_MEAN, DEFAULT_STD, CoarseFineNet, ModelOutput
+from models.protocol import run_block
 from models.registry import register_model
 from robustness.core.errors import ConfigError
 
@@ -47,26 +48,6 @@ class Branch(nn.Module):
 
     def gated_blocks(self) -> list[BasicBlock]:
         return [b for stage, gates in zip(self.stages, self.gates) for b in list(stage)[1:len(gates) + 1]]
-
-
-def _execute(block: nn.Module, x: torch.Tensor, d: Decision) -> torch.Tensor:
-    """Run ``block`` where ``d`` says so: for the executed sub-batch only, or for all samples with a mask.
-
-    Only a decision that varies per sample (``d.uniform is None``) reads the decisions back to the host: on a GPU
-    that ``nonzero`` is a synchronisation, which an open or frozen-uniform forward must not pay per block.
-    """
-    if d.mask:
-        v = d.value.view(-1, 1, 1, 1)
-        return x + v * (block(x) - x)
-    if d.uniform is not None:
-        return block(x) if d.uniform else x
-    idx = d.executed.nonzero().squeeze(1)
-    if idx.numel() == x.shape[0]:
-        return block(x)
-    if idx.numel() == 0:
-        return x
-    y = block(x.index_select(0, idx))
-    return x.to(y.dtype).index_copy(0, idx, y)  # under autocast the block may return a narrower dtype
 
 
 def _uniform_columns(path: torch.Tensor) -> list[bool | None]:
@@ -135,7 +116,7 @@ class DSN(CoarseFineNet):
                 d = eval_decision(score, state, rate, frozen, temperature,
                                   frozen_uniform[k] if frozen_uniform else None)
             decisions.append((score, d))
-            x = _execute(stage[j + 1], x, d)
+            x = run_block(stage[j + 1], x, d)
         for block in list(stage)[len(gates) + 1:]:
             x = block(x)
         return x

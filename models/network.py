@@ -2,6 +2,11 @@
 
 Models take images in [0, 1] pixel space; the dataset's mean/std live inside the model as buffers, so attacks,
 transfer and training all see the same function and nobody can forget to normalise.
+
+A model has a ``fine`` head and, optionally, a ``coarse`` one: a single-head model (a plain classifier, a
+researcher's gated ResNet) returns ``coarse=None`` and says ``has_coarse = False``; nothing invents a coarse label
+for it. Every :class:`CoarseFineNet` also answers :meth:`CoarseFineNet.forward_gated`, so it satisfies the gated
+model protocol of :mod:`models.protocol` (which adapts models that do not subclass this base).
 """
 from __future__ import annotations
 
@@ -25,21 +30,25 @@ DEFAULT_STD = (0.25, 0.25, 0.25)
 class ModelOutput:
     """One forward pass.
 
-    ``fine`` / ``coarse``: logits [B, classes]. ``gates``: executed-block bits per gated branch, float [B, n].
+    ``fine`` / ``coarse``: logits [B, classes] (``coarse`` is None for a single-head model). ``gates``: executed-block bits per gated branch, float [B, n].
     ``scores``: the gates' raw scores per branch [B, n] (``s > 0`` means run). ``values``: the gate multipliers
     actually used, carrying gradient where the mode gives one (training losses use these). ``macs``: [B].
     """
 
     fine: torch.Tensor
-    coarse: torch.Tensor
+    coarse: torch.Tensor | None
     macs: torch.Tensor
     gates: dict[str, torch.Tensor] = field(default_factory=dict)
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
     values: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def logits(self, head: str) -> torch.Tensor:
-        """Logits of the ``fine`` or ``coarse`` head."""
-        return self.fine if head == "fine" else self.coarse
+        """Logits of the ``fine`` or ``coarse`` head; ConfigError for the coarse head of a single-head model."""
+        if head == "fine":
+            return self.fine
+        if self.coarse is None:
+            raise ConfigError(f"this model has no {head!r} head (a single-head model): attack target must be 'fine'")
+        return self.coarse
 
     def _cat(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         if not parts:
@@ -57,11 +66,35 @@ class ModelOutput:
         return self._cat(self.scores)
 
 
+@dataclass
+class GatedOutput:
+    """What the gated model protocol's ``forward_gated`` returns (:mod:`models.protocol`).
+
+    ``logits`` [B, classes]; ``path``: executed-gate bits [B, n_gates] (1 = the block ran), in ``gate_names``
+    order; ``macs`` [B] per-sample cost (None: the adapter counts it); ``scores`` [B, n_gates] the gates' raw
+    scores with the ``s > 0`` rule (None: the path attacks have no routing signal); ``coarse``: a second head's
+    logits (None for a single-head model).
+    """
+
+    logits: torch.Tensor
+    path: torch.Tensor
+    macs: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    coarse: torch.Tensor | None = None
+
+
+#: The forward modes of the gated model protocol: the deployed deterministic forward, a differentiable
+#: relaxation (the backward network of BPDA), one stochastic draw (for EOT), and a given path.
+PROTOCOL_MODES = ("hard", "soft", "sample", "frozen")
+
+
 class CoarseFineNet(nn.Module):
     """Base class: normalisation, gate state, cost table, ``gate_names``; subclasses implement ``_run``."""
 
     #: registry name, set by subclasses / the registry
     model_name: str = ""
+    #: whether the model has a coarse head (False: single-head; its output's ``coarse`` is None)
+    has_coarse: bool = True
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
@@ -85,6 +118,11 @@ class CoarseFineNet(nn.Module):
     @property
     def is_gated(self) -> bool:
         return self.n_gates > 0
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        """The heads this model has: ``("fine", "coarse")`` or ``("fine",)``."""
+        return ("fine", "coarse") if self.has_coarse else ("fine",)
 
     @contextmanager
     def gating(self, **changes) -> Iterator["CoarseFineNet"]:
@@ -118,6 +156,13 @@ class CoarseFineNet(nn.Module):
             return self._sharp(x, state)
         return self._eot(x, state)
 
+    def forward_gated(self, x: torch.Tensor, mode: str, path: torch.Tensor | None = None) -> GatedOutput:
+        """The gated model protocol (:mod:`models.protocol`): one forward in a :data:`PROTOCOL_MODES` mode."""
+        if mode not in PROTOCOL_MODES:
+            raise ConfigError(f"unknown protocol mode {mode!r}; choose one of: {', '.join(PROTOCOL_MODES)}")
+        out = self(x, mode=mode, grad="none", path=path)
+        return GatedOutput(logits=out.fine, path=out.path, macs=out.macs, scores=out.path_scores, coarse=out.coarse)
+
     def _run(self, x: torch.Tensor, state: GateState) -> ModelOutput:
         raise NotImplementedError
 
@@ -143,7 +188,9 @@ class CoarseFineNet(nn.Module):
         """Expectation over Bernoulli(sigmoid(s)) gate draws: log of the mean predicted probabilities."""
         outs = [self._run(x, state.updated(mode="sample", grad="none")) for _ in range(state.eot_samples)]
 
-        def mean_log_prob(head: str) -> torch.Tensor:
+        def mean_log_prob(head: str) -> torch.Tensor | None:
+            if head == "coarse" and outs[0].coarse is None:
+                return None
             logp = torch.stack([o.logits(head).log_softmax(1) for o in outs])
             return torch.logsumexp(logp, dim=0) - torch.log(torch.tensor(float(len(outs))))
 
@@ -161,8 +208,8 @@ class CoarseFineNet(nn.Module):
 
 def _hard_values(hard: ModelOutput, surrogate: ModelOutput) -> ModelOutput:
     """Logits equal to ``hard``'s bit for bit, gradient of ``surrogate``'s (adding an exact zero that carries it)."""
-    def route(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return h + (s - s.detach())
+    def route(h: torch.Tensor | None, s: torch.Tensor | None) -> torch.Tensor | None:
+        return None if h is None or s is None else h + (s - s.detach())
 
     return ModelOutput(fine=route(hard.fine, surrogate.fine), coarse=route(hard.coarse, surrogate.coarse),
                        macs=hard.macs, gates=hard.gates, scores=surrogate.scores, values=surrogate.values)

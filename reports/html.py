@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import json
 import logging
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -25,12 +26,12 @@ from markupsafe import Markup
 from attacks.base import COMPUTE, attacks_of_kind
 from reports import plots, tables
 from robustness import analysis
-from robustness.analysis.compare import Comparison
+from robustness.analysis.compare import Comparison, run_sanity
 from robustness.analysis.headline import RunHeadline, run_headline
 from robustness.core.rundir import RunDir, atomic_write, atomic_write_text
 from robustness.core.runtime import jsonable
 from robustness.results import RunResults
-from robustness.sanity import Check, run_checks, worst_status
+from robustness.sanity import Check, worst_status
 
 log = logging.getLogger(__name__)
 
@@ -107,19 +108,37 @@ def _sanity_rows(checks: Sequence[Check]) -> list[dict[str, str]]:
 
 
 def _write_outputs(out: Path, figures: Sequence[FigureItem], texts: Mapping[str, str], html: str) -> None:
-    """Figures, then the text files, then ``index.html`` — each atomically; stale figures are removed."""
-    fig_dir = out / "figures"
-    for f in figures:
-        target = out / f.file
-        if f.png is not None:
-            atomic_write(target, lambda tmp, data=f.png: tmp.write_bytes(data))
-        else:
-            target.unlink(missing_ok=True)
-    for name, text in texts.items():
-        atomic_write_text(out / name, text)
-    atomic_write_text(out / "index.html", html)
-    if fig_dir.is_dir() and not any(fig_dir.iterdir()):
-        fig_dir.rmdir()
+    """Figures, then the text files, then ``index.html`` — each atomically; stale figures are removed. When a write
+    fails (a folder that cannot be written, a full disk: one RunDirError line from ``atomic_write``) the folders
+    this call created are removed again, so a failed report leaves no half-made output behind."""
+    created = _first_missing(out)
+    try:
+        fig_dir = out / "figures"
+        for f in figures:
+            target = out / f.file
+            if f.png is not None:
+                atomic_write(target, lambda tmp, data=f.png: tmp.write_bytes(data))
+            elif target.is_file():  # is_file, not unlink(missing_ok): under a regular file unlink is ENOTDIR
+                target.unlink()
+        for name, text in texts.items():
+            atomic_write_text(out / name, text)
+        atomic_write_text(out / "index.html", html)
+        if fig_dir.is_dir() and not any(fig_dir.iterdir()):
+            fig_dir.rmdir()
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet: what writing there creates."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,23 +313,27 @@ class RunReport:
 
 def write_report(run: RunResults, out_dir: str | Path | None = None, *, n_boot: int = 1000, seed: int = 0,
                  zero_grad_share: float | dict[str, float] | None = None) -> RunReport:
-    """Write the report of a loaded run to ``out_dir`` (default ``RUN_DIR/report``) and return what it computed.
+    """Write the report of a loaded run to ``out_dir`` (default ``RUN_DIR/report``, under the run's writer lock) and
+    return what it computed.
 
     Files: ``index.html``, ``report.md``, ``figures/*.png``, ``summary.csv``, ``summary.json``. The page opens with
     the headline (:func:`robustness.analysis.headline.run_headline`, also ``summary.json``'s ``headline``) and the
     attack x eps pivot; the long per-evaluation table is an appendix at the end (and ``summary.csv``).
     """
-    out = Path(out_dir) if out_dir is not None else RunDir.at(run.path).report
+    if out_dir is None:  # into the run: its writer lock (no report beside an attack that is still writing)
+        with RunDir.at(run.path).writing("report"):
+            return _write_report(run, RunDir.at(run.path).report, n_boot, seed, zero_grad_share)
+    return _write_report(run, Path(out_dir), n_boot, seed, zero_grad_share)
+
+
+def _write_report(run: RunResults, out: Path, n_boot: int, seed: int,
+                  zero_grad_share: float | dict[str, float] | None) -> RunReport:
     rec = run.records
     log.info("report for %s: %d records", run.name, len(rec))
     summary = analysis.summarize(rec, run.full_macs, run.fine_to_coarse, n_boot=n_boot, seed=seed)
     worst = analysis.worst_case_accuracy(rec)
     rates = analysis.block_rates(rec, run.path_names)
-    if zero_grad_share is None:
-        zero_grad_share = run.zero_grad_share
-    queries = run.gradient_free_queries
-    checks = run_checks(rec, zero_grad_share=zero_grad_share,
-                        queries={run.name: queries} if queries is not None else None)
+    checks = run_sanity(run, zero_grad_share)  # the same verdicts as the comparison page shows for this run
     figures = report_figures(run, summary)
     meta = _metadata(run)
     headline = run_headline(run, checks, n_boot=n_boot, seed=seed)

@@ -93,6 +93,11 @@ def _ci(row: pd.Series, name: str, fmt=pct_ci) -> str:
     return fmt(row.get(name), row.get(f"{name}_low"), row.get(f"{name}_high"))
 
 
+#: The summary table's superclass column per summary metric (``analysis.summary.same_superclass``).
+SUPERCLASS_COLUMNS = {"same_superclass": "In true superclass",
+                      "same_superclass_proxy": "In true superclass (coarse-head proxy)"}
+
+
 def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per evaluation (from ``analysis.summarize``): clean and robust accuracy, success rate, path and
     compute change, and how path change relates to success."""
@@ -113,10 +118,14 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
             "P(success | path unchanged)": _ci(r, "p_success_unchanged"),
             "AUROC (Hamming)": _ci(r, "auroc_hamming", num_ci),
             "Frozen-path survival": _ci(r, "frozen_survival"),
-            ("In true superclass" if sup == "same_superclass" else "In true superclass (coarse-head proxy)"):
-                _ci(r, sup) if sup in r else DASH,
+            SUPERCLASS_COLUMNS[sup]: _ci(r, sup) if sup in r else DASH,
         })
-    return _drop_constant(pd.DataFrame(rows), ["Backend", "Norm", "Gate mode", "Target", "Source"])
+    frame = pd.DataFrame(rows)
+    single_head = "clean_acc_coarse" in summary.columns and summary["clean_acc_coarse"].isna().all()
+    if single_head and len(summary) and summary.get(sup, pd.Series(dtype=float)).isna().all():
+        # no coarse head and no label hierarchy: the superclass analysis was skipped (the sanity checks say so)
+        frame = frame.drop(columns=[SUPERCLASS_COLUMNS[sup]], errors="ignore")
+    return _drop_constant(frame, ["Backend", "Norm", "Gate mode", "Target", "Source"])
 
 
 def headline_table(h: RunHeadline) -> list[dict[str, str]]:

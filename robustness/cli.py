@@ -2,49 +2,138 @@
 
 Each subcommand lives in ``robustness/commands/<name>.py`` and exposes ``register(subparsers)``, which adds its
 parser and sets ``handler`` to a function ``(args) -> int``. A user's mistake (any ``DSNError``) becomes one line
-on stderr and a non-zero exit; Ctrl-C says how to resume.
+on stderr and a non-zero exit; Ctrl-C says how to resume. Anything else is a bug: one line naming the exception
+type and a file holding the traceback (``$XDG_CACHE_HOME/dsn-robust/``, else ``~/.cache/dsn-robust/``, else the
+system temp folder), exit 1; ``-v`` prints the traceback as well.
+
+A usage mistake argparse finds is one line too (its usage text is left to ``--help``). ``-v`` / ``-q`` work before or after the subcommand: argparse gives a subparser's defaults precedence over the
+main parser's values, so the subcommands' copies default to ``SUPPRESS`` (absent unless given).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import os
 import sys
+import tempfile
+import time
+import traceback
+import typing
+from pathlib import Path
 
 from robustness.core.errors import DSNError
+from robustness.core.runtime import package_version, package_versions
 
 COMMANDS = ("train", "attack", "report", "compare", "bench", "run", "models", "datasets")
 log = logging.getLogger("dsn_robust")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake as one line like every other error (the full usage is one ``--help`` away).
+    Subparsers are built with the main parser's class, so every command gets this."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dsn-robust",
         description="Train dynamic layer-skipping networks (DSN) and static twins, attack them, and report whether "
                     "layer skipping buys robustness.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    _add_verbosity(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"robustness.commands.{name}").register(sub)
+    for command in _subcommand_parsers(parser):
+        _add_verbosity(command, default=argparse.SUPPRESS)
+    return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="debug logging; an unexpected error prints its traceback")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only")
+
+
+def _subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below ``parser`` (the commands, and their modes such as ``bench reference``)."""
+    found = []
+    for action in parser._actions:  # argparse keeps subparsers only here
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                found += [child, *_subcommand_parsers(child)]
+    return found
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost parser that ``args`` went through (``bench reference``'s for ``bench reference ...``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return _command_parser(action.choices[getattr(args, action.dest)], args)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # said by the command's own parser: "dsn-robust train: error: ...", as its other mistakes
+            _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as stop:  # --help, --version, or a usage error already printed as one line
+        return stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 2
+    prog = _command_parser(parser, args).prog  # "dsn-robust bench reference" for the mode of a command
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     try:
         return int(args.handler(args) or 0)
     except DSNError as err:
-        print(f"dsn-robust {args.command}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(str(err))}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print(f"dsn-robust {args.command}: interrupted; finished work is saved, rerun with --resume to continue",
+        print(f"{prog}: interrupted; finished work is saved, rerun with --resume to continue",
               file=sys.stderr)
         return 130
+    except Exception as err:  # a bug: never a raw traceback for the user, but keep it for the report
+        if args.verbose:
+            traceback.print_exc()
+        saved = save_traceback(err, sys.argv[:1] + list(argv if argv is not None else sys.argv[1:]))
+        where = f"the traceback is in {saved}" if saved else "the traceback could not be saved"
+        print(f"{prog}: error: unexpected {type(err).__name__}: {_one_line(str(err), 160)} "
+              f"(a bug; {where}; -v prints it)", file=sys.stderr)
+        return 1
+
+
+def _one_line(text: str, limit: int = 0) -> str:
+    """``text`` as one line (a multi-line message joined with ``; ``), cut to ``limit`` characters when given."""
+    line = "; ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+    return line if not limit or len(line) <= limit else line[:limit - 3] + "..."
+
+
+def crash_dir() -> Path:
+    """Where tracebacks of unexpected errors are saved: ``$XDG_CACHE_HOME/dsn-robust`` or ``~/.cache/dsn-robust``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dsn-robust"
+
+
+def save_traceback(err: BaseException, argv: list[str]) -> Path | None:
+    """Write ``err``'s traceback, the command line and the package versions to a new file in :func:`crash_dir`
+    (or the system temp folder when that cannot be written); its path, or None when neither can be written."""
+    text = "".join([f"command: {' '.join(argv)}\n", f"versions: {package_versions()}\n\n",
+                    *traceback.format_exception(type(err), err, err.__traceback__)])
+    name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    for folder in (crash_dir(), Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / name
+            path.write_text(text, encoding="utf-8")
+            return path
+        except OSError:
+            continue
+    return None
 
 
 if __name__ == "__main__":

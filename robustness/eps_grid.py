@@ -9,13 +9,15 @@ curve is outside 10-90% at all of those (:func:`robustness.analysis.distances.au
 fixed-budget attack runs at that grid. Both phases resume like any attack run: the minimal evaluations of phase 1
 are the same evaluations in phase 2, and the grid is a function of their records, so a rerun picks the same one.
 Under several ranks (torchrun, or the pipeline's attack workers) every rank computes the grid from the records on
-disk, so all of them attack at the same one.
+disk, so all of them attack at the same one. Every run's writer lock is held across both phases, so no other writer
+can slip in between them.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 
 import pandas as pd
@@ -74,6 +76,14 @@ def attack_runs(runs: Mapping[str, Path], configs: Mapping[str, AttackConfig], r
                                                                                        dict[str, AttackResult]]:
     """Attack every run with its config; with ``eps = auto`` in two phases (module docstring). Returns the grid
     (None when no config asked for ``auto``) and each run's result."""
+    with ExitStack() as held:
+        for path in runs.values():
+            held.enter_context(RunDir.at(path).require().writing("attack"))
+        return _attack_runs(runs, configs, reference, resume, force, progress)
+
+
+def _attack_runs(runs: Mapping[str, Path], configs: Mapping[str, AttackConfig], reference: str, resume: bool,
+                 force: bool, progress: bool) -> tuple[list[float] | None, dict[str, AttackResult]]:
     auto = [name for name, c in configs.items() if c.eps_auto]
     grid = None
     if auto:

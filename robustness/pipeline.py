@@ -11,6 +11,10 @@ Layout of ``OUT``::
     OUT/run.json            the resolved pipeline config (train, attack, run) and package versions
     OUT/<model>/            one run directory per model (config.json, checkpoints, metrics.csv, attacks, report)
     OUT/compare/            the skip vs no-skip comparison (index.html, compare.md, compare.csv, compare.json)
+
+One writer: the pipeline holds ``.<OUT name>.lock`` beside ``OUT`` (beside, because ``--force`` deletes ``OUT``) and
+each model's run-directory lock for the whole job; its training and attack worker processes work under them
+(:mod:`robustness.core.rundir`), and a second ``run``, ``train`` or ``attack`` on any of it gets one line.
 """
 from __future__ import annotations
 
@@ -20,23 +24,26 @@ import multiprocessing
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from attacks.runner import AttackConfig, load_run_checkpoint, run_attacks
+from models.registry import check_options, own_options
 from models.training import TrainConfig, train
 from reports.html import write_comparison, write_report
 from robustness.analysis.compare import compare_runs
 from robustness.analysis.headline import RunHeadline
-from robustness.core.config import build, load_config_file
+from robustness.core.config import apply_overrides, build, load_config_file
 from robustness.core.errors import ConfigError, RunDirError
-from robustness.core.rundir import RunDir, atomic_write_json
+from robustness.core.rundir import RunDir, atomic_write_json, writer_lock
 from robustness.core.runtime import distributed, env_world, free_port, join_as_rank, package_versions, resolve_device
 from robustness.core.vocab import format_distance, format_eps
+from robustness.data import dataset_info
 from robustness.eps_grid import attack_runs, check_auto
 from robustness.results import load_run
 
@@ -75,20 +82,32 @@ class PipelineConfig:
     plan: RunPlan
 
     @classmethod
-    def from_file(cls, path: str | Path | None, device: str | None = None,
-                  data_root: str | None = None) -> "PipelineConfig":
-        """Read a config file's tables; ``device`` and ``data_root`` (when given) override the file's."""
-        tables = load_config_file(path)
+    def from_file(cls, path: str | Path | None, device: str | None = None, data_root: str | None = None,
+                  overrides: Sequence[str] = ()) -> "PipelineConfig":
+        """Read a config file's tables, apply ``overrides`` (``--set TABLE.KEY=VALUE``,
+        :func:`robustness.core.config.apply_overrides`); ``device`` and ``data_root`` (when given) override both."""
+        tables = apply_overrides(load_config_file(path), list(overrides))
         where = f"config file {path}" if path else "built-in defaults"
+        if overrides:
+            where += " with --set"
         train_config = TrainConfig.from_tables(tables, where=where).replace(device=device, data_root=data_root)
         attack = AttackConfig.from_table(tables.get("attack", {}), where=f"[attack] in {where}")
         if device is not None:
             attack = dataclasses.replace(attack, device=device)
         plan = build(RunPlan, tables.get("run", {}), where=f"[run] in {where}")
+        for name in plan.models:  # the option types, now, not when the model is trained
+            check_options(name, own_options(name, train_config.model_options))
         return cls(train_config, attack, plan)
 
     def to_dict(self) -> dict[str, Any]:
         return {"train": self.train.to_dict(), "attack": self.attack.to_dict(), "run": dataclasses.asdict(self.plan)}
+
+    def check_machine(self) -> None:
+        """What this machine must offer, checked before anything is written: the devices (``cuda`` where there is
+        none is a ConfigError) and the dataset's local files (a DataError naming the missing path)."""
+        resolve_device(self.train.device)
+        resolve_device(self.attack.device)
+        dataset_info(self.train.dataset, self.train.data_root, **self.train.data_options)
 
 
 @dataclass
@@ -116,6 +135,8 @@ class PipelineResult:
 def _check_out_dir(out: Path, resume: bool, force: bool) -> None:
     if resume and force:
         raise ConfigError("--resume and --force exclude each other")
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a directory; pick another place")
     if out.exists() and any(out.iterdir()) and not resume:
         if not force:
             raise RunDirError(f"{out} already holds results; pass --resume to continue them or --force to start over")
@@ -128,7 +149,15 @@ def run_pipeline(config: PipelineConfig, out: str | Path, resume: bool = False, 
     """Train, attack, report and compare as the config says; see the module docstring."""
     start = time.perf_counter()
     out = Path(out)
-    _check_out_dir(out, resume, force)
+    with writer_lock(out.resolve().parent / f".{out.resolve().name}.lock", "run"):
+        _check_out_dir(out, resume, force)
+        with ExitStack() as held:
+            for name in config.plan.models:
+                held.enter_context(RunDir.at(out / name).writing("run"))
+            return _run_pipeline(config, out, progress, start)
+
+
+def _run_pipeline(config: PipelineConfig, out: Path, progress: bool, start: float) -> PipelineResult:
     atomic_write_json(out / "run.json", {**config.to_dict(), "versions": package_versions()})
     plan = config.plan
     runs = {name: out / name for name in plan.models}

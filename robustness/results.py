@@ -1,7 +1,9 @@
 """A run's results, loaded once: attack records, attack manifest, training metrics and config.
 
 :func:`load_run` is the one place that reads them (through :class:`robustness.core.rundir.RunDir` and
-``attacks.records``); analysis, reports, the comparison and the pipeline are handed the :class:`RunResults`.
+``attacks.records``); analysis, reports, the comparison and the pipeline are handed the :class:`RunResults`. It
+refuses records that are not the run's model's or that mix settings (:func:`attacks.runner.run.verify_records`
+says why refusing beats flagging) and names a corrupt shard with its fix.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pandas as pd
 
 from attacks.base import GRADIENT_FREE
 from attacks.records import RECORD_COLUMNS, conform, read_records
+from attacks.runner.run import verify_records
 from robustness.core.errors import RunDirError
 from robustness.core.rundir import RunDir
 
@@ -120,12 +123,16 @@ class RunResults:
 def load_run(run_dir: str | Path, require_records: bool = True) -> RunResults:
     """Load ``run_dir``'s attack records, manifest, metrics and config.
 
-    Raises ``RunDirError`` when the directory does not exist or (with ``require_records``) holds no attack records.
+    Raises ``RunDirError`` when the directory does not exist, (with ``require_records``) holds no attack records,
+    or holds records of another model or of mixed settings, or a corrupt shard.
     """
     rd = RunDir.at(run_dir).require()
     has_records = rd.has_records()
     if require_records and not has_records:
         raise RunDirError(f"no attack records under {rd.root}; run `dsn-robust attack {rd.root}` first")
+    manifest = rd.read_manifest() or {}
+    if has_records:
+        verify_records(rd, manifest)
     try:
         records = read_records(rd.records) if has_records else conform(pd.DataFrame(columns=list(RECORD_COLUMNS)))
     except (OSError, ValueError) as err:
@@ -136,7 +143,6 @@ def load_run(run_dir: str | Path, require_records: bool = True) -> RunResults:
             metrics = pd.read_csv(rd.metrics)
         except (OSError, ValueError) as err:
             log.warning("ignoring unreadable %s: %s", rd.metrics, err)
-    manifest = rd.read_manifest() or {}
     name = str(manifest.get("run") or rd.name)
     config = rd.read_config() if rd.config.is_file() else None
     return RunResults(path=rd.root, name=name, records=records, manifest=manifest, metrics=metrics, config=config)

@@ -38,6 +38,7 @@ from scipy.stats import binomtest
 
 from attacks.base import GRADIENT_FREE, ITERATIVE, MINIMAL, SINGLE_STEP, attack_kind
 from robustness.analysis.distances import DISTANCE_KEYS, minimal_distances
+from robustness.analysis.metrics import SINGLE_HEAD_NOTE, has_coarse_head
 from robustness.analysis.selection import accuracy_rows, whitebox
 from robustness.analysis.stats import wilson_interval
 from robustness.analysis.transfer import transfer_matrix
@@ -553,13 +554,23 @@ def check_curve_vs_fixed(df: pd.DataFrame) -> Check:
                  "robustness curve's 95% band.")
 
 
+def check_heads(df: pd.DataFrame) -> Check | None:
+    """A ``skip`` saying that the coarse-head analyses were skipped, for records without a coarse head (a
+    single-head model or data without coarse labels); None for two-head records, which need no note."""
+    if not len(df) or has_coarse_head(df):
+        return None
+    return Check("Coarse-head analyses", "skip", SINGLE_HEAD_NOTE[0].upper() + SINGLE_HEAD_NOTE[1:] + ".")
+
+
 def run_checks(df: pd.DataFrame, *, zero_grad_share: float | pd.Series | Mapping[str, float] | None = None,
                tol: float = 0.01, margin: float = 0.03, unbounded_threshold: float = 0.05, alpha: float = 0.05,
                min_samples: int = 3, min_points: float = 0.02,
                queries: Mapping[str, int] | None = None) -> list[Check]:
     """All checks on ``df``, in a fixed order. ``margin`` is the Square check's gap and power margin; ``alpha``,
     ``min_samples`` and ``min_points`` decide when a paired difference counts; ``queries`` is the gradient-free
-    attack's query budget per run name (from the attack manifest)."""
+    attack's query budget per run name (from the attack manifest). Records without a coarse head get one more
+    (``skip``) entry saying which analyses were skipped (:func:`check_heads`)."""
+    heads = check_heads(df)
     return [
         check_eps_monotone(df, tol),
         check_iterative_vs_single_step(df, tol),
@@ -569,6 +580,7 @@ def run_checks(df: pd.DataFrame, *, zero_grad_share: float | pd.Series | Mapping
         check_zero_gradients(zero_grad_share),
         check_transfer_vs_whitebox(df, tol),
         check_curve_vs_fixed(df),
+        *([heads] if heads is not None else []),
     ]
 
 

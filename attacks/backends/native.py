@@ -183,7 +183,8 @@ class SlowdownAttack(Attack):
     from the clean input. Its target is compute, not the label: kind ``compute``, left out of accuracy and the
     worst case. Norm ``linf`` or ``l2``. Parameters (:class:`SlowdownParams`): ``steps`` (the runner's
     ``steps``), ``alpha`` (``None`` = ``2.5 * eps / steps``), ``random_start`` (True), ``label_weight`` (0).
-    On an ungated model it returns the clean input (MACs cannot change).
+    On an ungated model it returns the clean input (MACs cannot change). A model that reports no per-block MACs
+    (a :class:`models.protocol.GatedModel`) weighs every gate alike.
     """
 
     name, backend, kind = "slowdown", "native", COMPUTE
@@ -195,10 +196,13 @@ class SlowdownAttack(Attack):
         if not model.is_gated:
             return [x.clone() for _ in eps]
         p = self.params
-        costs = torch.tensor(model.costs.gated_blocks, dtype=torch.float32, device=x.device)
-        scale = float(model.full_macs) or 1.0
         with torch.no_grad():
             clean_macs = target.forward(x).macs.double()
+        # after a forward: an adapted model (models.protocol) counts its costs on its first one; a model that
+        # reports no per-block MACs (a protocol GatedModel) weighs its gates alike
+        blocks = model.costs.gated_blocks or (1.0,) * model.n_gates
+        costs = torch.tensor(blocks, dtype=torch.float32, device=x.device)
+        scale = float(model.full_macs) or float(sum(blocks)) or 1.0
 
         def objective(adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             out = target.forward(adv)

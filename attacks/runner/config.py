@@ -18,6 +18,7 @@ constructor and in the ``[attack]`` table, and set exactly the parameters they a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal, Sequence
@@ -26,9 +27,15 @@ import numpy as np
 
 from attacks.base import BACKENDS, COMPUTE, ITERATIVE, attack_class, backends_for, known_attacks
 from attacks.runner.presets import PRESETS, preset_table
-from robustness.core.config import build
+from robustness.core.config import build, default_config_path, load_config_file
 from robustness.core.errors import ConfigError, UnknownNameError
 from robustness.core.vocab import ATTACK_GATE_MODES, GRAD_MODES, HEADS, NORMS, parse_eps
+
+log = logging.getLogger(__name__)
+
+#: [attack] keys that say how this machine runs the attack, not what it measures: never taken from the default
+#: config (its CPU, one thread and two workers suit the quickstart's laptop), and free to change on --resume
+EXECUTION_KEYS = ("device", "threads", "workers")
 
 #: ``eps = "auto"``: the grid is chosen from the minimal distances (robustness.eps_grid); ``batch_size = "auto"``:
 #: the batch is sized for the device (attacks.runner.sizing)
@@ -298,6 +305,27 @@ class AttackConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def default_attack_table() -> dict[str, Any]:
+    """The ``[attack]`` table that ``dsn-robust run`` attacks with by default
+    (:func:`robustness.core.config.default_config_path`), less :data:`EXECUTION_KEYS`: the one owner of what
+    ``dsn-robust attack`` and the Python API measure without a config; {} (AttackConfig's own defaults, with a
+    warning) where that file is not there."""
+    path = default_config_path()
+    if not path.is_file():
+        log.warning("%s not found: attacking with AttackConfig's defaults, not those of `dsn-robust run`", path)
+        return {}
+    return {k: v for k, v in load_config_file(path).get("attack", {}).items() if k not in EXECUTION_KEYS}
+
+
+def stored_table(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored config (``AttackConfig.to_dict()``, as a manifest keeps it) as the ``[attack]`` table that
+    :meth:`AttackConfig.from_table` reads back into the same config: ``params`` become ``[attack.<name>]``
+    subtables."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("params", {}), dict):
+        raise ConfigError(f"a stored attack config must be a table, got {stored!r}")
+    return {**{k: v for k, v in stored.items() if k != "params"}, **(stored.get("params") or {})}
 
 
 def _batch_size(value: Any) -> int | str:

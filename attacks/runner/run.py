@@ -14,17 +14,32 @@ The manifest (``schema: dsn-robustness/attacks/v1``) holds: ``run``, ``model``, 
 ``batch_size_auto`` (whether it did), ``n_batches``, ``float32`` (``{"tf32": false, "matmul_precision":
 "highest"}``: the float32 arithmetic in force while attacking, which :func:`robustness.core.runtime.true_float32`
 makes exact whatever the process's global TF32 flags say, so that records never depend on them), ``versions``
-(package versions), ``path_names`` (gate names in path-bit order), ``full_macs``, ``gated_block_macs``,
+(package versions; ``earlier_versions``: those of earlier invocations whose records were kept, when they
+differed), ``fingerprint`` (what every shard's fingerprint shares, below), ``path_names`` (gate names in path-bit order), ``full_macs``, ``gated_block_macs``,
 ``zero_grad_share`` (``{"<gate_mode>/<gate_grad>": share}`` of samples whose input gradient is exactly zero, on
 the first batch), ``surrogate_fidelity`` (``{"<gate_mode>/<gate_grad>":
 share}`` of first-batch samples whose surrogate network predicts what the deployed one does; 1 for ``none`` and
 ``ste``), ``sharp_temperature`` (the per-gate temperatures of the ``sharp`` routing gradient, calibrated on the
-first batch's clean images and used for every batch), ``config`` (the AttackConfig of the last invocation) and
+first batch's clean images and used for every batch), ``config`` (the AttackConfig of the last white-box
+invocation: what ``dsn-robust attack --resume`` continues with), ``transfer_configs`` (``{source run: AttackConfig}``
+of the transfer invocations) and
 ``evaluations``: one ``{id, attack, kind, backend, norm, eps, gate_mode, gate_grad, target, source_run, config,
 complete}`` per evaluation (``config`` = the attack's parameters; ``complete`` = every shard exists), plus for a
 minimal-norm attack ``convergence`` (``{clean_correct, found, share_found, median_norm, converged}`` from its
 unbounded rows: a minimal attack that does not find an adversarial example for >= 99% of the clean-correct
 samples has not converged, and its accuracies at the budgets are upper bounds).
+
+Fingerprints. Every shard carries in its Parquet metadata (:func:`attacks.records.write_shard`) what produced it:
+``checkpoint_sha256`` (the SHA-256 of the checkpoint file, computed once per run; of the state dict for a model
+handed over in memory), ``seed``, ``n``, ``batch_size``, ``versions``, and its evaluation's ``evaluation`` id,
+``eps``, ``config`` (the attack's resolved parameters) and ``source_sha256`` (the crafting model's checkpoint for a
+transfer evaluation). A resume continues only when the manifest's and every existing shard's fingerprint match this
+run's; otherwise it is one RunDirError line naming the difference (``checkpoint changed since these records
+(sha256 1a2b… -> 9f8e…)``, ``pgd.steps=10 ... pgd.steps=3``) with ``--force`` as the fix, so records of two models or
+two settings never mix, whatever wrote them. Versions alone may differ: a resume after a routine upgrade warns and
+goes on (what is measured is the same model under the same attack; a library bump moves floating-point details of
+a few samples at most, as another GPU would), each shard keeps its own versions and the manifest lists the earlier
+ones. The run holds its directory's writer lock (:meth:`robustness.core.rundir.RunDir.writing`) throughout.
 
 Every shard is written atomically, so an interrupted run resumes (``resume=True``) by skipping the shards that
 exist. Shards are keyed by batch index, so a resumed run must cut the data as before: ``batch_size = "auto"``
@@ -39,6 +54,7 @@ read as a :class:`models.training.TrainConfig`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -54,7 +70,8 @@ import torch.multiprocessing as mp
 
 from attacks.base import ITERATIVE, MINIMAL, Target, attack_kind
 from attacks.checks import zero_gradient_share
-from attacks.records import RECORD_COLUMNS, accuracy_rows, conform, read_records, worst_case
+from attacks.records import (RECORD_COLUMNS, accuracy_rows, conform, read_records, shard_fingerprint, worst_case,
+                             write_shard)
 from attacks.runner.config import AttackConfig, dedupe
 from attacks.runner.plan import EvalPlan, plan_evaluations
 from attacks.runner.scoring import Batch, Scorer
@@ -64,7 +81,8 @@ from models.network import CoarseFineNet
 from models.surrogates import calibrate_temperature, surrogate_fidelity
 from models.training import TrainConfig
 from robustness.core.errors import CheckpointError, ConfigError, RunDirError
-from robustness.core.rundir import RunDir, atomic_write, atomic_write_json
+from robustness.core.progress import progress_bar
+from robustness.core.rundir import RunDir, atomic_write, atomic_write_json, file_sha256
 from robustness.core.runtime import (Distributed, derive_seed, distributed, env_world, float32_state, free_port,
                                      join_as_rank, jsonable, package_versions, process_device, resolve_device,
                                      seed_everything, torch_threads, true_float32)
@@ -130,25 +148,151 @@ def check_transferable(source: DatasetInfo, target: DatasetInfo, source_name: st
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check_resumable(run: RunDir, previous: dict[str, Any] | None, setup: dict[str, Any],
-                     plans: Sequence[EvalPlan]) -> None:
+#: the fingerprint keys shared by every shard of a run (the rest are per evaluation)
+RUN_KEYS = ("checkpoint_sha256", "seed", "n", "batch_size")
+
+
+def run_fingerprint(checkpoint_sha256: str, setup: dict[str, Any]) -> dict[str, Any]:
+    """What every shard of this invocation shares: the model's hash, seed, n, batch size and versions."""
+    return {"checkpoint_sha256": checkpoint_sha256, "seed": setup["seed"], "n": setup["n"],
+            "batch_size": setup["batch_size"], "versions": package_versions()}
+
+
+def shard_fingerprint_of(run_fp: dict[str, Any], plan: EvalPlan, source_sha256: str = "") -> dict[str, Any]:
+    """The fingerprint of ``plan``'s shards: the run's plus the evaluation's resolved parameters."""
+    entry = plan.describe()
+    return jsonable({**run_fp, "evaluation": plan.id, "eps": entry["eps"], "config": entry["config"],
+                     "source_sha256": source_sha256 if plan.source_run else ""})
+
+
+def state_sha256(model: torch.nn.Module) -> str:
+    """The SHA-256 of a model's state dict (names, dtypes, shapes, bytes): a model held in memory, unsaved."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def subject_sha256(run: RunDir, subject: Subject) -> str:
+    """The hash that ties records to ``subject``'s model: its checkpoint file's, else its state dict's."""
+    return file_sha256(run.root / subject.checkpoint) if subject.checkpoint else state_sha256(subject.model)
+
+
+def _differences(old: Any, new: Any, key: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old, new)`` for every leaf where two JSON values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in dict.fromkeys([*old, *new])
+                for d in _differences(old.get(k), new.get(k), f"{key}.{k}" if key else str(k))]
+    return [] if jsonable(old) == jsonable(new) else [(key, old, new)]
+
+
+def checkpoint_change(old: str | None, new: str) -> str:
+    """The clause that says a run's model is not the one its records were made on."""
+    return f"checkpoint changed since these records (sha256 {str(old)[:12]}… -> {new[:12]}…)"
+
+
+def _check_resumable(run: RunDir, previous: dict[str, Any] | None, run_fp: dict[str, Any],
+                     plans: Sequence[EvalPlan], source_sha256: str) -> None:
+    """RunDirError (one line, ``--force`` as the fix) unless the stored records were made by what this run does."""
     if previous is None:
         raise RunDirError(f"{run.root} holds attack records but no {run.manifest.name}; cannot tell how they were "
                           f"made: pass --force to replace them")
+    stored = previous.get("fingerprint")
+    if not isinstance(stored, dict):
+        raise RunDirError(f"{run.root}: its attack records were written by an older version, without the "
+                          f"fingerprint that says which model and settings made them: pass --force to redo them")
+    if stored.get("checkpoint_sha256") != run_fp["checkpoint_sha256"]:
+        raise RunDirError(f"{run.root}: {checkpoint_change(stored.get('checkpoint_sha256'), run_fp['checkpoint_sha256'])}"
+                          f": they belong to another model; pass --force to attack this one from scratch")
     for key in ("n", "batch_size", "seed"):
-        if previous.get(key) != setup[key]:
-            raise RunDirError(f"{run.root}: existing attack records were made with {key}={previous.get(key)!r}, "
-                              f"this run asks for {key}={setup[key]!r}; use the same value or pass --force")
+        if stored.get(key) != run_fp[key]:
+            raise RunDirError(f"{run.root}: existing attack records were made with {key}={stored.get(key)!r}, "
+                              f"this run asks for {key}={run_fp[key]!r}; use the same value or pass --force")
+    changed = [f"{k} {o} -> {n}" for k, o, n in _differences(stored.get("versions"), run_fp["versions"])]
+    if changed:
+        log.warning("%s: resuming with other package versions than the kept records were made with (%s); each "
+                    "shard records its own", run.root, ", ".join(changed))
     before = {e.get("id"): e for e in previous.get("evaluations", [])}
     for plan in plans:
         old = before.get(plan.id)
-        if old is None:
+        if old is not None:
+            new = plan.describe()
+            _refuse_differences(run, f"evaluation {plan.id} was run with", old, new, plan.name)
+    _check_shards(run, run_fp, {p.id: shard_fingerprint_of(run_fp, p, source_sha256) for p in plans})
+
+
+def _refuse_differences(run: RunDir, what: str, old: dict[str, Any], new: dict[str, Any], attack: str,
+                        asks: str = "this run asks for", fix: str = "use the same settings or pass --force") -> None:
+    for key in ("eps", "config", "source_sha256"):
+        if key not in new:
             continue
-        new = plan.describe()
-        for key in ("eps", "config"):
-            if jsonable(old.get(key)) != jsonable(new[key]):
-                raise RunDirError(f"{run.root}: evaluation {plan.id} was run with {key}={old.get(key)!r}, this run "
-                                  f"asks for {new[key]!r}; use the same settings or pass --force")
+        diffs = _differences(old.get(key), new[key], attack if key == "config" else key)
+        if diffs:
+            name, o, n = diffs[0]
+            if key == "source_sha256":
+                raise RunDirError(f"{run.root}: transfer source's {checkpoint_change(o, n)}; pass --force to start "
+                                  f"over")
+            raise RunDirError(f"{run.root}: {what} {name}={o!r}, {asks} {name}={n!r}; {fix}")
+
+
+def _check_shards(run: RunDir, run_fp: dict[str, Any], expected: dict[str, dict[str, Any]]) -> None:
+    """Every existing shard must carry this run's fingerprint (its evaluation's, where this run plans it): shards
+    of another model or setting (two writers at once, an older run) are refused, never mixed in."""
+    for path in sorted(run.records.rglob("*.parquet")) if run.records.is_dir() else []:
+        fp = shard_fingerprint(path)
+        where = path.relative_to(run.root)
+        if fp is None:
+            raise RunDirError(f"{run.root}: shard {where} has no fingerprint (written by an older version); pass "
+                              f"--force to redo the attack")
+        if fp.get("checkpoint_sha256") != run_fp["checkpoint_sha256"]:
+            raise RunDirError(f"{run.root}: shard {where}: {checkpoint_change(fp.get('checkpoint_sha256'), run_fp['checkpoint_sha256'])}"
+                              f"; pass --force to attack this model from scratch")
+        for key in RUN_KEYS[1:]:
+            if fp.get(key) != run_fp[key]:
+                raise RunDirError(f"{run.root}: shard {where} was made with {key}={fp.get(key)!r}, this run asks "
+                                  f"for {key}={run_fp[key]!r}; use the same value or pass --force")
+        want = expected.get(path.parent.name)
+        if want is not None:
+            _refuse_differences(run, f"shard {where} was made with", fp, want, path.parent.name.split("__")[0])
+
+
+def verify_records(run: RunDir, manifest: dict[str, Any] | None) -> None:
+    """RunDirError (one line) unless the run's attack records belong to its model and to one setting: the
+    checkpoint the manifest names still hashes as its fingerprint says (``train --force`` since the attack makes
+    them another model's records), and every shard carries the manifest's fingerprint and its evaluation's
+    parameters. Refused rather than flagged: a report renders numbers that get quoted, and numbers of another model
+    under this model's name are wrong however the page is marked. Records of a version before fingerprints, or a
+    run whose checkpoint file is gone, are reported with a warning: there is nothing to check them against."""
+    stored = (manifest or {}).get("fingerprint")
+    if not isinstance(stored, dict):
+        if manifest:
+            log.warning("%s: attack records of an older version carry no fingerprint; cannot check that they "
+                        "belong to the run's model", run.root)
+        return
+    redo = f"rerun `dsn-robust attack {run.root} --force`"
+    relative = str((manifest or {}).get("checkpoint") or "")
+    if relative and (run.root / relative).is_file():
+        now = file_sha256(run.root / relative)
+        if now != stored.get("checkpoint_sha256"):
+            raise RunDirError(f"{run.root}: {relative}: {checkpoint_change(stored.get('checkpoint_sha256'), now)}; "
+                              f"the attack records belong to the model trained before: {redo}")
+    elif relative:
+        log.warning("%s: %s is gone; cannot check that the attack records belong to the run's model", run.root,
+                    relative)
+    entries = {e.get("id"): e for e in (manifest or {}).get("evaluations", [])}
+    for path in sorted(run.records.rglob("*.parquet")) if run.records.is_dir() else []:
+        fp = shard_fingerprint(path) or {}
+        where = path.relative_to(run.root)
+        for key in RUN_KEYS:
+            if fp.get(key) != stored.get(key):
+                raise RunDirError(f"{run.root}: shard {where} was made with {key}={str(fp.get(key))[:16]!r}, the "
+                                  f"manifest says {key}={str(stored.get(key))[:16]!r}: mixed records; {redo}")
+        entry = entries.get(path.parent.name)
+        if entry is not None:
+            _refuse_differences(run, f"shard {where} was made with", fp, entry, path.parent.name.split("__")[0],
+                                asks="the manifest says", fix=f"mixed records; {redo}")
 
 
 def _complete(run: RunDir, eval_id: str, n_batches: int) -> bool:
@@ -156,8 +300,18 @@ def _complete(run: RunDir, eval_id: str, n_batches: int) -> bool:
 
 
 def _manifest(run: RunDir, subject: Subject, config: AttackConfig, setup: dict[str, Any], n_batches: int,
-              probes: dict[str, Any], plans: Sequence[EvalPlan], previous: dict[str, Any] | None) -> dict[str, Any]:
+              probes: dict[str, Any], plans: Sequence[EvalPlan], previous: dict[str, Any] | None,
+              run_fp: dict[str, Any], source_name: str = "") -> dict[str, Any]:
     model = subject.model
+    configs = {"config": (previous or {}).get("config") or jsonable(config.to_dict()),
+               "transfer_configs": dict((previous or {}).get("transfer_configs") or {})}
+    if source_name:
+        configs["transfer_configs"][source_name] = jsonable(config.to_dict())
+    else:
+        configs["config"] = jsonable(config.to_dict())
+    earlier = list((previous or {}).get("earlier_versions") or [])
+    if previous and previous.get("versions") and previous.get("versions") != run_fp["versions"]:
+        earlier.append(previous["versions"])
     current = [p.describe(_complete(run, p.id, n_batches)) for p in plans]
     ids = {e["id"] for e in current}
     kept = [dict(e, complete=_complete(run, e["id"], n_batches))
@@ -175,12 +329,14 @@ def _manifest(run: RunDir, subject: Subject, config: AttackConfig, setup: dict[s
         "batch_size_auto": setup["batch_size_auto"],
         "n_batches": n_batches,
         "float32": float32_state(),
-        "versions": package_versions(),
+        "versions": run_fp["versions"],
+        **({"earlier_versions": earlier} if earlier else {}),
+        "fingerprint": run_fp,
         "path_names": list(model.gate_names),
         "full_macs": float(model.full_macs),
         "gated_block_macs": [float(m) for m in model.costs.gated_blocks],
         **probes,
-        "config": jsonable(config.to_dict()),
+        **configs,
         "evaluations": kept + current,
     }
 
@@ -303,30 +459,43 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
     if resume and force:
         raise ConfigError("--resume and --force exclude each other")
     run = RunDir.at(run_dir)
-    device = process_device(resolve_device(config.device))
-    subject = load_subject(run, config.n, device)
-    crafting_model, source_name = None, ""
-    if transfer_from is not None:
-        source_run = RunDir.at(transfer_from)
-        source_ckpt = load_run_checkpoint(source_run)
-        check_transferable(source_ckpt.dataset, subject.dataset, source_run.name, run.name)
-        if source_run.root.resolve() == run.root.resolve():
-            raise ConfigError("--transfer-from names the attacked run itself; transfer needs another run")
-        crafting_model, source_name = source_ckpt.build_model(device).requires_grad_(False), source_run.name
-    return attack_subject(run, subject, config, resume=resume, force=force, progress=progress, on_shard=on_shard,
-                          crafting_model=crafting_model, source_name=source_name, transfer_from=transfer_from)
+    run.require()  # the lock would create a missing directory
+    with run.writing("attack"):
+        device = process_device(resolve_device(config.device))
+        subject = load_subject(run, config.n, device)
+        crafting_model, source_name, source_sha256 = None, "", ""
+        if transfer_from is not None:
+            source_run = RunDir.at(transfer_from)
+            source_ckpt = load_run_checkpoint(source_run)
+            check_transferable(source_ckpt.dataset, subject.dataset, source_run.name, run.name)
+            if source_run.root.resolve() == run.root.resolve():
+                raise ConfigError("--transfer-from names the attacked run itself; transfer needs another run")
+            crafting_model, source_name = source_ckpt.build_model(device).requires_grad_(False), source_run.name
+            source_sha256 = file_sha256(source_ckpt.path) if source_ckpt.path else state_sha256(crafting_model)
+        return attack_subject(run, subject, config, resume=resume, force=force, progress=progress,
+                              on_shard=on_shard, crafting_model=crafting_model, source_name=source_name,
+                              transfer_from=transfer_from, source_sha256=source_sha256)
 
 
 def attack_subject(run: RunDir, subject: Subject, config: AttackConfig, *, resume: bool = False,
                    force: bool = False, progress: bool = True, on_shard: Callable[[Path], None] | None = None,
                    crafting_model: CoarseFineNet | None = None, source_name: str = "",
-                   transfer_from: str | os.PathLike[str] | None = None) -> AttackResult:
+                   transfer_from: str | os.PathLike[str] | None = None, source_sha256: str = "") -> AttackResult:
     """Attack ``subject`` as ``config`` says and write records, manifest and worst case into ``run``: the one code
-    path of ``dsn-robust attack`` and of the Python API. ``crafting_model`` (named ``source_name``) crafts the
-    examples for a transfer evaluation; :func:`run_attacks` documents the rest."""
+    path of ``dsn-robust attack`` and of the Python API. ``crafting_model`` (named ``source_name``, its checkpoint
+    hashing to ``source_sha256``) crafts the examples for a transfer evaluation; :func:`run_attacks` documents the
+    rest. Holds the run's writer lock throughout."""
     if resume and force:
         raise ConfigError("--resume and --force exclude each other")
-    model, data, data_source = subject.model, subject.data, subject.data_source
+    with run.writing("attack"):
+        return _attack_subject(run, subject, config, resume, force, progress, on_shard, crafting_model, source_name,
+                               transfer_from, source_sha256)
+
+
+def _attack_subject(run: RunDir, subject: Subject, config: AttackConfig, resume: bool, force: bool, progress: bool,
+                    on_shard: Callable[[Path], None] | None, crafting_model: CoarseFineNet | None, source_name: str,
+                    transfer_from: str | os.PathLike[str] | None, source_sha256: str) -> AttackResult:
+    model, data = subject.model, subject.data
     device = next(model.parameters()).device
     n = len(data)
     crafting_model = model if crafting_model is None else crafting_model
@@ -356,8 +525,9 @@ def attack_subject(run: RunDir, subject: Subject, config: AttackConfig, *, resum
         asked, config = config, dataclasses.replace(config, batch_size=sizing.size)
         n_batches = math.ceil(n / config.batch_size)
         setup = {"n": n, "batch_size": config.batch_size, "batch_size_auto": sizing.auto, "seed": config.seed}
+        run_fp = run_fingerprint(subject_sha256(run, subject), setup)
         if resuming:
-            _check_resumable(run, previous, setup, plans)
+            _check_resumable(run, previous, run_fp, plans, source_sha256)
 
         # a resume with every shard written attacks nothing: no worker processes, no probes (the manifest keeps
         # them)
@@ -391,12 +561,13 @@ def attack_subject(run: RunDir, subject: Subject, config: AttackConfig, *, resum
             if kept:
                 for key in ("zero_grad_share", "surrogate_fidelity"):
                     probes[key] = {**(kept.get(key) or {}), **(probes[key] or {})}
-            manifest = _manifest(run, subject, asked, setup, n_batches, probes, plans, kept)
+            manifest = _manifest(run, subject, asked, setup, n_batches, probes, plans, kept, run_fp, source_name)
             atomic_write_json(run.manifest, manifest)
         dist.barrier()
 
+        fingerprints = {p.id: shard_fingerprint_of(run_fp, p, source_sha256) for p in plans}
         _attack_batches(run, subject.model_name, model, crafting_model, data, config, plans, n_batches, dist,
-                        progress, on_shard, crafting_temperature)
+                        progress, on_shard, fingerprints, crafting_temperature)
 
         dist.barrier()
         if not dist.main:
@@ -442,15 +613,13 @@ def _run_in_workers(run: RunDir, config: AttackConfig, n_batches: int, resume: b
 def _attack_batches(run: RunDir, model_name: str, model: CoarseFineNet, crafting_model: CoarseFineNet,
                     data: CoarseFineDataset, config: AttackConfig, plans: Sequence[EvalPlan], n_batches: int,
                     dist: Distributed, progress: bool, on_shard: Callable[[Path], None] | None,
-                    temperature: torch.Tensor | None = None) -> None:
-    from tqdm.auto import tqdm
-
+                    fingerprints: dict[str, dict[str, Any]], temperature: torch.Tensor | None = None) -> None:
     device = next(model.parameters()).device
     scorer = Scorer(model, run.name, model_name, config.seed)
     mine = [b for b in range(n_batches) if b % dist.world == dist.rank]
     skipped = 0
-    bar = tqdm(total=len(mine) * len(plans), desc=f"attack {run.name}", unit="eval", dynamic_ncols=True,
-               disable=not progress or not dist.main)
+    bar = progress_bar(total=len(mine) * len(plans), desc=f"attack {run.name}", unit="eval",
+                       disable=not progress or not dist.main, every=max(1, len(mine) * len(plans) // 20))
     try:
         for b in mine:
             todo = [p for p in plans if not run.shard(p.id, b).is_file()]
@@ -470,7 +639,7 @@ def _attack_batches(run: RunDir, model_name: str, model: CoarseFineNet, crafting
                 advs = plan.attack(crafting, batch.x, batch.labels(plan.target), plan.eps, unit_seed)
                 frame = scorer.score(plan, batch, advs, unit_seed)
                 path = run.shard(plan.id, b)
-                atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+                atomic_write(path, lambda tmp: write_shard(frame, tmp, fingerprints[plan.id]))
                 bar.update(1)
                 if on_shard is not None:
                     on_shard(path)

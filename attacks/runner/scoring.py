@@ -3,7 +3,9 @@
 Each adversarial batch is budget-checked (:mod:`attacks.checks`), then re-evaluated with a deterministic no-grad
 forward in the evaluation's gate mode (``hard`` = the model's real hard forward), and once more with the gates
 frozen to the clean input's path (the frozen-path control). The frame is built directly with the record
-contract's columns and dtypes (:data:`attacks.records.RECORD_COLUMNS`).
+contract's columns and dtypes (:data:`attacks.records.RECORD_COLUMNS`). A single-head model's coarse predictions
+(clean, adversarial, frozen) are :data:`attacks.adapters.NO_HEAD`, as is ``label_coarse`` for data without coarse
+labels: the int64 columns stay, no coarse label is invented.
 """
 from __future__ import annotations
 

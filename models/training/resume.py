@@ -48,7 +48,8 @@ def clear_outputs(run: RunDir) -> None:
         p.unlink(missing_ok=True)
     for stale in (run.attacks, run.report):
         if stale.exists():
-            log.warning("%s belongs to the previous model; it is stale now", stale)
+            log.warning("%s belongs to the previous model; it is stale now (attack records carry the checkpoint's "
+                        "SHA-256, so `attack --resume` and `report` refuse them: rerun `attack --force`)", stale)
 
 
 def model_identity(module: CoarseFineNet) -> dict[str, Any]:

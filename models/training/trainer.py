@@ -3,13 +3,14 @@
 Each epoch trains on the seeded batches of ``models.training.schedule`` in the stage's gate mode (``open`` during
 the warm-up, then the gate function's relaxation under ``hard``), evaluates every ``eval_every`` epochs and after
 the last (``models.training.metrics``), and saves ``last.pt`` (and ``best.pt`` on improvement) and
-``metrics.csv``. Under ``torchrun`` the model is wrapped in DDP and only rank 0 writes.
+``metrics.csv``. Under ``torchrun`` the model is wrapped in DDP and only rank 0 writes. The run directory's writer lock
+(:meth:`robustness.core.rundir.RunDir.writing`) is held for the whole run, so a second ``train`` or an ``attack`` on
+the same directory is one line, not a mix.
 """
 from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from models.training.optim import make_optimisation
 from models.training.runtime import autocast, run_settings
 from models.training.schedule import augment_batch, augmentation_generator, epoch_batches
 from robustness.core.errors import ConfigError, RunDirError
+from robustness.core.progress import is_terminal, progress_bar
 from robustness.core.rundir import RunDir, atomic_write_json, atomic_write_text
 from robustness.core.runtime import (Distributed, accumulation_dtype, derive_seed, distributed, resolve_device,
                                      seed_everything)
@@ -98,6 +100,10 @@ class Trainer:
         self.progress = progress
 
     def run_training(self) -> TrainResult:
+        with self.run.writing("train"):
+            return self._run_training()
+
+    def _run_training(self) -> TrainResult:
         c = self.config
         state = resuming.run_state(self.run, self.resume, self.force)
         if state == "done" and self.resume:
@@ -268,10 +274,11 @@ class Trainer:
             return torch.cat([b, terms * b, correct.to(terms.dtype), skip])
 
     def _bar(self, total: int, epoch: int, dist: Distributed):
-        if not self.progress or not dist.main or not sys.stderr.isatty():
+        # off a terminal the epoch's own log line is the line-based progress; a per-batch line would also read the
+        # running sums back every batch (a host sync per step on a GPU)
+        if not self.progress or not dist.main or not is_terminal():
             return None
-        from tqdm import tqdm
-        return tqdm(total=total, desc=f"epoch {epoch + 1}/{self.config.epochs}", leave=False, dynamic_ncols=True)
+        return progress_bar(total=total, desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="batch", leave=False)
 
     # -- end of an epoch -----------------------------------------------------------------------------------------
     def _end_epoch(self, s: _Session, epoch: int, row: dict[str, Any], lr: float, slope: float, t0: float) -> None:

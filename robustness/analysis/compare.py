@@ -277,6 +277,15 @@ def _queries(run: RunResults) -> dict[str, int] | None:
     return {run.name: q} if q is not None else None
 
 
+def run_sanity(run: RunResults, zero_grad_share: float | Mapping[str, float] | None = None) -> list[Check]:
+    """The gradient-masking checks of one run, as its report and every comparison show them: the one place that
+    hands the run's zero-input-gradient share (measured by the attack run, in its manifest) and its gradient-free
+    query budget to :func:`robustness.sanity.run_checks`, so both pages give the same verdicts.
+    ``zero_grad_share`` replaces the manifest's measurement (a caller that measured it itself)."""
+    share = run.zero_grad_share if zero_grad_share is None else zero_grad_share
+    return run_checks(run.records, zero_grad_share=share, queries=_queries(run))
+
+
 def compare_runs(runs: Sequence[RunResults], labels: Sequence[str] | None = None, *, n_boot: int = 1000,
                  seed: int = 0) -> Comparison:
     """Split loaded runs into (run, gate mode) variants and compare them on their shared samples.
@@ -336,6 +345,6 @@ def compare_runs(runs: Sequence[RunResults], labels: Sequence[str] | None = None
                       compute=_compute_points(variants, combined, distances, distance_pairs,
                                               pairs[0] if pairs else None),
                       transfer=transfer_matrix([r.records for r in runs]),
-                      sanity={name: run_checks(r.records, queries=_queries(r)) for name, r in zip(names, runs)},
+                      sanity={name: run_sanity(r) for name, r in zip(names, runs)},
                       notes=notes,
                       n_boot=n_boot, seed=seed)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from attacks.adapters import NO_HEAD
 from attacks.records import EVAL_KEYS, worst_case
 from robustness.analysis.selection import accuracy_rows, whitebox
 from robustness.analysis.stats import mean_or_nan, put_interval, wilson_interval
@@ -29,6 +30,19 @@ WORST_KEYS: list[str] = ["run", "model", "norm", "eps", "gate_mode", "target", "
 # ---------------------------------------------------------------------------------------------------------------
 # Gate paths
 # ---------------------------------------------------------------------------------------------------------------
+
+def has_coarse_head(df: pd.DataFrame) -> bool:
+    """Whether the records carry a coarse head: coarse predictions *and* coarse labels (a single-head model, or
+    data without a label hierarchy, records ``attacks.adapters.NO_HEAD`` there). False for an empty frame."""
+    if not len(df):
+        return False
+    return bool(((df["clean_pred_coarse"] != NO_HEAD) & (df["label_coarse"] != NO_HEAD)).any())
+
+
+#: What a report says when the records have no coarse head (the coarse-only analyses are skipped, not faked).
+SINGLE_HEAD_NOTE = ("single-head model (or data without coarse labels): the coarse-head analyses (coarse "
+                    "accuracy, adversarial class in the true superclass) are skipped")
+
 
 def is_gated(df: pd.DataFrame) -> bool:
     """Whether any record carries a gate path (False for ungated models and empty frames)."""

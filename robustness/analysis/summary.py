@@ -8,7 +8,8 @@ on every evaluation (one group of :data:`attacks.records.EVAL_KEYS`). Adding a m
     def flip_share(ev: Evaluation) -> dict[str, float]:
         ...
 
-Conventions: accuracies, rates and shares are fractions in [0, 1]; *success* is only defined on initially-correct
+Conventions: accuracies, rates and shares are fractions in [0, 1]; the coarse-head metrics are NaN for records
+without a coarse head (a single-head model or data without coarse labels: ``metrics.has_coarse_head``); *success* is only defined on initially-correct
 samples (``clean_correct``), so success rates and association statistics use those samples only, path statistics
 use every sample; an undefined statistic is ``NaN``; an interval metric ``x`` comes as ``x``, ``x_low``, ``x_high``.
 """
@@ -21,8 +22,9 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
+from attacks.adapters import NO_HEAD
 from attacks.records import EVAL_KEYS
-from robustness.analysis.metrics import path_distances, path_matrix
+from robustness.analysis.metrics import has_coarse_head, path_distances, path_matrix
 from robustness.analysis.stats import Interval, association, mean_or_nan, put_interval, wilson_interval
 
 NAN = float("nan")
@@ -49,6 +51,11 @@ class Evaluation:
     def success(self) -> np.ndarray:
         """Successful attacks: initially correct and adversarially wrong."""
         return self.records["success"].to_numpy(bool) & self.correct
+
+    @cached_property
+    def coarse(self) -> bool:
+        """Whether the records carry a coarse head (predictions and labels)."""
+        return has_coarse_head(self.records)
 
     @cached_property
     def clean_bits(self) -> np.ndarray:
@@ -153,7 +160,8 @@ def summarize(df: pd.DataFrame, full_macs: float | Mapping[str, float] | None = 
 def accuracy(ev: Evaluation) -> dict[str, float]:
     g, correct, success = ev.records, ev.correct, ev.success
     return {"clean_acc_fine": mean_or_nan((g["clean_pred_fine"] == g["label_fine"]).to_numpy(bool)),
-            "clean_acc_coarse": mean_or_nan((g["clean_pred_coarse"] == g["label_coarse"]).to_numpy(bool)),
+            "clean_acc_coarse": mean_or_nan((g["clean_pred_coarse"] == g["label_coarse"]).to_numpy(bool))
+            if ev.coarse else NAN,
             "clean_acc": mean_or_nan(correct), "robust_acc": mean_or_nan(g["robust"].to_numpy(bool)),
             "n_clean_correct": int(correct.sum()), "n_success": int(success.sum()),
             "success_rate": success.sum() / correct.sum() if correct.any() else NAN}
@@ -235,13 +243,16 @@ def frozen_survival(ev: Evaluation) -> dict[str, float]:
 def same_superclass(ev: Evaluation) -> dict[str, float]:
     g = ev.records
     fine_success = ev.success if (g["target"] == "fine").all() else np.zeros(len(g), bool)
-    if ev.fine_to_coarse is not None:
+    labelled = (g["label_coarse"] != NO_HEAD).to_numpy(bool)
+    if ev.fine_to_coarse and labelled.all():
         lookup = np.asarray(ev.fine_to_coarse, dtype=np.int64)
         same = lookup[g["adv_pred_fine"].to_numpy(np.int64)] == g["label_coarse"].to_numpy(np.int64)
         column = "same_superclass"
-    else:
+    elif ev.coarse:
         same = (g["adv_pred_coarse"] == g["label_coarse"]).to_numpy(bool)
         column = "same_superclass_proxy"
+    else:  # neither a label hierarchy nor a coarse head: skipped (NaN), never counted as "not in the superclass"
+        same, column, fine_success = np.zeros(len(g), bool), "same_superclass", np.zeros(len(g), bool)
     row: dict[str, float] = {}
     put_interval(row, column, wilson_interval(int(same[fine_success].sum()), int(fine_success.sum()),
                                               ev.confidence))

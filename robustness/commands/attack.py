@@ -3,6 +3,18 @@
 An ``[attack]`` table of ``--config FILE`` supplies defaults (any :class:`attacks.runner.AttackConfig` field, and
 ``[attack.<name>]`` subtables of per-attack parameters); flags override it, ``--set ATTACK.KEY=VALUE`` sets one
 attack parameter. Ends with a short table: clean accuracy, robust accuracy per attack and eps, worst case.
+
+Defaults: without ``--config``, ``attack`` measures what ``dsn-robust run`` measures: the ``[attack]`` table of the
+config ``run`` reads by default (``configs/quickstart.toml``, :func:`attacks.runner.config.default_attack_table`) is the
+one owner of the default evaluation, less :data:`EXECUTION_KEYS` (its CPU, one thread and two workers suit the
+quickstart's laptop; an attack keeps ``auto``, torch's threads and one process). Where that file is not there (an
+installed package without the source tree) :class:`AttackConfig`'s own defaults apply, with a warning.
+
+``--resume`` continues the stored records with the settings they were made with: the manifest's ``config`` (its
+``transfer_configs[<source>]`` with ``--transfer-from``) is the base; ``--config`` and flags may restate it, add
+evaluations (:data:`PLAN_KEYS`: more attacks, budgets, routing gradients ...) and set the parameters of attacks
+that have not run, but not change how the stored evaluations ran (seed, n, batch size, steps, an attack's
+parameters: one line naming each difference, ``--force`` as the fix); :data:`EXECUTION_KEYS` may change.
 """
 from __future__ import annotations
 
@@ -16,10 +28,12 @@ from attacks.base import COMPUTE, attack_kind
 from attacks.records import accuracy_rows
 from attacks.runner import (ATTACK_ALIASES, FLAT_ALIASES, AttackConfig, AttackResult, load_run_checkpoint,
                             run_attacks)
+from attacks.runner.config import EXECUTION_KEYS, default_attack_table, stored_table
 from attacks.runner.presets import PRESETS, preset_table
 from robustness.analysis.distances import median_distance, minimal_distances
 from robustness.core.config import load_config_file, overridden
 from robustness.core.errors import ConfigError
+from robustness.core.errors import RunDirError
 from robustness.core.rundir import RunDir
 from robustness.core.vocab import HEADS, NORMS, format_distance, format_eps
 from robustness.eps_grid import attack_runs, check_auto
@@ -34,11 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "slowdown)",
                        description="Attack the model of RUN_DIR and write per-sample records to "
                                    "RUN_DIR/attacks/. Flags override --preset, which overrides the [attack] table "
-                                   "of --config.")
+                                   "of --config. Without --config, attack measures what `dsn-robust run` does: the "
+                                   "[attack] table of configs/quickstart.toml (less device, threads, workers); the "
+                                   "defaults below are those of keys that table does not set. --resume continues "
+                                   "with the settings stored in the run.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory")
     p.add_argument("--attacks", help="comma list of fgsm,pgd,apgd,apgd-ce,apgd-dlr,ddn,cw,square,autoattack,path,"
-                                     "slowdown (apgd = apgd-ce and apgd-dlr; default: "
-                                     "fgsm,pgd,apgd,ddn,square,path,slowdown)")
+                                     "slowdown (apgd = apgd-ce and apgd-dlr)")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="a named set of attacks: autoattack (torchattacks' AutoAttack, routing gradients none and "
                         "sharp), full (the suite at full strength)")
@@ -52,19 +68,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "attack runs in the first that has it; default all three), or both (both "
                                      "libraries, each attack in every one that has it)")
     p.add_argument("--gate-mode", dest="gate_modes", help="comma list of hard,open,random (default hard)")
-    p.add_argument("--gate-grad", dest="gate_grads", help="comma list of none,ste,bpda,sharp,eot (default "
-                                                          "none,ste,bpda,sharp)")
+    p.add_argument("--gate-grad", dest="gate_grads", help="comma list of none,ste,bpda,sharp,eot")
     p.add_argument("--target", choices=list(HEADS), help="head under attack (default fine)")
-    p.add_argument("--n", type=int, help="number of test samples (default 1000)")
+    p.add_argument("--n", type=int, help="number of test samples")
     p.add_argument("--batch-size", dest="batch_size", type=_batch_size_arg,
                    help="images per batch, or auto: the largest batch that fits on a GPU (80%% of its free memory, "
                         "measured), equal batches of at most 128 on a CPU; a resumed run keeps the size its records "
-                        "were made with (default 128)")
+                        "were made with")
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
     p.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
     p.add_argument("--steps", type=int, help="iterations of every iterative attack (default: each its own: PGD 50, "
                                              "APGD 100, path 50, slowdown 10)")
-    p.add_argument("--restarts", dest="pgd_restarts", type=int, help="PGD restarts per loss (default 5)")
+    p.add_argument("--restarts", dest="pgd_restarts", type=int, help="PGD restarts per loss")
     p.add_argument("--threads", type=int, help="torch CPU threads while attacking (default 0: torch's default; 1 is "
                                                "many times faster for small models on a busy CPU)")
     p.add_argument("--workers", type=int, help="processes that share the batches on a CPU (default 1; needs at "
@@ -73,11 +88,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="set", action="append", default=[], metavar="ATTACK.KEY=VALUE",
                    help="one parameter of one attack, e.g. pgd.restarts=5 or pgd.losses=[\"ce\"] (VALUE is read "
                         "as TOML; repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue (or add to) the run's attack records")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run's attack records with the settings they were made with: flags and "
+                        "--config may restate them or add evaluations (attacks, budgets, routing gradients) but "
+                        "not change how the stored ones ran; --device, --threads, --workers may change")
     p.add_argument("--force", action="store_true", help="delete the run's attack records first")
     p.add_argument("--transfer-from", dest="transfer_from", metavar="OTHER_RUN",
                    help="craft the examples on OTHER_RUN's model, score them on RUN_DIR's")
-    p.add_argument("--config", help="TOML file whose [attack] table supplies defaults")
+    p.add_argument("--model-file", dest="model_file", metavar="FILE.py[:FUNCTION]",
+                   help="attack your own architecture: FUNCTION (default build) of FILE.py, or an entry point of "
+                        "the group dsn_robustness.models, builds the torch.nn.Module (a plain classifier or a gated "
+                        "model, see the README); needs --weights and --dataset; RUN_DIR receives the records")
+    p.add_argument("--weights", metavar="W.pt", help="with --model-file: the module's state_dict (read with "
+                                                     "weights_only=True)")
+    p.add_argument("--dataset", help="with --model-file: the dataset whose test split is attacked "
+                                     "(see `dsn-robust datasets`)")
+    p.add_argument("--data-root", dest="data_root", metavar="DIR", help="with --model-file: the dataset's folder")
+    p.add_argument("--config", help="TOML file whose [attack] table supplies defaults (default: the [attack] "
+                                    "table `dsn-robust run` uses, configs/quickstart.toml, less device, threads "
+                                    "and workers)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(handler=run)
 
@@ -91,9 +120,21 @@ def _batch_size_arg(text: str) -> int | str:
         return text
 
 
-def config_from_args(args: argparse.Namespace) -> AttackConfig:
-    """The AttackConfig of the [attack] table of ``args.config`` with the flags given on top."""
-    table = load_config_file(getattr(args, "config", None)).get("attack", {})
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, subtables (``[attack.<name>]``) merged key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def config_from_args(args: argparse.Namespace, stored: dict[str, Any] | None = None) -> AttackConfig:
+    """The AttackConfig of the [attack] table of ``args.config`` (without one: :func:`attacks.runner.config.default_attack_table`; on top of
+    ``stored``, a manifest's config, when given) with the flags given on top."""
+    path = getattr(args, "config", None)
+    table = load_config_file(path).get("attack", {}) if path else {} if stored is not None else default_attack_table()
+    if stored is not None:
+        table = _merged(stored_table(stored), table)
     if getattr(args, "preset", None):
         table = {**table, **preset_table(args.preset), "preset": args.preset}
     base = AttackConfig.from_table(table, where=f"[attack] in {args.config}" if getattr(args, "config", None)
@@ -120,8 +161,60 @@ def config_from_args(args: argparse.Namespace) -> AttackConfig:
         raise ConfigError(str(err)) from None
 
 
+def stored_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    """With ``--resume``, the config the run's records were made with (None: nothing stored to continue)."""
+    if not getattr(args, "resume", False):
+        return None
+    manifest = RunDir.at(args.run_dir).read_manifest() or {}
+    if args.transfer_from:
+        return (manifest.get("transfer_configs") or {}).get(RunDir.at(args.transfer_from).name)
+    return manifest.get("config")
+
+
+#: Settings that choose which evaluations run, not how one runs: on --resume they may change, adding evaluations
+#: beside the stored ones (each evaluation's shards carry its own fingerprint, so an evaluation that ran before and
+#: is asked for with other budgets or parameters is still refused by the runner)
+PLAN_KEYS = ("attacks", "eps", "cw_eps", "distance_norms", "backends", "cross_check", "gate_modes", "gate_grads",
+             "norm", "target", "preset", "minimal_check")
+
+
+def resume_config(args: argparse.Namespace) -> AttackConfig | None:
+    """The config ``--resume`` continues (the stored one; RunDirError naming every setting the flags or
+    ``--config`` change), or None when there is nothing stored."""
+    stored = stored_config(args)
+    if stored is None:
+        return None
+    before = AttackConfig.from_table(stored_table(stored), where=f"the stored attack config of {args.run_dir}")
+    config = config_from_args(args, stored)
+    old, new = _flat(before.to_dict()), _flat(config.to_dict())
+    ran = set(before.attacks)
+    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in dict.fromkeys([*old, *new])
+               if old.get(k) != new.get(k) and k not in EXECUTION_KEYS and k not in PLAN_KEYS
+               and (k.partition(".")[0] in ran or "." not in k)]
+    if changed:
+        raise RunDirError(f"{args.run_dir}: --resume continues its records with their stored settings, and these "
+                          f"differ: {', '.join(changed)}; drop those flags to continue, or pass --force to start "
+                          f"over")
+    return config
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested ``params`` as dotted keys (``pgd.steps``), so a difference names the parameter."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = key if prefix in ("", "params") else f"{prefix}.{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, name))
+        else:
+            out[name] = value
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    config = resume_config(args) or config_from_args(args)
+    if args.model_file or args.weights or args.dataset or args.data_root:
+        print(summary_table(_attack_model_file(args, config)))
+        return 0
     if config.eps_auto:
         if args.transfer_from:
             raise ConfigError("--eps auto chooses the grid from this run's own minimal distances; with "
@@ -136,6 +229,31 @@ def run(args: argparse.Namespace) -> int:
                              progress=args.progress, force=args.force)
     print(summary_table(result))
     return 0
+
+
+def _attack_model_file(args: argparse.Namespace, config: AttackConfig) -> AttackResult:
+    """``--model-file``: build the user's module from its file (or entry point) with ``--weights``, and attack it
+    on ``--dataset``'s test split through the Python API's code path (:func:`robustness.api.run_evaluation`)."""
+    from models.model_file import build_from_spec
+    from robustness.api import run_evaluation
+    from robustness.data import load_dataset
+
+    if not args.model_file:
+        raise ConfigError("--weights, --dataset and --data-root go with --model-file; a trained run is attacked on "
+                          "the test data it was trained on")
+    if args.transfer_from:
+        raise ConfigError("--transfer-from attacks a trained run; with --model-file craft on that run instead")
+    if not args.weights or not args.dataset:
+        raise ConfigError("--model-file needs --weights W.pt (the module's state_dict) and --dataset NAME (the "
+                          "test data to attack it on)")
+    test = load_dataset(args.dataset, "test", root=args.data_root)
+    info = test.info
+    derived = {"num_classes": info.num_fine, "num_fine": info.num_fine, "num_coarse": info.num_coarse,
+               "image_size": info.image_size, "in_channels": info.channels}
+    model = build_from_spec(args.model_file, args.weights, derived=derived)
+    results = run_evaluation(model, test, config, out=args.run_dir, resume=args.resume, force=args.force,
+                             progress=args.progress)
+    return AttackResult(results.run_dir, results.manifest, results.records)
 
 
 def parse_setting(text: str) -> tuple[str, str, Any]:

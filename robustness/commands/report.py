@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from reports.html import write_report
+from robustness.core.rundir import RunDir
 from robustness.results import load_run
 
 
@@ -17,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = write_report(load_run(args.run_dir), args.out, n_boot=args.bootstrap, seed=args.seed)
+    run_dir = RunDir.at(args.run_dir).require()
+    report = write_report(load_run(run_dir.root), args.out, n_boot=args.bootstrap, seed=args.seed)
     print(f"report: {report.index}")
     return 0

@@ -2,21 +2,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from robustness.core.config import DEFAULT_CONFIG, default_config_path
 from robustness.core.runtime import DEVICE_CHOICES
 from robustness.pipeline import PipelineConfig, format_summary, run_pipeline
-
-DEFAULT_CONFIG = "configs/quickstart.toml"
-
-
-def _default_config() -> str:
-    """``configs/quickstart.toml`` of the working directory, else the one of this source checkout."""
-    if Path(DEFAULT_CONFIG).is_file():
-        return DEFAULT_CONFIG
-    beside_source = Path(__file__).resolve().parents[2] / DEFAULT_CONFIG
-    return str(beside_source) if beside_source.is_file() else DEFAULT_CONFIG
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="the main job end to end: train, attack, report, compare",
@@ -32,13 +21,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     g.add_argument("--force", action="store_true", help="delete what --out holds and start over")
+    p.add_argument("--set", dest="set", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                   help="override one config key, e.g. attack.n=256, train.epochs=2, attack.pgd.restarts=1 or "
+                        "run.models=[\"dsn\",\"resnet\"] (VALUE is read as TOML, a bare word as a string; "
+                        "repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    config = PipelineConfig.from_file(args.config or _default_config(), device=args.device,
-                                      data_root=args.data_root)
+    config = PipelineConfig.from_file(args.config or default_config_path(), device=args.device,
+                                      data_root=args.data_root, overrides=args.set)
+    config.check_machine()  # no CUDA, a missing data root: one line before --out is created
     result = run_pipeline(config, args.out, resume=args.resume, force=args.force, progress=not args.no_progress)
     print(format_summary(result))
     return 0

@@ -6,6 +6,7 @@ override file values; the resolved values are written into the run directory.
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import tomllib
 import types
@@ -17,6 +18,18 @@ from robustness.core.errors import ConfigError
 
 T = TypeVar("T")
 SECTIONS = ("data", "model", "train", "attack", "run")
+#: The config ``dsn-robust run`` reads without ``--config``; its ``[attack]`` table is also ``dsn-robust attack``'s
+#: and the Python API's default evaluation (:func:`attacks.runner.config.default_attack_table`).
+DEFAULT_CONFIG = "configs/quickstart.toml"
+
+
+def default_config_path() -> Path:
+    """:data:`DEFAULT_CONFIG` of the working directory, else the one of this source checkout (which may not exist
+    for an installed package: callers check)."""
+    if Path(DEFAULT_CONFIG).is_file():
+        return Path(DEFAULT_CONFIG)
+    beside_source = Path(__file__).resolve().parents[2] / DEFAULT_CONFIG
+    return beside_source if beside_source.is_file() else Path(DEFAULT_CONFIG)
 
 
 def load_config_file(path: str | Path | None) -> dict[str, dict[str, Any]]:
@@ -27,8 +40,14 @@ def load_config_file(path: str | Path | None) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    except OSError as err:  # permission denied, a file that vanished, an I/O error
+        raise ConfigError(f"cannot read config file {path}: {(err.strerror or str(err)).lower()}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
@@ -37,6 +56,42 @@ def load_config_file(path: str | Path | None) -> dict[str, dict[str, Any]]:
         if not isinstance(table, dict):
             raise ConfigError(f"config file {path}: [{name}] must be a table")
     return raw
+
+
+def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    """``"attack.n=256"`` -> ``(("attack", "n"), 256)``: a dotted key that starts with a config table (further dots
+    reach sub-tables: ``attack.pgd.restarts=5``) and a value read as TOML (a bare word that is not TOML, such as
+    ``cuda`` or ``8/255``, is a string)."""
+    key, sep, raw = str(text).partition("=")
+    parts = tuple(p.strip() for p in key.split("."))
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: write TABLE.KEY=VALUE, e.g. attack.n=256 (tables: {', '.join(SECTIONS)})")
+    if parts[0] not in SECTIONS:
+        raise ConfigError(f"--set {text!r}: unknown table {parts[0]!r}; choose one of: {', '.join(SECTIONS)}")
+    try:
+        value = tomllib.loads(f"value = {raw.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts, value
+
+
+def apply_overrides(tables: dict[str, dict[str, Any]], settings: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """A copy of the config ``tables`` with each ``--set TABLE.KEY=VALUE`` of ``settings`` applied in order.
+
+    Keys are not checked here: the tables go through :func:`build` (or the model registry) like a file's, so an
+    unknown key is the same one line listing the valid ones.
+    """
+    merged: dict[str, Any] = {name: dict(table) for name, table in tables.items()}
+    for text in settings:
+        parts, value = parse_override(text)
+        table = merged.setdefault(parts[0], {})
+        for part in parts[1:-1]:
+            inner = table.get(part)
+            if inner is not None and not isinstance(inner, dict):
+                raise ConfigError(f"--set {text!r}: {'.'.join(parts[:-1])} is a value, not a table")
+            table[part] = table = dict(inner or {})
+        table[parts[-1]] = value
+    return merged
 
 
 def build(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
@@ -86,7 +141,7 @@ def _fits(value: Any, annotation: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is str:
         return isinstance(value, str)
-    if origin in (list, tuple, set, frozenset) or annotation in (list, tuple):
+    if origin in (list, tuple, set, frozenset, collections.abc.Sequence) or annotation in (list, tuple):
         if not isinstance(value, (list, tuple)):
             return False
         inner = [a for a in args if a is not Ellipsis]
@@ -103,7 +158,7 @@ def _describe(annotation: Any) -> str:
         return " or ".join(_describe(a) for a in args)
     if annotation is type(None):
         return "unset"
-    if origin in (list, tuple):
+    if origin in (list, tuple, collections.abc.Sequence):
         inner = [a for a in args if a is not Ellipsis]
         if not inner:
             return "a list"

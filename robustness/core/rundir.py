@@ -11,21 +11,55 @@ Layout of a run directory::
       attacks/manifest.json    what was attacked, how, with which versions (see attacks.runner)
       attacks/records/<evaluation-id>/shard-NNNNN.parquet   per-sample records (attacks.records)
       report/                  index.html, report.md, summary.csv, summary.json, figures/
+      .lock                    held while a command writes the run (below); absent otherwise
 
 :class:`RunDir` is the one owner of those paths and of reading the run's JSON files: other modules ask it for a
 path or a parsed file and never build run paths or parse run files themselves. It sits on the ground floor
 (``robustness.core``) and imports nothing else of the project but the typed errors.
+
+One writer per run: ``with run.writing("attack"):`` holds an exclusive ``fcntl.flock`` on ``RUN_DIR/.lock`` (train,
+attack, report and run take it), so a second writer gets one RunDirError line naming the holder's PID and command
+and touches nothing. The kernel drops a flock when its holder dies, even by ``kill -9``, so a stale ``.lock`` file
+is simply taken over: no PID guessing, no timeouts. Processes that work on one run together (the runner's worker
+ranks, ``torchrun`` ranks, the pipeline's training and attack workers) must not lock against their own job: the
+process that owns the job (the parent, or rank 0 of a ``torchrun`` launch) holds the lock; a process whose
+``RANK`` is not 0 never takes it, and a process started by the holder (``multiprocessing`` spawn inherits the
+environment) finds the path in ``DSN_ROBUST_LOCKS`` and proceeds under its parent's lock. Pitfalls: a flock
+belongs to an open file description, so the file is unlinked while still locked on release and a new holder
+checks that the file it locked is still the one at the path (else a late opener of the old inode and a creator of
+a new one could both "hold" it); flock is advisory and unreliable on some network file systems (NFS before Linux
+2.6.12 emulates it with POSIX locks). Where ``fcntl`` does not exist (Windows) no lock is taken: a warning says so
+once, and concurrent writers are not detected there.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
+import logging
 import os
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from robustness.core.errors import RunDirError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock (see the module docstring)
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+#: environment variable listing (os.pathsep-separated) the lock files an ancestor process holds for its job
+LOCKS_ENV = "DSN_ROBUST_LOCKS"
+#: OS errors that mean "this place cannot be written" (and not a bug): turned into one RunDirError line
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
+_held: dict[Path, int] = {}  # lock files this process holds -> nesting depth
 
 
 @dataclass(frozen=True)
@@ -86,6 +120,16 @@ class RunDir:
     def report(self) -> Path:
         return self.root / "report"
 
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    def writing(self, command: str) -> contextlib.AbstractContextManager[None]:
+        """Hold this run's writer lock while the ``with`` body runs (``command``, e.g. ``"attack"``, names the holder
+        in a second writer's error). Creates the directory when it does not exist (and removes it again if the body
+        left it empty). Re-entrant in one process; see the module docstring for ranks and workers."""
+        return writer_lock(self.lock, command)
+
     def shard(self, evaluation_id: str, batch: int) -> Path:
         """The Parquet shard of one evaluation's batch."""
         return self.records / evaluation_id / f"shard-{batch:05d}.parquet"
@@ -129,19 +173,146 @@ def read_json(path: Path, fix: str = "") -> dict[str, Any] | None:
     return value
 
 
+@contextlib.contextmanager
+def writer_lock(path: Path, command: str) -> Iterator[None]:
+    """Hold the exclusive lock file ``path`` (``RunDir.writing``; the pipeline locks its output folder with it)."""
+    path = Path(path).absolute()
+    if fcntl is None:
+        _warn_no_lock()
+        yield
+        return
+    if _covered(path):
+        _held[path] = _held.get(path, 0) + 1  # nested, or this process works for the holder's job
+        try:
+            yield
+        finally:
+            _held[path] -= 1
+            if not _held[path]:
+                del _held[path]
+        return
+    created = not path.parent.exists()
+    fd = _acquire(path, command)
+    _held[path] = 1
+    inherited = os.environ.get(LOCKS_ENV)
+    os.environ[LOCKS_ENV] = os.pathsep.join(filter(None, [inherited, str(path)]))
+    try:
+        yield
+    finally:
+        del _held[path]
+        if inherited is None:
+            os.environ.pop(LOCKS_ENV, None)
+        else:
+            os.environ[LOCKS_ENV] = inherited
+        path.unlink(missing_ok=True)  # unlinked while still locked: see the module docstring
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # only when the body left the new directory empty
+
+
+def _covered(path: Path) -> bool:
+    """Whether this process already works under ``path``'s lock: it holds it, it is a non-zero rank of a job
+    whose rank 0 holds it, or its parent holds it for the job (``DSN_ROBUST_LOCKS``)."""
+    if path in _held:
+        return True
+    if os.environ.get("RANK", "0") not in ("", "0") and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return True
+    return str(path) in os.environ.get(LOCKS_ENV, "").split(os.pathsep)
+
+
+def _acquire(path: Path, command: str) -> int:
+    for _ in range(100):  # retried only when the lock file was replaced between open and flock (a release)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise _unwritable(path.parent, err) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise RunDirError(f"{path.parent} is being written by another process ({holder}); wait for it to "
+                              f"finish or stop it, then rerun") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            continue
+        argv = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else ""
+        info = {"pid": os.getpid(), "command": command, "argv": argv[:200],
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        return fd
+    raise RunDirError(f"cannot take the writer lock {path}: it keeps being replaced by other processes")
+
+
+def _holder(fd: int) -> str:
+    """What the lock file says about its holder, as the clause of an error message."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not isinstance(info, dict) or "pid" not in info:
+        return "pid unknown"
+    what = f"`{info['argv']}`" if info.get("argv") else str(info.get("command", "?"))
+    return f"pid {info['pid']}, {info.get('command', '?')}: {what}, since {info.get('started', '?')}"
+
+
+_warned: list[bool] = []
+
+
+def _warn_no_lock() -> None:
+    if not _warned:
+        log.warning("no writer lock on this platform (no fcntl): do not run two commands on one run directory")
+        _warned.append(True)
+
+
+def _unwritable(path: Path, err: OSError) -> Exception:
+    """``err`` as one RunDirError line naming ``path`` when the place cannot be written, else ``err`` itself."""
+    if err.errno in (errno.EEXIST, errno.ENOTDIR):
+        return RunDirError(f"cannot write {path}: a file stands where a directory should be")
+    if err.errno in _UNWRITABLE:
+        reason = err.strerror or type(err).__name__
+        return RunDirError(f"cannot write {path}: {reason.lower()}"
+                           + ("; pick a writable place or fix its permissions"
+                              if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""))
+    return err
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 hex digest of a file's bytes (what ties attack records to the checkpoint they were made on)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``.
 
-    A crash or Ctrl-C in the middle leaves the previous ``path`` (or nothing) in place, never a partial file.
+    A crash or Ctrl-C in the middle leaves the previous ``path`` (or nothing) in place, never a partial file. A
+    place that cannot be written (permission, read-only file system, disk full, a file where a folder should be)
+    is one RunDirError line naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _unwritable(path, err) from None
     os.close(fd)
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise _unwritable(path, err) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -186,6 +186,18 @@ def distributed(device: torch.device) -> Iterator[Distributed]:
 # --------------------------------------------------------------------------------------------------------------
 
 
+PACKAGE = "dsn-robustness"
+
+
+def package_version() -> str:
+    """This package's version as its installed metadata says (``dsn-robust --version``); ``"unknown"`` when the
+    source tree is used without being installed."""
+    try:
+        return metadata.version(PACKAGE)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def package_versions() -> dict[str, str]:
     """Versions of the packages whose behaviour a result depends on."""
     versions = {"python": platform.python_version()}

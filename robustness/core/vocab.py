@@ -34,18 +34,34 @@ def parse_eps(value: Any) -> float:
     """An eps from a number or a string such as ``"8/255"``, ``"0.03"`` or ``"inf"``."""
     if isinstance(value, bool):
         raise ConfigError(f"eps must be a number, got {value!r}")
+    try:
+        eps = _read_eps(value)
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError):  # Fraction -> float overflows past 1e308
+        eps = math.nan
+    if math.isnan(eps):
+        raise ConfigError(f"cannot read eps {_short(value)}; write e.g. 8/255 or 0.03")
+    return eps
+
+
+def _read_eps(value: Any) -> float:
     if isinstance(value, (int, float)):
         return float(value)
     text = str(value).strip()
-    try:
-        if text.lower() in ("inf", "infinity"):
-            return math.inf
-        if "/" in text:
-            num, den = text.split("/", 1)
-            return float(Fraction(num.strip()) / Fraction(den.strip()))
-        return float(text)
-    except (ValueError, ZeroDivisionError, OverflowError):
-        raise ConfigError(f"cannot read eps {value!r}; write e.g. 8/255 or 0.03") from None
+    if text.lower() in ("inf", "infinity"):
+        return math.inf
+    if "/" in text:
+        num, den = text.split("/", 1)
+        return float(Fraction(num.strip()) / Fraction(den.strip()))
+    eps = float(text)
+    if math.isinf(eps) and "inf" not in text.lower():
+        raise OverflowError(text)  # "1e400": a finite number too large for a float, not the word inf
+    return eps
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error line stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def format_eps(eps: float) -> str:

@@ -18,9 +18,17 @@ from robustness.core.errors import ConfigError, DataError
 SPLITS = ("train", "test")
 
 
+#: The coarse label of a sample whose dataset has no label hierarchy (records keep their int64 columns).
+NO_COARSE_LABEL = -1
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a model needs to know about its dataset: classes, label hierarchy, normalisation, image geometry."""
+    """What a model needs to know about its dataset: classes, label hierarchy, normalisation, image geometry.
+
+    Single-head data (plain classification) has no coarse classes: ``coarse_classes = fine_to_coarse = ()``;
+    its samples' coarse label is :data:`NO_COARSE_LABEL`, never an invented class.
+    """
 
     name: str
     fine_classes: tuple[str, ...]
@@ -43,7 +51,9 @@ class DatasetInfo:
         self._validate()
 
     def _validate(self) -> None:
-        if len(self.fine_to_coarse) != len(self.fine_classes):
+        if not self.coarse_classes and self.fine_to_coarse:
+            raise DataError(f"{self.name}: fine_to_coarse is given but there are no coarse classes")
+        if self.coarse_classes and len(self.fine_to_coarse) != len(self.fine_classes):
             raise DataError(f"{self.name}: fine_to_coarse has {len(self.fine_to_coarse)} entries "
                             f"for {len(self.fine_classes)} fine classes")
         if any(not 0 <= c < len(self.coarse_classes) for c in self.fine_to_coarse):
@@ -60,8 +70,13 @@ class DatasetInfo:
 
     @property
     def num_coarse(self) -> int:
-        """Number of coarse classes."""
+        """Number of coarse classes (0 for single-head data)."""
         return len(self.coarse_classes)
+
+    @property
+    def has_coarse(self) -> bool:
+        """Whether the data has a label hierarchy (coarse labels)."""
+        return bool(self.coarse_classes)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (lists, not tuples) that ``from_dict`` turns back into an equal info."""
@@ -140,7 +155,8 @@ class CoarseFineDataset(torch.utils.data.Dataset):
         self.info = info
         self.images = images.contiguous()
         self.fine = fine
-        self.coarse = torch.tensor(info.fine_to_coarse, dtype=torch.int64)[fine]
+        self.coarse = (torch.tensor(info.fine_to_coarse, dtype=torch.int64)[fine] if info.has_coarse
+                       else torch.full_like(fine, NO_COARSE_LABEL))
         self.split = split
 
     def __len__(self) -> int:

@@ -1,0 +1,516 @@
+"""The Python API: evaluate a model from a notebook or a script, load a CLI run, compare two results.
+
+``from robustness import evaluate, load_run, compare, Results`` (the package exposes them lazily). The API is a thin
+face over the CLI's code path, not a second implementation:
+
+- :func:`evaluate` turns the model into the suite's model (:func:`models.protocol.adapt`), the data into the test
+  samples of a :class:`attacks.runner.run.Subject`, the options into the :class:`attacks.runner.AttackConfig`
+  that ``dsn-robust attack`` would build from the same flags (:func:`attack_config`: on top of the CLI's default
+  table), and runs :func:`attacks.runner.run.attack_subject`, the function ``dsn-robust attack`` ends in, on a run
+  directory (``out``, or a new temporary directory). The same model, data and seed therefore give the same
+  records as the CLI.
+- :class:`Results` is a loaded run (:func:`robustness.results.load_run`); its numbers are the report's:
+  the headline of :func:`robustness.analysis.headline.run_headline` over the checks of :func:`robustness.sanity.
+  run_checks`, and :meth:`Results.write_report` is :func:`reports.html.write_report`, what ``dsn-robust report``
+  writes.
+- :func:`compare` is :func:`robustness.analysis.compare.compare_runs`, what ``dsn-robust compare`` prints and
+  renders.
+
+Pitfalls recorded here: :class:`robustness.data.CoarseFineDataset` holds uint8 images, so a user's float tensors
+would be rounded to steps of 1/255; they are held as given instead (:class:`TensorData`). The attacks need input
+gradients only: during :func:`evaluate` the model is in eval mode with parameter gradients off (as a checkpoint
+is loaded for the CLI), and both are restored afterwards; the model is moved to the attack device and stays there.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from attacks.runner import FLAT_ALIASES, AttackConfig
+from attacks.runner.config import default_attack_table
+from attacks.runner.run import Subject, attack_subject
+from models.network import CoarseFineNet
+from models.protocol import adapt
+from reports.html import write_comparison, write_report
+from robustness.analysis.compare import Comparison, compare_runs, run_sanity
+from robustness.analysis.headline import RunHeadline, run_headline
+from robustness.analysis.stats import Interval
+from robustness.core.config import overridden
+from robustness.core.errors import ConfigError, DataError
+from robustness.core.rundir import RunDir
+from robustness.core.runtime import process_device, resolve_device
+from robustness.core.vocab import format_distance, format_eps
+from robustness.data import CoarseFineDataset, DatasetInfo, load_dataset
+from robustness.data.base import NO_COARSE_LABEL
+from robustness.eps_grid import check_auto, choose_grid
+from robustness.results import RunResults, load_run as load_run_results
+from robustness.sanity import Check
+
+__all__ = ["evaluate", "load_run", "compare", "Results", "TensorData"]
+
+log = logging.getLogger(__name__)
+
+#: DatasetInfo name of data handed over as tensors, a DataLoader or a torch Dataset
+TENSOR_DATASET = "tensors"
+#: samples per batch when a torch Dataset (not a DataLoader) is read
+_READ_BATCH = 256
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Results:
+    """One attacked run: its per-sample records, clean and robust accuracy with intervals, the sanity checks.
+
+    Every number is the per-model report's (``dsn-robust report``): :attr:`headline` is
+    :func:`robustness.analysis.headline.run_headline` over :attr:`checks`, with ``n_boot`` bootstrap resamples
+    seeded by ``seed`` (the intervals of the median distances; accuracy intervals are Wilson intervals).
+
+    Example::
+
+        >>> res = load_run("runs/quickstart/dsn")           # doctest: +SKIP
+        >>> res.clean_accuracy.estimate, res.robust_accuracy  # doctest: +SKIP
+        >>> res.write_report("report/")                     # doctest: +SKIP
+    """
+
+    def __init__(self, run: RunResults, *, n_boot: int = 1000, seed: int = 0):
+        self.run = run
+        self.n_boot = n_boot
+        self.seed = seed
+
+    @property
+    def records(self) -> pd.DataFrame:
+        """One row per (attack, backend, eps, gate mode, routing gradient, target, sample): ``attacks.records``."""
+        return self.run.records
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The attack manifest (what was run, on which data, with which config and package versions)."""
+        return self.run.manifest
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory that holds the records (for :func:`evaluate` without ``out``: a temporary one)."""
+        return self.run.path
+
+    @cached_property
+    def checks(self) -> list[Check]:
+        """The gradient-masking sanity checks, as the report runs them."""
+        return run_sanity(self.run)
+
+    @cached_property
+    def headline(self) -> RunHeadline:
+        """The numbers the report opens with, for the deployed model (hard gates; fine head when attacked)."""
+        return run_headline(self.run, self.checks, n_boot=self.n_boot, seed=self.seed)
+
+    @property
+    def clean_accuracy(self) -> Interval:
+        """Clean accuracy of the deployed model on the attacked samples, with its Wilson interval."""
+        return self.headline.clean
+
+    @property
+    def robust_accuracy(self) -> pd.DataFrame:
+        """Worst-case robust accuracy per fixed budget (norm, eps, estimate, low, high, n, attacks): a sample is
+        robust at eps only if it is classified right and no accuracy attack or routing gradient fooled it."""
+        columns = ["norm", "eps", "estimate", "low", "high", "n", "attacks"]
+        return pd.DataFrame([r.as_dict() for r in self.headline.robust], columns=columns)
+
+    @property
+    def masking(self) -> str:
+        """``pass``, ``warn`` or ``skip``: the worst status of :attr:`checks`."""
+        return self.headline.masking
+
+    def write_report(self, out: str | os.PathLike[str] | None = None, *, n_boot: int | None = None,
+                     seed: int | None = None) -> Path:
+        """Write the HTML + Markdown report that ``dsn-robust report`` writes into ``out`` (default:
+        ``RUN_DIR/report``) and return its ``index.html``.
+
+        Example::
+
+            >>> index = res.write_report("report/")   # doctest: +SKIP
+        """
+        report = write_report(self.run, out, n_boot=self.n_boot if n_boot is None else n_boot,
+                              seed=self.seed if seed is None else seed)
+        return report.index
+
+    def __repr__(self) -> str:
+        h = self.headline
+        where = f"{h.target} head, {h.gate_mode} gates" if h.gated else f"{h.target} head"
+        lines = [f"Results({self.run.model or '?'} on {self.run.dataset_name or '?'}, n={self.run.n}, {where}; "
+                 f"run dir {self.run_dir})"]
+        rows = [("clean accuracy", _interval_text(h.clean), "")]
+        rows += [(f"robust {r.norm} {format_eps(r.eps)}", _interval_text(r.accuracy), r.attacks) for r in h.robust]
+        for d in h.distances:
+            text = (f"{format_distance(d.median.estimate, d.norm)} ({d.found}/{d.clean_correct} fooled)"
+                    if d.median is not None else "-")
+            rows.append((f"median minimal {d.norm} distance", text, d.reason))
+        if h.gated:
+            saved = "-" if math.isnan(h.compute_saved) else f"{100 * h.compute_saved:.1f}%"
+            rows.append(("compute saved", saved, h.compute_reason))
+        warned = f"warn: {', '.join(h.masking_warnings)}" if h.masking_warnings else ""
+        rows.append(("masking checks", h.masking, warned))
+        width = max(len(r[0]) for r in rows)
+        value_width = max(len(r[1]) for r in rows)
+        lines += [f"  {a:<{width}}  {b:<{value_width}}  {c}".rstrip() for a, b, c in rows]
+        return "\n".join(lines)
+
+
+def _interval_text(iv: Interval) -> str:
+    if math.isnan(iv.estimate):
+        return "-"
+    return f"{100 * iv.estimate:.1f}% [{100 * iv.low:.1f}, {100 * iv.high:.1f}]"
+
+
+def load_run(run_dir: str | os.PathLike[str], *, n_boot: int = 1000, seed: int = 0) -> Results:
+    """A CLI run directory that holds attack records, as :class:`Results` (RunDirError when it holds none).
+
+    Example::
+
+        >>> from robustness import load_run
+        >>> res = load_run("runs/quickstart/dsn")   # doctest: +SKIP
+        >>> res.records.groupby("attack")["robust"].mean()   # doctest: +SKIP
+    """
+    return Results(load_run_results(run_dir), n_boot=n_boot, seed=seed)
+
+
+def compare(*results: Results | str | os.PathLike[str], labels: Sequence[str] | None = None, n_boot: int = 1000,
+            seed: int = 0, out: str | os.PathLike[str] | None = None) -> Comparison:
+    """Skip vs no-skip on the samples the runs share: the :class:`robustness.analysis.compare.Comparison` that
+    ``dsn-robust compare`` prints (``.verdict``) and renders; with ``out``, its comparison page is written there.
+
+    Each argument is a :class:`Results` or a run directory. Example::
+
+        >>> from robustness import compare
+        >>> print(compare(dsn_results, "runs/quickstart/dual").verdict)   # doctest: +SKIP
+    """
+    runs = [r.run if isinstance(r, Results) else load_run_results(r) for r in results]
+    if len(runs) < 2:
+        raise ConfigError(f"compare() needs at least two results, got {len(runs)}")
+    comparison = compare_runs(runs, list(labels) if labels is not None else None, n_boot=n_boot, seed=seed)
+    if out is not None:
+        log.info("comparison: %s", write_comparison(comparison, out) / "index.html")
+    return comparison
+
+
+# --------------------------------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------------------------------
+
+
+def evaluate(model: nn.Module, data: Any, *, attacks: Sequence[str] | str | None = None,
+             eps: Sequence[float | str] | float | str | None = None, norm: str | None = None,
+             gate_grads: Sequence[str] | str | None = None, n: int | None = None, device: str | None = None,
+             seed: int | None = None, out: str | os.PathLike[str] | None = None, name: str | None = None,
+             mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+             data_root: str | os.PathLike[str] | None = None, data_options: Mapping[str, Any] | None = None,
+             resume: bool = False, force: bool = False, progress: bool = True, **more: Any) -> Results:
+    """Attack ``model`` on ``data`` as ``dsn-robust attack`` would and return the :class:`Results`.
+
+    ``model``: any ``torch.nn.Module`` that maps [0, 1] images to logits (``mean``/``std``: its input
+    normalisation, applied inside), a gated model, or a suite model (:func:`models.protocol.adapt` decides; ``name``
+    is its name in the records). ``data``: a dataset name of :mod:`robustness.data` (its test split, with
+    ``data_root`` and ``data_options``), ``(x, y)`` or ``(x, y_fine, y_coarse)`` tensors (images [N, C, H, W] in
+    [0, 1], float or uint8; without ``y_coarse`` the data is single-head), a DataLoader yielding such tuples, or a
+    torch Dataset; the first ``n`` samples are attacked.
+
+    ``attacks``, ``eps``, ``norm``, ``gate_grads``, ``n``, ``device``, ``seed`` and ``more`` are
+    :class:`attacks.runner.AttackConfig` fields or its flat aliases (``params={"pgd": {"restarts": 2}}``: per-attack
+    parameters), read as ``dsn-robust attack`` reads its flags (:func:`attack_config`): what is not given is what
+    the CLI uses without flags, the ``[attack]`` table ``dsn-robust run`` attacks with (its ``eps = "auto"`` runs
+    the minimal attacks first and places the grid at their distances: :mod:`robustness.eps_grid`).
+
+    ``out`` is the run directory the records go to; without it a new temporary directory is made
+    (``Results.run_dir`` and ``repr(results)`` say where). ``resume``/``force`` act as the CLI's
+    ``--resume``/``--force`` on an ``out`` that already holds records.
+
+    Every problem with the inputs is one typed error (ConfigError, DataError) before anything is attacked.
+
+    Example::
+
+        >>> import torch, torchvision
+        >>> from robustness import evaluate
+        >>> net = torchvision.models.resnet18(num_classes=10).eval()
+        >>> x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+        >>> res = evaluate(net, (x, y), attacks="fgsm,pgd", eps="2/255,8/255", n=16)   # doctest: +SKIP
+        >>> res.robust_accuracy   # doctest: +SKIP
+    """
+    given = {"attacks": attacks, "eps": eps, "norm": norm, "gate_grads": gate_grads, "n": n, "device": device,
+             "seed": seed}
+    config = attack_config(**{k: v for k, v in given.items() if v is not None}, **more)
+    return run_evaluation(suite_model(model, name=name, mean=mean, std=std), data, config, out=out, name=name,
+                          data_root=data_root, data_options=data_options, resume=resume, force=force,
+                          progress=progress)
+
+
+def run_evaluation(suite: CoarseFineNet, data: Any, config: AttackConfig, *,
+                   out: str | os.PathLike[str] | None = None, name: str | None = None,
+                   data_root: str | os.PathLike[str] | None = None, data_options: Mapping[str, Any] | None = None,
+                   resume: bool = False, force: bool = False, progress: bool = True) -> Results:
+    """:func:`evaluate` for a suite model and a resolved :class:`AttackConfig`: what ``evaluate`` and
+    ``dsn-robust attack --model-file`` run."""
+    device_used = process_device(resolve_device(config.device))
+    with _attack_ready(suite.to(device_used)):
+        subject = make_subject(suite, data, config.n, name=name, data_root=data_root,
+                               data_options=data_options or {})
+        if config.target == "coarse" and not (suite.has_coarse and subject.dataset.has_coarse):
+            raise ConfigError("target coarse needs a model with a coarse head and data with coarse labels "
+                              "((x, y_fine, y_coarse) or a dataset with a label hierarchy); use target='fine'")
+        if config.eps_auto:
+            check_auto(config, suite.is_gated)
+        run = RunDir.at(out if out is not None else tempfile.mkdtemp(prefix="dsn-robust-"))
+        if out is None:
+            log.info("evaluate: records go to %s", run.root)
+        _attack(run, subject, config, resume=resume, force=force, progress=progress)
+    return load_run(run.root)
+
+
+def _attack(run: RunDir, subject: Subject, config: AttackConfig, *, resume: bool, force: bool,
+            progress: bool) -> None:
+    """``attack_subject``; with ``eps = "auto"`` in the two phases of :mod:`robustness.eps_grid` (minimal
+    attacks, then the fixed-budget ones at the grid their distances place)."""
+    with run.writing("attack"):  # both phases: no other writer between them
+        if config.eps_auto:
+            phase1 = attack_subject(run, subject, config, resume=resume, force=force, progress=progress)
+            grid = choose_grid({run.name: phase1.records}, run.name, config)
+            config, resume, force = dataclasses.replace(config, eps=grid), True, False
+        attack_subject(run, subject, config, resume=resume, force=force, progress=progress)
+
+
+def attack_config(**options: Any) -> AttackConfig:
+    """The :class:`AttackConfig` that ``dsn-robust attack`` builds from flags ``options``: on top of the CLI's
+    default ``[attack]`` table (:func:`attacks.runner.config.default_attack_table`), validated as that table is (an
+    unknown name or a wrong type is a ConfigError). ``options`` are AttackConfig fields, flat aliases
+    (``pgd_restarts``, ...) and ``params`` (attack name -> parameters, merged into the table's per attack)."""
+    params = options.pop("params", None) or {}
+    if not isinstance(params, Mapping) or not all(isinstance(v, Mapping) for v in params.values()):
+        raise ConfigError(f"evaluate(): params must map attack names to tables of parameters, got {params!r}")
+    flat = {key: options.pop(key) for key in list(options) if key in FLAT_ALIASES}
+    table = {**default_attack_table(), **options}
+    for attack, values in params.items():
+        table[str(attack)] = {**(table.get(str(attack)) or {}), **values}
+    config = AttackConfig.from_table(table, where="evaluate()")
+    try:
+        return overridden(config, **flat)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"evaluate(): {err}") from None
+
+
+def suite_model(model: nn.Module, *, name: str | None = None, mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None) -> CoarseFineNet:
+    """``model`` as the suite's model: :func:`models.protocol.adapt` (a ConfigError for what is no nn.Module)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"evaluate(): model must be a torch.nn.Module, got {type(model).__name__}")
+    return adapt(model, name=name, mean=mean, std=std)
+
+
+@contextlib.contextmanager
+def _attack_ready(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode without parameter gradients (the attacks need input gradients only), restored afterwards."""
+    flags = [p.requires_grad for p in model.parameters()]
+    training = model.training
+    model.eval().requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(training)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
+
+
+class TensorData(CoarseFineDataset):
+    """Float images in [0, 1] held as given, with their fine and coarse labels (:class:`CoarseFineDataset` holds
+    uint8, which would round a user's floats to steps of 1/255); serves what a CoarseFineDataset serves."""
+
+    def __init__(self, info: DatasetInfo, images: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor,
+                 split: str = "given"):
+        torch.utils.data.Dataset.__init__(self)
+        self.info, self.images, self.fine, self.coarse, self.split = info, images, fine, coarse, split
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        return self.images[i].clone(), int(self.fine[i]), int(self.coarse[i])
+
+    def batch(self, indices: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.images[indices].clone(), self.fine[indices], self.coarse[indices]
+
+    def subset(self, n: int) -> TensorData:
+        if int(n) <= 0:
+            raise ConfigError(f"subset size must be positive, got {n}")
+        return TensorData(self.info, self.images[:n], self.fine[:n], self.coarse[:n], self.split)
+
+
+def make_subject(model: CoarseFineNet, data: Any, n: int, *, name: str | None = None,
+                 data_root: str | os.PathLike[str] | None = None,
+                 data_options: Mapping[str, Any] | None = None) -> Subject:
+    """The :class:`Subject` of ``model`` (on its device) and the first ``n`` samples of ``data``
+    (see :func:`evaluate`); DataError when the data does not fit the model."""
+    if isinstance(data, (str, os.PathLike)):
+        options = dict(data_options or {})
+        subset = load_dataset(str(data), "test", root=data_root, **options).subset(n)
+        source: dict[str, Any] = {"dataset": str(data), "data_root": None if data_root is None else str(data_root),
+                                  "data_options": options, "split": "test"}
+        _check_heads(model, subset)
+    elif isinstance(data, CoarseFineDataset):
+        subset = data.subset(n)
+        source = {"dataset": subset.info.name, "split": subset.split, "given": type(data).__name__}
+        _check_heads(model, subset)
+    else:
+        x, fine, coarse, given = _tensors(data, n)
+        subset = _tensor_data(model, x, fine, coarse).subset(n)
+        digest = hashlib.sha256(subset.images.numpy().tobytes()).hexdigest()[:16]
+        source = {"dataset": TENSOR_DATASET, "split": "given", "given": given, "shape": list(x.shape[1:]),
+                  "sha256": digest}
+    if len(subset) < n:
+        log.info("the data has %d samples; evaluating all of them (asked for %d)", len(subset), n)
+    model_name = name or getattr(model, "model_name", "") or type(model).__name__
+    return Subject(model, model_name, subset.info, subset, source)
+
+
+def _channels(model: CoarseFineNet) -> int | None:
+    """The input channels ``model`` normalises, None when its normalisation is one value for every channel."""
+    count = int(model.mean.numel())
+    return count if count > 1 else None
+
+
+def _head_sizes(model: CoarseFineNet, image: torch.Tensor) -> tuple[int, int | None]:
+    """(fine classes, coarse classes or None for a single-head model), read from one forward of ``image``."""
+    with torch.no_grad():
+        out = model(image[None].to(model.mean.device))
+    return int(out.fine.shape[1]), None if out.coarse is None else int(out.coarse.shape[1])
+
+
+def _check_heads(model: CoarseFineNet, data: CoarseFineDataset) -> None:
+    info, channels = data.info, _channels(model)
+    if channels not in (None, info.channels):
+        raise DataError(f"the model normalises {channels} channels; dataset {info.name} has {info.channels}")
+    fine, coarse = _head_sizes(model, data.batch(slice(0, 1))[0][0])
+    if fine != info.num_fine or (info.has_coarse and coarse not in (None, info.num_coarse)):
+        heads = f"{fine} fine" + ("" if coarse is None else f" / {coarse} coarse")
+        raise DataError(f"the model predicts {heads} classes; dataset {info.name} has {info.num_fine} fine / "
+                        f"{info.num_coarse} coarse classes")
+
+
+def _tensors(data: Any, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str]:
+    """(images, fine labels, coarse labels or None, what was given) from tuples, a DataLoader or a Dataset."""
+    if isinstance(data, (tuple, list)):
+        return (*_unpack(data, "data"), "tensors")
+    if isinstance(data, torch.utils.data.DataLoader):
+        return (*_read(data, n), "DataLoader")
+    if isinstance(data, torch.utils.data.Dataset):
+        return (*_read(torch.utils.data.DataLoader(data, batch_size=_READ_BATCH), n), type(data).__name__)
+    raise DataError(f"evaluate(): data must be a dataset name, (x, y) or (x, y_fine, y_coarse) tensors, a "
+                    f"DataLoader or a torch Dataset, got {type(data).__name__}")
+
+
+def _unpack(items: Sequence[Any], what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    if len(items) not in (2, 3):
+        raise DataError(f"{what} must be (x, y) or (x, y_fine, y_coarse), got {len(items)} items")
+    x, fine, coarse = (*items, None)[:3]
+    return torch.as_tensor(x), torch.as_tensor(fine), None if coarse is None else torch.as_tensor(coarse)
+
+
+def _read(loader: torch.utils.data.DataLoader, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The first ``n`` samples ``loader`` yields (a shuffling loader yields others each time)."""
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+    count = 0
+    for batch in loader:
+        if not isinstance(batch, (tuple, list)):
+            raise DataError(f"the DataLoader must yield (x, y) or (x, y_fine, y_coarse), got {type(batch).__name__}")
+        parts.append(_unpack(batch, "a DataLoader batch"))
+        count += len(parts[-1][0])
+        if count >= n:
+            break
+    if not parts:
+        raise DataError("the DataLoader yielded no samples")
+    coarse = None if any(p[2] is None for p in parts) else torch.cat([p[2] for p in parts])[:n]
+    return torch.cat([p[0] for p in parts])[:n], torch.cat([p[1] for p in parts])[:n], coarse
+
+
+def _tensor_data(model: CoarseFineNet, x: torch.Tensor, fine: torch.Tensor,
+                 coarse: torch.Tensor | None) -> TensorData:
+    """Validated images and labels with a DatasetInfo that describes them; without coarse labels the data is
+    single-head (:data:`robustness.data.base.NO_COARSE_LABEL`: nothing invents a coarse class)."""
+    channels = _channels(model) or (int(x.shape[1]) if x.dim() == 4 else 0)
+    images = _images(x, channels)
+    if not len(images):
+        raise DataError("the data holds no images")
+    num_fine, num_coarse = _head_sizes(model, images[0])
+    fine = _labels(fine, "y_fine" if coarse is not None else "y", len(images), num_fine)
+    if coarse is None:
+        coarse_classes: tuple[str, ...] = ()
+        fine_to_coarse: tuple[int, ...] = ()
+        coarse = torch.full_like(fine, NO_COARSE_LABEL)
+    else:
+        coarse = _labels(coarse, "y_coarse", len(images), num_coarse)
+        coarse_classes = tuple(map(str, range(num_coarse or int(coarse.max()) + 1)))
+        fine_to_coarse = _fine_to_coarse(fine, coarse, num_fine)
+    mean, std = (tuple(t.flatten().tolist()) for t in (model.mean, model.std))
+    info = DatasetInfo(name=TENSOR_DATASET, fine_classes=tuple(map(str, range(num_fine))),
+                       coarse_classes=coarse_classes, fine_to_coarse=fine_to_coarse,
+                       mean=mean * (channels // len(mean)), std=std * (channels // len(std)),
+                       image_size=int(images.shape[2]), channels=channels)
+    return TensorData(info, images, fine, coarse)
+
+
+def _images(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """``x`` as contiguous float32 on the CPU; uint8 images are read as 0..255."""
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise DataError(f"images must be [N, {channels}, H, W] for this model, got shape {list(x.shape)}")
+    if x.dtype == torch.uint8:
+        return x.float().div(255.0).contiguous()
+    if not x.is_floating_point():
+        raise DataError(f"images must be float in [0, 1] or uint8, got {x.dtype}")
+    images = x.detach().to("cpu", torch.float32).contiguous()
+    if not torch.isfinite(images).all():
+        raise DataError("images contain NaN or inf")
+    low, high = float(images.min()), float(images.max())
+    if low < 0 or high > 1:
+        raise DataError(f"images must lie in [0, 1] (got {low:.3g}..{high:.3g}): attacks work in pixel space; "
+                        f"give the model's normalisation as mean=/std= instead")
+    return images
+
+
+def _labels(y: torch.Tensor, what: str, n: int, classes: int | None) -> torch.Tensor:
+    if y.dim() != 1 or len(y) != n:
+        raise DataError(f"{what} must hold one label per image ({n}), got shape {list(y.shape)}")
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise DataError(f"{what} must hold integer class indices, got {y.dtype}")
+    y = y.to("cpu", torch.int64)
+    if len(y) and int(y.min()) < 0:
+        raise DataError(f"{what} holds negative labels")
+    if len(y) and classes is not None and int(y.max()) >= classes:
+        raise DataError(f"{what} holds labels outside the model's classes 0..{classes - 1}")
+    return y
+
+
+def _fine_to_coarse(fine: torch.Tensor, coarse: torch.Tensor, num_fine: int) -> tuple[int, ...]:
+    """Each fine class's coarse class, as the pairs say; a fine class absent from the data maps to coarse class 0
+    (no sample says otherwise)."""
+    mapping = [0] * num_fine
+    pairs = torch.unique(torch.stack([fine, coarse], 1), dim=0).tolist()
+    seen: dict[int, int] = {}
+    for f, c in pairs:
+        if f in seen:
+            raise DataError(f"fine class {f} appears with coarse labels {seen[f]} and {c}: y_coarse must be a "
+                            f"function of y_fine")
+        seen[f] = mapping[f] = c
+    return tuple(mapping)

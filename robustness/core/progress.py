@@ -1,0 +1,95 @@
+"""Progress of long work: a tqdm bar on a terminal, plain log lines anywhere else.
+
+A bar redraws itself with carriage returns, which is right on a terminal and garbage in a log file, a CI log or
+``nohup.out`` (thousands of partial lines). :func:`progress_bar` therefore looks at the stream the bar would draw
+on: on a terminal it is tqdm itself; off a terminal it is a :class:`LineProgress` that logs one line (through
+``logging``, so ``-q`` silences it) per finished step, or per ``every`` steps for work with many small steps.
+
+The call is a drop-in for ``tqdm(total=..., desc=..., unit=..., disable=...)``: the object has ``update(n)``,
+``set_postfix(...)``, ``set_description(...)``, ``close()`` and works as a context manager. tqdm is imported
+only when a bar is drawn.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+
+def is_terminal(stream: IO[str] | None = None) -> bool:
+    """Whether ``stream`` (default stderr, where bars are drawn) is an interactive terminal."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except (OSError, ValueError):  # a closed or detached stream
+        return False
+
+
+def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", disable: bool = False, *,
+                 every: int = 1, stream: IO[str] | None = None, **tqdm_options: Any) -> Any:
+    """A tqdm bar when ``stream`` (default stderr) is a terminal, else a :class:`LineProgress` logging a line per
+    ``every`` finished steps (and at the last one). ``disable`` gives an object that shows nothing either way.
+    Extra keyword options (``leave``, ``dynamic_ncols`` ...) go to tqdm and are ignored off a terminal."""
+    if not disable and is_terminal(stream):
+        from tqdm import tqdm
+
+        tqdm_options.setdefault("dynamic_ncols", True)
+        return tqdm(total=total, desc=desc, unit=unit, file=stream if stream is not None else sys.stderr,
+                    **tqdm_options)
+    return LineProgress(total=total, desc=desc, unit=unit, disable=disable, every=every)
+
+
+class LineProgress:
+    """Progress as log lines: ``"attack dsn: 3/12 eval (25%), 4.1s, loss=0.3"``, one per ``every`` steps."""
+
+    def __init__(self, total: int | None = None, desc: str = "", unit: str = "it", disable: bool = False,
+                 every: int = 1) -> None:
+        self.total, self.desc, self.unit, self.disable = total, desc, unit, disable
+        self.every = max(1, int(every))
+        self.n = 0
+        self.postfix = ""
+        self._logged = 0  # the count at the last line, so a step is never reported twice
+        self._start = time.perf_counter()
+        self._closed = False
+
+    def update(self, n: int = 1) -> None:
+        """``n`` more steps finished; logs a line when a multiple of ``every`` (or the total) was passed."""
+        if n <= 0:
+            return
+        before, self.n = self.n, self.n + n
+        if self.n // self.every > before // self.every or self.n == self.total:
+            self._line()
+
+    def set_postfix(self, ordered_dict: dict[str, Any] | None = None, refresh: bool = True, **values: Any) -> None:
+        """Values shown after the count on the next line (as tqdm's postfix)."""
+        items = {**(ordered_dict or {}), **values}
+        self.postfix = ", ".join(f"{k}={v}" for k, v in items.items())
+
+    def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
+        self.desc = desc or ""
+
+    def close(self) -> None:
+        """Ends the progress; logs the final count unless it was the last line already."""
+        if not self._closed and self.n != self._logged:
+            self._line()
+        self._closed = True
+
+    def __enter__(self) -> "LineProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _line(self) -> None:
+        self._logged = self.n
+        if self.disable:
+            return
+        count = f"{self.n}/{self.total}" if self.total else str(self.n)
+        share = f" ({self.n / self.total:.0%})" if self.total else ""
+        tail = f", {self.postfix}" if self.postfix else ""
+        head = f"{self.desc}: " if self.desc else ""
+        log.info("%s%s %s%s, %.1fs%s", head, count, self.unit, share, time.perf_counter() - self._start, tail)
