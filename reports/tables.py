@@ -155,7 +155,10 @@ def headline_table(h: RunHeadline) -> list[dict[str, str]]:
                  "detail": h.compute_reason or f"1 - mean clean MACs / all-blocks MACs, {h.gate_mode} gates"})
     rows.append({"label": "Gradient masking checks", "value": h.masking.upper(),
                  "detail": ("warning: " + ", ".join(h.masking_warnings)) if h.masking_warnings else
-                           "no check warns" if h.masking != "skip" else "no check applied"})
+                           "no check applied" if h.masking == "skip" else
+                           f"no check warns; {h.masking_ran} of {h.masking_total} could run (the rest need attacks "
+                           f"this run lacks: weak evidence)" if h.masking_ran * 2 < h.masking_total else
+                           f"no check warns ({h.masking_ran} of {h.masking_total} ran)"})
     return rows
 
 

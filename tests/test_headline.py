@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from reports import plots
+from reports.tables import headline_table
 from reports.html import write_report
 from robustness import analysis
 from robustness.analysis.headline import NO_GATES, run_headline
@@ -98,6 +99,13 @@ def test_headline_compute_and_masking():
     h = run_headline(loaded(attacked("resnet1", "resnet", 0), gated=False), PASSING, n_boot=50)
     assert np.isnan(h.compute_saved) and h.compute_reason == NO_GATES and not h.gated
     assert h.gate_mode == "hard" and h.masking == "pass" and h.masking_warnings == ()
+    assert (h.masking_ran, h.masking_total) == (1, 2)
+    masking_row = {r["label"]: r["detail"] for r in headline_table(h)}["Gradient masking checks"]
+    assert masking_row == "no check warns (1 of 2 ran)"
+    mostly_skipped = run_headline(loaded(attacked("resnet1", "resnet", 0), gated=False),
+                                  PASSING + [Check("square-vs-gradient", "skip", "no square")], n_boot=50)
+    masking_row = {r["label"]: r["detail"] for r in headline_table(mostly_skipped)}["Gradient masking checks"]
+    assert "1 of 3 could run" in masking_row and "weak evidence" in masking_row  # a PASS that says how little ran
     assert all(m.median is None and "no minimal-norm attack in this run" in m.reason for m in h.distances)
     payload = jsonable(h.as_dict())
     assert payload["compute_saved"] is None and payload["median_distance"][0]["estimate"] is None

@@ -87,6 +87,8 @@ class RunHeadline:
     compute_reason: str
     masking: str             # pass / warn / skip: the worst check status
     masking_warnings: tuple[str, ...]
+    masking_ran: int = 0     # checks that could run (pass or warn), of masking_total
+    masking_total: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for ``summary.json`` (pass through ``core.runtime.jsonable`` for inf/NaN)."""
@@ -96,7 +98,8 @@ class RunHeadline:
                 "median_distance": [d.as_dict() for d in self.distances],
                 "compute_saved": None if math.isnan(self.compute_saved) else self.compute_saved,
                 "compute_reason": self.compute_reason,
-                "masking": {"status": self.masking, "warnings": list(self.masking_warnings)}}
+                "masking": {"status": self.masking, "warnings": list(self.masking_warnings),
+                            "ran": self.masking_ran, "total": self.masking_total}}
 
 
 def _clean(rows: pd.DataFrame) -> Interval:
@@ -160,4 +163,5 @@ def run_headline(run: RunResults, checks: Sequence[Check], n_boot: int = 1000, s
         run=run.name, model=run.model, gate_mode=scope["gate_mode"], target=scope["target"], gated=gated,
         clean=_clean(rows) if len(rows) else Interval(NAN, NAN, NAN, 0), robust=_robust(records, scope),
         distances=_distances(rows, n_boot, seed), compute_saved=saved, compute_reason=reason,
-        masking=worst_status(checks), masking_warnings=tuple(c.name for c in checks if c.status == "warn"))
+        masking=worst_status(checks), masking_warnings=tuple(c.name for c in checks if c.status == "warn"),
+        masking_ran=sum(c.status != "skip" for c in checks), masking_total=len(checks))
