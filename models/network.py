@@ -30,9 +30,10 @@ DEFAULT_STD = (0.25, 0.25, 0.25)
 class ModelOutput:
     """One forward pass.
 
-    ``fine`` / ``coarse``: logits [B, classes] (``coarse`` is None for a single-head model). ``gates``: executed-block bits per gated branch, float [B, n].
-    ``scores``: the gates' raw scores per branch [B, n] (``s > 0`` means run). ``values``: the gate multipliers
-    actually used, carrying gradient where the mode gives one (training losses use these). ``macs``: [B].
+    ``fine`` / ``coarse``: logits [B, classes] (``coarse`` is None for a single-head model). ``gates``:
+    executed-block bits per gated branch, float [B, n]. ``scores``: the gates' raw scores per branch [B, n]
+    (``s > 0`` means run). ``values``: the gate multipliers actually used, carrying gradient where the mode gives
+    one (training losses use these). ``macs``: [B].
     """
 
     fine: torch.Tensor

@@ -6,8 +6,9 @@ on stderr and a non-zero exit; Ctrl-C says how to resume. Anything else is a bug
 type and a file holding the traceback (``$XDG_CACHE_HOME/dsn-robust/``, else ``~/.cache/dsn-robust/``, else the
 system temp folder), exit 1; ``-v`` prints the traceback as well.
 
-A usage mistake argparse finds is one line too (its usage text is left to ``--help``). ``-v`` / ``-q`` work before or after the subcommand: argparse gives a subparser's defaults precedence over the
-main parser's values, so the subcommands' copies default to ``SUPPRESS`` (absent unless given).
+A usage mistake argparse finds is one line too (its usage text is left to ``--help``). ``-v`` / ``-q`` work before
+or after the subcommand: argparse gives a subparser's defaults precedence over the main parser's values, so the
+subcommands' copies default to ``SUPPRESS`` (absent unless given).
 """
 from __future__ import annotations
 

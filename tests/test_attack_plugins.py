@@ -240,7 +240,8 @@ def test_native_pgd_losses_are_a_pgd_parameter():
     # the native PGD's own parameter, set where pgd runs natively (the default), from a subtable or --set
     config = AttackConfig.from_table({"attacks": ["pgd"], "pgd": {"losses": ["ce"], "restarts": 2}})
     assert _pgd(config).params == NativePGDParams(losses=("ce",), restarts=2)
-    assert _pgd(config_from_args(_args(attacks="pgd", eps="4/255", set=['pgd.losses=["margin"]']))).params.losses == ("margin",)
+    flags = _args(attacks="pgd", eps="4/255", set=['pgd.losses=["margin"]'])
+    assert _pgd(config_from_args(flags)).params.losses == ("margin",)
     with pytest.raises(ConfigError, match="losses must be some of ce, margin"):
         AttackConfig.from_table({"attacks": ["pgd"], "pgd": {"losses": ["hinge"]}})
 

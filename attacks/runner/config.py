@@ -91,22 +91,22 @@ def dedupe(values: Sequence[Any]) -> list[Any]:
 class AttackConfig:
     """What to attack with and how. Lists may be given as comma-separated strings; eps as ``"8/255"``.
 
-    ``backends`` is the ordered preference of implementations (``native``, ``torchattacks``, ``foolbox``;
-    ``both`` = both libraries with ``cross_check``): each attack runs in the first listed one that has it, or in
-    all of them with ``cross_check``. ``norm`` is the threat model of the fixed-budget attacks, ``eps`` their
-    budgets, or ``"auto"``: chosen from the minimal distances (``robustness.eps_grid``; the fixed-budget attacks
-    then wait until the minimal-perturbation attacks have run). Minimal-perturbation attacks (DDN, FMN, CW,
-    pgd-bisect) run in each of their norms that is ``norm`` or in ``distance_norms`` (default both), unbounded
-    (eps = inf: each sample's distance; an L2 one under ``--norm linf`` is also scored at ``cw_eps``). ``steps``
-    (None: each attack's own default) sets the iterations of every iterative and compute attack. ``threads`` (0: torch's default) sets torch's CPU threads
-    while attacking: 1 is many times faster for small models on a busy CPU. ``workers`` (1) > 1 splits the
-    batches over that many processes on a CPU (the runner's torchrun sharding, spawned by the runner itself;
-    ``n / batch_size`` batches must be at least ``workers`` to gain anything); on a GPU use ``torchrun`` instead.
-    ``batch_size`` is a positive integer or ``"auto"``: the largest batch that fits on a GPU, a fixed rule on
-    a CPU (:mod:`attacks.runner.sizing`; a resumed run keeps the batch size its records were made with).
+    ``backends`` is the ordered preference of implementations (``native``, ``torchattacks``, ``foolbox``; ``both`` =
+    both libraries with ``cross_check``): each attack runs in the first listed one that has it, or in all of them
+    with ``cross_check``. ``norm`` is the threat model of the fixed-budget attacks, ``eps`` their budgets, or
+    ``"auto"``: chosen from the minimal distances (``robustness.eps_grid``; the fixed-budget attacks then wait until
+    the minimal-perturbation attacks have run). Minimal-perturbation attacks (DDN, FMN, CW, pgd-bisect) run in each
+    of their norms that is ``norm`` or in ``distance_norms`` (default both), unbounded (eps = inf: each sample's
+    distance; an L2 one under ``--norm linf`` is also scored at ``cw_eps``). ``steps`` (None: each attack's own
+    default) sets the iterations of every iterative and compute attack. ``threads`` (0: torch's default) sets
+    torch's CPU threads while attacking: 1 is many times faster for small models on a busy CPU. ``workers`` (1) > 1
+    splits the batches over that many processes on a CPU (the runner's torchrun sharding, spawned by the runner
+    itself; ``n / batch_size`` batches must be at least ``workers`` to gain anything); on a GPU use ``torchrun``
+    instead. ``batch_size`` is a positive integer or ``"auto"``: the largest batch that fits on a GPU, a fixed rule
+    on a CPU (:mod:`attacks.runner.sizing`; a resumed run keeps the batch size its records were made with).
     ``minimal_check`` (True) also runs PGD at the minimal-norm attacks' L2 budgets (their convergence check and a
-    fixed-budget floor under the L2 numbers). ``params`` holds each attack's own parameters by attack name; the
-    flat names of :data:`FLAT_ALIASES` are accepted as keywords.
+    fixed-budget floor under the L2 numbers). ``params`` holds each attack's own parameters by attack name; the flat
+    names of :data:`FLAT_ALIASES` are accepted as keywords.
     """
 
     attacks: list[str] | str = field(

@@ -9,37 +9,36 @@ Layout written into the run directory::
                                                            that count for accuracy (attacks.records.accuracy_rows)
 
 The manifest (``schema: dsn-robustness/attacks/v1``) holds: ``run``, ``model``, ``checkpoint`` (relative path),
-``dataset`` (DatasetInfo.to_dict()), ``data`` (dataset name, root, options, split), ``seed``, ``n``,
-``batch_size`` (the number used, also when ``"auto"`` chose it: :mod:`attacks.runner.sizing`),
-``batch_size_auto`` (whether it did), ``n_batches``, ``float32`` (``{"tf32": false, "matmul_precision":
-"highest"}``: the float32 arithmetic in force while attacking, which :func:`robustness.core.runtime.true_float32`
-makes exact whatever the process's global TF32 flags say, so that records never depend on them), ``versions``
-(package versions; ``earlier_versions``: those of earlier invocations whose records were kept, when they
-differed), ``fingerprint`` (what every shard's fingerprint shares, below), ``path_names`` (gate names in path-bit order), ``full_macs``, ``gated_block_macs``,
-``zero_grad_share`` (``{"<gate_mode>/<gate_grad>": share}`` of samples whose input gradient is exactly zero, on
-the first batch), ``surrogate_fidelity`` (``{"<gate_mode>/<gate_grad>":
-share}`` of first-batch samples whose surrogate network predicts what the deployed one does; 1 for ``none`` and
-``ste``), ``sharp_temperature`` (the per-gate temperatures of the ``sharp`` routing gradient, calibrated on the
-first batch's clean images and used for every batch), ``config`` (the AttackConfig of the last white-box
-invocation: what ``dsn-robust attack --resume`` continues with), ``transfer_configs`` (``{source run: AttackConfig}``
-of the transfer invocations) and
-``evaluations``: one ``{id, attack, kind, backend, norm, eps, gate_mode, gate_grad, target, source_run, config,
-complete}`` per evaluation (``config`` = the attack's parameters; ``complete`` = every shard exists), plus for a
-minimal-norm attack ``convergence`` (``{clean_correct, found, share_found, median_norm, converged}`` from its
-unbounded rows: a minimal attack that does not find an adversarial example for >= 99% of the clean-correct
-samples has not converged, and its accuracies at the budgets are upper bounds).
+``dataset`` (DatasetInfo.to_dict()), ``data`` (dataset name, root, options, split), ``seed``, ``n``, ``batch_size``
+(the number used, also when ``"auto"`` chose it: :mod:`attacks.runner.sizing`), ``batch_size_auto`` (whether it
+did), ``n_batches``, ``float32`` (``{"tf32": false, "matmul_precision": "highest"}``: the float32 arithmetic in
+force while attacking, which :func:`robustness.core.runtime.true_float32` makes exact whatever the process's global
+TF32 flags say, so that records never depend on them), ``versions`` (package versions; ``earlier_versions``: those
+of earlier invocations whose records were kept, when they differed), ``fingerprint`` (what every shard's fingerprint
+shares, below), ``path_names`` (gate names in path-bit order), ``full_macs``, ``gated_block_macs``,
+``zero_grad_share`` (``{"<gate_mode>/<gate_grad>": share}`` of samples whose input gradient is exactly zero, on the
+first batch), ``surrogate_fidelity`` (``{"<gate_mode>/<gate_grad>": share}`` of first-batch samples whose surrogate
+network predicts what the deployed one does; 1 for ``none`` and ``ste``), ``sharp_temperature`` (the per-gate
+temperatures of the ``sharp`` routing gradient, calibrated on the first batch's clean images and used for every
+batch), ``config`` (the AttackConfig of the last white-box invocation: what ``dsn-robust attack --resume`` continues
+with), ``transfer_configs`` (``{source run: AttackConfig}`` of the transfer invocations) and ``evaluations``: one
+``{id, attack, kind, backend, norm, eps, gate_mode, gate_grad, target, source_run, config, complete}`` per
+evaluation (``config`` = the attack's parameters; ``complete`` = every shard exists), plus for a minimal-norm attack
+``convergence`` (``{clean_correct, found, share_found, median_norm, converged}`` from its unbounded rows: a minimal
+attack that does not find an adversarial example for >= 99% of the clean-correct samples has not converged, and its
+accuracies at the budgets are upper bounds).
 
 Fingerprints. Every shard carries in its Parquet metadata (:func:`attacks.records.write_shard`) what produced it:
 ``checkpoint_sha256`` (the SHA-256 of the checkpoint file, computed once per run; of the state dict for a model
 handed over in memory), ``seed``, ``n``, ``batch_size``, ``versions``, and its evaluation's ``evaluation`` id,
 ``eps``, ``config`` (the attack's resolved parameters) and ``source_sha256`` (the crafting model's checkpoint for a
 transfer evaluation). A resume continues only when the manifest's and every existing shard's fingerprint match this
-run's; otherwise it is one RunDirError line naming the difference (``checkpoint changed since these records
-(sha256 1a2b… -> 9f8e…)``, ``pgd.steps=10 ... pgd.steps=3``) with ``--force`` as the fix, so records of two models or
-two settings never mix, whatever wrote them. Versions alone may differ: a resume after a routine upgrade warns and
-goes on (what is measured is the same model under the same attack; a library bump moves floating-point details of
-a few samples at most, as another GPU would), each shard keeps its own versions and the manifest lists the earlier
-ones. The run holds its directory's writer lock (:meth:`robustness.core.rundir.RunDir.writing`) throughout.
+run's; otherwise it is one RunDirError line naming the difference (``checkpoint changed since these records (sha256
+1a2b… -> 9f8e…)``, ``pgd.steps=10 ... pgd.steps=3``) with ``--force`` as the fix, so records of two models or two
+settings never mix, whatever wrote them. Versions alone may differ: a resume after a routine upgrade warns and goes
+on (what is measured is the same model under the same attack; a library bump moves floating-point details of a few
+samples at most, as another GPU would), each shard keeps its own versions and the manifest lists the earlier ones.
+The run holds its directory's writer lock (:meth:`robustness.core.rundir.RunDir.writing`) throughout.
 
 Every shard is written atomically, so an interrupted run resumes (``resume=True``) by skipping the shards that
 exist. Shards are keyed by batch index, so a resumed run must cut the data as before: ``batch_size = "auto"``
@@ -204,8 +203,9 @@ def _check_resumable(run: RunDir, previous: dict[str, Any] | None, run_fp: dict[
         raise RunDirError(f"{run.root}: its attack records were written by an older version, without the "
                           f"fingerprint that says which model and settings made them: pass --force to redo them")
     if stored.get("checkpoint_sha256") != run_fp["checkpoint_sha256"]:
-        raise RunDirError(f"{run.root}: {checkpoint_change(stored.get('checkpoint_sha256'), run_fp['checkpoint_sha256'])}"
-                          f": they belong to another model; pass --force to attack this one from scratch")
+        change = checkpoint_change(stored.get("checkpoint_sha256"), run_fp["checkpoint_sha256"])
+        raise RunDirError(f"{run.root}: {change}: they belong to another model; pass --force to attack this one "
+                          f"from scratch")
     for key in ("n", "batch_size", "seed"):
         if stored.get(key) != run_fp[key]:
             raise RunDirError(f"{run.root}: existing attack records were made with {key}={stored.get(key)!r}, "
@@ -247,8 +247,8 @@ def _check_shards(run: RunDir, run_fp: dict[str, Any], expected: dict[str, dict[
             raise RunDirError(f"{run.root}: shard {where} has no fingerprint (written by an older version); pass "
                               f"--force to redo the attack")
         if fp.get("checkpoint_sha256") != run_fp["checkpoint_sha256"]:
-            raise RunDirError(f"{run.root}: shard {where}: {checkpoint_change(fp.get('checkpoint_sha256'), run_fp['checkpoint_sha256'])}"
-                              f"; pass --force to attack this model from scratch")
+            change = checkpoint_change(fp.get("checkpoint_sha256"), run_fp["checkpoint_sha256"])
+            raise RunDirError(f"{run.root}: shard {where}: {change}; pass --force to attack this model from scratch")
         for key in RUN_KEYS[1:]:
             if fp.get(key) != run_fp[key]:
                 raise RunDirError(f"{run.root}: shard {where} was made with {key}={fp.get(key)!r}, this run asks "

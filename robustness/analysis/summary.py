@@ -9,9 +9,10 @@ on every evaluation (one group of :data:`attacks.records.EVAL_KEYS`). Adding a m
         ...
 
 Conventions: accuracies, rates and shares are fractions in [0, 1]; the coarse-head metrics are NaN for records
-without a coarse head (a single-head model or data without coarse labels: ``metrics.has_coarse_head``); *success* is only defined on initially-correct
-samples (``clean_correct``), so success rates and association statistics use those samples only, path statistics
-use every sample; an undefined statistic is ``NaN``; an interval metric ``x`` comes as ``x``, ``x_low``, ``x_high``.
+without a coarse head (a single-head model or data without coarse labels: ``metrics.has_coarse_head``); *success* is
+only defined on initially-correct samples (``clean_correct``), so success rates and association statistics use those
+samples only, path statistics use every sample; an undefined statistic is ``NaN``; an interval metric ``x`` comes as
+``x``, ``x_low``, ``x_high``.
 """
 from __future__ import annotations
 

@@ -129,8 +129,9 @@ def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace, stored: dict[str, Any] | None = None) -> AttackConfig:
-    """The AttackConfig of the [attack] table of ``args.config`` (without one: :func:`attacks.runner.config.default_attack_table`; on top of
-    ``stored``, a manifest's config, when given) with the flags given on top."""
+    """The AttackConfig of the [attack] table of ``args.config`` (without one:
+    :func:`attacks.runner.config.default_attack_table`; on top of ``stored``, a manifest's config, when given) with
+    the flags given on top."""
     path = getattr(args, "config", None)
     table = load_config_file(path).get("attack", {}) if path else {} if stored is not None else default_attack_table()
     if stored is not None:
