@@ -2,13 +2,17 @@
 quickstart and the paper-scale config are checked for what they promise."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import tomllib
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import numpy as np
 import pytest
+import torch
 
 from attacks.records import read_records
 from robustness import cli, eps_grid, pipeline
@@ -162,10 +166,23 @@ def test_headline_counts_path_but_not_slowdown():
     assert head.clean_acc == 1.0 and head.compute_saved == pytest.approx(0.0)
 
 
+def _trained_like(reference: Path) -> Callable[..., None]:
+    """A stand-in for ``pipeline._train_all`` that copies ``reference``'s trained models (checkpoints, config,
+    metrics, marker) instead of training them again: the same weights, as
+    test_models_trained_side_by_side_equal_those_trained_one_after_another shows a rerun of the training gives."""
+    def copy(job: PipelineConfig, runs: dict[str, Path], progress: bool) -> None:
+        for name, run_dir in runs.items():
+            shutil.copytree(reference / name, run_dir, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("attacks", "report", ".lock"))
+    return copy
+
+
 def test_interrupted_run_resumes_to_the_same_records(finished, tmp_path, capsys, monkeypatch):
     config, reference = finished
     out = tmp_path / "out"
     real = eps_grid.run_attacks
+    real_train = pipeline._train_all
+    monkeypatch.setattr(pipeline, "_train_all", _trained_like(reference))  # the attack stage is what is cut here
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -179,6 +196,7 @@ def test_interrupted_run_resumes_to_the_same_records(finished, tmp_path, capsys,
     assert code == 130 and "--resume" in err and calls["n"] == 5
     assert not (out / "compare").exists()
     monkeypatch.setattr(eps_grid, "run_attacks", real)
+    monkeypatch.setattr(pipeline, "_train_all", real_train)  # the resume finds every model trained
     # the rest in two attack workers started once for the whole stage (pipeline._attack_all): each rank takes its
     # batches of every evaluation, and the records are those of the one-process reference
     tables = tomllib.loads(Path(config).read_text())
@@ -208,20 +226,16 @@ def test_cifar100_config_trains_on_a_fake_miniature_copy(tmp_path, capsys):
     assert len(metrics) == 1 and 0.0 <= metrics["test_acc_fine"].iloc[0] <= 1.0
 
 
-def test_models_trained_side_by_side_equal_those_trained_one_after_another(tmp_path):
-    """``[run] workers = 2`` trains in spawned processes; each run is seeded by its own config, so the weights
-    are those of the sequential job, tensor for tensor."""
-    import dataclasses
-
-    import torch
-
-    config = PipelineConfig.from_file(shrunken_quickstart(tmp_path))
-    config = dataclasses.replace(config, plan=dataclasses.replace(config.plan, models=["dual", "resnet"], transfer=[]))
-    for workers, folder in ((1, "one"), (2, "two")):
-        job = dataclasses.replace(config, plan=dataclasses.replace(config.plan, workers=workers))
-        pipeline._train_all(job, {m: tmp_path / folder / m for m in job.plan.models}, progress=False)
-    for model in ("dual", "resnet"):
-        one = torch.load(tmp_path / "one" / model / "checkpoints" / "last.pt", weights_only=True)["state_dict"]
-        two = torch.load(tmp_path / "two" / model / "checkpoints" / "last.pt", weights_only=True)["state_dict"]
+def test_models_trained_side_by_side_equal_those_trained_one_after_another(finished, tmp_path):
+    """The finished run trained its models with ``[run] workers = 2`` in spawned processes; each run is seeded by
+    its own config, so the weights are those of the sequential job (here, in this process), tensor for tensor."""
+    config_path, out = finished
+    config = PipelineConfig.from_file(config_path)
+    assert config.plan.workers == 2 and len(config.plan.models) == 3, "the finished run trained side by side"
+    job = dataclasses.replace(config, plan=dataclasses.replace(config.plan, workers=1))
+    pipeline._train_all(job, {m: tmp_path / m for m in job.plan.models}, progress=False)
+    for model in job.plan.models:
+        one = torch.load(tmp_path / model / "checkpoints" / "last.pt", weights_only=True)["state_dict"]
+        two = torch.load(out / model / "checkpoints" / "last.pt", weights_only=True)["state_dict"]
         assert one.keys() == two.keys()
         assert all(torch.equal(one[k], two[k]) for k in one), model
