@@ -24,7 +24,6 @@ is loaded for the CLI), and both are restored afterwards; the model is moved to 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import math
@@ -39,7 +38,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from attacks.runner import FLAT_ALIASES, AttackConfig
+from attacks.runner import FLAT_ALIASES, AttackConfig, AttackResult
 from attacks.runner.config import default_attack_table
 from attacks.runner.run import Subject, attack_subject
 from models.network import CoarseFineNet
@@ -55,7 +54,7 @@ from robustness.core.runtime import process_device, resolve_device
 from robustness.core.vocab import format_distance, format_eps
 from robustness.data import CoarseFineDataset, DatasetInfo, load_dataset
 from robustness.data.base import NO_COARSE_LABEL
-from robustness.eps_grid import check_auto, choose_grid
+from robustness.eps_grid import attack_in_phases, check_auto
 from robustness.results import RunResults, load_run as load_run_results
 from robustness.sanity import Check
 
@@ -283,12 +282,11 @@ def _attack(run: RunDir, subject: Subject, config: AttackConfig, *, resume: bool
             progress: bool) -> None:
     """``attack_subject``; with ``eps = "auto"`` in the two phases of :mod:`robustness.eps_grid` (minimal
     attacks, then the fixed-budget ones at the grid their distances place)."""
+    def attack(name: str, config: AttackConfig, resume: bool, force: bool) -> AttackResult:
+        return attack_subject(run, subject, config, resume=resume, force=force, progress=progress)
+
     with run.writing("attack"):  # both phases: no other writer between them
-        if config.eps_auto:
-            phase1 = attack_subject(run, subject, config, resume=resume, force=force, progress=progress)
-            grid = choose_grid({run.name: phase1.records}, run.name, config)
-            config, resume, force = dataclasses.replace(config, eps=grid), True, False
-        attack_subject(run, subject, config, resume=resume, force=force, progress=progress)
+        attack_in_phases(attack, {run.name: config}, run.name, resume=resume, force=force)
 
 
 def attack_config(**options: Any) -> AttackConfig:

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -84,21 +85,40 @@ def attack_runs(runs: Mapping[str, Path], configs: Mapping[str, AttackConfig], r
 
 def _attack_runs(runs: Mapping[str, Path], configs: Mapping[str, AttackConfig], reference: str, resume: bool,
                  force: bool, progress: bool) -> tuple[list[float] | None, dict[str, AttackResult]]:
+    def attack(name: str, config: AttackConfig, resume: bool, force: bool) -> AttackResult:
+        return run_attacks(runs[name], config, resume=resume, force=force, progress=progress)
+
+    def grid_records(name: str, result: AttackResult) -> pd.DataFrame:
+        if env_world()[1] != 0:  # run_attacks hands records to rank 0 only; every rank needs the same grid
+            return read_records(RunDir.at(runs[name]).records)
+        return result.records
+
+    return attack_in_phases(attack, configs, reference, resume=resume, force=force, grid_records=grid_records)
+
+
+#: ``attack(name, config, resume, force)``: one model's attack run, however its model is held
+AttackOne = Callable[[str, AttackConfig, bool, bool], AttackResult]
+
+
+def attack_in_phases(attack: AttackOne, configs: Mapping[str, AttackConfig], reference: str, *,
+                     resume: bool = False, force: bool = False,
+                     grid_records: Callable[[str, AttackResult], pd.DataFrame] = lambda name, result: result.records,
+                     ) -> tuple[list[float] | None, dict[str, AttackResult]]:
+    """The two phases (module docstring) over ``attack``: every model whose config asks for ``eps = auto`` runs its
+    minimal attacks, the grid comes from their records (``grid_records``), then every model runs its fixed-budget
+    attacks at it (a resume of phase 1's records). Shared by run directories (:func:`attack_runs`) and the Python
+    API's in-memory models. Returns the grid (None without ``auto``) and each model's last result."""
     auto = [name for name, c in configs.items() if c.eps_auto]
     grid = None
     if auto:
         phase1 = {}
         for name in auto:
             log.info("== minimal distances %s (eps auto, phase 1) ==", name)
-            records = run_attacks(runs[name], configs[name], resume=resume, force=force, progress=progress).records
-            if env_world()[1] != 0:  # run_attacks hands records to rank 0 only; every rank needs the same grid
-                records = read_records(RunDir.at(runs[name]).records)
-            phase1[name] = records
+            phase1[name] = grid_records(name, attack(name, configs[name], resume, force))
         grid = choose_grid(phase1, reference if reference in auto else auto[0], configs[auto[0]])
     results = {}
     for name, config in configs.items():
         log.info("== attack %s ==", name)
         final = dataclasses.replace(config, eps=grid) if config.eps_auto else config
-        results[name] = run_attacks(runs[name], final, resume=resume or config.eps_auto,
-                                    force=force and not config.eps_auto, progress=progress)
+        results[name] = attack(name, final, resume or config.eps_auto, force and not config.eps_auto)
     return grid, results

@@ -95,7 +95,7 @@ class PipelineConfig:
         if device is not None:
             attack = dataclasses.replace(attack, device=device)
         plan = build(RunPlan, tables.get("run", {}), where=f"[run] in {where}")
-        for name in plan.models:  # the option types, now, not when the model is trained
+        for name in plan.models:  # every model's option types, now, not when it is trained (TrainConfig checks its own)
             check_options(name, own_options(name, train_config.model_options))
         return cls(train_config, attack, plan)
 

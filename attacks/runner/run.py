@@ -193,7 +193,7 @@ def checkpoint_change(old: str | None, new: str) -> str:
 
 
 def _check_resumable(run: RunDir, previous: dict[str, Any] | None, run_fp: dict[str, Any],
-                     plans: Sequence[EvalPlan], source_sha256: str) -> None:
+                     plans: Sequence[EvalPlan], fingerprints: dict[str, dict[str, Any]]) -> None:
     """RunDirError (one line, ``--force`` as the fix) unless the stored records were made by what this run does."""
     if previous is None:
         raise RunDirError(f"{run.root} holds attack records but no {run.manifest.name}; cannot tell how they were "
@@ -220,7 +220,7 @@ def _check_resumable(run: RunDir, previous: dict[str, Any] | None, run_fp: dict[
         if old is not None:
             new = plan.describe()
             _refuse_differences(run, f"evaluation {plan.id} was run with", old, new, plan.name)
-    _check_shards(run, run_fp, {p.id: shard_fingerprint_of(run_fp, p, source_sha256) for p in plans})
+    _check_shards(run, run_fp, fingerprints)
 
 
 def _refuse_differences(run: RunDir, what: str, old: dict[str, Any], new: dict[str, Any], attack: str,
@@ -237,25 +237,27 @@ def _refuse_differences(run: RunDir, what: str, old: dict[str, Any], new: dict[s
             raise RunDirError(f"{run.root}: {what} {name}={o!r}, {asks} {name}={n!r}; {fix}")
 
 
-def _check_shards(run: RunDir, run_fp: dict[str, Any], expected: dict[str, dict[str, Any]]) -> None:
-    """Every existing shard must carry this run's fingerprint (its evaluation's, where this run plans it): shards
-    of another model or setting (two writers at once, an older run) are refused, never mixed in."""
+def _check_shards(run: RunDir, reference: dict[str, Any], expected: dict[str, dict[str, Any]], *,
+                  asks: str = "this run asks for", fix: str = "use the same settings or pass --force") -> None:
+    """Every existing shard must carry ``reference``'s run keys (:data:`RUN_KEYS`) and, where ``expected`` holds its
+    evaluation, that evaluation's parameters: shards of another model or setting (two writers at once, an older
+    run) are refused, never mixed in. ``asks`` names what the shard is compared with, ``fix`` ends the line."""
     for path in sorted(run.records.rglob("*.parquet")) if run.records.is_dir() else []:
         fp = shard_fingerprint(path)
         where = path.relative_to(run.root)
         if fp is None:
-            raise RunDirError(f"{run.root}: shard {where} has no fingerprint (written by an older version); pass "
-                              f"--force to redo the attack")
-        if fp.get("checkpoint_sha256") != run_fp["checkpoint_sha256"]:
-            change = checkpoint_change(fp.get("checkpoint_sha256"), run_fp["checkpoint_sha256"])
-            raise RunDirError(f"{run.root}: shard {where}: {change}; pass --force to attack this model from scratch")
+            raise RunDirError(f"{run.root}: shard {where} has no fingerprint (written by an older version); {fix}")
+        if fp.get("checkpoint_sha256") != reference.get("checkpoint_sha256"):
+            change = checkpoint_change(fp.get("checkpoint_sha256"), str(reference.get("checkpoint_sha256")))
+            raise RunDirError(f"{run.root}: shard {where}: {change}; {fix}")
         for key in RUN_KEYS[1:]:
-            if fp.get(key) != run_fp[key]:
-                raise RunDirError(f"{run.root}: shard {where} was made with {key}={fp.get(key)!r}, this run asks "
-                                  f"for {key}={run_fp[key]!r}; use the same value or pass --force")
+            if fp.get(key) != reference.get(key):
+                raise RunDirError(f"{run.root}: shard {where} was made with {key}={fp.get(key)!r}, {asks} "
+                                  f"{key}={reference.get(key)!r}; {fix}")
         want = expected.get(path.parent.name)
         if want is not None:
-            _refuse_differences(run, f"shard {where} was made with", fp, want, path.parent.name.split("__")[0])
+            _refuse_differences(run, f"shard {where} was made with", fp, want, path.parent.name.split("__")[0],
+                                asks=asks, fix=fix)
 
 
 def verify_records(run: RunDir, manifest: dict[str, Any] | None) -> None:
@@ -282,17 +284,7 @@ def verify_records(run: RunDir, manifest: dict[str, Any] | None) -> None:
         log.warning("%s: %s is gone; cannot check that the attack records belong to the run's model", run.root,
                     relative)
     entries = {e.get("id"): e for e in (manifest or {}).get("evaluations", [])}
-    for path in sorted(run.records.rglob("*.parquet")) if run.records.is_dir() else []:
-        fp = shard_fingerprint(path) or {}
-        where = path.relative_to(run.root)
-        for key in RUN_KEYS:
-            if fp.get(key) != stored.get(key):
-                raise RunDirError(f"{run.root}: shard {where} was made with {key}={str(fp.get(key))[:16]!r}, the "
-                                  f"manifest says {key}={str(stored.get(key))[:16]!r}: mixed records; {redo}")
-        entry = entries.get(path.parent.name)
-        if entry is not None:
-            _refuse_differences(run, f"shard {where} was made with", fp, entry, path.parent.name.split("__")[0],
-                                asks="the manifest says", fix=f"mixed records; {redo}")
+    _check_shards(run, stored, entries, asks="the manifest says", fix=f"mixed records; {redo}")
 
 
 def _complete(run: RunDir, eval_id: str, n_batches: int) -> bool:
@@ -526,8 +518,9 @@ def _attack_subject(run: RunDir, subject: Subject, config: AttackConfig, resume:
         n_batches = math.ceil(n / config.batch_size)
         setup = {"n": n, "batch_size": config.batch_size, "batch_size_auto": sizing.auto, "seed": config.seed}
         run_fp = run_fingerprint(subject_sha256(run, subject), setup)
+        fingerprints = {p.id: shard_fingerprint_of(run_fp, p, source_sha256) for p in plans}
         if resuming:
-            _check_resumable(run, previous, run_fp, plans, source_sha256)
+            _check_resumable(run, previous, run_fp, plans, fingerprints)
 
         # a resume with every shard written attacks nothing: no worker processes, no probes (the manifest keeps
         # them)
@@ -565,7 +558,6 @@ def _attack_subject(run: RunDir, subject: Subject, config: AttackConfig, resume:
             atomic_write_json(run.manifest, manifest)
         dist.barrier()
 
-        fingerprints = {p.id: shard_fingerprint_of(run_fp, p, source_sha256) for p in plans}
         _attack_batches(run, subject.model_name, model, crafting_model, data, config, plans, n_batches, dist,
                         progress, on_shard, fingerprints, crafting_temperature)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from models.gates import list_gate_functions
 from models.losses import LossWeights
-from models.registry import all_model_options, list_models, model_options
+from models.registry import all_model_options, check_options, list_models, model_options, own_options
 from models.training import schedule
 from robustness.core.config import build, check_type
 from robustness.core.errors import ConfigError
@@ -154,6 +154,7 @@ class TrainConfig:
         if typos:
             raise ConfigError(f"model {self.model!r} has no option(s) {', '.join(typos)} (nor has any other model); "
                               f"valid: {', '.join(model_options(self.model))}")
+        check_options(self.model, own_options(self.model, self.model_options))  # types, before any file exists
         gate_fn = self.model_options.get("gate_fn", "hardsig")
         if gate_fn not in list_gate_functions():
             raise ConfigError(f"unknown gate function {gate_fn!r}; choose one of: {', '.join(list_gate_functions())}")

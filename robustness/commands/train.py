@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from models.gates import list_gate_functions
-from models.registry import check_options, list_models, own_options
+from models.registry import list_models
 from models.training import TrainConfig, TrainResult, train
 from robustness.core.config import load_config_file
 from robustness.core.errors import ConfigError, RunDirError
@@ -87,9 +87,7 @@ def apply_flags(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
     # Options a model has no use for (gate_fn for resnet) are kept in the config: the trainer leaves them out for
     # that model, and a run trained by `dsn-robust run` from the same file records the same options.
     values["model_options"] = opts
-    config = TrainConfig.from_dict(values, where="flags")
-    check_options(config.model, own_options(config.model, config.model_options))  # types, before a file exists
-    return config
+    return TrainConfig.from_dict(values, where="flags")
 
 
 def summary_lines(result: TrainResult) -> list[str]:
