@@ -71,7 +71,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from attacks.base import counts_for_accuracy
-from robustness.core.errors import RunDirError
+from robustness.core.errors import RunDirError, first_line
 
 RECORD_COLUMNS: dict[str, str] = {
     "run": "string",
@@ -150,7 +150,7 @@ def shard_fingerprint(path: str | Path) -> dict[str, Any] | None:
 
 
 def _unreadable(path: Path, err: Exception) -> RunDirError:
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    first = first_line(err)[:160]
     return RunDirError(f"attack shard {path} is unreadable ({first}); delete it (`attack --resume` recomputes it) "
                        f"or rerun the attack with --force")
 

@@ -24,7 +24,7 @@ from models.network import CoarseFineNet
 from models.registry import create_model, list_models, model_options
 from models.safe_load import load_torch_file
 from robustness.data import DatasetInfo
-from robustness.core.errors import CheckpointError, ConfigError, DSNError
+from robustness.core.errors import CheckpointError, ConfigError, DSNError, first_line
 from robustness.core.rundir import atomic_write
 from robustness.core.runtime import package_versions
 
@@ -59,8 +59,8 @@ class Checkpoint:
         except DSNError as err:
             raise CheckpointError(f"{self.path}: cannot rebuild the model it describes: {err}") from None
         except (RuntimeError, TypeError) as err:
-            first = str(err).strip().splitlines()[0]
-            raise CheckpointError(f"{self.path}: weights do not fit model {self.model_name!r}: {first}") from None
+            raise CheckpointError(f"{self.path}: weights do not fit model {self.model_name!r}: "
+                                  f"{first_line(err)}") from None
         return model.to(device).eval()
 
     def _rebuild(self) -> CoarseFineNet:

@@ -21,9 +21,8 @@ from torch.nn import functional as F
 
 from models.blocks import BasicBlock, Stem, check_size, init_weights, make_stage
 from models.cost import measure_costs
-from models.gates import Decision, Gate, GateState, eval_decision, gate_function, train_decision
+from models.gates import Decision, Gate, GateState, eval_decision, gate_function, run_block, train_decision
 from models.network import DEFAULT_MEAN, DEFAULT_STD, CoarseFineNet, ModelOutput
-from models.protocol import run_block
 from models.registry import register_model
 from robustness.core.errors import ConfigError
 

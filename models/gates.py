@@ -250,3 +250,23 @@ def hardsig_slope(epoch: int, start: float = 1.0, growth: float = 1.0, max_slope
     """Annealed slope ``k`` of the hard sigmoid after ``epoch`` gated epochs (CVPR'18 DSN raises it each epoch)."""
     return float(min(max_slope, start + growth * max(epoch, 0)))
 
+
+def run_block(block: nn.Module, x: torch.Tensor, d: Decision) -> torch.Tensor:
+    """Run ``block`` where decision ``d`` says so: on the executed sub-batch only, or on all samples with a mask
+    (``x + v * (block(x) - x)``: a skipped block is the identity).
+
+    Only a decision that varies per sample (``d.uniform is None``) reads the decisions back to the host: on a GPU
+    that ``nonzero`` is a synchronisation, which an open or frozen-uniform forward must not pay per block.
+    """
+    if d.mask:
+        v = d.value.view(-1, *([1] * (x.dim() - 1)))
+        return x + v * (block(x) - x)
+    if d.uniform is not None:
+        return block(x) if d.uniform else x
+    idx = d.executed.nonzero().squeeze(1)
+    if idx.numel() == x.shape[0]:
+        return block(x)
+    if idx.numel() == 0:
+        return x
+    y = block(x.index_select(0, idx))
+    return x.to(y.dtype).index_copy(0, idx, y)  # under autocast the block may return a narrower dtype

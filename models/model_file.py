@@ -38,7 +38,7 @@ from torch import nn
 from models.network import CoarseFineNet
 from models.protocol import adapt
 from models.safe_load import load_torch_file
-from robustness.core.errors import CheckpointError, ConfigError, DSNError
+from robustness.core.errors import CheckpointError, ConfigError, DSNError, first_line
 
 #: The entry point group installed packages declare their model factories in.
 ENTRY_POINT_GROUP = "dsn_robustness.models"
@@ -89,7 +89,7 @@ class ModelSource:
         except DSNError:
             raise
         except Exception as err:  # the user's code: report its failure as one line, never a traceback
-            raise ConfigError(f"model factory {self} failed: {type(err).__name__}: {_first_line(err)}") from None
+            raise ConfigError(f"model factory {self} failed: {type(err).__name__}: {first_line(err)}") from None
         if not isinstance(module, nn.Module):
             raise ConfigError(f"model factory {self} returned {type(module).__name__}, not a torch.nn.Module")
         model = adapt(module, name=name or self.default_name, mean=mean, std=std)
@@ -142,16 +142,11 @@ def build_from_spec(spec: str, weights: str | Path | None = None, options: dict[
         try:
             target.load_state_dict(load_weights(weights))
         except (RuntimeError, TypeError) as err:
-            raise CheckpointError(f"{weights}: weights do not fit model {source}: {_first_line(err)}") from None
+            raise CheckpointError(f"{weights}: weights do not fit model {source}: {first_line(err)}") from None
     return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _file_factory(path: Path, factory: str) -> Factory:
@@ -171,7 +166,7 @@ def _file_factory(path: Path, factory: str) -> Factory:
             spec.loader.exec_module(module)
         except Exception as err:  # the user's code: one line, never a traceback
             del sys.modules[module_name]
-            raise ConfigError(f"model file {path} failed to import: {type(err).__name__}: {_first_line(err)}") \
+            raise ConfigError(f"model file {path} failed to import: {type(err).__name__}: {first_line(err)}") \
                 from None
     fn = getattr(module, factory, None)
     if not callable(fn):
@@ -191,7 +186,7 @@ def _entry_point(name: str) -> Factory:
         return found[0].load()
     except Exception as err:  # an installed package's import failure: one line
         raise ConfigError(f"entry point {name!r} ({found[0].value}) failed to load: {type(err).__name__}: "
-                          f"{_first_line(err)}") from None
+                          f"{first_line(err)}") from None
 
 
 def _factory_kwargs(factory: Factory, where: str, options: dict[str, Any], derived: dict[str, Any]) -> dict:

@@ -47,12 +47,12 @@ import torch
 from torch import nn
 
 from models.cost import CostTable, count_macs
-from models.gates import Decision, GateState, eval_decision
+from models.gates import Decision, GateState, eval_decision, run_block
 from models.network import PROTOCOL_MODES, CoarseFineNet, GatedOutput, ModelOutput
 from robustness.core.errors import ConfigError
 
 __all__ = ["GatedModel", "GatedNet", "GatedOutput", "PROTOCOL_MODES", "ScoreGated", "ScoreGatedModel",
-           "StaticNet", "adapt", "run_block"]
+           "StaticNet", "adapt"]
 
 #: ``gate(score, block, h) -> h'``: what :class:`ScoreGated` hands to ``forward_scored``.
 GateCall = Callable[[torch.Tensor, nn.Module, torch.Tensor], torch.Tensor]
@@ -78,27 +78,6 @@ class ScoreGatedModel(Protocol):
     def forward_scored(self, x: torch.Tensor, gate: GateCall) -> torch.Tensor:
         """Logits of ``x`` (or ``(fine, coarse)`` logits for a two-head model)."""
         ...
-
-
-def run_block(block: nn.Module, x: torch.Tensor, d: Decision) -> torch.Tensor:
-    """Run ``block`` where decision ``d`` says so: on the executed sub-batch only, or on all samples with a mask
-    (``x + v * (block(x) - x)``: a skipped block is the identity).
-
-    Only a decision that varies per sample (``d.uniform is None``) reads the decisions back to the host: on a GPU
-    that ``nonzero`` is a synchronisation, which an open or frozen-uniform forward must not pay per block.
-    """
-    if d.mask:
-        v = d.value.view(-1, *([1] * (x.dim() - 1)))
-        return x + v * (block(x) - x)
-    if d.uniform is not None:
-        return block(x) if d.uniform else x
-    idx = d.executed.nonzero().squeeze(1)
-    if idx.numel() == x.shape[0]:
-        return block(x)
-    if idx.numel() == 0:
-        return x
-    y = block(x.index_select(0, idx))
-    return x.to(y.dtype).index_copy(0, idx, y)  # under autocast the block may return a narrower dtype
 
 
 def _normalisation(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -127,7 +106,7 @@ class _Adapted(CoarseFineNet):
 
     has_coarse = False
 
-    def __init__(self, net: nn.Module, name: str | None, mean, std):
+    def __init__(self, net: nn.Module, name: str | None = None, mean=None, std=None):
         super().__init__(*_normalisation(mean, std))
         self.net = net
         self.model_name = name or type(net).__name__
@@ -157,9 +136,6 @@ class _Adapted(CoarseFineNet):
 
 class StaticNet(_Adapted):
     """A plain classifier (``x -> logits``) as a static single-head model (a ``(fine, coarse)`` pair: two heads)."""
-
-    def __init__(self, net: nn.Module, name: str | None = None, mean=None, std=None):
-        super().__init__(net, name, mean, std)
 
     def _measure(self, x: torch.Tensor) -> CostTable:
         full = count_macs(lambda t: self.net(self.normalize(t)), x)

@@ -15,7 +15,7 @@ from typing import Any, Callable, TypeVar
 from torch import nn
 
 from robustness.core.config import check_type
-from robustness.core.errors import ConfigError, UnknownNameError
+from robustness.core.errors import ConfigError, UnknownNameError, first_line
 
 Entrypoint = TypeVar("Entrypoint", bound=Callable[..., nn.Module])
 
@@ -102,7 +102,7 @@ def create_model(name: str, **options: Any) -> nn.Module:
     except (TypeError, ValueError, RuntimeError, IndexError, ZeroDivisionError, OverflowError) as err:
         # Values of the right type that the layers cannot use (a channel count torch refuses, an image too small
         # for the strides): the entrypoint's own checks are the better message, this is the net below them.
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        detail = first_line(err)
         raise ConfigError(f"model {name!r} cannot be built with options {_brief(options)}: {detail}") from None
     model.model_name = name
     model.config = resolved_options(name, options)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from robustness.core.errors import CheckpointError
+from robustness.core.errors import CheckpointError, first_line
 
 
 def load_torch_file(path: str | Path, what: str = "checkpoint") -> Any:
@@ -26,11 +26,6 @@ def load_torch_file(path: str | Path, what: str = "checkpoint") -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path}: refused to load this {what}: it holds more than plain weights "
-                              f"({_first_line(err, 'unsupported content')[:160]})") from None
+                              f"({first_line(err, 'unsupported content')[:160]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: corrupt or truncated {what} ({_first_line(err)[:160]})") from None
-
-
-def _first_line(err: BaseException, default: str = "") -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else default or type(err).__name__
+        raise CheckpointError(f"{path}: corrupt or truncated {what} ({first_line(err)[:160]})") from None

@@ -15,7 +15,7 @@ from models.checkpoint import load_checkpoint
 from models.network import CoarseFineNet
 from models.registry import create_model, model_options
 from models.training.config import TrainConfig, model_kwargs
-from robustness.core.errors import CheckpointError, RunDirError
+from robustness.core.errors import CheckpointError, RunDirError, first_line
 from robustness.core.rundir import RunDir
 from robustness.data import DatasetInfo, dataset_info
 
@@ -118,7 +118,7 @@ def restore(run: RunDir, config: TrainConfig, module: CoarseFineNet, optimizer, 
         epoch = int(ts["epoch"])
         history = [dict(r) for r in ts["history"]][:epoch]
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise CheckpointError(f"{path}: cannot resume from it: {first[:200]}") from None
     _warn_changed_settings(config, ts.get("config", {}))
     best = dict(ts.get("best") or NO_BEST)

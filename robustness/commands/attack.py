@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from attacks.runner import (ATTACK_ALIASES, FLAT_ALIASES, AttackConfig, AttackRe
 from attacks.runner.config import EXECUTION_KEYS, default_attack_table, stored_table
 from attacks.runner.presets import PRESETS, preset_table
 from robustness.analysis.distances import median_distance, minimal_distances
-from robustness.core.config import load_config_file, overridden
+from robustness.core.config import load_config_file, overridden, toml_value
 from robustness.core.errors import ConfigError
 from robustness.core.errors import RunDirError
 from robustness.core.rundir import RunDir
@@ -264,11 +263,7 @@ def parse_setting(text: str) -> tuple[str, str, Any]:
     attack, dot, key = target.strip().partition(".")
     if not sep or not dot or not attack or not key.strip():
         raise ConfigError(f"--set {text!r}: write ATTACK.KEY=VALUE, e.g. pgd.restarts=5")
-    try:
-        value = tomllib.loads(f"value = {raw.strip()}")["value"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return attack.strip().lower(), key.strip(), value
+    return attack.strip().lower(), key.strip(), toml_value(raw)
 
 
 def summary_table(result: AttackResult) -> str:

@@ -68,11 +68,16 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
         raise ConfigError(f"--set {text!r}: write TABLE.KEY=VALUE, e.g. attack.n=256 (tables: {', '.join(SECTIONS)})")
     if parts[0] not in SECTIONS:
         raise ConfigError(f"--set {text!r}: unknown table {parts[0]!r}; choose one of: {', '.join(SECTIONS)}")
+    return parts, toml_value(raw)
+
+
+def toml_value(raw: str) -> Any:
+    """A command-line value read as a TOML value (``5``, ``true``, ``["ce"]``); a bare word that is not TOML, such
+    as ``cuda`` or ``8/255``, is the string itself."""
     try:
-        value = tomllib.loads(f"value = {raw.strip()}")["value"]
+        return tomllib.loads(f"value = {raw.strip()}")["value"]
     except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return parts, value
+        return raw.strip()
 
 
 def apply_overrides(tables: dict[str, dict[str, Any]], settings: list[str] | tuple[str, ...]) -> dict[str, Any]:

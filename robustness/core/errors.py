@@ -40,3 +40,10 @@ class BudgetViolation(DSNError):
     """An adversarial example outside its eps ball or outside [0, 1]: the evaluation would be invalid."""
 
     exit_code = 3
+
+
+def first_line(err: BaseException, default: str = "") -> str:
+    """The first line of ``err``'s message (a library's multi-line error as one clause of ours); ``default``, else
+    the exception's type name, when the message is empty."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else default or type(err).__name__
