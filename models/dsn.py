@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from models.blocks import BasicBlock, Stem, check_size, init_weights, make_stage
 from models.cost import measure_costs
+from models.folding import ParameterConstant, constants_usable
 from models.gates import Decision, Gate, GateState, eval_decision, gate_function, run_block, train_decision
 from models.network import DEFAULT_MEAN, DEFAULT_STD, CoarseFineNet, ModelOutput
 from models.registry import register_model
@@ -83,6 +84,7 @@ class DSN(CoarseFineNet):
         if self.film is not None:
             nn.init.zeros_(self.film[-1].weight)
             nn.init.zeros_(self.film[-1].bias)
+        self._open_film = ParameterConstant()
         self.register_buffer("gate_rate", torch.ones(n_gates))
         self.register_buffer("slope", torch.tensor(1.0))
         self.costs = measure_costs(self, self.coarse.gated_blocks() + self.fine.gated_blocks(),
@@ -95,27 +97,30 @@ class DSN(CoarseFineNet):
                 for s, gates in enumerate(getattr(self, name).gates) for j in range(len(gates))]
 
     def _branch_stage(self, branch: Branch, s: int, x: torch.Tensor, state: GateState, offset: int,
-                      decisions: list[tuple[torch.Tensor, Decision]], frozen_uniform: list[bool | None],
-                      shared: dict[str, Decision]) -> torch.Tensor:
-        """One stage of a branch; ``shared`` holds decisions that serve every gate of this forward (``open``: one
-        all-ones decision instead of one per gate)."""
+                      scores: list[torch.Tensor], decisions: list[Decision],
+                      frozen_uniform: list[bool | None]) -> torch.Tensor:
+        """One stage of a branch; ``scores`` collects score columns [B, 1]. In ``open`` mode no decision is built:
+        every block runs."""
         stage, gates = branch.stages[s], branch.gates[s]
         x = stage[0](x)
         for j, gate in enumerate(gates):
-            score = gate(x)
+            column = gate.column(x)
+            scores.append(column)
+            if state.mode == "open":
+                x = stage[j + 1](x)
+                continue
+            score = column.squeeze(1)
             k = offset + len(decisions)
-            if self.training and state.mode != "open":
+            if self.training:
                 d = train_decision(score, self.gate_fn, self.slope)
-            elif state.mode == "open":
-                d = shared.get("open") or shared.setdefault("open", eval_decision(score, state, None, None))
             else:
                 frozen = state.path[:, k] if state.mode == "frozen" else None
                 temperature = state.temperature[k] if state.mode == "sharpened" else None
                 rate = self.gate_rate[k] if state.mode == "random" else None
                 d = eval_decision(score, state, rate, frozen, temperature,
                                   frozen_uniform[k] if frozen_uniform else None)
-            decisions.append((score, d))
-            x = run_block(stage[j + 1], x, d)
+            decisions.append(d)
+            x = run_block(stage[j + 1], x, d, inplace=True)  # x is this stage's own intermediate
         for block in list(stage)[len(gates) + 1:]:
             x = block(x)
         return x
@@ -124,36 +129,60 @@ class DSN(CoarseFineNet):
         if state.mode == "frozen" and state.path.shape[1] != self.n_gates:
             raise ValueError(f"frozen path has {state.path.shape[1]} bits, model has {self.n_gates} gates")
         uniform = _uniform_columns(state.path) if state.mode == "frozen" and not self.training else []
-        shared: dict[str, Decision] = {}
         h = self.stem(self.normalize(x))
         for block in self.trunk:
             h = block(h)
-        per_branch: dict[str, list[tuple[torch.Tensor, Decision]]] = {"coarse": [], "fine": []}
+        scores: dict[str, list[torch.Tensor]] = {"coarse": [], "fine": []}
+        decisions: dict[str, list[Decision]] = {"coarse": [], "fine": []}
         n_coarse_gates = sum(len(g) for g in self.coarse.gates)
 
-        c = self._branch_stage(self.coarse, 0, h, state, 0, per_branch["coarse"], uniform, shared)
-        c = self._branch_stage(self.coarse, 1, c, state, 0, per_branch["coarse"], uniform, shared)
-        f = self._branch_stage(self.fine, 0, h, state, n_coarse_gates, per_branch["fine"], uniform, shared)
+        c = self._branch_stage(self.coarse, 0, h, state, 0, scores["coarse"], decisions["coarse"], uniform)
+        c = self._branch_stage(self.coarse, 1, c, state, 0, scores["coarse"], decisions["coarse"], uniform)
+        f = self._branch_stage(self.fine, 0, h, state, n_coarse_gates, scores["fine"], decisions["fine"], uniform)
         if self.feedback is not None:
             top_down = F.interpolate(self.feedback(c), size=f.shape[-2:], mode="bilinear", align_corners=False)
             f = torch.cat([f, top_down], dim=1)
-        f = self._branch_stage(self.fine, 1, f, state, n_coarse_gates, per_branch["fine"], uniform, shared)
+        f = self._branch_stage(self.fine, 1, f, state, n_coarse_gates, scores["fine"], decisions["fine"], uniform)
 
-        gates = {b: torch.stack([d.executed for _, d in ds], 1).float() for b, ds in per_branch.items() if ds}
-        scores = {b: torch.stack([s for s, _ in ds], 1) for b, ds in per_branch.items() if ds}
-        values = gates if "open" in shared else {  # open: every value is 1, the executed bits themselves
-            b: torch.stack([d.value for _, d in ds], 1) for b, ds in per_branch.items() if ds}
+        stacked = {b: torch.cat(s, 1) for b, s in scores.items() if s}
+        if state.mode == "open":  # every block ran: the executed bits and the gate values are all ones
+            gates = {b: x.new_ones(x.shape[0], len(s)) for b, s in scores.items() if s}
+            values = gates
+        else:
+            gates = {b: torch.stack([d.executed for d in ds], 1).float() for b, ds in decisions.items() if ds}
+            values = {b: torch.stack([d.value for d in ds], 1) for b, ds in decisions.items() if ds}
         if self.film is not None:
-            gamma, beta = self.film(torch.cat(list(values.values()), 1)).view(f.shape[0], 2, -1, 1, 1).unbind(1)
-            f = torch.addcmul(beta, f, 1 + gamma)  # f * (1 + gamma) + beta
+            f = self._modulate(f, values, open_path=state.mode == "open")
         fine = self.fine_head(f.mean(dim=(2, 3)))
         coarse = self.coarse_head(c.mean(dim=(2, 3)))
         if state.mode == "open":
             macs = self.costs.constant(x.shape[0], self.costs.full, x.device)
         else:
             macs = self.costs.per_sample(torch.cat(list(gates.values()), 1) if gates else x.new_zeros(x.shape[0], 0))
-        return ModelOutput(fine=fine, coarse=coarse, macs=macs,
-                           gates=gates, scores=scores, values=values)
+        return ModelOutput(fine=fine, coarse=coarse, macs=macs, gates=gates, scores=stacked, values=values)
+
+    def _modulate(self, f: torch.Tensor, values: dict[str, torch.Tensor], open_path: bool) -> torch.Tensor:
+        """FiLM of the path: ``f * (1 + gamma) + beta`` with ``(gamma, beta) = film(gate values)``.
+
+        On the all-open path every sample has the same input, so with frozen weights ``(1 + gamma, beta)`` is one
+        cached constant (:mod:`models.folding`) broadcast over the batch.
+        """
+        if open_path and constants_usable(self.film):
+            scale, shift = self._open_film.get(tuple(self.film.parameters()), self._film_of_open_path)
+        else:
+            gamma, shift = self.film(torch.cat(list(values.values()), 1)).view(f.shape[0], 2, -1, 1, 1).unbind(1)
+            scale = 1 + gamma
+        return torch.addcmul(shift, f, scale)
+
+    def train(self, mode: bool = True) -> "DSN":
+        self._open_film.clear()  # see models/folding.py: edits through .data bump no version
+        return super().train(mode)
+
+    def _film_of_open_path(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            ones = self.film[0].weight.new_ones(1, self.n_gates)
+            gamma, beta = self.film(ones).view(1, 2, -1, 1, 1).unbind(1)
+            return 1 + gamma, beta
 
 
 @register_model

@@ -31,7 +31,9 @@ from typing import Callable, TypeVar
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from models.folding import ParameterConstant, batchnorm_sources, constants_usable, fold_batchnorm
 from robustness.core.errors import ConfigError, UnknownNameError
 from robustness.core.vocab import EXECUTIONS, FORWARD_MODES, GRAD_MODES
 
@@ -110,6 +112,9 @@ class Gate(nn.Module):
     The default 0.4 keeps the hard sigmoid off its flat top at slope 1 (0.4 + 0.5 = 0.9), so that the budget loss
     has a gradient from the first step; a larger bias saturates it and the gates never learn to close.
     Returns the score ``s`` of shape [B]; the block runs when ``s > 0``.
+
+    An evaluation forward with frozen weights runs the head as sum -> addmm -> ReLU -> addmm, with the spatial mean
+    and BatchNorm folded into the first weight (:mod:`models.folding`): fewer kernels and dispatches, same scores.
     """
 
     def __init__(self, channels: int, hidden: int = 16, open_bias: float = 0.4):
@@ -119,13 +124,30 @@ class Gate(nn.Module):
         self.fc2 = nn.Linear(hidden, 1)
         nn.init.normal_(self.fc2.weight, std=0.01)
         nn.init.constant_(self.fc2.bias, open_bias)
+        self._folded = ParameterConstant()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Two kernels fewer per gate (BatchNorm folded into fc1, fc2 as an addmv without the squeeze) were tried
-        # and dropped: a cache of folded weights goes stale silently (BatchNorm updates its running statistics
-        # without bumping their version), and addmv is not covered by CPU autocast (mixed dtypes are an error).
-        h = torch.relu(self.bn(self.fc1(x.mean(dim=(2, 3)))))
-        return self.fc2(h).squeeze(1)
+        return self.column(x).squeeze(1)
+
+    def column(self, x: torch.Tensor) -> torch.Tensor:
+        """The scores as a column [B, 1]: a network that only collects them concatenates columns, no squeeze."""
+        if not constants_usable(self):
+            return self.fc2(torch.relu(self.bn(self.fc1(x.mean(dim=(2, 3))))))
+        area = x.shape[2] * x.shape[3]
+        w1t, b1, w2t, b2 = self._folded.get(
+            (self.fc1.weight, *batchnorm_sources(self.bn), self.fc2.weight, self.fc2.bias),
+            lambda: self._fold(area), extra=(area,))
+        return torch.addmm(b2, torch.relu(torch.addmm(b1, x.sum(dim=(2, 3)), w1t)), w2t)
+
+    def train(self, mode: bool = True) -> "Gate":
+        self._folded.clear()  # see models/folding.py: edits through .data bump no version
+        return super().train(mode)
+
+    def _fold(self, area: int) -> tuple[torch.Tensor, ...]:
+        """fc1 with the spatial mean (1 / area) and BatchNorm folded in, and fc2, as transposed weights."""
+        with torch.no_grad():
+            weight, bias = fold_batchnorm(self.fc1.weight / area, self.bn)
+            return weight.t().contiguous(), bias, self.fc2.weight.t().contiguous(), self.fc2.bias.clone()
 
 
 @dataclass
@@ -238,11 +260,13 @@ def eval_decision(score: torch.Tensor, state: GateState, rate: torch.Tensor | No
         hard = torch.bernoulli(rate.to(score).expand_as(score))
     elif mode == "frozen":
         hard = frozen.to(score.device, torch.float32)
-    else:  # hard
-        hard = (score > 0).float()
+    else:  # hard: one comparison and one cast per gate, the executed bits and their values
+        executed = score > 0
+        hard = executed.float()
         if state.grad == "ste":
-            return Decision(executed=hard > 0, value=_straight_through(hard, torch.sigmoid(score)), mask=True)
-    # frozen_uniform is None outside frozen mode: random and hard decisions vary per sample
+            return Decision(executed=executed, value=_straight_through(hard, torch.sigmoid(score)), mask=True)
+        return Decision(executed=executed, value=hard, mask=state.execution == "mask")
+    # frozen_uniform is None outside frozen mode: random decisions vary per sample
     return Decision(executed=hard > 0, value=hard.detach(), mask=state.execution == "mask", uniform=frozen_uniform)
 
 
@@ -251,12 +275,14 @@ def hardsig_slope(epoch: int, start: float = 1.0, growth: float = 1.0, max_slope
     return float(min(max_slope, start + growth * max(epoch, 0)))
 
 
-def run_block(block: nn.Module, x: torch.Tensor, d: Decision) -> torch.Tensor:
+def run_block(block: nn.Module, x: torch.Tensor, d: Decision, inplace: bool = False) -> torch.Tensor:
     """Run ``block`` where decision ``d`` says so: on the executed sub-batch only, or on all samples with a mask
     (``x + v * (block(x) - x)``: a skipped block is the identity).
 
     Only a decision that varies per sample (``d.uniform is None``) reads the decisions back to the host: on a GPU
     that ``nonzero`` is a synchronisation, which an open or frozen-uniform forward must not pay per block.
+    ``inplace``: the caller holds no other reference to ``x``, so a sub-batch result may be written into it where
+    nothing differentiates through ``x`` (saves a copy of the whole batch per gated block).
     """
     if d.mask:
         v = d.value.view(-1, *([1] * (x.dim() - 1)))
@@ -269,4 +295,6 @@ def run_block(block: nn.Module, x: torch.Tensor, d: Decision) -> torch.Tensor:
     if idx.numel() == 0:
         return x
     y = block(x.index_select(0, idx))
+    if inplace and y.dtype == x.dtype and not x.requires_grad:
+        return x.index_copy_(0, idx, y)
     return x.to(y.dtype).index_copy(0, idx, y)  # under autocast the block may return a narrower dtype

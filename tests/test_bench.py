@@ -69,6 +69,14 @@ def test_static_twin_has_no_syncs_and_fewer_dispatched_ops(dsn, x):
     assert open_ops.aten_ops >= open_ops.aten_top and dual_ops.kernels is None  # CPU: no kernel count
 
 
+def test_open_mode_costs_four_operators_per_gate_beyond_the_static_twin(dsn, x):
+    """A gate head is mean -> linear (BatchNorm folded in) -> ReLU -> linear; the rest of the open forward adds
+    a constant handful (score columns, path bits, the cached FiLM): no decision or FiLM network per forward."""
+    twin = create_model("dual", **TINY).eval()
+    extra = count_ops(_forward(dsn, x, mode="open")).aten_top - count_ops(_forward(twin, x)).aten_top
+    assert extra <= 4 * dsn.n_gates + 5, f"{extra} extra operators for {dsn.n_gates} gates"
+
+
 def test_ideal_saving_formula():
     ideal = ideal_saving([0.002, 0.004], [0.5, 0.25], t_open=0.010, t_hard=0.0085)
     assert ideal.ideal_saving_s == pytest.approx(0.002)
