@@ -31,7 +31,6 @@ from typing import Callable, TypeVar
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from models.folding import ParameterConstant, batchnorm_sources, constants_usable, fold_batchnorm
 from robustness.core.errors import ConfigError, UnknownNameError
