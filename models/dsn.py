@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from models.blocks import BasicBlock, Stem, check_size, init_weights, make_stage
 from models.cost import measure_costs
-from models.folding import ParameterConstant, constants_usable
+from models.folding import ParameterConstant, differentiable_or_cached, in_training
 from models.gates import Decision, Gate, GateState, eval_decision, gate_function, run_block, train_decision
 from models.network import DEFAULT_MEAN, DEFAULT_STD, CoarseFineNet, ModelOutput
 from models.registry import register_model
@@ -164,11 +164,12 @@ class DSN(CoarseFineNet):
     def _modulate(self, f: torch.Tensor, values: dict[str, torch.Tensor], open_path: bool) -> torch.Tensor:
         """FiLM of the path: ``f * (1 + gamma) + beta`` with ``(gamma, beta) = film(gate values)``.
 
-        On the all-open path every sample has the same input, so with frozen weights ``(1 + gamma, beta)`` is one
-        cached constant (:mod:`models.folding`) broadcast over the batch.
+        In an evaluation forward of the all-open path every sample has the same input, so ``(1 + gamma, beta)`` is
+        computed once for the batch (and cached while the weights are frozen: :mod:`models.folding`).
         """
-        if open_path and constants_usable(self.film):
-            scale, shift = self._open_film.get(tuple(self.film.parameters()), self._film_of_open_path)
+        if open_path and not in_training(self.film):
+            scale, shift = differentiable_or_cached(self.film, self._open_film, tuple(self.film.parameters()),
+                                                    self._film_of_open_path)
         else:
             gamma, shift = self.film(torch.cat(list(values.values()), 1)).view(f.shape[0], 2, -1, 1, 1).unbind(1)
             scale = 1 + gamma
@@ -179,10 +180,8 @@ class DSN(CoarseFineNet):
         return super().train(mode)
 
     def _film_of_open_path(self) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            ones = self.film[0].weight.new_ones(1, self.n_gates)
-            gamma, beta = self.film(ones).view(1, 2, -1, 1, 1).unbind(1)
-            return 1 + gamma, beta
+        gamma, beta = self.film(self.film[0].weight.new_ones(1, self.n_gates)).view(1, 2, -1, 1, 1).unbind(1)
+        return 1 + gamma, beta
 
 
 @register_model

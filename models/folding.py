@@ -4,10 +4,10 @@ Two are used by the dsn: a gate head's BatchNorm and spatial mean folded into th
 (the head becomes sum -> addmm -> ReLU -> addmm), and the FiLM output of the all-open path (in ``open`` mode every sample has the same path, so FiLM's
 ``(1 + gamma, beta)`` is one constant instead of a small MLP per forward).
 
-A constant may stand in for its computation only where nothing differentiates through the parameters and no
-running statistic can move: the module is in eval mode and either autograd is off or none of the parameters
-requires a gradient (attacks freeze the weights; they differentiate with respect to the input only, and the
-constant carries that gradient like the computation it replaces).
+In an evaluation forward (no module in training mode) the folded form is always the one computed, so outputs do
+not depend on whether autograd is on; it is cached where nothing differentiates through the parameters (autograd
+off, or every parameter frozen, as attacks freeze them: they differentiate with respect to the input only, and the
+cached constant carries that gradient like the computation it replaces), and recomputed with autograd otherwise.
 
 Pitfall (torch 2.x): a training-mode ``BatchNorm`` forward updates ``running_mean`` and ``running_var`` inside the
 kernel *without* bumping their ``_version``; only ``num_batches_tracked.add_(1)`` bumps one. A cache keyed on the
@@ -27,11 +27,20 @@ import torch
 from torch import nn
 
 
-def constants_usable(module: nn.Module) -> bool:
-    """Whether ``module``'s forward may use constants cached from its parameters (see the module docstring)."""
-    if any(m.training for m in module.modules()):  # a submodule put in training mode on its own counts too
-        return False
-    return not torch.is_grad_enabled() or not any(p.requires_grad for p in module.parameters())
+def in_training(module: nn.Module) -> bool:
+    """Whether ``module`` or any submodule (one put in training mode on its own counts too) is in training mode:
+    then BatchNorm uses batch statistics and nothing may be folded."""
+    return any(m.training for m in module.modules())
+
+
+def differentiable_or_cached(module: nn.Module, cache: "ParameterConstant", sources: Iterable[torch.Tensor],
+                             compute: Callable[[], object], extra: tuple = ()):
+    """``compute()`` itself where a gradient must reach ``module``'s parameters (autograd on and a parameter
+    that requires it), else the cached value. Both run the same operations on the same values, so a forward
+    gives the same bits with and without autograd: an attack's gradient forward and its no-grad scoring agree."""
+    if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+        return compute()
+    return cache.get(sources, compute, extra)
 
 
 class ParameterConstant:
@@ -46,7 +55,8 @@ class ParameterConstant:
         key = (torch.is_inference_mode_enabled(), *extra) + tuple(
             (t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
         if key != self._key:
-            self._value, self._key = compute(), key
+            with torch.no_grad():
+                self._value, self._key = compute(), key
         return self._value
 
     def clear(self) -> None:

@@ -32,7 +32,8 @@ from typing import Callable, TypeVar
 import torch
 from torch import nn
 
-from models.folding import ParameterConstant, batchnorm_sources, constants_usable, fold_batchnorm
+from models.folding import ParameterConstant, batchnorm_sources, differentiable_or_cached, fold_batchnorm, \
+    in_training
 from robustness.core.errors import ConfigError, UnknownNameError
 from robustness.core.vocab import EXECUTIONS, FORWARD_MODES, GRAD_MODES
 
@@ -112,8 +113,9 @@ class Gate(nn.Module):
     has a gradient from the first step; a larger bias saturates it and the gates never learn to close.
     Returns the score ``s`` of shape [B]; the block runs when ``s > 0``.
 
-    An evaluation forward with frozen weights runs the head as sum -> addmm -> ReLU -> addmm, with the spatial mean
-    and BatchNorm folded into the first weight (:mod:`models.folding`): fewer kernels and dispatches, same scores.
+    An evaluation forward runs the head as sum -> addmm -> ReLU -> addmm, with the spatial mean and BatchNorm folded
+    into the first weight (:mod:`models.folding`; cached while the weights are frozen): fewer kernels and
+    dispatches, the same scores up to rounding.
     """
 
     def __init__(self, channels: int, hidden: int = 16, open_bias: float = 0.4):
@@ -130,11 +132,11 @@ class Gate(nn.Module):
 
     def column(self, x: torch.Tensor) -> torch.Tensor:
         """The scores as a column [B, 1]: a network that only collects them concatenates columns, no squeeze."""
-        if not constants_usable(self):
+        if in_training(self):
             return self.fc2(torch.relu(self.bn(self.fc1(x.mean(dim=(2, 3))))))
         area = x.shape[2] * x.shape[3]
-        w1t, b1, w2t, b2 = self._folded.get(
-            (self.fc1.weight, *batchnorm_sources(self.bn), self.fc2.weight, self.fc2.bias),
+        w1t, b1, w2t, b2 = differentiable_or_cached(
+            self, self._folded, (self.fc1.weight, *batchnorm_sources(self.bn), self.fc2.weight, self.fc2.bias),
             lambda: self._fold(area), extra=(area,))
         return torch.addmm(b2, torch.relu(torch.addmm(b1, x.sum(dim=(2, 3)), w1t)), w2t)
 
@@ -144,9 +146,8 @@ class Gate(nn.Module):
 
     def _fold(self, area: int) -> tuple[torch.Tensor, ...]:
         """fc1 with the spatial mean (1 / area) and BatchNorm folded in, and fc2, as transposed weights."""
-        with torch.no_grad():
-            weight, bias = fold_batchnorm(self.fc1.weight / area, self.bn)
-            return weight.t().contiguous(), bias, self.fc2.weight.t().contiguous(), self.fc2.bias.clone()
+        weight, bias = fold_batchnorm(self.fc1.weight / area, self.bn)
+        return weight.t(), bias, self.fc2.weight.t(), self.fc2.bias
 
 
 @dataclass

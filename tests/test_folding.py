@@ -78,9 +78,14 @@ def test_a_submodule_in_training_mode_runs_the_batchnorm_itself():
 def test_gradients_reach_the_parameters_unless_they_are_frozen():
     gate = _trained_gate()
     x = torch.randn(16, 8, 4, 4, requires_grad=True)
-    gate(x).sum().backward()  # eval mode with trainable weights: the unfolded head, gradient to the BatchNorm
+    scores = gate(x)  # eval mode with trainable weights: the fold recomputed with autograd, nothing cached
+    assert gate._folded._key is None
+    scores.sum().backward()
     assert gate.bn.weight.grad is not None and gate.bn.weight.grad.abs().sum() > 0
+    assert gate.fc1.weight.grad is not None and gate.fc1.weight.grad.abs().sum() > 0
     expected_input_grad = x.grad.clone()
+    with torch.no_grad():
+        assert torch.equal(gate(x), scores.detach()), "with and without autograd: the same bits"
 
     gate.requires_grad_(False)  # an attack: frozen weights, gradient with respect to the input only
     x.grad = None
@@ -98,16 +103,16 @@ def test_open_path_film_constant_equals_the_film_network(monkeypatch):
     x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
     def uncached():
-        with torch.enable_grad():  # trainable weights: nothing is cached
+        with torch.enable_grad():  # trainable weights: computed with autograd, not taken from the cache
             return model(x, mode="open").fine.detach()
 
     with torch.no_grad():
         first = model(x, mode="open").fine
-        torch.testing.assert_close(first, uncached(), atol=1e-5, rtol=1e-5)
+        assert torch.equal(first, uncached()), "with and without autograd: the same bits"
         model.film[0].weight.mul_(-1.0)  # an in-place change the constant must follow
         changed = model(x, mode="open").fine
     assert not torch.allclose(changed, first, atol=1e-3), "the change should move the logits"
-    torch.testing.assert_close(changed, uncached(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(changed, uncached())
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
