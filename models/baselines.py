@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from models.blocks import Stem, check_size, init_weights, make_stage
-from models.cost import CostTable, count_macs
+from models.cost import CostTable, architecture_costs, count_macs
 from models.gates import GateState
 from models.network import DEFAULT_MEAN, DEFAULT_STD, CoarseFineNet, ModelOutput
 from models.registry import register_model
@@ -28,11 +28,15 @@ class ResNet(CoarseFineNet):
         self.fine_head = torch.nn.Linear(4 * width, num_fine)
         self.coarse_head = torch.nn.Linear(4 * width, num_coarse)
         init_weights(self)
+        self.costs = architecture_costs(("resnet", num_fine, num_coarse, depth_n, width, image_size, in_channels),
+                                        lambda: self._measure(in_channels, image_size))
+
+    def _measure(self, in_channels: int, image_size: int) -> CostTable:
         was = self.training
         self.eval()
         full = count_macs(lambda x: self._run(x, GateState()), torch.zeros(1, in_channels, image_size, image_size))
         self.train(was)
-        self.costs = CostTable(full=full, always_on=full, gated_blocks=())
+        return CostTable(full=full, always_on=full, gated_blocks=())
 
     def _run(self, x: torch.Tensor, state: GateState) -> ModelOutput:
         h = self.stem(self.normalize(x))

@@ -15,6 +15,7 @@ Under CUDA autocast a float32 ``bits @ block_macs`` becomes a float16 matmul and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Hashable
 
 import torch
 from torch import nn
@@ -96,3 +97,15 @@ def measure_costs(model: nn.Module, gated_blocks: list[nn.Module], input_shape: 
         blocks.append(count_macs(b, torch.zeros(1, *shapes[k], device=x.device)))
         b.train(was)
     return CostTable(full=full, always_on=full - sum(blocks), gated_blocks=tuple(blocks))
+
+
+_MEASURED: dict[Hashable, CostTable] = {}
+
+
+def architecture_costs(architecture: Hashable, measure: Callable[[], CostTable]) -> CostTable:
+    """The cost table of ``architecture`` (a built-in model's class and its shape-giving options), ``measure()``d
+    once per process: MACs depend on shapes alone, never on weights, and the flop counter's pass is the slow part
+    of building a model (about 0.4 s for the tiny dsn; every checkpoint load builds one)."""
+    if architecture not in _MEASURED:
+        _MEASURED[architecture] = measure()
+    return _MEASURED[architecture]

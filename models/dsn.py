@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from models.blocks import BasicBlock, Stem, check_size, init_weights, make_stage
-from models.cost import measure_costs
+from models.cost import architecture_costs, measure_costs
 from models.folding import ParameterConstant, differentiable_or_cached, in_training
 from models.gates import Decision, Gate, GateState, eval_decision, gate_function, run_block, train_decision
 from models.network import DEFAULT_MEAN, DEFAULT_STD, CoarseFineNet, ModelOutput
@@ -87,9 +87,11 @@ class DSN(CoarseFineNet):
         self._open_film = ParameterConstant()
         self.register_buffer("gate_rate", torch.ones(n_gates))
         self.register_buffer("slope", torch.tensor(1.0))
-        self.costs = measure_costs(self, self.coarse.gated_blocks() + self.fine.gated_blocks(),
-                                   (in_channels, image_size, image_size),
-                                   lambda x: self._run(x, GateState(mode="open")))
+        architecture = ("dsn", num_fine, num_coarse, depth_n, width, gated, fb, film, gate_hidden, image_size,
+                        in_channels)
+        self.costs = architecture_costs(architecture, lambda: measure_costs(
+            self, self.coarse.gated_blocks() + self.fine.gated_blocks(), (in_channels, image_size, image_size),
+            lambda x: self._run(x, GateState(mode="open"))))
 
     @property
     def gate_names(self) -> list[str]:

@@ -126,6 +126,22 @@ def test_macs_add_up_and_match_an_independent_count(images):
         assert torch.equal(single.path[0], out.path[i])
 
 
+@pytest.mark.parametrize("name,changes", [("dsn", dict(width=8)), ("dsn", dict(image_size=24)),
+                                          ("dsn", dict(film=False)), ("dual", {}), ("resnet", dict(depth_n=2))])
+def test_costs_measured_once_per_architecture_are_those_of_a_fresh_count(name, changes):
+    from models.cost import measure_costs
+    base = dict(OPTS)
+    first, same = create_model(name, **{**base, **changes}), create_model(name, **{**base, **changes})
+    assert same.costs is first.costs
+    if name == "resnet":
+        return  # a static model: its one number is checked by the flop-counter test below
+    fresh = measure_costs(first, first.coarse.gated_blocks() + first.fine.gated_blocks(),
+                          (3, first.config["image_size"], first.config["image_size"]),
+                          lambda x: first._run(x, first.gate_state.updated(mode="open")))
+    assert first.costs == fresh
+    assert create_model(name, **base).costs != fresh or not changes, "another shape must be measured anew"
+
+
 def test_frozen_mode_follows_the_given_path(images):
     model = mixed_gates_dsn()
     with torch.no_grad():
