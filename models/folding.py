@@ -1,8 +1,8 @@
 """Constants an evaluation forward derives from parameters once and reuses while the parameters are unchanged.
 
-Two are used by the dsn: a gate head's BatchNorm and spatial mean folded into the linear layer after the pooling
-(the head becomes sum -> addmm -> ReLU -> addmm), and the FiLM output of the all-open path (in ``open`` mode every sample has the same path, so FiLM's
-``(1 + gamma, beta)`` is one constant instead of a small MLP per forward).
+Two are used by the dsn: a gate head's spatial mean and BatchNorm folded into the linear layer between them (the
+head becomes sum -> addmm -> ReLU -> addmm), and the FiLM output of the all-open path (in ``open`` mode every
+sample has the same path, so FiLM's ``(1 + gamma, beta)`` is one value for the batch, not a small MLP per sample).
 
 In an evaluation forward (no module in training mode) the folded form is always the one computed, so outputs do
 not depend on whether autograd is on; it is cached where nothing differentiates through the parameters (autograd
