@@ -342,13 +342,17 @@ def to_html(df: pd.DataFrame) -> str:
     return f'<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def verdict_table(pairs: Sequence) -> pd.DataFrame:
+def verdict_table(pairs: Sequence, verdicts: Sequence | None = None) -> pd.DataFrame:
     """The eps-free verdict per pair (``robustness.analysis.distances.DistanceComparison``): clean accuracy of
-    each side, median minimal distances, their per-sample ratio, the curves' largest difference and mean gap."""
+    each side, median minimal distances, their per-sample ratio and its Wilcoxon test (what the finding rests on),
+    the curves' largest difference and mean gap (details), and the finding of each pair's ``verdicts`` entry
+    (``robustness.analysis.verdict.PairVerdict``; without one, the pair's own :meth:`verdict`)."""
     rows = []
+    found = {(v.a, v.b): v for v in verdicts or []}
     for p in pairs:
         def d(v: float) -> str:
             return distance(p.norm, v)
+        verdict = found.get((p.a, p.b)) or p.verdict()
         rows.append({
             "skipping vs static": f"{p.a} vs {p.b}",
             "clean acc": f"{pct(p.clean_a.estimate)} vs {pct(p.clean_b.estimate)}",
@@ -359,8 +363,50 @@ def verdict_table(pairs: Sequence) -> pd.DataFrame:
             "largest curve difference": f"{pct(p.acc_a_at)} vs {pct(p.acc_b_at)} at eps={d(p.eps_at)}: "
                                         + points_ci(p.diff_at.estimate, p.diff_at.low, p.diff_at.high),
             "mean curve gap": f"{points_ci(p.gap.estimate, p.gap.low, p.gap.high)} (eps ≤ {d(p.cap)})",
-            "evidence": p.direction(),
+            "finding": verdict.finding,
         })
+    return pd.DataFrame(rows)
+
+
+def pair_verdict_table(verdicts: Sequence) -> pd.DataFrame:
+    """One row per ``robustness.analysis.verdict.PairVerdict``: the pair, its finding, and the effect, test and
+    negligible band it rests on."""
+    return pd.DataFrame([{"skipping vs static": f"{v.a} vs {v.b}", "finding": v.finding,
+                          "evidence": v.evidence or DASH} for v in verdicts],
+                        columns=["skipping vs static", "finding", "evidence"])
+
+
+def pooled_table(pooled: Sequence) -> pd.DataFrame:
+    """The seed-pooled verdict per pair (``robustness.analysis.seeds.PooledPair``): pooled ratio with its
+    hierarchical-bootstrap interval, the interval the samples alone would give, the seed-level test, samples,
+    finding."""
+    rows = []
+    for p in pooled:
+        rows.append({"skipping vs static": f"{p.a} vs {p.b}", "seeds": ", ".join(str(s) for s in p.seeds),
+                     "pooled distance ratio (median)": num_ci(p.ratio.estimate, p.ratio.low, p.ratio.high),
+                     "samples-only interval": (f"[{p.samples_only.low:.2f}, {p.samples_only.high:.2f}]"
+                                               if p.samples_only is not None else DASH),
+                     "test": f"{p.test.name} p={p.test.p:.2g}" + (f" ({p.test.note})" if p.test.note else ""),
+                     "n correct on both": str(p.n), "finding": p.verdict.finding})
+    return pd.DataFrame(rows)
+
+
+def seed_table(pooled: Sequence, clean: pd.DataFrame) -> pd.DataFrame:
+    """Per seed and pair (``robustness.analysis.seeds.PooledPair``), side by side: each model's clean accuracy
+    (``clean``: seed, variant, clean_acc), the seed's own distance ratio with its interval, its Wilcoxon p and
+    its own finding."""
+    rows = []
+    acc = {(int(s), str(v)): a for s, v, a in zip(clean["seed"], clean["variant"], clean["clean_acc"])}
+    variants = list(dict.fromkeys(str(v) for v in clean["variant"]))
+    for p in pooled:
+        for s in p.seeds:
+            iv = p.seed_intervals.get(s)
+            row = {"seed": str(s), "pair": f"{p.a} vs {p.b}"}
+            row.update({f"clean {v}": pct(acc.get((s, v), float("nan"))) for v in variants})
+            row["distance ratio (median)"] = num_ci(iv.estimate, iv.low, iv.high) if iv is not None else DASH
+            row["Wilcoxon p"] = f"{p.seed_p[s]:.2g}" if s in p.seed_p else DASH
+            row["finding"] = p.seed_findings.get(s, DASH)
+            rows.append(row)
     return pd.DataFrame(rows)
 
 

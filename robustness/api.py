@@ -54,6 +54,7 @@ from robustness.core.runtime import process_device, resolve_device
 from robustness.core.vocab import format_distance, format_eps
 from robustness.data import CoarseFineDataset, DatasetInfo, load_dataset
 from robustness.data.base import NO_COARSE_LABEL
+from robustness.data.subset import given_subset, select_subset, take
 from robustness.eps_grid import attack_in_phases, check_auto
 from robustness.results import RunResults, load_run as load_run_results
 from robustness.sanity import Check
@@ -214,7 +215,8 @@ def compare(*results: Results | str | os.PathLike[str], labels: Sequence[str] | 
 def evaluate(model: nn.Module, data: Any, *, attacks: Sequence[str] | str | None = None,
              eps: Sequence[float | str] | float | str | None = None, norm: str | None = None,
              gate_grads: Sequence[str] | str | None = None, n: int | None = None, device: str | None = None,
-             seed: int | None = None, out: str | os.PathLike[str] | None = None, name: str | None = None,
+             seed: int | None = None, subset: str | None = None, subset_seed: int | None = None,
+             out: str | os.PathLike[str] | None = None, name: str | None = None,
              mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
              data_root: str | os.PathLike[str] | None = None, data_options: Mapping[str, Any] | None = None,
              resume: bool = False, force: bool = False, progress: bool = True, **more: Any) -> Results:
@@ -225,7 +227,14 @@ def evaluate(model: nn.Module, data: Any, *, attacks: Sequence[str] | str | None
     is its name in the records). ``data``: a dataset name of :mod:`robustness.data` (its test split, with
     ``data_root`` and ``data_options``), ``(x, y)`` or ``(x, y_fine, y_coarse)`` tensors (images [N, C, H, W] in
     [0, 1], float or uint8; without ``y_coarse`` the data is single-head), a DataLoader yielding such tuples, or a
-    torch Dataset; the first ``n`` samples are attacked.
+    torch Dataset.
+
+    Which ``n`` samples are attacked: of a dataset name or a :class:`robustness.data.CoarseFineDataset`, those
+    ``subset`` chooses (:mod:`robustness.data.subset`): ``"stratified"`` (the default: as equal per fine class as
+    the data allows, drawn with ``subset_seed``, default 0: keep it for every model and seed you compare) or
+    ``"first"`` (the first ``n``); tensors, a DataLoader or a torch Dataset are attacked as given, the first ``n``
+    (recorded as rule ``given``; ``subset=`` is a ConfigError there: select them yourself). The manifest's
+    ``subset`` records the rule, seed, indices and a hash of the attacked images.
 
     ``attacks``, ``eps``, ``norm``, ``gate_grads``, ``n``, ``device``, ``seed`` and ``more`` are
     :class:`attacks.runner.AttackConfig` fields or its flat aliases (``params={"pgd": {"restarts": 2}}``: per-attack
@@ -249,7 +258,12 @@ def evaluate(model: nn.Module, data: Any, *, attacks: Sequence[str] | str | None
         >>> res.robust_accuracy   # doctest: +SKIP
     """
     given = {"attacks": attacks, "eps": eps, "norm": norm, "gate_grads": gate_grads, "n": n, "device": device,
-             "seed": seed}
+             "seed": seed, "subset": subset, "subset_seed": subset_seed}
+    chosen = [k for k in ("subset", "subset_seed") if given[k] is not None]
+    if chosen and not isinstance(data, (str, os.PathLike, CoarseFineDataset)):
+        raise ConfigError(f"evaluate(): {'/'.join(chosen)} selects samples of a dataset (a name or a "
+                          f"CoarseFineDataset); tensors, a DataLoader or a torch Dataset are attacked as given (the "
+                          f"first n): select the images yourself, or leave {'/'.join(chosen)} out")
     config = attack_config(**{k: v for k, v in given.items() if v is not None}, **more)
     return run_evaluation(suite_model(model, name=name, mean=mean, std=std), data, config, out=out, name=name,
                           data_root=data_root, data_options=data_options, resume=resume, force=force,
@@ -265,7 +279,7 @@ def run_evaluation(suite: CoarseFineNet, data: Any, config: AttackConfig, *,
     device_used = process_device(resolve_device(config.device))
     with _attack_ready(suite.to(device_used)):
         subject = make_subject(suite, data, config.n, name=name, data_root=data_root,
-                               data_options=data_options or {})
+                               data_options=data_options or {}, rule=config.subset, seed=config.subset_seed)
         if config.target == "coarse" and not (suite.has_coarse and subject.dataset.has_coarse):
             raise ConfigError("target coarse needs a model with a coarse head and data with coarse labels "
                               "((x, y_fine, y_coarse) or a dataset with a label hierarchy); use target='fine'")
@@ -358,29 +372,35 @@ class TensorData(CoarseFineDataset):
 
 def make_subject(model: CoarseFineNet, data: Any, n: int, *, name: str | None = None,
                  data_root: str | os.PathLike[str] | None = None,
-                 data_options: Mapping[str, Any] | None = None) -> Subject:
-    """The :class:`Subject` of ``model`` (on its device) and the first ``n`` samples of ``data``
-    (see :func:`evaluate`); DataError when the data does not fit the model."""
+                 data_options: Mapping[str, Any] | None = None, rule: str = "stratified", seed: int = 0) -> Subject:
+    """The :class:`Subject` of ``model`` (on its device) and ``n`` samples of ``data`` (see :func:`evaluate`): of a
+    dataset name or a CoarseFineDataset those ``rule`` and ``seed`` choose (:func:`robustness.data.subset.
+    select_subset`), of tensors the first ``n`` as given; DataError when the data does not fit the model."""
     if isinstance(data, (str, os.PathLike)):
         options = dict(data_options or {})
-        subset = load_dataset(str(data), "test", root=data_root, **options).subset(n)
+        full = load_dataset(str(data), "test", root=data_root, **options)
+        chosen = select_subset(full, n, rule, seed)
+        subset = take(full, chosen)
         source: dict[str, Any] = {"dataset": str(data), "data_root": None if data_root is None else str(data_root),
                                   "data_options": options, "split": "test"}
         _check_heads(model, subset)
     elif isinstance(data, CoarseFineDataset):
-        subset = data.subset(n)
+        full = data
+        chosen = select_subset(data, n, rule, seed)
+        subset = take(data, chosen)
         source = {"dataset": subset.info.name, "split": subset.split, "given": type(data).__name__}
         _check_heads(model, subset)
     else:
         x, fine, coarse, given = _tensors(data, n)
-        subset = _tensor_data(model, x, fine, coarse).subset(n)
+        full = subset = _tensor_data(model, x, fine, coarse).subset(n)
+        chosen = given_subset(subset)
         digest = hashlib.sha256(subset.images.numpy().tobytes()).hexdigest()[:16]
         source = {"dataset": TENSOR_DATASET, "split": "given", "given": given, "shape": list(x.shape[1:]),
                   "sha256": digest}
-    if len(subset) < n:
-        log.info("the data has %d samples; evaluating all of them (asked for %d)", len(subset), n)
+    if len(full) < n:
+        log.info("the data has %d samples; evaluating all of them (asked for %d)", len(full), n)
     model_name = name or getattr(model, "model_name", "") or type(model).__name__
-    return Subject(model, model_name, subset.info, subset, source)
+    return Subject(model, model_name, subset.info, subset, source, subset=chosen)
 
 
 def _channels(model: CoarseFineNet) -> int | None:

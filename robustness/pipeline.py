@@ -12,6 +12,12 @@ Layout of ``OUT``::
     OUT/<model>/            one run directory per model (config.json, checkpoints, metrics.csv, attacks, report)
     OUT/compare/            the skip vs no-skip comparison (index.html, compare.md, compare.csv, compare.json)
 
+With ``[run] seeds`` (or ``--seeds``) naming several training seeds, every model is trained and attacked once per
+seed, each in ``OUT/seed-<s>/<model>/``, all on the same attacked images (the subset's seed is the ``[attack]``
+table's, not the training seed) and at one eps grid (placed by the first seed's reference model); ``OUT/compare/``
+then pools the seeds (:func:`robustness.analysis.compare.compare_seeds`: per-seed verdicts side by side and one
+interval that resamples seeds, then samples).
+
 One writer: the pipeline holds ``.<OUT name>.lock`` beside ``OUT`` (beside, because ``--force`` deletes ``OUT``) and
 each model's run-directory lock for the whole job; its training and attack worker processes work under them
 (:mod:`robustness.core.rundir`), and a second ``run``, ``train`` or ``attack`` on any of it gets one line.
@@ -37,12 +43,13 @@ from models.registry import check_options, own_options
 from models.training import TrainConfig, train
 from reports.html import write_comparison, write_report
 from robustness.analysis.compare import compare_runs
+from robustness.analysis.seeds import compare_seeds
 from robustness.analysis.headline import RunHeadline
 from robustness.core.config import apply_overrides, build, load_config_file
 from robustness.core.errors import ConfigError, RunDirError
 from robustness.core.rundir import RunDir, atomic_write_json, writer_lock
 from robustness.core.runtime import distributed, env_world, free_port, join_as_rank, package_versions, resolve_device
-from robustness.core.vocab import format_distance, format_eps
+from robustness.core.vocab import format_distance
 from robustness.data import dataset_info
 from robustness.eps_grid import attack_runs, check_auto
 from robustness.results import load_run
@@ -59,10 +66,15 @@ class RunPlan:
     transfer_attack: str = "pgd"
     open_mode: bool = True  # also attack every gated model with all blocks open (its no-skip view)
     workers: int = 1  # CPU processes that train the models side by side (the attacks' own is [attack] workers)
+    seeds: list[int] = field(default_factory=list)  # training seeds, one run per model each; []: [train] seed only
 
     def __post_init__(self) -> None:
         if not self.models:
             raise ConfigError("[run] models must name at least one model")
+        if any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 63 for s in self.seeds):
+            raise ConfigError(f"[run] seeds must be integers in 0..2^63-1, got {self.seeds!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"[run] seeds must not repeat, got {self.seeds!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise ConfigError(f"[run] workers must be a positive integer, got {self.workers!r}")
         for pair in self.transfer:
@@ -74,6 +86,17 @@ class RunPlan:
     def pairs(self) -> list[tuple[str, str]]:
         return [tuple(p.split("->")) for p in self.transfer]  # type: ignore[misc]
 
+    def training_seeds(self, train_seed: int) -> list[int]:
+        """The seeds each model is trained with: ``seeds``, else the ``[train]`` table's one seed."""
+        return list(self.seeds) or [train_seed]
+
+    def run_dirs(self, out: Path, train_seed: int) -> dict[int, dict[str, Path]]:
+        """``{seed: {model: run directory}}``: ``OUT/<model>`` for one seed, ``OUT/seed-<s>/<model>`` for several."""
+        seeds = self.training_seeds(train_seed)
+        if len(seeds) == 1:
+            return {seeds[0]: {name: out / name for name in self.models}}
+        return {seed: {name: out / f"seed-{seed}" / name for name in self.models} for seed in seeds}
+
 
 @dataclass(frozen=True)
 class PipelineConfig:
@@ -83,10 +106,16 @@ class PipelineConfig:
 
     @classmethod
     def from_file(cls, path: str | Path | None, device: str | None = None, data_root: str | None = None,
-                  overrides: Sequence[str] = ()) -> "PipelineConfig":
+                  overrides: Sequence[str] = (), seeds: Sequence[int] | None = None,
+                  subset: str | None = None) -> "PipelineConfig":
         """Read a config file's tables, apply ``overrides`` (``--set TABLE.KEY=VALUE``,
-        :func:`robustness.core.config.apply_overrides`); ``device`` and ``data_root`` (when given) override both."""
+        :func:`robustness.core.config.apply_overrides`); ``device`` and ``data_root`` (when given) override both;
+        ``seeds`` (``--seeds``) replaces ``[run] seeds`` and ``subset`` (``--subset``) ``[attack] subset``."""
         tables = apply_overrides(load_config_file(path), list(overrides))
+        if seeds is not None:
+            tables = {**tables, "run": {**tables.get("run", {}), "seeds": list(seeds)}}
+        if subset is not None:
+            tables = {**tables, "attack": {**tables.get("attack", {}), "subset": subset}}
         where = f"config file {path}" if path else "built-in defaults"
         if overrides:
             where += " with --set"
@@ -120,6 +149,7 @@ class ModelSummary:
     compute_saved: float | None
     report: Path
     median_distance: float = float("nan")  # median minimal linf distance of the clean-correct samples
+    subset: str = ""  # how the attacked images were chosen, one line (headline.SubsetSummary.line)
 
 
 @dataclass
@@ -152,40 +182,60 @@ def run_pipeline(config: PipelineConfig, out: str | Path, resume: bool = False, 
     with writer_lock(out.resolve().parent / f".{out.resolve().name}.lock", "run"):
         _check_out_dir(out, resume, force)
         with ExitStack() as held:
-            for name in config.plan.models:
-                held.enter_context(RunDir.at(out / name).writing("run"))
+            for runs in config.plan.run_dirs(out, config.train.seed).values():
+                for run_dir in runs.values():
+                    held.enter_context(RunDir.at(run_dir).writing("run"))
             return _run_pipeline(config, out, progress, start)
+
+
+def train_runs(config: PipelineConfig, out: Path, progress: bool = True) -> dict[str, tuple[str, int, Path]]:
+    """Train every (model, seed) of ``config`` under ``out`` as :func:`run_pipeline` does (resuming what is there;
+    no lock: the caller owns ``out``); returns ``{label: (model, seed, run directory)}``."""
+    by_seed = config.plan.run_dirs(Path(out), config.train.seed)
+    runs = {_run_label(name, seed, len(by_seed)): (name, seed, run_dir)
+            for seed, dirs in by_seed.items() for name, run_dir in dirs.items()}
+    _train_all(config, runs, progress)
+    return runs
+
+
+def _run_label(name: str, seed: int, seeds: int) -> str:
+    """How a (model, seed) run is named in logs and summaries: the model alone when there is one seed."""
+    return name if seeds == 1 else f"{name}/seed-{seed}"
 
 
 def _run_pipeline(config: PipelineConfig, out: Path, progress: bool, start: float) -> PipelineResult:
     atomic_write_json(out / "run.json", {**config.to_dict(), "versions": package_versions()})
     plan = config.plan
-    runs = {name: out / name for name in plan.models}
-
-    _train_all(config, runs, progress)
+    by_seed = plan.run_dirs(out, config.train.seed)
+    runs = train_runs(config, out, progress)
 
     configs, gated = {}, []
-    for name, run_dir in runs.items():
+    for label, (_, _, run_dir) in runs.items():
         attack = config.attack
         if load_run_checkpoint(RunDir.at(run_dir)).build_model().is_gated:
-            gated.append(name)
+            gated.append(label)
             if plan.open_mode:
                 attack = dataclasses.replace(attack, gate_modes=list(dict.fromkeys([*attack.gate_modes, "open"])))
         if attack.eps_auto:
-            check_auto(attack, name in gated)
-        configs[name] = attack
-    _attack_all(config, runs, configs, (gated or list(runs))[0], progress)
+            check_auto(attack, label in gated)
+        configs[label] = attack
+    paths = {label: run_dir for label, (_, _, run_dir) in runs.items()}
+    _attack_all(config, paths, configs, (gated or list(runs))[0], progress)
 
-    loaded = {name: load_run(run_dir) for name, run_dir in runs.items()}
+    loaded = {label: load_run(run_dir) for label, run_dir in paths.items()}
     summaries, sanity = [], {}
-    for name, results in loaded.items():
+    for label, results in loaded.items():
         report = write_report(results)
-        sanity[name] = [{"name": c.name, "status": c.status, "evidence": c.evidence} for c in report.checks]
-        summaries.append(_summary(name, report.headline, report.index))
+        sanity[label] = [{"name": c.name, "status": c.status, "evidence": c.evidence} for c in report.checks]
+        summaries.append(_summary(label, report.headline, report.index))
 
     compare_dir, verdict = None, "only one model: nothing to compare"
-    if len(runs) > 1:
-        comparison = compare_runs(list(loaded.values()), labels=list(loaded))
+    if len(plan.models) > 1:
+        if len(by_seed) == 1:
+            comparison = compare_runs(list(loaded.values()), labels=list(loaded))
+        else:
+            comparison = compare_seeds({seed: [loaded[_run_label(name, seed, len(by_seed))] for name in plan.models]
+                                        for seed in by_seed}, labels=plan.models)
         compare_dir = write_comparison(comparison, out / "compare")
         verdict = comparison.verdict
     return PipelineResult(out, summaries, sanity, verdict, compare_dir, time.perf_counter() - start)
@@ -205,20 +255,22 @@ def _train_one(name: str, config: TrainConfig, run_dir: Path, progress: bool, le
     train(config, run_dir, resume=True, progress=progress)
 
 
-def _train_all(config: PipelineConfig, runs: dict[str, Path], progress: bool) -> None:
-    """Every model's training: one after another, or ``[run] workers`` at a time in spawned processes on a CPU
-    (the runs are independent and each is seeded by its own config, so the checkpoints are the same)."""
-    runs = {name: d for name, d in runs.items() if not RunDir.at(d).train_done.is_file()}
-    if not runs:
+def _train_all(config: PipelineConfig, runs: dict[str, tuple[str, int, Path]], progress: bool) -> None:
+    """Every (model, seed)'s training (``runs``: label -> (model, training seed, run directory)): one after another,
+    or ``[run] workers`` at a time in spawned processes on a CPU (the runs are independent and each is seeded by its
+    own config, so the checkpoints are the same)."""
+    jobs = [(label, config.train.replace(model=name, seed=seed), run_dir)
+            for label, (name, seed, run_dir) in runs.items() if not RunDir.at(run_dir).train_done.is_file()]
+    if not jobs:
         return  # every model is trained (a resume): no worker processes to start
-    workers = min(config.plan.workers, len(runs))
+    workers = min(config.plan.workers, len(jobs))
     if workers <= 1 or resolve_device(config.train.device).type != "cpu":
-        for name, run_dir in runs.items():
-            _train_one(name, config.train.replace(model=name), run_dir, progress)
+        for label, train_config, run_dir in jobs:
+            _train_one(label, train_config, run_dir, progress)
         return
     level = logging.getLogger().getEffectiveLevel()
-    _in_processes(_train_one, [(name, config.train.replace(model=name), run_dir, False, level)
-                               for name, run_dir in runs.items()], workers)
+    _in_processes(_train_one, [(label, train_config, run_dir, False, level) for label, train_config, run_dir in jobs],
+                  workers)
 
 
 def _in_processes(fn: Callable[..., None], calls: list[tuple], workers: int) -> None:
@@ -229,11 +281,17 @@ def _in_processes(fn: Callable[..., None], calls: list[tuple], workers: int) -> 
             job.result()
 
 
+def _transfer_pairs(plan: RunPlan, seeds: Sequence[int]) -> list[tuple[str, str]]:
+    """The ``[run] transfer`` pairs as run labels: within each training seed (crafted on seed s, scored on seed s)."""
+    return [(_run_label(source, seed, len(seeds)), _run_label(target, seed, len(seeds)))
+            for seed in seeds for source, target in plan.pairs()]
+
+
 def _attack_stage(config: PipelineConfig, runs: dict[str, Path], configs: dict[str, AttackConfig], reference: str,
                   progress: bool) -> None:
     """Every attack of the run: the white-box attacks (both phases of ``eps = auto``), then the transfer pairs."""
     grid, _ = attack_runs(runs, configs, reference=reference, resume=True, progress=progress)
-    for source, target in config.plan.pairs():
+    for source, target in _transfer_pairs(config.plan, config.plan.training_seeds(config.train.seed)):
         log.info("== transfer %s -> %s ==", source, target)
         transfer = dataclasses.replace(config.attack, attacks=[config.plan.transfer_attack], gate_modes=["hard"],
                                        eps=grid if grid is not None else config.attack.eps)
@@ -273,27 +331,33 @@ def _summary(name: str, headline: RunHeadline, report: Path) -> ModelSummary:
     saved = headline.compute_saved if headline.gated and np.isfinite(headline.compute_saved) else None
     return ModelSummary(name, headline.clean.estimate,
                         {r.eps: r.accuracy.estimate for r in headline.robust if r.norm == "linf"}, saved, report,
-                        linf.median.estimate if linf is not None else float("nan"))
+                        linf.median.estimate if linf is not None else float("nan"), headline.subset_line)
 
 
 def format_summary(result: PipelineResult) -> str:
     """The few lines ``dsn-robust run`` ends with."""
+    width = max([8, *(len(m.model) + 1 for m in result.models)])
     lines = [f"done in {result.seconds / 60:.1f} min; reports:"]
     for m in result.models:
-        lines.append(f"  {m.model:<8} {m.report}")
+        lines.append(f"  {m.model:<{width}} {m.report}")
     if result.compare is not None:
-        lines.append(f"  compare  {result.compare / 'index.html'}")
+        lines.append(f"  {'compare':<{width}} {result.compare / 'index.html'}")
     lines.append("")
     grid = sorted({e for m in result.models for e in m.robust})
-    lines.append(f"{'model':<8}{'clean':>8}{'median dist':>13}" + "".join(f"{format_eps(e):>10}" for e in grid)
-                 + f"{'compute saved':>15}")
+    lines.append(f"{'model':<{width}}{'clean':>8}{'median dist':>13}"
+                 + "".join(f"{format_distance(e, 'linf'):>11}" for e in grid) + f"{'compute saved':>15}")
     for m in result.models:
         saved = "-" if m.compute_saved is None else f"{m.compute_saved:.1%}"
-        cells = "".join(f"{m.robust[e]:>10.1%}" if e in m.robust else f"{'-':>10}" for e in grid)
-        lines.append(f"{m.model:<8}{m.clean_acc:>8.1%}{format_distance(m.median_distance, 'linf'):>13}{cells}"
+        cells = "".join(f"{m.robust[e]:>11.1%}" if e in m.robust else f"{'-':>11}" for e in grid)
+        lines.append(f"{m.model:<{width}}{m.clean_acc:>8.1%}{format_distance(m.median_distance, 'linf'):>13}{cells}"
                      f"{saved:>15}")
     lines.append("(clean and worst-case robust accuracy at each L-inf eps, hard gates, fine head; median minimal "
                  "L-inf distance of the correctly classified samples; L2 results are in the reports)")
+    subsets = list(dict.fromkeys(m.subset for m in result.models if m.subset))
+    if len(subsets) == 1:
+        lines.append(f"attacked: {subsets[0]}")
+    else:
+        lines += [f"attacked by {m.model}: {m.subset}" for m in result.models if m.subset]
     lines.append("")
     for model, checks in result.sanity.items():
         warned = [c for c in checks if c["status"] == "warn"]

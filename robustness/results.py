@@ -119,6 +119,31 @@ class RunResults:
         mapping = dataset.get("fine_to_coarse") if isinstance(dataset, dict) else None
         return [int(c) for c in mapping] if mapping else None
 
+    @property
+    def subset(self) -> dict[str, Any]:
+        """How the attacked samples were chosen, as the attack run recorded it (manifest ``subset``: ``rule``
+        (``stratified`` or ``first``), ``seed``, ``indices`` (test-split indices in sample order), ``sha256`` (of
+        the attacked images and labels) and ``class_counts`` (fine label -> count)); {} for older runs."""
+        subset = self.manifest.get("subset")
+        return dict(subset) if isinstance(subset, dict) else {}
+
+    @property
+    def final_test_accuracy(self) -> dict[str, float]:
+        """The last training epoch's test accuracy per head (``{"fine": ..., "coarse": ...}``, fractions) from
+        ``metrics.csv``; {} when the run has no training metrics (a model handed over from outside)."""
+        if self.metrics is None or not len(self.metrics):
+            return {}
+        last = self.metrics.iloc[-1]
+        return {head: float(last[f"test_acc_{head}"]) for head in ("fine", "coarse")
+                if f"test_acc_{head}" in self.metrics.columns and pd.notna(last[f"test_acc_{head}"])}
+
+    @property
+    def chance_accuracy(self) -> float | None:
+        """1 / number of fine classes of the attacked dataset, None when the manifest does not say."""
+        dataset = self.manifest.get("dataset")
+        classes = dataset.get("fine_classes") if isinstance(dataset, dict) else None
+        return 1.0 / len(classes) if classes else None
+
 
 def load_run(run_dir: str | Path, require_records: bool = True) -> RunResults:
     """Load ``run_dir``'s attack records, manifest, metrics and config.

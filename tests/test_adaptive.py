@@ -153,7 +153,7 @@ def test_zero_gradient_share(dsn):
 def test_transfer_from_static_to_dsn(tiny_runs, tmp_path):
     dsn_run = copy_run(tiny_runs["dsn"], tmp_path / "dsn")
     config = AttackConfig(attacks=["pgd"], backends="torchattacks", eps=[0.0, EPS], n=32, batch_size=32, steps=5,
-                          pgd_restarts=1, gate_grads="none,bpda")
+                          pgd_restarts=1, gate_grads="none,bpda", subset="first")  # compared with the first 32 below
     result = run_attacks(dsn_run.root, config, transfer_from=tiny_runs["dual"].root, progress=False)
     df = result.records
     assert set(df["source_run"]) == {"dual"} and set(df["attack"]) == {"pgd"} and set(df["run"]) == {"dsn"}

@@ -64,8 +64,11 @@ def _frame(records: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFr
     return df.drop(columns=RUN_SPECIFIC) if columns is None else df[columns]
 
 
-def _test_images(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return load_dataset("synthetic", "test", **TINY_DATA).batch(slice(0, n))
+def _attacked_images(run, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The test images the CLI attacked in ``run`` (its manifest's subset), in sample order, then ``extra`` others."""
+    chosen = load_run(run.root).manifest["subset"]["indices"]
+    others = [i for i in range(len(chosen) + extra) if i not in set(chosen)][:extra]
+    return load_dataset("synthetic", "test", **TINY_DATA).batch(torch.tensor(chosen + others))
 
 
 # -- the CLI's records ------------------------------------------------------------------------------------------
@@ -80,11 +83,13 @@ def test_evaluate_on_the_tiny_dsn_gives_the_cli_records(dsn_cli, tmp_path):
     # the caller's model comes back as it was handed over
     assert model.training and all(p.requires_grad for p in model.parameters())
     assert res.run_dir == tmp_path / "api" and res.manifest["checkpoint"] == ""
+    assert res.manifest["subset"] == load_run(dsn_cli.root).manifest["subset"]  # the same images, recorded
+    assert res.manifest["subset"]["rule"] == "stratified"
 
 
 def test_tensors_and_a_dataloader_give_the_records_of_the_dataset(dsn_cli, tmp_path):
     model = load_run_checkpoint(dsn_cli).build_model()
-    x, fine, coarse = _test_images(20)  # more than n: the first n are attacked
+    x, fine, coarse = _attacked_images(dsn_cli, extra=4)  # more than n: the first n are attacked, as given
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, fine, coarse), batch_size=5)
     records = load_run(dsn_cli.root).records
     # one evaluation of the CLI run's (records of an evaluation do not depend on what else ran)
@@ -94,6 +99,7 @@ def test_tensors_and_a_dataloader_give_the_records_of_the_dataset(dsn_cli, tmp_p
         res = evaluate(model, data, out=tmp_path / str(i), **{**API, "attacks": "pgd", "gate_grads": "bpda"})
         pd.testing.assert_frame_equal(_frame(res.records, columns), expected)
         assert res.manifest["dataset"]["name"] == "tensors"
+        assert res.manifest["subset"]["rule"] == "given" and res.manifest["subset"]["indices"] == list(range(16))
 
 
 def test_a_plain_classifier_gives_the_static_models_fine_head_records(resnet_cli, tmp_path, monkeypatch):
@@ -106,7 +112,7 @@ def test_a_plain_classifier_gives_the_static_models_fine_head_records(resnet_cli
             return self.net(x).fine
 
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    x, fine, _ = _test_images(16)
+    x, fine, _ = _attacked_images(resnet_cli)
     res = evaluate(Plain(load_run_checkpoint(resnet_cli).build_model()), (x, fine), name="plain", **API)
     assert res.run_dir.parent == tmp_path and str(res.run_dir) in repr(res)  # out=None: a temp dir, and it says so
     columns = ["sample", "attack", "norm", "eps", "gate_grad", "label_fine", "clean_pred_fine", "adv_pred_fine",
@@ -187,6 +193,9 @@ def _linear() -> nn.Module:
      "unknown attack 'pgdd'"),
     ((torch.rand(6, 3, 8, 8), torch.zeros(6, dtype=torch.long)), {"target": "coarse", "eps": "1/255"}, ConfigError,
      "target coarse needs a model with a coarse head"),
+    ((torch.rand(6, 3, 8, 8), torch.zeros(6, dtype=torch.long)), {"subset": "first"}, ConfigError,
+     "tensors, a DataLoader or a torch Dataset are attacked as given"),
+    ("synthetic", {"subset": "random"}, UnknownNameError, "unknown subset rule 'random'"),
 ])
 def test_bad_inputs_are_one_typed_error_before_anything_is_written(data, options, error, words, tmp_path):
     with pytest.raises(error) as info:

@@ -126,7 +126,7 @@ def _check_dataset(ds: CoarseFineDataset, n: int, size: int) -> None:
 
 
 def test_list_datasets_names_every_dataset():
-    assert list_datasets() == ["cifar10", "cifar100", "imagefolder", "synthetic"]
+    assert list_datasets() == ["cifar10", "cifar100", "digits", "imagefolder", "synthetic"]
 
 
 def test_unknown_dataset_lists_known_names():

@@ -25,7 +25,7 @@ from robustness.data import (
     unregister_dataset,
 )
 
-BUILT_INS = ["cifar10", "cifar100", "imagefolder", "synthetic"]
+BUILT_INS = ["cifar10", "cifar100", "digits", "imagefolder", "synthetic"]
 
 # ------------------------------------------------------------------------------------------------------------------
 # a tiny in-memory coarse/fine dataset: colour family (coarse) x brightness (fine)

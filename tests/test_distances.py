@@ -127,14 +127,15 @@ def test_compare_distances_finds_a_known_difference_and_none_between_identical_s
     more = compare_distances(_distances(base * 1.5), _distances(base), "skip", "static", n_boot=500)
     assert more.ratio.estimate == pytest.approx(1.5)
     assert more.ratio.low > 1 and more.gap.low > 0 and more.direction() == "more"
-    assert more.wilcoxon_p < 1e-6 and more.finding() == "more-distance"
+    assert more.wilcoxon_p < 1e-6 and more.wilcoxon_sign == 1 and more.finding() == "more"
     assert more.acc_a_at > more.acc_b_at and more.diff_at.low > 0
     same = compare_distances(_distances(base), _distances(base), n_boot=500)
-    assert same.ratio.estimate == 1 and same.gap.estimate == 0 and same.direction() == "none"
+    assert same.ratio.estimate == 1 and same.gap.estimate == 0
+    assert same.direction() == "equivalent", "an interval [1, 1] lies inside the negligible band"
     noisy = compare_distances(_distances(base * rng.uniform(0.9, 1.1, 120)), _distances(base), n_boot=500)
-    assert noisy.ratio.contains(1.0) and noisy.direction() in ("none", "mixed", "more", "less")
+    assert noisy.ratio.contains(1.0) and noisy.direction() in ("none", "equivalent", "inconclusive")
     less = compare_distances(_distances(base), _distances(base * 1.5), n_boot=500)
-    assert less.direction() == "less" and less.ratio.high < 1
+    assert less.direction() == "less" and less.ratio.high < 1 and less.wilcoxon_sign == -1
 
 
 def test_auto_grid_sits_at_the_reference_quantiles_and_covers_every_model():
@@ -167,7 +168,7 @@ def _run(records: pd.DataFrame, name: str):
     return RunResults(path=__import__("pathlib").Path("/nonexistent") / name, name=name, records=records)
 
 
-def test_verdict_names_the_distance_ratio_and_says_no_evidence_only_when_intervals_contain_zero():
+def test_verdict_names_the_distance_ratio_its_test_and_the_negligible_band():
     from robustness.analysis.compare import compare_runs
     rng = np.random.default_rng(2)
     base = rng.uniform(1, 4, 150) / 255
@@ -176,12 +177,14 @@ def test_verdict_names_the_distance_ratio_and_says_no_evidence_only_when_interva
     static = _minimal_rows(base, correct, run="dual")
     static["clean_path"] = static["adv_path"] = ""
     more = compare_runs([_run(gated(base * 1.6), "dsn"), _run(static, "dual")], n_boot=300)
-    assert more.verdict.startswith("Skipping (dsn(hard)): more robust than dual (larger minimal distances")
-    assert "median distance ratio 1.60" in more.verdict and "clean 100.0% vs 100.0%" in more.verdict
-    assert "curves differ most at eps=" in more.verdict
+    assert more.verdict.startswith("Skipping (dsn(hard)): more robust than dual — one training seed: the "
+                                   "interval covers test samples only. Evidence (minimal L-inf distance")
+    assert "median distance ratio 1.60" in more.verdict and "Wilcoxon p=" in more.verdict
+    assert "n=150 correct on both; negligible band [0.95, 1.05]" in more.verdict
+    assert "clean 100.0% vs 100.0%" in more.verdict and "curves differ most at eps=" in more.verdict
     same = compare_runs([_run(gated(base), "dsn"), _run(static, "dual")], n_boot=300)
     pair = same.distance_pairs[0]
-    assert same.verdict.startswith("No evidence")
+    assert same.lead.startswith("Skipping (dsn(hard)): no practical difference from dual")
     assert pair.ratio.contains(1.0) and pair.gap.contains(0.0) and pair.diff_at.contains(0.0)
     assert set(same.curves["variant"]) == {"dsn(hard)", "dual"}
 
@@ -264,7 +267,9 @@ def test_a_clean_accuracy_gap_is_not_called_a_per_sample_robustness_difference()
     worse_clean = np.where(np.arange(200) < 40, 0.0, base)          # 20% misclassified clean, same distances else
     pair = compare_distances(_distances(base), _distances(worse_clean, np.arange(200) >= 40), n_boot=500)
     assert pair.ratio.contains(1.0) and pair.gap.low > 0
-    assert pair.finding() == "more-accuracy" and pair.direction() == "more"
+    assert pair.direction() == "equivalent", "per sample the distances are the same"
+    assert pair.finding() == "confounded", "a 20-point clean-accuracy gap confounds the pair"
+    assert "differ by 20.0 points" in pair.verdict().finding
 
 
 def test_gate_figures_show_the_threat_models_fixed_budget_attack_not_a_minimal_one():

@@ -86,16 +86,24 @@ def test_quickstart_config_describes_the_main_job():
     assert {"none", "sharp"} <= set(config.attack.gate_grads), "naive and strongest routing gradient"
     assert config.attack.eps_auto, "the grid lands where the models differ"
     assert config.attack.n >= 97, "Wilson intervals at most +-10 points"
-    assert config.train.dataset == "synthetic" and config.plan.transfer
+    assert config.train.dataset == "digits" and config.plan.transfer, "real images built in, a transfer control"
+    assert config.attack.subset == "stratified", "a class-balanced attacked subset, not the first n images"
 
 
-def test_full_synthetic_config_runs_every_attack_on_the_quickstart_models():
+def test_full_synthetic_config_runs_every_attack_of_the_suite():
     full, quick = PipelineConfig.from_file(FULL), PipelineConfig.from_file(QUICKSTART)
     assert full.plan.models == ["dsn", "dual", "resnet"]
     assert {"fgsm", "pgd", "apgd", "fmn", "pgd-bisect", "ddn", "square", "path", "slowdown"} <= set(full.attack.attacks)
     assert {"none", "ste", "bpda", "sharp"} <= set(full.attack.gate_grads)
-    assert full.train.to_dict() == quick.train.to_dict(), "the same trained models as the quickstart"
+    assert full.train.dataset == "synthetic", "the generated data keeps a config of its own"
     assert full.attack.eps_auto and full.attack.n == quick.attack.n
+
+
+def test_seeds_config_is_the_quickstart_over_three_training_seeds():
+    seeds, quick = PipelineConfig.from_file(REPO / "configs" / "seeds.toml"), PipelineConfig.from_file(QUICKSTART)
+    assert seeds.plan.seeds == [0, 1, 2]
+    assert seeds.train.to_dict() == quick.train.to_dict() and seeds.attack.to_dict() == quick.attack.to_dict()
+    assert dataclasses.replace(seeds.plan, seeds=[]) == quick.plan
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +178,8 @@ def _trained_like(reference: Path) -> Callable[..., None]:
     """A stand-in for ``pipeline._train_all`` that copies ``reference``'s trained models (checkpoints, config,
     metrics, marker) instead of training them again: the same weights, as
     test_models_trained_side_by_side_equal_those_trained_one_after_another shows a rerun of the training gives."""
-    def copy(job: PipelineConfig, runs: dict[str, Path], progress: bool) -> None:
-        for name, run_dir in runs.items():
+    def copy(job: PipelineConfig, runs: dict[str, tuple[str, int, Path]], progress: bool) -> None:
+        for name, _, run_dir in runs.values():
             shutil.copytree(reference / name, run_dir, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("attacks", "report", ".lock"))
     return copy
@@ -211,6 +219,29 @@ def test_interrupted_run_resumes_to_the_same_records(finished, tmp_path, capsys,
         pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True))
 
 
+def test_seeds_train_and_attack_every_model_per_seed_on_the_same_images_and_pool_the_verdict(tmp_path, capsys):
+    tables = tomllib.loads(shrunken_quickstart(tmp_path).read_text())
+    tables["run"].update({"models": ["dsn", "dual"], "transfer": ["dual->dsn"], "seeds": [3, 5]})
+    tables["attack"].update({"attacks": ["fmn", "fgsm"], "gate_grads": ["none"], "n": 12, "batch_size": 12})
+    config = write_toml(tmp_path / "seeds.toml", tables)
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli(["--config", str(config), "--out", str(out)], capsys)
+    assert code == 0
+    manifests = {(s, m): json.loads((out / f"seed-{s}" / m / "attacks" / "manifest.json").read_text())
+                 for s in (3, 5) for m in ("dsn", "dual")}
+    assert {json.loads((out / f"seed-{s}" / "dsn" / "config.json").read_text())["seed"] for s in (3, 5)} == {3, 5}
+    assert len({m["fingerprint"]["checkpoint_sha256"] for m in manifests.values()}) == 4, "four trained models"
+    assert len({m["subset"]["sha256"] for m in manifests.values()}) == 1, "the same images for every model and seed"
+    assert len({tuple(m["config"]["eps"]) for m in manifests.values()}) == 1, "one eps grid for every seed"
+    transfer = read_records(out / "seed-5" / "dsn" / "attacks" / "records")
+    assert set(transfer.loc[transfer["source_run"] != "", "source_run"]) == {"dual"}, "transfer within a seed"
+    pooled = json.loads((out / "compare" / "compare.json").read_text())
+    assert pooled["kind"] == "seeds" and sorted(pooled["per_seed"]) == ["3", "5"]
+    assert "2 training seeds" in pooled["verdict"] and "one training seed" not in pooled["verdict"]
+    assert stdout.rstrip().endswith(f"Is skipping more robust here? {pooled['verdict']}")
+    assert "dsn/seed-3" in stdout and "dual/seed-5" in stdout
+
+
 def test_cifar100_config_trains_on_a_fake_miniature_copy(tmp_path, capsys):
     write_fake_cifar100(tmp_path / "data", n_train=100, n_test=100)  # one image per fine class at least
     tables = tomllib.loads(CIFAR100.read_text())
@@ -233,7 +264,7 @@ def test_models_trained_side_by_side_equal_those_trained_one_after_another(finis
     config = PipelineConfig.from_file(config_path)
     assert config.plan.workers == 2 and len(config.plan.models) == 3, "the finished run trained side by side"
     job = dataclasses.replace(config, plan=dataclasses.replace(config.plan, workers=1))
-    pipeline._train_all(job, {m: tmp_path / m for m in job.plan.models}, progress=False)
+    pipeline._train_all(job, {m: (m, job.train.seed, tmp_path / m) for m in job.plan.models}, progress=False)
     for model in job.plan.models:
         one = torch.load(tmp_path / model / "checkpoints" / "last.pt", weights_only=True)["state_dict"]
         two = torch.load(out / model / "checkpoints" / "last.pt", weights_only=True)["state_dict"]

@@ -233,7 +233,7 @@ def test_json_payload_is_strict_json():
     json.dumps(out, allow_nan=False)
 
 
-def test_comparison_of_identical_runs_finds_no_evidence(tmp_path):
+def test_comparison_of_identical_runs_finds_no_practical_difference(tmp_path):
     dsn = write_run(tmp_path, attacked("dsn", "dsn", 4))
     dual = write_run(tmp_path, attacked("dual", "dual", 0), gated=False)
     out = write_comparison(compare_dirs([dsn, dual], n_boot=200), tmp_path / "cmp")
@@ -241,9 +241,10 @@ def test_comparison_of_identical_runs_finds_no_evidence(tmp_path):
         assert (out / name).is_file()
     payload = json.loads((out / "compare.json").read_text())
     assert payload["schema"] == "dsn-robustness/compare/v1"
-    assert "no evidence" in payload["verdict"].lower()
-    assert payload["verdict"].startswith("No evidence that skipping changes robustness: dsn(hard) vs dual")
-    assert "(where they differ most)" in payload["verdict"]
+    assert payload["verdict"].startswith("Skipping (dsn(hard)): no practical difference from dual — one training "
+                                         "seed: the interval covers test samples only")
+    assert "(where they differ most" in payload["verdict"] and "exact McNemar p=1" in payload["verdict"]
+    assert payload["pair_verdicts"][0]["kind"] == "equivalent" and payload["comparable"]
     pair = payload["verdict_pairs"][0]
     assert pair["diff"] == 0 and pair["diff_low"] <= 0 <= pair["diff_high"]
     html = (out / "index.html").read_text()
@@ -261,7 +262,8 @@ def test_comparison_reports_a_more_robust_skipping_run(tmp_path):
     assert payload["reference"] == "static" and payload["skipping_variant"] == "skip(hard)"
     pair = payload["verdict_pairs"][0]
     assert pair["diff"] > 0.2 and pair["diff_low"] > 0
-    assert payload["verdict"].startswith("Skipping is more robust here: skip(hard) vs static")
+    assert payload["verdict"].startswith("Skipping (skip(hard)): more robust than static — one training seed")
+    assert "exact McNemar p=" in payload["verdict"] and "negligible band ±2 points" in payload["verdict"]
     assert f"+{100 * pair['diff']:.1f}" in payload["verdict"]
     csv = pd.read_csv(out / "compare.csv")
     worst = csv[(csv.variant == "skip(hard)") & (csv.attack == "worst") & (csv.eps > 0.03)]
@@ -313,7 +315,7 @@ def test_compare_runs_takes_loaded_results_not_directories(tmp_path):
             for name, model, gates in (("dsn", "dsn", 4), ("dual", "dual", 0))]
     cmp = compare_runs(runs, n_boot=100)
     assert not nowhere.exists()
-    assert cmp.verdict.startswith("No evidence that skipping changes robustness: dsn(hard) vs dual")
+    assert cmp.verdict.startswith("Skipping (dsn(hard)): no practical difference from dual")
     assert (cmp.n_boot, cmp.seed) == (100, 0) and [v.run for v in cmp.variants] == runs
     out = write_comparison(cmp, tmp_path / "cmp")
     payload = json.loads((out / "compare.json").read_text())

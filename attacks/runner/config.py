@@ -14,6 +14,13 @@ suite's own ``native`` attacks run even when ``native`` is not listed, if no lis
 earlier versions (``pgd_restarts``, ``cw_c``, ``apgd_steps``, ...; :data:`FLAT_ALIASES`) stay accepted, by the
 constructor and in the ``[attack]`` table, and set exactly the parameters they always set (``pgd_alpha`` and
 ``pgd_random_start`` also reach path and slowdown).
+
+``subset`` says which ``n`` test images are attacked (:mod:`robustness.data.subset`): ``"stratified"`` (the
+default) draws them as equally per fine class as the split allows, seeded by ``subset_seed``; ``"first"`` takes
+the first ``n`` of the test split (the "first n" of published evaluations such as RobustBench's). ``subset_seed``
+(0; a non-negative integer below 2**63) is not the attack ``seed``: it stays the same for every model and every
+training seed of a comparison, so that they are all attacked on the same images (the manifest records the indices
+and a hash of the images; a resume on other images is refused).
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ from attacks.runner.presets import PRESETS, preset_table
 from robustness.core.config import build, default_config_path, load_config_file
 from robustness.core.errors import ConfigError, UnknownNameError
 from robustness.core.vocab import ATTACK_GATE_MODES, GRAD_MODES, HEADS, NORMS, parse_eps
+from robustness.data.subset import SUBSET_RULES, check_seed
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +112,8 @@ class AttackConfig:
     itself; ``n / batch_size`` batches must be at least ``workers`` to gain anything); on a GPU use ``torchrun``
     instead. ``batch_size`` is a positive integer or ``"auto"``: the largest batch that fits on a GPU, a fixed rule
     on a CPU (:mod:`attacks.runner.sizing`; a resumed run keeps the batch size its records were made with).
+    ``subset`` (``stratified`` or ``first``) and ``subset_seed`` choose the ``n`` test images attacked (the module
+    docstring; the seed is the images', the same for every model and training seed compared, not ``seed``).
     ``minimal_check`` (True) also runs PGD at the minimal-norm attacks' L2 budgets (their convergence check and a
     fixed-budget floor under the L2 numbers). ``params`` holds each attack's own parameters by attack name; the flat
     names of :data:`FLAT_ALIASES` are accepted as keywords.
@@ -123,6 +133,8 @@ class AttackConfig:
     n: int = 1000
     batch_size: int | Literal["auto"] = 128
     seed: int = 0
+    subset: str = "stratified"
+    subset_seed: int = 0
     device: str = "auto"
     eot_samples: int = 8
     threads: int = 0
@@ -209,6 +221,10 @@ class AttackConfig:
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        self.subset = str(self.subset).lower()
+        if self.subset not in SUBSET_RULES:
+            raise UnknownNameError("subset rule", self.subset, SUBSET_RULES)
+        self.subset_seed = check_seed(self.subset_seed, "subset_seed")
         self.params = _fold_aliases(_own_params(self.params), dict(zip(FLAT_ALIASES, flat)))
         for name, values in self.params.items():
             self.options_for(name)  # checks names and values against every backend's Params

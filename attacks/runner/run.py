@@ -9,7 +9,12 @@ Layout written into the run directory::
                                                            that count for accuracy (attacks.records.accuracy_rows)
 
 The manifest (``schema: dsn-robustness/attacks/v1``) holds: ``run``, ``model``, ``checkpoint`` (relative path),
-``dataset`` (DatasetInfo.to_dict()), ``data`` (dataset name, root, options, split), ``seed``, ``n``, ``batch_size``
+``dataset`` (DatasetInfo.to_dict()), ``data`` (dataset name, root, options, split), ``subset`` (which test images
+were attacked, :meth:`robustness.data.subset.Subset.to_dict`: ``rule`` (``stratified``, ``first``, or ``given`` for
+images handed over as tensors), ``seed`` (the subset seed, not the attack seed; null for a rule that draws nothing),
+``indices`` (record ``sample`` i is test-split sample ``indices[i]``), ``sha256`` (of the attacked images, their
+shape and fine labels: two runs attacked the same images iff it matches) and ``class_counts`` (fine label ->
+samples)), ``seed``, ``n``, ``batch_size``
 (the number used, also when ``"auto"`` chose it: :mod:`attacks.runner.sizing`), ``batch_size_auto`` (whether it
 did), ``n_batches``, ``float32`` (``{"tf32": false, "matmul_precision": "highest"}``: the float32 arithmetic in
 force while attacking, which :func:`robustness.core.runtime.true_float32` makes exact whatever the process's global
@@ -30,14 +35,20 @@ accuracies at the budgets are upper bounds).
 
 Fingerprints. Every shard carries in its Parquet metadata (:func:`attacks.records.write_shard`) what produced it:
 ``checkpoint_sha256`` (the SHA-256 of the checkpoint file, computed once per run; of the state dict for a model
-handed over in memory), ``seed``, ``n``, ``batch_size``, ``versions``, and its evaluation's ``evaluation`` id,
+handed over in memory), ``seed``, ``n``, ``batch_size``, ``subset``, ``subset_seed`` and ``subset_sha256`` (the
+attacked images: the manifest's ``subset`` rule, seed and hash), ``versions``, and its evaluation's ``evaluation`` id,
 ``eps``, ``config`` (the attack's resolved parameters) and ``source_sha256`` (the crafting model's checkpoint for a
 transfer evaluation). A resume continues only when the manifest's and every existing shard's fingerprint match this
 run's; otherwise it is one RunDirError line naming the difference (``checkpoint changed since these records (sha256
-1a2b… -> 9f8e…)``, ``pgd.steps=10 ... pgd.steps=3``) with ``--force`` as the fix, so records of two models or two
-settings never mix, whatever wrote them. Versions alone may differ: a resume after a routine upgrade warns and goes
-on (what is measured is the same model under the same attack; a library bump moves floating-point details of a few
-samples at most, as another GPU would), each shard keeps its own versions and the manifest lists the earlier ones.
+1a2b… -> 9f8e…)``, ``the attacked images changed since these records (subset sha256 1a2b… -> 9f8e…: the test
+data or its selection differs)`` after the data options of ``config.json`` changed the test split, ``pgd.steps=10
+... pgd.steps=3``) with ``--force`` as the fix, so records of two models, two settings or two sets of images never
+mix, whatever wrote them. Records of a version before recorded subsets (which attacked the first ``n`` test images
+and kept no hash of them) are not resumed: nothing tells whether the test split is still the one they were made
+on; ``--force`` (with ``--subset first`` for the same rule) redoes them, and they still load for a report.
+Versions alone may differ: a resume after a routine upgrade warns and goes on (what is measured is the same model
+under the same attack; a library bump moves floating-point details of a few samples at most, as another GPU
+would), each shard keeps its own versions and the manifest lists the earlier ones.
 The run holds its directory's writer lock (:meth:`robustness.core.rundir.RunDir.writing`) throughout.
 
 Every shard is written atomically, so an interrupted run resumes (``resume=True``) by skipping the shards that
@@ -86,6 +97,7 @@ from robustness.core.runtime import (Distributed, derive_seed, distributed, env_
                                      join_as_rank, jsonable, package_versions, process_device, resolve_device,
                                      seed_everything, torch_threads, true_float32)
 from robustness.data import CoarseFineDataset, DatasetInfo, load_dataset
+from robustness.data.subset import Subset, given_subset, select_subset, take
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +131,18 @@ def load_run_checkpoint(run: RunDir) -> Checkpoint:
                           f"`dsn-robust train`")
 
 
-def load_eval_data(run: RunDir, checkpoint: Checkpoint, n: int) -> tuple[CoarseFineDataset, dict[str, Any]]:
-    """The first ``n`` test samples of the data the run was trained on (from its ``config.json``)."""
+def load_eval_data(run: RunDir, checkpoint: Checkpoint, n: int, rule: str = "stratified",
+                   seed: int = 0) -> tuple[CoarseFineDataset, dict[str, Any]]:
+    """The ``n`` test samples that ``rule`` and ``seed`` choose (:func:`robustness.data.subset.select_subset`) of
+    the data the run was trained on (from its ``config.json``), and where that data came from."""
+    data, source, _ = eval_data(run, checkpoint, n, rule, seed)
+    return data, source
+
+
+def eval_data(run: RunDir, checkpoint: Checkpoint, n: int, rule: str = "stratified",
+              seed: int = 0) -> tuple[CoarseFineDataset, dict[str, Any], Subset]:
+    """:func:`load_eval_data` and the :class:`robustness.data.subset.Subset` it took (what the manifest
+    records)."""
     train = TrainConfig.from_dict(run.read_config(), where=str(run.config))
     data = {"dataset": train.dataset, "data_root": train.data_root, "data_options": train.data_options,
             "split": "test"}
@@ -131,7 +153,8 @@ def load_eval_data(run: RunDir, checkpoint: Checkpoint, n: int) -> tuple[CoarseF
                               f"{'; '.join(problems)}")
     if len(test) < n:
         log.info("the test split has %d samples; evaluating all of them (asked for %d)", len(test), n)
-    return test.subset(n), data
+    subset = select_subset(test, n, rule, seed)
+    return take(test, subset), data, subset
 
 
 def check_transferable(source: DatasetInfo, target: DatasetInfo, source_name: str, target_name: str) -> None:
@@ -147,14 +170,18 @@ def check_transferable(source: DatasetInfo, target: DatasetInfo, source_name: st
 # --------------------------------------------------------------------------------------------------------------
 
 
-#: the fingerprint keys shared by every shard of a run (the rest are per evaluation)
-RUN_KEYS = ("checkpoint_sha256", "seed", "n", "batch_size")
+#: the fingerprint keys shared by every shard of a run (the rest are per evaluation): the model, the attack seed,
+#: the data cut, and the attacked images (their subset rule and seed, and the hash of the images and labels)
+RUN_KEYS = ("checkpoint_sha256", "seed", "n", "batch_size", "subset", "subset_seed", "subset_sha256")
 
 
 def run_fingerprint(checkpoint_sha256: str, setup: dict[str, Any]) -> dict[str, Any]:
-    """What every shard of this invocation shares: the model's hash, seed, n, batch size and versions."""
+    """What every shard of this invocation shares: the model's hash, seed, n, batch size, the attacked images
+    (``setup["subset"]``, a :class:`robustness.data.subset.Subset`: its rule, seed and hash) and versions."""
+    subset: Subset = setup["subset"]
     return {"checkpoint_sha256": checkpoint_sha256, "seed": setup["seed"], "n": setup["n"],
-            "batch_size": setup["batch_size"], "versions": package_versions()}
+            "batch_size": setup["batch_size"], "subset": subset.rule, "subset_seed": subset.seed,
+            "subset_sha256": subset.sha256, "versions": package_versions()}
 
 
 def shard_fingerprint_of(run_fp: dict[str, Any], plan: EvalPlan, source_sha256: str = "") -> dict[str, Any]:
@@ -192,6 +219,12 @@ def checkpoint_change(old: str | None, new: str) -> str:
     return f"checkpoint changed since these records (sha256 {str(old)[:12]}… -> {new[:12]}…)"
 
 
+def images_change(old: str | None, new: str) -> str:
+    """The clause that says a run attacks other images than its records were made on."""
+    return (f"the attacked images changed since these records (subset sha256 {str(old)[:12]}… -> {new[:12]}…: "
+            f"the test data or its selection differs)")
+
+
 def _check_resumable(run: RunDir, previous: dict[str, Any] | None, run_fp: dict[str, Any],
                      plans: Sequence[EvalPlan], fingerprints: dict[str, dict[str, Any]]) -> None:
     """RunDirError (one line, ``--force`` as the fix) unless the stored records were made by what this run does."""
@@ -206,10 +239,18 @@ def _check_resumable(run: RunDir, previous: dict[str, Any] | None, run_fp: dict[
         change = checkpoint_change(stored.get("checkpoint_sha256"), run_fp["checkpoint_sha256"])
         raise RunDirError(f"{run.root}: {change}: they belong to another model; pass --force to attack this one "
                           f"from scratch")
-    for key in ("n", "batch_size", "seed"):
+    if "subset_sha256" not in stored:
+        raise RunDirError(f"{run.root}: its attack records were written by an older version, which attacked the "
+                          f"first n test images without recording which images they were: a resume cannot tell "
+                          f"whether it attacks the same ones; pass --force to redo them (--subset first for the "
+                          f"first n again)")
+    for key in ("n", "batch_size", "seed", "subset", "subset_seed"):
         if stored.get(key) != run_fp[key]:
             raise RunDirError(f"{run.root}: existing attack records were made with {key}={stored.get(key)!r}, "
                               f"this run asks for {key}={run_fp[key]!r}; use the same value or pass --force")
+    if stored.get("subset_sha256") != run_fp["subset_sha256"]:
+        raise RunDirError(f"{run.root}: {images_change(stored.get('subset_sha256'), run_fp['subset_sha256'])}; "
+                          f"pass --force to attack the new images from scratch")
     changed = [f"{k} {o} -> {n}" for k, o, n in _differences(stored.get("versions"), run_fp["versions"])]
     if changed:
         log.warning("%s: resuming with other package versions than the kept records were made with (%s); each "
@@ -251,6 +292,9 @@ def _check_shards(run: RunDir, reference: dict[str, Any], expected: dict[str, di
             change = checkpoint_change(fp.get("checkpoint_sha256"), str(reference.get("checkpoint_sha256")))
             raise RunDirError(f"{run.root}: shard {where}: {change}; {fix}")
         for key in RUN_KEYS[1:]:
+            if key == "subset_sha256" and fp.get(key) != reference.get(key):
+                change = images_change(fp.get(key), str(reference.get(key)))
+                raise RunDirError(f"{run.root}: shard {where}: {change}; {fix}")
             if fp.get(key) != reference.get(key):
                 raise RunDirError(f"{run.root}: shard {where} was made with {key}={fp.get(key)!r}, {asks} "
                                   f"{key}={reference.get(key)!r}; {fix}")
@@ -315,6 +359,7 @@ def _manifest(run: RunDir, subject: Subject, config: AttackConfig, setup: dict[s
         "checkpoint": subject.checkpoint,
         "dataset": subject.dataset.to_dict(),
         "data": jsonable(subject.data_source),
+        "subset": setup["subset"].to_dict(),
         "seed": setup["seed"],
         "n": setup["n"],
         "batch_size": setup["batch_size"],
@@ -427,15 +472,22 @@ class Subject:
     data: CoarseFineDataset
     data_source: dict[str, Any]
     checkpoint: str = ""
+    subset: Subset | None = None  # which samples of the split ``data`` holds; None: ``data`` as given
+
+    @property
+    def attacked(self) -> Subset:
+        """The recorded subset: ``subset``, else every sample of ``data`` as given (rule ``given``)."""
+        return self.subset if self.subset is not None else given_subset(self.data)
 
 
-def load_subject(run: RunDir, n: int, device: torch.device) -> Subject:
-    """The run's model (best checkpoint, else last) on ``device`` and the first ``n`` samples of its test data."""
+def load_subject(run: RunDir, n: int, device: torch.device, rule: str = "stratified", seed: int = 0) -> Subject:
+    """The run's model (best checkpoint, else last) on ``device`` and the ``n`` samples of its test data that
+    ``rule`` and ``seed`` choose (:func:`robustness.data.subset.select_subset`)."""
     checkpoint = load_run_checkpoint(run)
     model = checkpoint.build_model(device).requires_grad_(False)  # attacks need input gradients only
-    data, data_source = load_eval_data(run, checkpoint, n)
+    data, data_source, subset = eval_data(run, checkpoint, n, rule, seed)
     return Subject(model, checkpoint.model_name, checkpoint.dataset, data, data_source,
-                   str(checkpoint.path.relative_to(run.root)) if checkpoint.path else "")
+                   str(checkpoint.path.relative_to(run.root)) if checkpoint.path else "", subset)
 
 
 def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: bool = False,
@@ -454,7 +506,7 @@ def run_attacks(run_dir: str | os.PathLike[str], config: AttackConfig, resume: b
     run.require()  # the lock would create a missing directory
     with run.writing("attack"):
         device = process_device(resolve_device(config.device))
-        subject = load_subject(run, config.n, device)
+        subject = load_subject(run, config.n, device, config.subset, config.subset_seed)
         crafting_model, source_name, source_sha256 = None, "", ""
         if transfer_from is not None:
             source_run = RunDir.at(transfer_from)
@@ -516,7 +568,8 @@ def _attack_subject(run: RunDir, subject: Subject, config: AttackConfig, resume:
             log.info(sizing.log_line())
         asked, config = config, dataclasses.replace(config, batch_size=sizing.size)
         n_batches = math.ceil(n / config.batch_size)
-        setup = {"n": n, "batch_size": config.batch_size, "batch_size_auto": sizing.auto, "seed": config.seed}
+        setup = {"n": n, "batch_size": config.batch_size, "batch_size_auto": sizing.auto, "seed": config.seed,
+                 "subset": subject.attacked}
         run_fp = run_fingerprint(subject_sha256(run, subject), setup)
         fingerprints = {p.id: shard_fingerprint_of(run_fp, p, source_sha256) for p in plans}
         if resuming:

@@ -4,11 +4,17 @@
 verdict is eps-free where it can be: from each sample's minimal adversarial distance
 (:mod:`robustness.analysis.distances`, the minimum over every minimal attack and routing gradient, so the adaptive
 BPDA/STE/sharp/EOT attacks always count), the skipping variant is compared with each static (non-skipping) one by
-the median per-sample distance ratio, the mean gap between their robustness curves and the difference where the
-curves differ most, each with a paired-bootstrap interval, beside both clean accuracies. "No evidence" only when
-every interval contains no difference. Runs without minimal-attack records fall back to the fixed-eps worst case
-at the eps where the variants differ most, never at an eps where every variant is saturated (0% or its clean
-accuracy). The reports only render the :class:`Comparison`.
+the median per-sample distance ratio and its Wilcoxon signed-rank test; the curves' mean gap and largest difference
+stay in the details. Runs without minimal-attack records fall back to the fixed-eps worst case at the eps where the
+variants differ most (its interval re-selects that eps in every resample, its exact McNemar test is Bonferroni-
+corrected for the choice), never at an eps where both variants are saturated (0%, or their clean accuracy).
+
+Every pair's finding comes from one rule (:mod:`robustness.analysis.verdict`): "more / less robust" needs a
+significant paired test and an interval outside the negligible band; a pair is "confounded by clean accuracy" when
+a side is near chance or far below its twin, and "not comparable" when it has too few samples correct on both or
+the sides saw different images or data. Runs of one training seed each: the verdict says its interval covers test
+samples only. :func:`robustness.analysis.seeds.compare_seeds` pools seed-replicated runs (hierarchical bootstrap over seeds and
+samples, a seed-level sign-flip test). The reports only render the :class:`Comparison` / ``SeedComparison``.
 
 This module is not re-exported by ``robustness.analysis``: it uses ``robustness.sanity``, which itself builds on
 the analysis package.
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -29,8 +35,10 @@ from robustness.analysis.distances import (DISTANCE_KEYS, DistanceComparison, co
                                            minimal_distances, robustness_curve)
 from robustness.analysis.metrics import compute_saved, is_gated
 from robustness.analysis.selection import accuracy_rows, strongest_per_sample, whitebox
-from robustness.analysis.stats import PAIR_KEYS, paired_difference, wilson_interval
+from robustness.analysis.stats import PAIR_KEYS, bootstrap_many, mcnemar_test, paired_difference, wilson_interval
 from robustness.analysis.transfer import transfer_matrix
+from robustness.analysis.verdict import (MAX_CLEAN_GAP, NEAR_CHANCE_FACTOR, Effect, Health, PairedTest,
+                                         PairVerdict, health_reasons, judge, lead, seeds_scope)
 from robustness.core.errors import RunDirError
 from robustness.core.vocab import FORWARD_MODES, ROUTING_GRADIENTS, format_distance, format_eps
 from robustness.results import RunResults
@@ -41,6 +49,10 @@ log = logging.getLogger(__name__)
 #: Order of a run's variants: the skipping modes first, the no-skip view (``open``) last.
 VARIANT_ORDER: list[str] = [m for m in FORWARD_MODES if m != "open"] + ["open"]
 NORM_NAMES = {"linf": "L-inf", "l2": "L2"}
+#: Name of the sanity check that reports each pair's training health on the comparison page.
+HEALTH_CHECK = "training health"
+#: Name of the check that reports whether each pair saw the same samples.
+SAMPLES_CHECK = "same samples"
 
 
 @dataclass
@@ -90,6 +102,10 @@ class Comparison:
     notes: list[str]
     n_boot: int = 1000
     seed: int = 0
+    verdicts: list[PairVerdict] = field(default_factory=list)  # one per pair, by the rule of analysis.verdict
+    health: list[Check] = field(default_factory=list)          # training health + same samples, per pair
+    setting: tuple[str, str] | None = None                     # (norm, head) of the eps-free verdict
+    scope: str = ""                                            # what the intervals cover (one training seed)
 
     @property
     def reference(self) -> Variant:
@@ -98,6 +114,21 @@ class Comparison:
     @property
     def skipping(self) -> Variant | None:
         return next((v for v in self.variants if v.skipping), None)
+
+    @property
+    def confounded(self) -> list[str]:
+        """``a vs b: confounded by clean accuracy (...)`` for every pair the health guard refuses."""
+        return [f"{v.a} vs {v.b}: {v.finding}" for v in self.verdicts if v.kind == "confounded"]
+
+    @property
+    def not_comparable(self) -> list[str]:
+        """``a vs b: not comparable: ...`` for every pair with too few shared samples or different images/data."""
+        return [f"{v.a} vs {v.b}: {v.finding}" for v in self.verdicts if v.kind == "not-comparable"]
+
+    @property
+    def comparable(self) -> bool:
+        """No pair is confounded or not comparable (what ``dsn-robust compare --strict`` requires)."""
+        return not (self.confounded or self.not_comparable)
 
 
 def _variants(runs: Sequence[RunResults], labels: Sequence[str] | None) -> list[Variant]:
@@ -133,92 +164,182 @@ def _curves(label: str, combined: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _pick_setting(diff: pd.DataFrame) -> pd.Series | None:
-    """The fixed-eps fallback's setting: fine head, linf first, among the worst-case rows at finite eps > 0 where
-    the two variants are not both saturated (both at 0%, or both at the clean accuracy of eps 0), the eps with the
-    largest absolute difference; None when every eps is saturated."""
-    d = diff[(diff["attack"] == "worst") & (diff["eps"] > 0) & np.isfinite(diff["eps"])]
-    if d.empty:
+# ---------------------------------------------------------------------------------------------------------------
+# The fixed-eps fallback: one eps, chosen where the pair differs most, tested honestly
+# ---------------------------------------------------------------------------------------------------------------
+
+def _fixed_eps_pair(a: Variant, b: Variant, ca: pd.DataFrame, cb: pd.DataFrame, n_boot: int,
+                    seed: int) -> dict[str, Any] | None:
+    """The fallback's pair: the worst-case rows (fine head, linf first) at finite eps > 0 where the two variants
+    are not both saturated (both at 0%, or both at their clean accuracy: the attack fooled nothing), the eps with
+    the largest absolute robust-accuracy difference. Its bootstrap interval re-selects the eps in every resample
+    (on the samples every candidate eps shares); its exact McNemar test on the paired robust flags is
+    Bonferroni-corrected for the number of candidate eps. None when every eps is saturated."""
+    on = [*PAIR_KEYS, "sample"]
+    cols = [*on, "robust", "clean_correct"]
+    wa, wb = ca[ca["attack"] == "worst"], cb[cb["attack"] == "worst"]
+    j = wa[cols].merge(wb[cols], on=on, suffixes=("_a", "_b"))
+    eps = j["eps"].to_numpy(float)
+    j = j[(eps > 0) & np.isfinite(eps)]
+    if j.empty:
         return None
-    if (d["target"] == "fine").any():
-        d = d[d["target"] == "fine"]
-    norm = "linf" if (d["norm"] == "linf").any() else str(d["norm"].iloc[0])
-    d = d[(d["norm"] == norm) & ~((d["acc_a"] == 0) & (d["acc_b"] == 0))]
-    if d.empty:
+    if (j["target"] == "fine").any():
+        j = j[j["target"] == "fine"]
+    norm = "linf" if (j["norm"] == "linf").any() else str(j["norm"].iloc[0])
+    j = j[j["norm"] == norm].astype({"robust_a": bool, "robust_b": bool, "clean_correct_a": bool,
+                                    "clean_correct_b": bool})
+    per = j.groupby(PAIR_KEYS, sort=True, observed=True).agg(
+        acc_a=("robust_a", "mean"), acc_b=("robust_b", "mean"), clean_a=("clean_correct_a", "mean"),
+        clean_b=("clean_correct_b", "mean"), n=("sample", "size")).reset_index()
+    saturated = (((per["acc_a"] == 0) & (per["acc_b"] == 0))
+                 | (np.isclose(per["acc_a"], per["clean_a"]) & np.isclose(per["acc_b"], per["clean_b"])))
+    per = per[~saturated].reset_index(drop=True)
+    if per.empty:
         return None
-    return d.loc[d["diff"].abs().idxmax()]
+    diff = (per["acc_a"] - per["acc_b"]).to_numpy(float)
+    k = int(np.argmax(np.abs(diff)))
+    row = per.iloc[k]
+    at = j[(j["attack"] == row["attack"]) & (j["eps"] == row["eps"]) & (j["target"] == row["target"])]
+    ya, yb = at["robust_a"].to_numpy(bool), at["robust_b"].to_numpy(bool)
+    # the interval: per resample of the shared samples, the difference at the eps where that resample differs most
+    keyed = j.assign(d=j["robust_a"].astype(float) - j["robust_b"].astype(float))
+    cand = per[PAIR_KEYS].merge(keyed, on=PAIR_KEYS)
+    matrix = cand.pivot_table(index="sample", columns=PAIR_KEYS, values="d", aggfunc="first").dropna()
+    if len(matrix):
+        columns = [matrix[c].to_numpy(float) for c in matrix.columns]
+
+        def picked(*rows: np.ndarray) -> np.ndarray:
+            means = np.stack([r.mean(axis=1) for r in rows], axis=1)
+            return means[np.arange(len(means)), np.argmax(np.abs(means), axis=1)][:, None]
+
+        iv = bootstrap_many(picked, columns, n_boot, seed)[0]
+        low, high = iv.low, iv.high
+    else:
+        low = high = float("nan")
+    p, sign, b_only, c_only = mcnemar_test(ya, yb)
+    return {"a": a.label, "b": b.label, "attack": row["attack"], "norm": row["norm"], "eps": float(row["eps"]),
+            "target": row["target"], "n": int(row["n"]), "acc_a": float(row["acc_a"]), "acc_b": float(row["acc_b"]),
+            "diff": float(diff[k]), "diff_low": float(low), "diff_high": float(high),
+            "mcnemar_p": min(1.0, p * len(per)), "mcnemar_p_uncorrected": p, "candidates": int(len(per)),
+            "sign": sign, "robust_only_a": b_only, "robust_only_b": c_only,
+            "clean_a": float(row["clean_a"]), "clean_b": float(row["clean_b"]),
+            "n_both_correct": int((at["clean_correct_a"].to_numpy(bool) & at["clean_correct_b"].to_numpy(bool)).sum())}
 
 
-_LEAD = {"more": "Skipping is more robust here", "less": "Skipping is less robust here",
-         "none": "No evidence that skipping changes robustness", "mixed": "Mixed evidence"}
+def _fixed_eps_effect(p: Mapping[str, Any], what: str) -> tuple[Effect, PairedTest]:
+    effect = Effect(f"{what} robust accuracy difference at eps={format_eps(p['eps'])}", p["diff"],
+                    p["diff_low"], p["diff_high"], "difference")
+    corrected = f", Bonferroni over {p['candidates']} eps" if p["candidates"] > 1 else ""
+    test = PairedTest("exact McNemar", p["mcnemar_p"], p["sign"], p["n"], "paired samples",
+                      f"{p['robust_only_a']} vs {p['robust_only_b']} discordant{corrected}")
+    return effect, test
 
 
-def _distance_clause(p: DistanceComparison) -> str:
-    fmt = lambda v: format_distance(v, p.norm)  # noqa: E731
-    ratio = (f"median distance ratio {p.ratio.estimate:.2f} [{p.ratio.low:.2f}, {p.ratio.high:.2f}] "
-             f"(medians {fmt(p.median_a.estimate)} vs {fmt(p.median_b.estimate)}, Wilcoxon p={p.wilcoxon_p:.2g}, "
-             f"n={p.n_both_correct} correct on both)" if p.n_both_correct else
-             "no distance ratio (no sample is classified correctly by both)")
-    return (f"{p.a} vs {p.b}: {ratio}, curves differ most at eps={fmt(p.eps_at)}: "
+# ---------------------------------------------------------------------------------------------------------------
+# The guards' inputs: clean accuracy, chance, the attacked images, the data
+# ---------------------------------------------------------------------------------------------------------------
+
+def _fine_clean(v: Variant) -> float | None:
+    """The fine head's clean accuracy on the variant's white-box samples (None without fine-head rows)."""
+    wb = whitebox(v.records)
+    wb = wb[wb["target"] == "fine"].drop_duplicates("sample")
+    return float(wb["clean_correct"].astype(bool).mean()) if len(wb) else None
+
+
+def _health(v: Variant, clean: float) -> Health:
+    fine = _fine_clean(v)
+    return Health(label=v.label, clean=float(clean), clean_fine=fine,
+                  final_fine=v.run.final_test_accuracy.get("fine"),
+                  chance=v.run.chance_accuracy if fine is not None else None, run=v.run.name)
+
+
+def _same_samples(a: Variant, b: Variant) -> list[str]:
+    """Why ``a`` and ``b`` did not see the same samples: different attacked images (the subsets' sha256 when both
+    runs recorded one, else their (dataset, seed, n)) or different data (the runs' dataset / data_options)."""
+    if a.run is b.run:
+        return []
+    reasons = []
+    ha, hb = a.run.subset.get("sha256"), b.run.subset.get("sha256")
+    if ha and hb:
+        if ha != hb:
+            reasons.append(f"{a.label} and {b.label} were attacked on different images (subset sha256 "
+                           f"{str(ha)[:12]} vs {str(hb)[:12]})")
+    else:
+        sa, sb = (a.run.dataset_name, a.run.seed, a.run.n), (b.run.dataset_name, b.run.seed, b.run.n)
+        if sa != sb:
+            reasons.append(f"{a.label} and {b.label} were attacked on different evaluation sets (dataset, seed, n "
+                           f"{sa} vs {sb})")
+    for key in ("dataset", "data_options"):
+        va, vb = (a.run.config or {}).get(key), (b.run.config or {}).get(key)
+        if va is not None and vb is not None and va != vb:
+            reasons.append(f"{a.label} and {b.label} were trained on different data ({key} {va} vs {vb})")
+    return reasons
+
+
+def _pct(x: float | None) -> str:
+    return "unknown" if x is None or np.isnan(x) else f"{100 * x:.1f}%"
+
+
+def _health_checks(judged: Sequence[tuple[PairVerdict, tuple[Health, Health], int | None]]) -> list[Check]:
+    """Per judged pair: ``training health`` (fail when confounded by clean accuracy) and ``same samples`` (fail
+    when not comparable), each with the numbers."""
+    checks = []
+    for v, (ha, hb), n in judged:
+        chance = ha.chance if ha.chance is not None else hb.chance
+        finals = [f"{h.run} {_pct(h.final_fine)}" for h in (ha, hb) if h.final_fine is not None]
+        numbers = (f"clean accuracy on the attacked samples {ha.label} {_pct(ha.clean)} vs {hb.label} "
+                   f"{_pct(hb.clean)} (gap {100 * abs(ha.clean - hb.clean):.1f} points, at most "
+                   f"{100 * MAX_CLEAN_GAP:g} allowed); chance {_pct(chance)}"
+                   + (f" (near chance below {NEAR_CHANCE_FACTOR:g} x chance = {_pct(NEAR_CHANCE_FACTOR * chance)})"
+                      if chance is not None else " (near-chance test skipped)")
+                   + (f"; final training test accuracy {', '.join(dict.fromkeys(finals))}" if finals else ""))
+        bad = health_reasons(ha, hb)
+        checks.append(Check(HEALTH_CHECK, "fail" if bad else "pass",  # type: ignore[arg-type]
+                            f"{v.a} vs {v.b}: " + ("confounded: " + "; ".join(bad) + ". " if bad else "")
+                            + numbers[0].upper() + numbers[1:] + "."))
+        size = f"{n} samples correct on both" if n is not None else "samples correct on both not counted"
+        checks.append(Check(SAMPLES_CHECK, "fail" if v.kind == "not-comparable" else "pass",  # type: ignore[arg-type]
+                            f"{v.a} vs {v.b}: " + (f"not comparable: {v.reason}." if v.kind == "not-comparable"
+                                                   else f"the same attacked samples, {size}.")))
+    return checks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The verdict line
+# ---------------------------------------------------------------------------------------------------------------
+
+def _distance_clause(p: DistanceComparison, v: PairVerdict) -> str:
+    fmt = lambda x: format_distance(x, p.norm)  # noqa: E731
+    ratio = (f"{v.evidence}; medians {fmt(p.median_a.estimate)} vs {fmt(p.median_b.estimate)}"
+             if p.n_both_correct else "no distance ratio (no sample is classified correctly by both)")
+    return (f"{p.a} vs {p.b}: {ratio}; curves differ most at eps={fmt(p.eps_at)}: "
             f"{100 * p.acc_a_at:.1f}% vs {100 * p.acc_b_at:.1f}% ({100 * p.diff_at.estimate:+.1f} points "
             f"[{100 * p.diff_at.low:+.1f}, {100 * p.diff_at.high:+.1f}]), mean gap over eps <= {fmt(p.cap)} "
             f"{100 * p.gap.estimate:+.1f} points [{100 * p.gap.low:+.1f}, {100 * p.gap.high:+.1f}]; "
             f"clean {100 * p.clean_a.estimate:.1f}% vs {100 * p.clean_b.estimate:.1f}%")
 
 
-_FINDINGS = {
-    "more-distance": "more robust than {} (larger minimal distances per sample)",
-    "less-distance": "less robust than {} (smaller minimal distances per sample)",
-    "more-accuracy": "higher robust accuracy than {}, but not a larger median distance per sample",
-    "less-accuracy": "lower robust accuracy than {}, but not a smaller median distance per sample",
-    "mixed": "mixed evidence against {}",
-    "none": "no evidence of a difference from {}",
-}
+def _fixed_clause(p: Mapping[str, Any], v: PairVerdict) -> str:
+    return (f"{p['a']} vs {p['b']}: {v.evidence}; robust acc {100 * p['acc_a']:.1f}% vs {100 * p['acc_b']:.1f}% "
+            f"at eps={format_eps(p['eps'])} (where they differ most, of {p['candidates']} unsaturated eps); "
+            f"clean {100 * p['clean_a']:.1f}% vs {100 * p['clean_b']:.1f}%")
 
 
-def _distance_lead(skip: Variant, pairs: Sequence[DistanceComparison]) -> str:
-    """The verdict's lead: per finding (:meth:`DistanceComparison.finding`) the static variants it holds for;
-    "No evidence" only when every interval of every pair contains no difference."""
-    found: dict[str, list[str]] = {}
-    for p in pairs:
-        found.setdefault(p.finding(), []).append(p.b)
-    if set(found) == {"none"}:
-        return _LEAD["none"]
-    order = [k for k in _FINDINGS if k in found]
-    return f"Skipping ({skip.label}): " + "; ".join(_FINDINGS[k].format(", ".join(found[k])) for k in order)
+def routing_grads(skip: Variant) -> list[str]:
+    return sorted(set(whitebox(skip.records)["gate_grad"].astype(str)) & set(ROUTING_GRADIENTS))
 
 
-def _lead(kinds: set[str]) -> str:
-    kinds = set(kinds)
-    if len(kinds) == 1:
-        return _LEAD[kinds.pop()]
-    return _LEAD["mixed"] if "mixed" in kinds or {"more", "less"} <= kinds else (
-        f"{_LEAD['more' if 'more' in kinds else 'less']} against some static variants")
+def distance_what(norm: str, grads: Sequence[str]) -> str:
+    return (f"minimal {NORM_NAMES.get(norm, norm)} distance per sample, minimum over attacks and routing "
+            f"gradients (none{'/' + '/'.join(grads) if grads else ''})")
 
 
-def _verdict(pairs: list[dict[str, Any]], distance_pairs: list[DistanceComparison], skip: Variant | None,
-             statics: list[Variant]) -> str:
-    """One line: is skipping more robust here? "No evidence" only when every interval contains no difference."""
+def _cannot_tell(skip: Variant | None, statics: Sequence[Variant]) -> str | None:
     if skip is None:
         return "Cannot tell: no variant skips layers (a gated model in a mode other than open)."
     if not statics:
         return f"Cannot tell: no static (non-skipping) variant to compare {skip.label} against."
-    grads = sorted(set(whitebox(skip.records)["gate_grad"].astype(str)) & set(ROUTING_GRADIENTS))
-    if distance_pairs:
-        norm = distance_pairs[0].norm
-        what = (f"minimal {NORM_NAMES.get(norm, norm)} distance per sample, minimum over attacks and routing "
-                f"gradients (none{'/' + '/'.join(grads) if grads else ''})")
-        return f"{_distance_lead(skip, distance_pairs)} ({what}): " + "; ".join(_distance_clause(p)
-                                                                               for p in distance_pairs)
-    if not pairs:
-        return (f"Cannot tell: {skip.label} and the static variants share no minimal-distance records and no "
-                "fixed-eps attack at an eps where they are not all at 0%; rerun the attack with --eps auto")
-    what = f"worst-case (incl. {'/'.join(grads)})" if grads else "worst-case"
-    clauses = [f"{p['a']} vs {p['b']} {what} robust acc at eps={format_eps(p['eps'])} (where they differ most) "
-               f"differs by {100 * p['diff']:+.1f} points [{100 * p['diff_low']:+.1f}, {100 * p['diff_high']:+.1f}]"
-               for p in pairs]
-    kinds = {"more" if p["diff_low"] > 0 else "less" if p["diff_high"] < 0 else "none" for p in pairs}
-    return f"{_lead(kinds)}: " + "; ".join(clauses)
+    return None
 
 
 def _compute_points(variants: Sequence[Variant], combined: Mapping[str, pd.DataFrame],
@@ -286,23 +407,22 @@ def run_sanity(run: RunResults, zero_grad_share: float | Mapping[str, float] | N
     return run_checks(run.records, zero_grad_share=share, queries=_queries(run))
 
 
+
 def compare_runs(runs: Sequence[RunResults], labels: Sequence[str] | None = None, *, n_boot: int = 1000,
                  seed: int = 0) -> Comparison:
     """Split loaded runs into (run, gate mode) variants and compare them on their shared samples.
 
-    Raises ``RunDirError`` when no run is given or the label count does not match.
+    Each pair (the skipping variant against each static one) gets one :class:`~robustness.analysis.verdict.
+    PairVerdict` by the rule of :mod:`robustness.analysis.verdict`; the runs are taken as one training seed each,
+    so the verdict says its interval covers test samples only. Raises ``RunDirError`` when no run is given or the
+    label count does not match.
     """
     runs = list(runs)
     if not runs:
         raise RunDirError("a comparison needs at least one run directory")
     if labels is not None and len(labels) != len(runs):
         raise RunDirError(f"got {len(labels)} labels for {len(runs)} run directories")
-    notes = []
-    datasets = {(r.dataset_name, r.seed, r.n) for r in runs}
-    if len(datasets) > 1:
-        notes.append(f"The runs were attacked on different evaluation sets {sorted(map(str, datasets))}: pairing by "
-                     "sample index may be meaningless.")
-        log.warning(notes[-1])
+    notes: list[str] = []
     variants = _variants(runs, labels)
     common = sorted(set.intersection(*[set(accuracy_rows(whitebox(v.records))["attack"].astype(str))
                                        for v in variants]))
@@ -319,32 +439,81 @@ def compare_runs(runs: Sequence[RunResults], labels: Sequence[str] | None = None
 
     skip = next((v for v in variants if v.skipping), None)
     statics = [v for v in variants if not v.skipping]
-    pairs = []
-    for s in statics if skip else []:
-        d = paired_difference(combined[skip.label], combined[s.label], n_boot=n_boot, seed=seed)
-        row = _pick_setting(d)
-        if row is not None:
-            pairs.append({"a": skip.label, "b": s.label, **{k: row[k] for k in d.columns}})
+    scope = seeds_scope(1)
+    pairs = [fp for fp in (_fixed_eps_pair(skip, s, combined[skip.label], combined[s.label], n_boot, seed)
+                           for s in (statics if skip else [])) if fp is not None]
 
     setting = _distance_setting(variants)
     distances = {v.label: v.distances(*setting) for v in variants} if setting else {}
-    distance_pairs = [p for p in (compare_distances(distances[skip.label], distances[s.label], skip.label, s.label,
-                                                    n_boot=n_boot, seed=seed)
-                                  for s in (statics if skip and setting else [])) if p is not None]
+    distance_pairs: list[DistanceComparison] = []
+    verdicts: list[PairVerdict] = []
+    clauses: list[str] = []
+    judged: list[tuple[PairVerdict, tuple[Health, Health], int | None]] = []
+    for s in statics if skip else []:
+        reasons = _same_samples(skip, s)
+        if setting:
+            p = compare_distances(distances[skip.label], distances[s.label], skip.label, s.label,
+                                  n_boot=n_boot, seed=seed)
+            if p is None:
+                v = judge(skip.label, s.label, None, None, samples=[*reasons, f"{skip.label} and {s.label} share "
+                                                                   "no attacked sample"], scope=scope)
+                clauses.append(f"{v.a} vs {v.b}: {v.finding}")
+            else:
+                health = (_health(skip, p.clean_a.estimate), _health(s, p.clean_b.estimate))
+                v = p.verdict(health, reasons, scope)
+                distance_pairs.append(p)
+                clauses.append(_distance_clause(p, v))
+                judged.append((v, health, p.n_both_correct))
+            verdicts.append(v)
+            continue
+        fp = next((q for q in pairs if q["b"] == s.label), None)
+        if fp is None:
+            v = PairVerdict(skip.label, s.label, "inconclusive", "no minimal distances, and at every fixed eps both "
+                            "are saturated (0% or their clean accuracy); rerun the attack with --eps auto",
+                            scope=scope)
+            clauses.append(f"{v.a} vs {v.b}: {v.finding}")
+        else:
+            health = (_health(skip, fp["clean_a"]), _health(s, fp["clean_b"]))
+            effect, test = _fixed_eps_effect(fp, _fixed_what(skip))
+            v = judge(skip.label, s.label, effect, test, health=health, n_both_correct=fp["n_both_correct"],
+                      samples=reasons, scope=scope)
+            clauses.append(_fixed_clause(fp, v))
+            judged.append((v, health, fp["n_both_correct"]))
+        verdicts.append(v)
+
+    cannot = _cannot_tell(skip, statics)
+    if cannot is not None:
+        verdict = lead_text = cannot
+    elif not setting and not pairs:
+        verdict = lead_text = (f"Cannot tell: {skip.label} and the static variants share no minimal-distance "
+                               "records and no fixed-eps attack at an eps where they are not both saturated; rerun "
+                               "the attack with --eps auto")
+    else:
+        lead_text = lead(skip.label, verdicts, scope)
+        what = (distance_what(setting[0], routing_grads(skip)) if setting else
+                f"fixed-eps {_fixed_what(skip)} over the attacks every variant ran")
+        verdict = f"{lead_text}. Evidence ({what}): " + " | ".join(clauses)
+    health_checks = _health_checks(judged)
+    for v in verdicts:
+        if v.kind in ("confounded", "not-comparable"):
+            log.warning("%s vs %s: %s", v.a, v.b, v.finding)
+
     curve_frames = [robustness_curve(d).assign(variant=label) for label, d in distances.items() if len(d)]
     curve_cols = ["variant", *DISTANCE_KEYS, "eps", "n", "robust_acc", "robust_acc_low", "robust_acc_high"]
     robustness = pd.concat(curve_frames, ignore_index=True)[curve_cols] if curve_frames else pd.DataFrame(
         columns=curve_cols)
     names = [labels[i] if labels else r.name for i, r in enumerate(runs)]
-    verdict = _verdict(pairs, distance_pairs, skip, statics)
     return Comparison(runs=runs, variants=variants, common_attacks=common, table=table, differences=diff,
-                      pairs=pairs, verdict=verdict,
-                      lead=_distance_lead(skip, distance_pairs) if distance_pairs and skip else verdict,
-                      distance_pairs=distance_pairs, curves=robustness,
-                      clean=_clean_accuracy(variants, setting[1] if setting else "fine"),
+                      pairs=pairs, verdict=verdict, lead=lead_text, distance_pairs=distance_pairs,
+                      curves=robustness, clean=_clean_accuracy(variants, setting[1] if setting else "fine"),
                       compute=_compute_points(variants, combined, distances, distance_pairs,
                                               pairs[0] if pairs else None),
                       transfer=transfer_matrix([r.records for r in runs]),
                       sanity={name: run_sanity(r) for name, r in zip(names, runs)},
-                      notes=notes,
-                      n_boot=n_boot, seed=seed)
+                      notes=notes, n_boot=n_boot, seed=seed, verdicts=verdicts, health=health_checks,
+                      setting=setting, scope=scope)
+
+
+def _fixed_what(skip: Variant) -> str:
+    grads = routing_grads(skip)
+    return f"worst-case (incl. {'/'.join(grads)})" if grads else "worst-case"

@@ -27,6 +27,7 @@ from scipy import stats
 from attacks.base import MINIMAL, attack_kind
 from robustness.analysis.selection import whitebox
 from robustness.analysis.stats import Interval, bootstrap_many, wilson_interval
+from robustness.analysis.verdict import ONE_SEED, Effect, Health, PairedTest, PairVerdict, classify, judge
 
 #: Keys of one set of distances (one model in one gate mode, head and norm).
 DISTANCE_KEYS: list[str] = ["run", "model", "gate_mode", "target", "norm"]
@@ -140,11 +141,13 @@ class DistanceComparison:
 
     ``ratio``: median over the samples both classify correctly of ``d_A / d_B`` (paired bootstrap interval;
     samples neither was fooled on count as ratio 1); ``wilcoxon_p``: two-sided signed-rank test of ``log d_A -
-    log d_B`` on them. ``gap``: the area between the robustness curves over eps in [0, ``cap``] divided by
-    ``cap`` (= the mean over that range of acc_A(eps) - acc_B(eps); clean-wrong samples count at distance 0; cap =
-    the largest finite distance of either), paired bootstrap. ``eps_at``: the eps > 0 where the curves differ
-    most; ``diff_at`` the difference there, whose interval re-selects that eps in every resample (so the
-    selection does not make it look surer than it is).
+    log d_B`` on them (``wilcoxon_sign``: +1 when the signed ranks favour larger distances for A). The verdict
+    (:meth:`verdict`, :mod:`robustness.analysis.verdict`) rests on these two. ``gap``: the area between the
+    robustness curves over eps in [0, ``cap``] divided by ``cap`` (= the mean over that range of acc_A(eps) -
+    acc_B(eps); clean-wrong samples count at distance 0; cap = the largest finite distance of either), paired
+    bootstrap. ``eps_at``: the eps > 0 where the curves differ most; ``diff_at`` the difference there, whose
+    interval re-selects that eps in every resample (so the selection does not make it look surer than it is).
+    The curve statistics are details: they mix clean accuracy into robustness and decide no verdict.
     """
 
     a: str
@@ -164,30 +167,42 @@ class DistanceComparison:
     acc_a_at: float
     acc_b_at: float
     diff_at: Interval
+    wilcoxon_sign: int = 0
 
     def evidence(self) -> dict[str, str]:
-        """Per statistic: ``more`` (A more robust: the interval lies above no difference), ``less``, or ``none``."""
+        """Per statistic, for the details only: ``more`` (A more robust: the interval lies above no difference),
+        ``less``, or ``none``. No verdict is read from this (see :meth:`verdict`)."""
         def side(iv: Interval, zero: float) -> str:
             return "more" if iv.low > zero else "less" if iv.high < zero else "none"
         return {"ratio": side(self.ratio, 1.0), "gap": side(self.gap, 0.0), "diff_at": side(self.diff_at, 0.0)}
 
+    def effect(self) -> Effect:
+        """The effect the verdict uses: the median distance ratio with its interval."""
+        return Effect("median distance ratio", self.ratio.estimate, self.ratio.low, self.ratio.high, "ratio")
+
+    def test(self) -> PairedTest:
+        """The paired test the verdict uses: Wilcoxon signed-rank on the per-sample log distance ratios."""
+        return PairedTest("Wilcoxon", self.wilcoxon_p, self.wilcoxon_sign, self.n_both_correct)
+
+    def verdict(self, health: tuple[Health, Health] | None = None, samples: Sequence[str] = (),
+                scope: str = ONE_SEED) -> PairVerdict:
+        """The pair's verdict by the one rule (:func:`robustness.analysis.verdict.judge`): not comparable with
+        fewer than ``MIN_BOTH_CORRECT`` samples correct on both (or the caller's ``samples`` reasons), confounded
+        by clean accuracy (``health``; by default the clean accuracies on the shared samples, chance unknown),
+        else the distance ratio and its Wilcoxon test against the negligible band."""
+        if health is None:
+            health = (Health(self.a, self.clean_a.estimate), Health(self.b, self.clean_b.estimate))
+        return judge(self.a, self.b, self.effect(), self.test(), health=health, n_both_correct=self.n_both_correct,
+                     samples=samples, scope=scope)
+
     def finding(self) -> str:
-        """What the intervals show, per sample first: ``more-distance`` / ``less-distance`` (the distance ratio's
-        interval excludes 1, and the curves do not point the other way), ``more-accuracy`` / ``less-accuracy``
-        (only the curves differ: robust accuracy, not the median per-sample distance, e.g. from clean accuracy),
-        ``mixed`` or ``none``."""
-        ev = self.evidence()
-        curves = {ev["gap"], ev["diff_at"]} - {"none"}
-        if ev["ratio"] != "none":
-            return "mixed" if curves - {ev["ratio"]} else f"{ev['ratio']}-distance"
-        if len(curves) > 1:
-            return "mixed"
-        return f"{curves.pop()}-accuracy" if curves else "none"
+        """The verdict's kind (:data:`robustness.analysis.verdict.KINDS`) with the default guards."""
+        return self.verdict().kind
 
     def direction(self) -> str:
-        """``more``, ``less``, ``none`` (every interval contains no difference) or ``mixed``."""
-        sides = set(self.evidence().values()) - {"none"}
-        return sides.pop() if len(sides) == 1 else "mixed" if sides else "none"
+        """The rule on the ratio and its test alone, without the guards: ``more``, ``less``, ``equivalent``,
+        ``none`` or ``inconclusive``."""
+        return classify(self.effect(), self.test())[0]
 
 
 def _log_ratio(da: np.ndarray, db: np.ndarray) -> np.ndarray:
@@ -196,14 +211,27 @@ def _log_ratio(da: np.ndarray, db: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(lr), 0.0, lr)  # never fooled by either: no difference
 
 
-def _wilcoxon(x: np.ndarray) -> float:
+def paired_log_ratios(dist_a: pd.DataFrame, dist_b: pd.DataFrame) -> pd.DataFrame:
+    """Per sample both classify correctly: ``log d_A - log d_B`` (0 when neither was fooled; +-inf when only one
+    was). Columns ``sample``, ``log_ratio``; what the distance verdict's ratio and test are computed on."""
+    joined = dist_a[["sample", "clean_correct", "distance"]].merge(
+        dist_b[["sample", "clean_correct", "distance"]], on="sample", suffixes=("_a", "_b"))
+    both = joined["clean_correct_a"].to_numpy(bool) & joined["clean_correct_b"].to_numpy(bool)
+    lr = _log_ratio(joined["distance_a"].to_numpy(float)[both], joined["distance_b"].to_numpy(float)[both])
+    return pd.DataFrame({"sample": joined["sample"].to_numpy(np.int64)[both], "log_ratio": lr})
+
+
+def _wilcoxon(x: np.ndarray) -> tuple[float, int]:
+    """Two-sided Wilcoxon signed-rank p of ``x`` (zeros dropped) and the sign of R+ - R-."""
     x = x[x != 0]
     if len(x) == 0:
-        return 1.0
+        return 1.0, 0
     finite = np.abs(x[np.isfinite(x)])
     big = (finite.max() if len(finite) else 1.0) * 2 + 1  # ranks only: an infinite ratio ranks highest
     x = np.where(np.isinf(x), np.sign(x) * big, x)
-    return float(stats.wilcoxon(x, zero_method="wilcox", alternative="two-sided").pvalue)
+    ranks = stats.rankdata(np.abs(x))
+    sign = int(np.sign(ranks[x > 0].sum() - ranks[x < 0].sum()))
+    return float(stats.wilcoxon(x, zero_method="wilcox", alternative="two-sided").pvalue), sign
 
 
 def _resample_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
@@ -224,7 +252,7 @@ def compare_distances(dist_a: pd.DataFrame, dist_b: pd.DataFrame, a: str = "A", 
     ca, cb = joined["clean_correct_a"].to_numpy(bool), joined["clean_correct_b"].to_numpy(bool)
     da, db = joined["distance_a"].to_numpy(float), joined["distance_b"].to_numpy(float)
     both = ca & cb
-    lr = _log_ratio(da[both], db[both])
+    lr = paired_log_ratios(dist_a, dist_b)["log_ratio"].to_numpy(float)
     ratio = bootstrap_many(lambda rows: _median_rows(rows)[:, None], [lr], n_boot, seed, confidence)[0]
     ratio = Interval(*(float(np.exp(v)) for v in (ratio.estimate, ratio.low, ratio.high)), ratio.n)
     finite = np.concatenate([da[np.isfinite(da)], db[np.isfinite(db)]])
@@ -252,12 +280,13 @@ def compare_distances(dist_a: pd.DataFrame, dist_b: pd.DataFrame, a: str = "A", 
         eps_at, acc_a_at, acc_b_at = float("nan"), float("nan"), float("nan")
         diff_at = Interval(float("nan"), float("nan"), float("nan"), n)
     median = lambda d, c: median_distance(pd.DataFrame({"distance": d, "clean_correct": c}), n_boot, seed)  # noqa: E731
+    p, sign = _wilcoxon(lr) if len(lr) else (float("nan"), 0)
     return DistanceComparison(
         a=a, b=b, norm=norm, n=n, n_both_correct=int(both.sum()),
         clean_a=wilson_interval(int(ca.sum()), n, confidence), clean_b=wilson_interval(int(cb.sum()), n, confidence),
         median_a=median(da, ca), median_b=median(db, cb), ratio=ratio,
-        wilcoxon_p=_wilcoxon(lr) if len(lr) else float("nan"), gap=gap, cap=cap, eps_at=eps_at,
-        acc_a_at=acc_a_at, acc_b_at=acc_b_at, diff_at=diff_at)
+        wilcoxon_p=p, gap=gap, cap=cap, eps_at=eps_at, acc_a_at=acc_a_at, acc_b_at=acc_b_at, diff_at=diff_at,
+        wilcoxon_sign=sign)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ gate mode ``hard`` for a gated model, else its only mode, on the fine head when 
 - the median minimal adversarial distance per norm (:mod:`robustness.analysis.distances`, percentile bootstrap),
   or the reason there is none;
 - compute saved = 1 - mean clean MACs / all-blocks MACs (not applicable to an ungated model);
-- the masking status: the worst status of the gradient-masking checks and the names of those that warn.
+- the masking status: the worst status of the gradient-masking checks and the names of those that warn;
+- the attacked images: how they were chosen (the manifest's ``subset``: rule, seed, number per fine class), as
+  one line (:attr:`SubsetSummary.line`).
 
 Not re-exported by ``robustness.analysis``: it takes ``robustness.sanity`` checks and a loaded
 ``robustness.results.RunResults``, both of which build on the analysis package.
@@ -71,6 +73,60 @@ class MedianDistance:
                 "reason": self.reason}
 
 
+#: classes listed by name in a subset line with uneven counts, before "…"
+SUBSET_CLASSES_LISTED = 10
+NOT_RECORDED = "subset not recorded (first n test images)"
+
+
+@dataclass(frozen=True)
+class SubsetSummary:
+    """How the attacked images were chosen (:mod:`robustness.data.subset`): ``rule`` (``stratified``, ``first``,
+    ``given``; None when the run did not record it: an older run, which attacked the first n), ``seed``, ``n`` and
+    ``class_counts`` ((fine label, count) pairs, every fine class)."""
+
+    rule: str | None
+    seed: int | None
+    n: int
+    class_counts: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def of(cls, subset: dict[str, Any], n: int = 0) -> "SubsetSummary":
+        """From a manifest's ``subset`` (``RunResults.subset``; {} for an older run, whose size is ``n``)."""
+        if not subset or not subset.get("rule"):
+            return cls(None, None, int(n or 0))
+        counts = tuple(sorted((int(k), int(v)) for k, v in (subset.get("class_counts") or {}).items()))
+        indices = subset.get("indices")
+        size = len(indices) if isinstance(indices, list) else sum(v for _, v in counts) or int(n or 0)
+        seed = subset.get("seed")
+        return cls(str(subset["rule"]), None if seed is None else int(seed), size, counts)
+
+    @property
+    def line(self) -> str:
+        """One line: ``100 test images, stratified by fine class (seed 0): 10 per class``; uneven counts add the
+        range and the classes (``…: 9–11 per class (classes 0: 10, 1: 11, …)``)."""
+        if self.rule is None:
+            return NOT_RECORDED
+        images = "image" if self.n == 1 else "images"
+        what = {"stratified": f"{self.n} test {images}, stratified by fine class (seed {self.seed})",
+                "first": f"the first {self.n} test {images}",
+                "given": f"{self.n} {images} as given"}.get(self.rule, f"{self.n} test {images} ({self.rule})")
+        if not self.class_counts:
+            return what
+        values = [v for _, v in self.class_counts]
+        low, high = min(values), max(values)
+        if low == high:
+            return f"{what}: {low} per class"
+        present = sum(v > 0 for v in values)
+        listed = ", ".join(f"{c}: {v}" for c, v in self.class_counts[:SUBSET_CLASSES_LISTED])
+        more = ", …" if len(self.class_counts) > SUBSET_CLASSES_LISTED else ""
+        classes = f", {present} of {len(values)} classes present" if present < len(values) else ""
+        return f"{what}: {low}–{high} per class{classes} (classes {listed}{more})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule, "seed": self.seed, "n": self.n,
+                "class_counts": {str(c): v for c, v in self.class_counts}, "line": self.line}
+
+
 @dataclass(frozen=True)
 class RunHeadline:
     """What a per-model report opens with (see the module docstring)."""
@@ -89,6 +145,12 @@ class RunHeadline:
     masking_warnings: tuple[str, ...]
     masking_ran: int = 0     # checks that could run (pass or warn), of masking_total
     masking_total: int = 0
+    subset: SubsetSummary = SubsetSummary(None, None, 0)  # the attacked images
+
+    @property
+    def subset_line(self) -> str:
+        """How the attacked images were chosen, in one line (:attr:`SubsetSummary.line`)."""
+        return self.subset.line
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for ``summary.json`` (pass through ``core.runtime.jsonable`` for inf/NaN)."""
@@ -99,7 +161,8 @@ class RunHeadline:
                 "compute_saved": None if math.isnan(self.compute_saved) else self.compute_saved,
                 "compute_reason": self.compute_reason,
                 "masking": {"status": self.masking, "warnings": list(self.masking_warnings),
-                            "ran": self.masking_ran, "total": self.masking_total}}
+                            "ran": self.masking_ran, "total": self.masking_total},
+                "subset": self.subset.as_dict()}
 
 
 def _clean(rows: pd.DataFrame) -> Interval:
@@ -164,4 +227,5 @@ def run_headline(run: RunResults, checks: Sequence[Check], n_boot: int = 1000, s
         clean=_clean(rows) if len(rows) else Interval(NAN, NAN, NAN, 0), robust=_robust(records, scope),
         distances=_distances(rows, n_boot, seed), compute_saved=saved, compute_reason=reason,
         masking=worst_status(checks), masking_warnings=tuple(c.name for c in checks if c.status == "warn"),
-        masking_ran=sum(c.status != "skip" for c in checks), masking_total=len(checks))
+        masking_ran=sum(c.status != "skip" for c in checks), masking_total=len(checks),
+        subset=SubsetSummary.of(run.subset, run.n or 0))

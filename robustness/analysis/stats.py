@@ -1,5 +1,7 @@
 """Statistics with intervals: Wilson proportions, the vectorised bootstrap, association of a predictor with
-success (point-biserial r, AUROC), and paired differences between two runs' records.
+success (point-biserial r, AUROC), paired differences between two runs' records, and what the verdict rule
+(``robustness.analysis.verdict``) rests on: the exact McNemar test, the seed-level sign-flip test and the
+hierarchical bootstrap over training seeds and samples.
 
 Pure functions of arrays and record frames. Conventions:
 
@@ -204,3 +206,129 @@ def paired_difference(df_a: pd.DataFrame, df_b: pd.DataFrame, keys: Sequence[str
                          diff_low=iv.low, diff_high=iv.high))
     return pd.DataFrame(rows, columns=keys + ["n", "acc_a", "acc_b", "diff", "diff_low", "diff_high"])
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paired tests behind a verdict (robustness.analysis.verdict) and the hierarchical bootstrap over seeds
+# ---------------------------------------------------------------------------------------------------------------
+
+def mcnemar_test(robust_a: Sequence[bool], robust_b: Sequence[bool]) -> tuple[float, int, int, int]:
+    """Exact two-sided McNemar test of paired binary outcomes: (p, sign, b, c) with ``b`` = A only, ``c`` = B only
+    (binomial test of b among the b + c discordant pairs at 1/2; p = 1 without discordant pairs) and sign =
+    sign(b - c)."""
+    a, b_ = np.asarray(robust_a, bool), np.asarray(robust_b, bool)
+    b, c = int((a & ~b_).sum()), int((~a & b_).sum())
+    p = float(stats.binomtest(b, b + c, 0.5).pvalue) if b + c else 1.0
+    return p, int(np.sign(b - c)), b, c
+
+
+def sign_flip_test(values: Sequence[float], n_perm: int = 100_000, seed: int = 0) -> tuple[float, int]:
+    """Two-sided one-sample sign-flip permutation test that ``values`` (e.g. one effect per training seed) are
+    centred at 0: (p, sign of their mean). Exact over all 2^k sign patterns for k <= 16 (its smallest p is
+    2 / 2^k), Monte Carlo with ``n_perm`` seeded draws above. Infinite values rank beyond every finite one.
+    (1.0, 0) for no values."""
+    x = np.asarray(values, float)
+    x = x[~np.isnan(x)]
+    k = len(x)
+    if k == 0:
+        return 1.0, 0
+    finite = np.abs(x[np.isfinite(x)])
+    big = (finite.max() if len(finite) else 1.0) * (k + 1) + 1
+    x = np.where(np.isinf(x), np.sign(x) * big, x)
+    observed = abs(x.mean())
+    if k <= 16:
+        patterns = 1 - 2 * ((np.arange(2 ** k)[:, None] >> np.arange(k)[None, :]) & 1)
+    else:
+        patterns = np.random.default_rng(seed).choice([-1, 1], size=(n_perm, k))
+    means = np.abs(patterns @ x) / k
+    p = float(np.mean(means >= observed * (1 - 1e-12) - 1e-15))
+    return min(1.0, p), int(np.sign(x.mean()))
+
+
+def weighted_median_rows(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per row of ``weights`` (resamples x n counts) the median of ``values`` repeated by those counts (the mean
+    of the two middle order statistics, as ``np.median``; inf-tolerant); NaN for an all-zero row."""
+    order = np.argsort(values, kind="stable")
+    v, w = np.asarray(values, float)[order], np.asarray(weights, float)[:, order]
+    total = w.sum(axis=1)
+    cum = np.cumsum(w, axis=1)
+    k_lo, k_hi = np.floor((total - 1) / 2), np.floor(total / 2)
+    i_lo = np.minimum((cum > k_lo[:, None]).argmax(axis=1), len(v) - 1)
+    i_hi = np.minimum((cum > k_hi[:, None]).argmax(axis=1), len(v) - 1)
+    lo, hi = v[i_lo], v[i_hi]
+    with np.errstate(invalid="ignore"):
+        med = np.where(lo == hi, lo, (lo + hi) / 2)
+    return np.where(total > 0, med, np.nan)
+
+
+def hierarchical_bootstrap(groups: Sequence[Sequence[float]], ids: Sequence[Sequence[int]] | None = None, *,
+                           stat: Callable[[np.ndarray, np.ndarray], np.ndarray] = weighted_median_rows,
+                           n_boot: int = 1000, seed: int = 0, confidence: float = 0.95) -> Interval:
+    """A statistic of the pooled values of several groups (training seeds) with a two-level percentile-bootstrap
+    interval: each resample draws the groups with replacement, then samples with replacement within each drawn
+    group, and computes ``stat`` on the pooled resample. Deterministic for a ``seed``.
+
+    ``ids`` (one array of sample ids per group, e.g. test-image indices) says that the groups measured the same
+    samples (a crossed design: every seed attacks the same images): then one resample of the ids is drawn per
+    bootstrap replicate and used for every drawn group (Owen's "pigeonhole" bootstrap), so that image-level
+    variation is not counted once per seed as if each seed had fresh images. Without ``ids`` the samples of each
+    drawn group are resampled independently (a nested design).
+
+    ``stat(values, weights)`` gets the pooled values (n,) and resample counts (rows x n) and returns one value per
+    row (default: the weighted median). Resamples where it is undefined (not finite) are dropped; the estimate is
+    ``stat`` with every count 1.
+    """
+    nan = float("nan")
+    arrays = [np.asarray(g, float) for g in groups]
+    keep = [i for i, g in enumerate(arrays) if len(g)]
+    arrays = [arrays[i] for i in keep]
+    values = np.concatenate(arrays) if arrays else np.empty(0)
+    n = len(values)
+    if n == 0:
+        return Interval(nan, nan, nan, 0)
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        est = float(np.asarray(stat(values, np.ones((1, n))), float)[0])
+    if n_boot <= 0 or not np.isfinite(est):
+        return Interval(est, nan, nan, n)
+    k = len(arrays)
+    sizes = np.array([len(g) for g in arrays])
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    group_of = np.repeat(np.arange(k), sizes)
+    if ids is not None:
+        id_arrays = [np.asarray(ids[i], np.int64) for i in keep]
+        if [len(x) for x in id_arrays] != sizes.tolist():
+            raise ValueError("ids must hold one id per value of each group")
+        universe, id_code = np.unique(np.concatenate(id_arrays), return_inverse=True)
+        m = len(universe)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOT_CELLS // max(n, 1))
+    parts = []
+    for start in range(0, n_boot, chunk):
+        rows = min(chunk, n_boot - start)
+        drawn = rng.integers(0, k, size=(rows, k))
+        times = np.stack([np.bincount(r, minlength=k) for r in drawn]).astype(float)   # rows x groups
+        if ids is not None:
+            picks = rng.integers(0, m, size=(rows, m)) + m * np.arange(rows)[:, None]
+            id_counts = np.bincount(picks.ravel(), minlength=rows * m).reshape(rows, m).astype(float)
+            weights = times[:, group_of] * id_counts[:, id_code]
+        else:
+            flat = np.zeros(rows * n)
+            for j in range(k):                       # draw position j: a group, resampled within itself
+                for g in range(k):
+                    sel = np.flatnonzero(drawn[:, j] == g)
+                    if not len(sel):
+                        continue
+                    idx = rng.integers(0, sizes[g], size=(len(sel), sizes[g])) + offsets[g] + n * sel[:, None]
+                    flat += np.bincount(idx.ravel(), minlength=rows * n)
+            weights = flat.reshape(rows, n)
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            parts.append(np.asarray(stat(values, weights), float))
+    boot = np.concatenate(parts)
+    boot = boot[np.isfinite(boot)]
+    if not len(boot):
+        return Interval(est, nan, nan, n)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(boot, [alpha, 1.0 - alpha])
+    return Interval(est, float(low), float(high), n)

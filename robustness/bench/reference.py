@@ -39,8 +39,8 @@ Pitfalls recorded here:
   first-fooling rule would count lucky draws.
 * For a model without gates, or a gated one in ``open`` mode, every routing gradient is the plain gradient; only
   ``none`` is run.
-* The suite's rows are compared on the samples both evaluated (the first ``n`` test samples, ``sample < n``),
-  white-box rows only (``source_run == ''``), same gate mode, head and norm (``linf``), attacks that count for
+* The suite's rows are compared on the samples both evaluated (the first ``n`` of the run's attacked samples,
+  ``sample < n``), white-box rows only (``source_run == ''``), same gate mode, head and norm (``linf``), attacks that count for
   accuracy (``attacks.records.accuracy_rows``).
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ import math
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 from attacks.records import accuracy_rows, read_records, worst_case
 from attacks.runner import load_eval_data, load_run_checkpoint
+from attacks.runner.run import eval_data
 from models.network import CoarseFineNet
 from models.surrogates import calibrate_temperature
 from robustness.core.errors import BudgetViolation, ConfigError
@@ -408,10 +409,24 @@ def _percent(mask: torch.Tensor) -> float:
     return 100.0 * float(mask.float().mean())
 
 
+def _reference_data(run: RunDir, checkpoint: Any, n: int) -> Any:
+    """The first ``n`` of the run's attacked samples, so that sample ``i`` here is sample ``i`` of its records: the
+    subset its manifest recorded (rule and seed; checked against its hash), else the default stratified draw."""
+    recorded = (run.read_manifest() or {}).get("subset") if run.has_records() else None
+    if not isinstance(recorded, dict) or not recorded.get("indices"):
+        return load_eval_data(run, checkpoint, n)[0]
+    data, _, subset = eval_data(run, checkpoint, len(recorded["indices"]), str(recorded.get("rule")),
+                                int(recorded.get("seed") or 0))
+    if subset.sha256 != recorded.get("sha256"):
+        raise ConfigError(f"{run.root}: the attacked images changed since its records (the test data or its "
+                          f"selection differs); rerun `dsn-robust attack --force` before comparing")
+    return data.subset(n)
+
+
 def run_reference(run_dir: str, config: ReferenceConfig, device: torch.device | str = "cpu",
                   max_gap: float | None = None) -> ReferenceResult:
-    """Attack the first ``config.n`` test samples of ``run_dir``'s checkpoint and compare with its records (if
-    any). Writes nothing. ConfigError when ``max_gap`` is set and the run has no records to compare."""
+    """Attack the first ``config.n`` of ``run_dir``'s attacked samples (:func:`_reference_data`) with its checkpoint
+    and compare with its records (if any). Writes nothing. ConfigError when ``max_gap`` is set and the run has no records to compare."""
     start = time.perf_counter()
     run = RunDir.at(run_dir).require()
     has_records = run.has_records()
@@ -420,7 +435,7 @@ def run_reference(run_dir: str, config: ReferenceConfig, device: torch.device | 
                           f"`dsn-robust attack` first or leave --max-gap out")
     checkpoint = load_run_checkpoint(run)
     model = checkpoint.build_model(device).eval()
-    data, _ = load_eval_data(run, checkpoint, config.n)
+    data = _reference_data(run, checkpoint, config.n)
     x, fine, coarse = data.batch(slice(None))
     x = x.to(device)
     y = (fine if config.head == "fine" else coarse).to(device)

@@ -13,12 +13,16 @@ installed package without the source tree) :class:`AttackConfig`'s own defaults 
 ``--resume`` continues the stored records with the settings they were made with: the manifest's ``config`` (its
 ``transfer_configs[<source>]`` with ``--transfer-from``) is the base; ``--config`` and flags may restate it, add
 evaluations (:data:`PLAN_KEYS`: more attacks, budgets, routing gradients ...) and set the parameters of attacks
-that have not run, but not change how the stored evaluations ran (seed, n, batch size, steps, an attack's
-parameters: one line naming each difference, ``--force`` as the fix); :data:`EXECUTION_KEYS` may change.
+that have not run, but not change how the stored evaluations ran (seed, n, the subset rule and seed, batch size,
+steps, an attack's parameters: one line naming each difference, ``--force`` as the fix); :data:`EXECUTION_KEYS`
+may change. The attacked images are the stored rule's (``--subset``, ``--subset-seed``; also for the first
+``--transfer-from`` into attacked records, :func:`keep_stored_subset`); the runner refuses a resume on other images
+than the records were made on (the test data changed) and a resume of records older than the recorded subset.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ from robustness.core.errors import ConfigError
 from robustness.core.errors import RunDirError
 from robustness.core.rundir import RunDir
 from robustness.core.vocab import HEADS, NORMS, format_distance, format_eps
+from robustness.data.subset import SUBSET_RULES
 from robustness.eps_grid import attack_runs, check_auto
 
 __all__ = ["register", "run", "run_attacks", "config_from_args", "parse_setting", "summary_table"]
@@ -70,12 +75,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gate-grad", dest="gate_grads", help="comma list of none,ste,bpda,sharp,eot")
     p.add_argument("--target", choices=list(HEADS), help="head under attack (default fine)")
     p.add_argument("--n", type=int, help="number of test samples")
+    p.add_argument("--subset", choices=list(SUBSET_RULES),
+                   help="which n test images: stratified (default: as equal per fine class as the test split "
+                        "allows, drawn with --subset-seed; the same images for every model and seed compared) or "
+                        "first (the first n test images, as published \"first n\" evaluations such as "
+                        "RobustBench's do); the manifest records the indices and a hash of the images; --resume "
+                        "keeps the stored rule")
+    p.add_argument("--subset-seed", dest="subset_seed", type=int, metavar="N",
+                   help="seed of the stratified selection (default 0); not --seed, which seeds the attacks: keep "
+                        "it for every model and training seed of a comparison")
     p.add_argument("--batch-size", dest="batch_size", type=_batch_size_arg,
                    help="images per batch, or auto: the largest batch that fits on a GPU (80%% of its free memory, "
                         "measured), equal batches of at most 128 on a CPU; a resumed run keeps the size its records "
                         "were made with")
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
+    p.add_argument("--seed", type=int, help="seed of the attacks' random choices (default 0; the images': "
+                                            "--subset-seed)")
     p.add_argument("--steps", type=int, help="iterations of every iterative attack (default: each its own: PGD 50, "
                                              "APGD 100, path 50, slowdown 10)")
     p.add_argument("--restarts", dest="pgd_restarts", type=int, help="PGD restarts per loss")
@@ -141,8 +156,8 @@ def config_from_args(args: argparse.Namespace, stored: dict[str, Any] | None = N
                                    else "attack config")
     backend = getattr(args, "backend", None)
     flags = {name: getattr(args, name, None) for name in
-             ("attacks", "eps", "norm", "cw_eps", "gate_modes", "gate_grads", "target", "n", "batch_size", "device",
-              "seed", "steps", "pgd_restarts", "eot_samples", "threads", "workers")}
+             ("attacks", "eps", "norm", "cw_eps", "gate_modes", "gate_grads", "target", "n", "subset", "subset_seed",
+              "batch_size", "device", "seed", "steps", "pgd_restarts", "eot_samples", "threads", "workers")}
     flags["backends"] = backend
     settings = [parse_setting(text) for text in getattr(args, "set", None) or []]
     for alias, value in flags.items():
@@ -210,8 +225,26 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def keep_stored_subset(args: argparse.Namespace, config: AttackConfig) -> AttackConfig:
+    """With ``--resume`` and nothing stored to continue (the first ``--transfer-from`` into attacked records):
+    ``config`` on the images the run's records were made on (its manifest's subset rule and seed) unless a flag or
+    ``--config`` chooses them (the runner refuses other images)."""
+    if not getattr(args, "resume", False):
+        return config
+    subset = (RunDir.at(args.run_dir).read_manifest() or {}).get("subset")
+    if not isinstance(subset, dict) or subset.get("rule") not in SUBSET_RULES:
+        return config
+    table = load_config_file(args.config).get("attack", {}) if getattr(args, "config", None) else {}
+    keep = {}
+    if getattr(args, "subset", None) is None and "subset" not in table:
+        keep["subset"] = subset["rule"]
+    if getattr(args, "subset_seed", None) is None and "subset_seed" not in table and subset.get("seed") is not None:
+        keep["subset_seed"] = subset["seed"]
+    return dataclasses.replace(config, **keep) if keep else config
+
+
 def run(args: argparse.Namespace) -> int:
-    config = resume_config(args) or config_from_args(args)
+    config = resume_config(args) or keep_stored_subset(args, config_from_args(args))
     if args.model_file or args.weights or args.dataset or args.data_root:
         print(summary_table(_attack_model_file(args, config)))
         return 0

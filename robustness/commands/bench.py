@@ -8,6 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+from contextlib import ExitStack
+from dataclasses import asdict
+from pathlib import Path
+
+from attacks.runner import load_run_checkpoint
+from robustness.bench.recipe import RecipeTargets, format_recipe, recipe_payload, recipe_row
+from robustness.commands.run import seed_list
+from robustness.core.config import DEFAULT_CONFIG, default_config_path
+from robustness.core.rundir import RunDir, writer_lock
+from robustness.pipeline import PipelineConfig, train_runs
 
 from robustness.bench.reference import LOSSES, REFERENCE_GATE_MODES, ReferenceConfig, format_table as reference_table
 from robustness.bench.reference import run_reference
@@ -48,19 +59,48 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
     modes = p.add_subparsers(dest="bench_mode", metavar="[MODE]", title="modes (optional; none: time skipping)")
     _register_reference(modes)
+    _register_recipe(modes)
+
+
+def _register_recipe(modes: argparse._SubParsersAction) -> None:
+    r = modes.add_parser(
+        "recipe", help="train a config's models once per seed and print each one's final test accuracy",
+        description="Train every model of the config's [run] table once per seed, exactly as `dsn-robust run` "
+                    "trains them, and print each (model, seed)'s last-epoch test accuracy (fine, coarse) and share "
+                    "of gated MACs saved against the targets. Exit 1 when any run misses a target: a recipe is "
+                    "quoted with the seeds it holds for.")
+    r.add_argument("--config", default=None, metavar="TOML",
+                   help=f"config with [data], [model], [train], [run] tables (default {DEFAULT_CONFIG})")
+    r.add_argument("--seeds", type=seed_list, default=[0, 1, 2, 3, 4], metavar="S,S,...",
+                   help="training seeds, e.g. 0-4 or 0,1,2 (default 0-4)")
+    r.add_argument("--set", dest="set", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                   help="override one config key, as for `dsn-robust run` (repeatable)")
+    r.add_argument("--out", metavar="DIR",
+                   help="keep the trained runs here (OUT/seed-<s>/<model>; rerun to resume); default: a temporary "
+                        "folder, deleted afterwards")
+    r.add_argument("--min-fine", type=float, default=RecipeTargets.fine, metavar="ACC",
+                   help="fine test accuracy every run must reach (default %(default)s)")
+    r.add_argument("--min-coarse", type=float, default=RecipeTargets.coarse, metavar="ACC",
+                   help="coarse test accuracy every run must reach (default %(default)s)")
+    r.add_argument("--min-saved", type=float, default=RecipeTargets.gated_saved, metavar="SHARE",
+                   help="share of the gated blocks' MACs a gated model must save (default %(default)s)")
+    r.add_argument("--device", dest="recipe_device", default=None, choices=DEVICE_CHOICES,
+                   help="override the config's device")
+    r.add_argument("--json-only", action="store_true", default=argparse.SUPPRESS, help="print only the JSON")
+    r.set_defaults(handler=run_recipe_command)
 
 
 def _register_reference(modes: argparse._SubParsersAction) -> None:
     r = modes.add_parser(
         "reference", help="independent reference L-inf PGD on RUN_DIR, compared with its attack records",
         description="An independent plain-torch L-inf PGD (random start, alpha = 2.5 eps / steps, first fooling "
-                    "iterate kept, every restart x loss x routing gradient) on the first N test samples of "
+                    "iterate kept, every restart x loss x routing gradient) on the first N attacked samples of "
                     "RUN_DIR. If RUN_DIR has attack records, the suite's white-box worst case at each eps is "
                     "compared on the same samples. Prints JSON + a table; writes nothing.")
     r.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory")
     r.add_argument("--eps", default="1/255,2/255,4/255,8/255",
                    help="comma-separated L-inf budgets (default %(default)s)")
-    r.add_argument("--n", type=int, default=64, help="first N test samples (default %(default)s)")
+    r.add_argument("--n", type=int, default=64, help="the first N of the run's attacked samples (default %(default)s)")
     r.add_argument("--steps", type=int, default=50, help="PGD steps per restart (default %(default)s)")
     r.add_argument("--restarts", type=int, default=5, help="random restarts per gradient x loss (default %(default)s)")
     r.add_argument("--grads", default="none,ste,bpda,sharp",
@@ -99,6 +139,26 @@ def run(args: argparse.Namespace) -> int:
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def run_recipe_command(args: argparse.Namespace) -> int:
+    targets = RecipeTargets(fine=args.min_fine, coarse=args.min_coarse, gated_saved=args.min_saved)
+    for name, value in asdict(targets).items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"--min-{name.replace('gated_', '')} must be a fraction in [0, 1], got {value:g}")
+    config = PipelineConfig.from_file(args.config or default_config_path(), device=args.recipe_device,
+                                      overrides=args.set, seeds=args.seeds)
+    config.check_machine()
+    with ExitStack() as stack:
+        out = Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        with writer_lock(out.resolve().parent / f".{out.resolve().name}.lock", "bench recipe"):
+            runs = train_runs(config, out, progress=True)
+        rows = [recipe_row(name, seed, run_dir, load_run_checkpoint(RunDir.at(run_dir)).build_model().is_gated)
+                for name, seed, run_dir in runs.values()]
+    print(json.dumps(recipe_payload(rows, targets), indent=2))
+    if not getattr(args, "json_only", False):
+        print(format_recipe(rows, targets))
+    return 0 if all(not r.misses(targets) for r in rows) else 1
 
 
 def run_reference_command(args: argparse.Namespace) -> int:

@@ -81,12 +81,16 @@ def format_eps(eps: float) -> str:
 
 
 def format_distance(value: float, norm: str) -> str:
-    """A perturbation size for people: L-inf in units of 1/255 (``1.6/255``), L2 with three significant digits."""
+    """A perturbation size for people: L-inf in units of 1/255 (``1.6/255``; a quarter step such as ``20.75/255``
+    exactly, as ``--eps auto`` rounds its budgets), L2 with three significant digits."""
     value = float(value)
     if math.isinf(value):
         return "inf"
     if math.isnan(value):
         return "-"
     if norm == "linf":
-        return f"{value * _EPS_DENOMINATOR:.3g}/{_EPS_DENOMINATOR}"
+        k = value * _EPS_DENOMINATOR
+        if 1 <= k < _EPS_DENOMINATOR and abs(4 * k - round(4 * k)) <= 4 * _EPS_TOLERANCE:
+            return f"{round(4 * k) / 4:g}/{_EPS_DENOMINATOR}"
+        return f"{k:.3g}/{_EPS_DENOMINATOR}"
     return f"{value:.3g}"
