@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import re
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -47,7 +48,7 @@ from robustness.analysis.seeds import compare_seeds
 from robustness.analysis.headline import RunHeadline
 from robustness.core.config import apply_overrides, build, load_config_file
 from robustness.core.errors import ConfigError, RunDirError
-from robustness.core.rundir import RunDir, atomic_write_json, writer_lock
+from robustness.core.rundir import RunDir, atomic_write_json, is_temporary, writer_lock
 from robustness.core.runtime import distributed, env_world, free_port, join_as_rank, package_versions, resolve_device
 from robustness.core.vocab import format_distance
 from robustness.data import dataset_info
@@ -165,13 +166,41 @@ class PipelineResult:
 def _check_out_dir(out: Path, resume: bool, force: bool) -> None:
     if resume and force:
         raise ConfigError("--resume and --force exclude each other")
+    if force and out.is_symlink():
+        raise RunDirError(f"--out {out} is a symbolic link, and --force never deletes through links: pass the "
+                          f"directory it points to ({out.resolve()}) or another place")
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is a file, not a directory; pick another place")
     if out.exists() and any(out.iterdir()) and not resume:
         if not force:
             raise RunDirError(f"{out} already holds results; pass --resume to continue them or --force to start over")
-        log.info("--force: deleting %s", out)
-        shutil.rmtree(out)
+        foreign = _foreign_entries(out)
+        if foreign:
+            shown = ", ".join(str(p.relative_to(out)) for p in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise RunDirError(f"--force deletes only what dsn-robust wrote, and {out} also holds {shown}; move "
+                              f"{'it' if len(foreign) == 1 else 'them'} away or pick another --out")
+        log.info("--force: deleting the suite's outputs in %s", out)
+        for entry in sorted(out.iterdir()):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def _foreign_entries(out: Path) -> list[Path]:
+    """What ``run`` did not write in ``out``: anything but its ``run.json``, its ``compare/`` folder, run
+    directories (:meth:`RunDir.looks_like_run`) and ``seed-<s>/`` folders of them, or ``atomic_write``'s temporary
+    files; a symbolic link anywhere there counts as foreign. ``run --force`` refuses to delete such an ``out``."""
+    foreign = []
+    for entry in sorted(out.iterdir()):
+        if entry.is_symlink():
+            foreign.append(entry)
+        elif (entry.name == "run.json" and entry.is_file()) or is_temporary(entry.name):
+            continue
+        elif entry.name == "compare" and entry.is_dir():
+            foreign += [p for p in entry.rglob("*") if p.is_symlink()]
+        elif re.fullmatch(r"seed-\d+", entry.name) and entry.is_dir():
+            foreign += [p for p in sorted(entry.iterdir()) if not RunDir.at(p).looks_like_run()]
+        elif not RunDir.at(entry).looks_like_run():
+            foreign.append(entry)
+    return foreign
 
 
 def run_pipeline(config: PipelineConfig, out: str | Path, resume: bool = False, force: bool = False,

@@ -60,6 +60,13 @@ LOCKS_ENV = "DSN_ROBUST_LOCKS"
 #: OS errors that mean "this place cannot be written" (and not a bug): turned into one RunDirError line
 _UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
 _held: dict[Path, int] = {}  # lock files this process holds -> nesting depth
+#: what the suite writes at the top of a run directory (the layout above), besides atomic_write's temporary files
+RUN_ENTRIES = frozenset({"config.json", "checkpoints", "metrics.csv", "train.done", "attacks", "report", ".lock"})
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is one of :func:`atomic_write`'s temporary files (``.<target>.<random>.tmp``)."""
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,19 @@ class RunDir:
     def shard(self, evaluation_id: str, batch: int) -> Path:
         """The Parquet shard of one evaluation's batch."""
         return self.records / evaluation_id / f"shard-{batch:05d}.parquet"
+
+    def foreign_entries(self) -> list[Path]:
+        """What the suite did not write at the top of this run directory (anything outside :data:`RUN_ENTRIES`,
+        and every symbolic link): ``--force`` must never delete it. [] when the directory does not exist."""
+        if not self.root.is_dir() or self.root.is_symlink():
+            return [self.root] if self.root.is_symlink() else []
+        return sorted(p for p in self.root.iterdir()
+                      if p.is_symlink() or not (p.name in RUN_ENTRIES or is_temporary(p.name)))
+
+    def looks_like_run(self) -> bool:
+        """Whether this could only be a run directory the suite wrote: a real directory holding nothing but
+        :data:`RUN_ENTRIES` (possibly only the ``.lock`` a ``kill -9`` left behind)."""
+        return self.root.is_dir() and not self.root.is_symlink() and not self.foreign_entries()
 
     def has_records(self) -> bool:
         """Whether any attack record shard exists."""
@@ -224,8 +244,14 @@ def _acquire(path: Path, command: str) -> int:
     for _ in range(100):  # retried only when the lock file was replaced between open and flock (a release)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError as err:
+            if err.errno == errno.ELOOP or path.is_symlink():
+                raise RunDirError(f"{path} is a symbolic link, not the suite's lock file; the suite never writes "
+                                  f"through links: remove it, then rerun") from None
+            if err.errno == errno.EISDIR or path.is_dir():
+                raise RunDirError(f"{path} is a directory, not the suite's lock file: remove it, then "
+                                  f"rerun") from None
             raise _unwritable(path.parent, err) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
