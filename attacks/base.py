@@ -43,7 +43,7 @@ import torch
 
 from attacks.adapters import LogitsView, eval_logits, gives_deployed_logits
 from attacks.checks import check_budget
-from attacks.tracking import BestAdversarial, within_budgets
+from attacks.tracking import BestAdversarial, NonFinite, finite_rows, within_budgets
 from attacks.params import NoParams
 from models.network import CoarseFineNet, ModelOutput
 from models.protocol import adapt
@@ -92,6 +92,7 @@ class Target:
     temperature: torch.Tensor | None = None
     tracker: BestAdversarial | None = None
     keep_first: bool = True
+    nonfinite: NonFinite | None = None
 
     def __post_init__(self) -> None:
         self.model = adapt(self.model)  # any nn.Module: a plain classifier becomes a static single-head model
@@ -101,9 +102,12 @@ class Target:
     def view(self, observed: bool = True, index: torch.Tensor | None = None) -> LogitsView:
         """A fresh logits-only view (what the libraries call); ``observed``: it offers every batch to the tracker
         (as the samples ``index`` of the tracked batch when the library is handed only those)."""
+        observer: Any = self.tracker
+        if observer is None and self.nonfinite is not None:
+            observer = _GradientWatch(self.nonfinite)  # outside a tracked attack: non-finite values are still seen
         return LogitsView(self.model, head=self.head, gate_mode=self.gate_mode, gate_grad=self.gate_grad,
                           eot_samples=self.eot_samples, temperature=self.temperature,
-                          observer=self.tracker if observed else None, observed_index=index)
+                          observer=observer if observed else None, observed_index=index)
 
     def on_pending(self, x: torch.Tensor, y: torch.Tensor, eps: float, attack) -> torch.Tensor:
         """Run ``attack(view, xs, ys) -> adv`` on the samples still to attack at ``eps`` only (all of them outside a
@@ -139,6 +143,32 @@ class Target:
         """Offer a candidate batch to the tracker (nothing happens outside a tracked attack)."""
         if self.tracker is not None:
             self.tracker.offer(candidate, logits, index)
+
+
+@dataclass
+class _GradientWatch:
+    """The model view's observer outside a tracked attack: it only notes non-finite input gradients and logits."""
+
+    nonfinite: NonFinite
+
+    def offer(self, x: torch.Tensor, logits: torch.Tensor | None = None, index: torch.Tensor | None = None) -> None:
+        seen = self.nonfinite
+        if index is None and x.shape[0] != seen.batch_size:
+            return
+        seen.watch_gradient(x, index)
+        if logits is not None:
+            seen.note("logits", finite_rows(x) & ~finite_rows(logits), index)
+
+
+def _finite_or_clean(x: torch.Tensor, adv: torch.Tensor, seen: NonFinite) -> torch.Tensor:
+    """``adv`` with every sample that holds a non-finite pixel replaced by its clean image (noted in ``seen``)."""
+    if adv.shape != x.shape:
+        return adv  # the budget check says what is wrong
+    bad = ~finite_rows(adv)
+    if not bad.any():
+        return adv
+    seen.note("image", bad)
+    return torch.where(bad.view(-1, *([1] * (x.dim() - 1))), x.to(adv.dtype), adv)
 
 
 class Attack(ABC):
@@ -191,11 +221,17 @@ class Attack(ABC):
         positive = [e for e in eps if e > 0]
         seed_everything(seed)
         made: list[torch.Tensor] = []
+        seen = NonFinite(x.shape[0], x.device)
+        if target is not None:  # a compute attack may need no model at all
+            target = dataclasses.replace(target, nonfinite=seen)
         if positive and self.kind in TRACKED_KINDS:
-            tracker = BestAdversarial(target, x, y, positive, self.norm, keep_first=target.keep_first)
+            tracker = BestAdversarial(target, x, y, positive, self.norm, keep_first=target.keep_first,
+                                      nonfinite=seen)
             returned = self.perturb(dataclasses.replace(target, tracker=tracker), x, y, positive, seed)
             self._check_count(returned, positive)
             for e, adv in zip(positive, returned):
+                # a NaN pixel is a failed step, not an example: rejected (and counted) before the budget check
+                adv = _finite_or_clean(x, adv.detach(), seen)
                 # a library that returns an example outside its budget is broken: say so, never drop it silently
                 check_budget(x, adv, e, self.norm, attack=self.name, backend=self.backend)
                 tracker.offer(adv)
@@ -203,8 +239,34 @@ class Attack(ABC):
         elif positive:
             made = self.perturb(target, x, y, positive, seed)
             self._check_count(made, positive)
+            made = [_finite_or_clean(x, adv.detach(), seen) for adv in made]
+        self._report_nonfinite(target, seen)
         it = iter(made)
         return [x.clone() if e == 0 else next(it).detach().to(x.dtype) for e in eps]
+
+    def _report_nonfinite(self, target: Target, seen: NonFinite) -> None:
+        """Log what non-finite values this call met: a warning the first time per evaluation (this attack object
+        under one gate mode, routing gradient and head), then debug lines with running totals."""
+        counts = seen.counts()
+        if not any(counts.values()):
+            return
+        key = (target.gate_mode, target.gate_grad, target.head, target.keep_first)
+        totals = self.__dict__.setdefault("_nonfinite_totals", {})
+        first = key not in totals
+        total = totals.setdefault(key, dict.fromkeys(counts, 0))
+        for kind, k in counts.items():
+            total[kind] += k
+        where = (f"attack {self.name!r} ({self.backend}, {self.norm}) with {target.gate_mode} gates, routing gradient "
+                 f"{target.gate_grad}, {target.head} head")
+        if first:
+            log.warning("%s: %s in a batch of %d; such samples are never scored on a non-finite image, and rows whose "
+                        "logits are non-finite are recorded with nonfinite=True (not robust, not a success); later "
+                        "batches of this evaluation are logged at debug level", where, seen.describe(),
+                        seen.batch_size)
+        else:
+            log.debug("%s: %s in a batch of %d (so far, samples with a non-finite gradient / image / logits: %s)",
+                      where, seen.describe(), seen.batch_size,
+                      " / ".join(str(total[kind]) for kind in NonFinite.KINDS))
 
     def _check_count(self, made: Sequence[torch.Tensor], eps: Sequence[float]) -> None:
         if len(made) != len(eps):
@@ -228,7 +290,8 @@ class MinimalAttack(Attack):
     """A minimal-perturbation attack (CW, DDN): run once, unbounded, then scored per budget.
 
     :meth:`minimize` returns per sample the smallest adversarial example it found and whether it found one; at a
-    budget the example is used only if its norm fits, otherwise the clean image stands. The runner also scores it
+    budget the example is used only if its norm fits, otherwise the clean image stands (as it does for an example
+    with a non-finite pixel: rejected and counted). The runner also scores it
     at eps = inf: that row holds each sample's minimal norm and whether one was found at all (its convergence).
     """
 
@@ -242,7 +305,10 @@ class MinimalAttack(Attack):
     def perturb(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float],
                 seed: int) -> list[torch.Tensor]:
         best, found = self.minimize(target, x, y, seed)
-        return within_budgets(x, best, found, eps, self.norm)
+        bad = ~finite_rows(best)
+        if target.nonfinite is not None:
+            target.nonfinite.note("image", bad & found)
+        return within_budgets(x, best, found & ~bad, eps, self.norm)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ adv_correct          bool     adversarial prediction of the target head is right
 success              bool     ``clean_correct and not adv_correct`` (recomputed from model outputs)
 robust               bool     ``clean_correct and adv_correct``: what robust accuracy counts (RobustBench's rule; a
                               misclassified sample that an attack pushes to the right class is not robust)
+nonfinite            bool     the clean or the adversarial logits of the ``target`` head hold a NaN or an inf for
+                              this sample (below); False in records written before the column existed
 linf                 float64  L-inf norm of (adv - clean)
 l2                   float64  L2 norm of (adv - clean)
 clean_path           string   gate bits on the clean input, coarse-branch gates then fine-branch gates ('' if none)
@@ -44,6 +46,24 @@ frozen_correct       bool     target-head prediction under the frozen clean path
 ===================  =======  =====================================================================================
 
 For a model without gates, paths are '' and the frozen predictions equal the adversarial ones.
+
+Non-finite logits (``nonfinite``): a forward whose logits hold a NaN, ``+inf`` or ``-inf`` gives no usable
+prediction. ``argmax`` would read an all-NaN row as class 0 and a ``+inf`` in one class as a confident vote for it;
+neither is a prediction, so any non-finite value in a sample's logits of a head makes that head's prediction
+:data:`NONFINITE_PRED` (-2, never a class and distinct from ``attacks.adapters.NO_HEAD`` = -1, "no such head") in
+``clean_pred_*``, ``adv_pred_*`` and ``frozen_pred_*``, each on its own forward. ``nonfinite`` is True when the
+clean or the adversarial logits of the attacked head (``target``) are non-finite; such a row is never
+``clean_correct`` (clean logits non-finite), never ``adv_correct``, never ``robust`` and never a ``success`` (a
+NaN is not an adversarial example: the attack did not find a wrong class, the model failed to compute one), and
+``frozen_correct`` is False where the frozen forward's logits are non-finite. The other columns (labels, norms,
+paths, MACs) hold what was measured. Which side broke is in the predictions: ``clean_pred_<target> ==
+NONFINITE_PRED`` on the clean input, ``adv_pred_<target> == NONFINITE_PRED`` on the adversarial one (a non-finite
+coarse head under a fine-head attack marks only the coarse predictions, not ``nonfinite``).
+:func:`worst_case` counts a ``nonfinite`` row as not robust whatever its other columns say; the sanity check
+``finite-logits`` (:mod:`robustness.sanity`) fails on non-finite clean logits and warns on non-finite adversarial
+ones. Adversarial *images* are never non-finite: :meth:`attacks.base.Attack.__call__` rejects a candidate with a
+non-finite pixel (the product of a NaN input gradient), keeps the clean image or another candidate for it, and
+logs how many samples were affected.
 
 Minimal distances: a minimal-perturbation attack (kind ``minimal``: ``fmn``, ``pgd-bisect``, ``ddn``, ``cw``) has a
 row per sample at ``eps = inf`` holding the smallest adversarial example it found (re-scored and [0, 1]-checked like
@@ -96,6 +116,7 @@ RECORD_COLUMNS: dict[str, str] = {
     "adv_correct": "bool",
     "success": "bool",
     "robust": "bool",
+    "nonfinite": "bool",
     "linf": "float64",
     "l2": "float64",
     "clean_path": "string",
@@ -108,6 +129,9 @@ RECORD_COLUMNS: dict[str, str] = {
     "frozen_correct": "bool",
 }
 
+#: The prediction recorded for a head whose logits on that input hold a NaN or an inf (module docstring).
+NONFINITE_PRED = -2
+
 #: Columns that identify one evaluation (everything but the per-sample content).
 EVAL_KEYS: list[str] = ["run", "model", "attack", "backend", "norm", "eps", "gate_mode", "gate_grad", "target",
                         "source_run"]
@@ -116,11 +140,14 @@ EVAL_KEYS: list[str] = ["run", "model", "attack", "backend", "norm", "eps", "gat
 def conform(df: pd.DataFrame) -> pd.DataFrame:
     """Return ``df`` with exactly the contract's columns, in order, with the contract's dtypes.
 
-    Records written before the ``robust`` column existed get it as ``clean_correct & adv_correct``. Raises
+    Records written before the ``robust`` column existed get it as ``clean_correct & adv_correct``; records
+    written before the ``nonfinite`` column existed get it as False (their logits were never checked). Raises
     ``ValueError`` naming any missing column.
     """
     if "robust" not in df.columns and {"clean_correct", "adv_correct"} <= set(df.columns):
         df = df.assign(robust=df["clean_correct"].astype(bool) & df["adv_correct"].astype(bool))
+    if "nonfinite" not in df.columns:
+        df = df.assign(nonfinite=False)
     missing = [c for c in RECORD_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"records lack column(s): {', '.join(missing)}")
@@ -187,16 +214,21 @@ def accuracy_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 def worst_case(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     """Per-sample worst case over attacks: a sample is robust only if it is robust (correct on clean and on
-    adversarial) under *every* attack.
+    adversarial, with finite logits) under *every* attack.
 
     Groups by ``by`` (default: run, model, norm, eps, gate_mode, target, source_run) plus ``sample``, and returns one
     row per group with ``attack='worst'``, ``backend='any'``, ``gate_grad='any'``; the row's adversarial fields
-    are those of the first attack under which the sample is not robust (or of the first attack when none).
+    are those of the first attack under which the sample is not robust, preferring one whose logits were
+    non-finite (so ``nonfinite`` is True when it is True under any attack), or of the first attack when none. A
+    ``nonfinite`` row is never robust here, whatever its ``robust`` column says.
     """
     by = by or ["run", "model", "norm", "eps", "gate_mode", "target", "source_run"]
     if df.empty:
         return df.copy()
-    ordered = df.sort_values([*by, "sample", "robust"], kind="stable")
+    df = conform(df)
+    finite = ~df["nonfinite"].to_numpy(bool)
+    df = df.assign(robust=df["robust"].to_numpy(bool) & finite, _finite=finite)
+    ordered = df.sort_values([*by, "sample", "robust", "_finite"], kind="stable")
     worst = ordered.groupby([*by, "sample"], sort=False, observed=True, dropna=False).head(1).copy()
     worst["attack"], worst["backend"], worst["gate_grad"] = "worst", "any", "any"
-    return conform(worst.reset_index(drop=True))
+    return conform(worst.drop(columns="_finite").reset_index(drop=True))

@@ -25,6 +25,20 @@ is dropped early.
 
 The runner still re-scores every returned example with its own forward; this class only decides which candidate
 is returned.
+
+Non-finite values (:class:`NonFinite` counts them per sample, :meth:`attacks.base.Attack.__call__` logs them):
+
+* a candidate with a NaN or inf pixel (what a step along a NaN input gradient makes) is never kept: it is no image;
+* a candidate on which the deployed forward's logits hold a NaN or an inf does not fool (no class was predicted);
+  with ``keep_first`` it is kept, the first one per sample, in place of any candidate that does not fool, but a
+  candidate that fools with finite logits replaces it and only that ends the sample's search. The scorer then
+  records such a sample as ``nonfinite`` (never robust, never a success: :mod:`attacks.records`). Without
+  ``keep_first`` (transfer) it is never kept: it carries no margin to transfer;
+* a sample whose clean logits are non-finite is never clean-correct: like a misclassified one it is marked fooled
+  (not attacked) from the start;
+* input gradients: every candidate that reaches :meth:`BestAdversarial.offer` still attached to the autograd graph
+  (the model view's input, the native loops' iterates) gets a hook that notes samples whose input gradient holds a
+  NaN or an inf.
 """
 from __future__ import annotations
 
@@ -37,6 +51,64 @@ from attacks.checks import budget_limit, sample_norms
 
 if TYPE_CHECKING:
     from attacks.base import Target
+
+
+def finite_rows(t: torch.Tensor) -> torch.Tensor:
+    """Bool [B]: rows of ``t`` [B, ...] whose values are all finite (no NaN, no +-inf)."""
+    t = t.detach()
+    return torch.isfinite(t.flatten(1)).all(1) if t.dim() > 1 else torch.isfinite(t)
+
+
+class NonFinite:
+    """What non-finite values one attack call met, per sample of its batch [B] (bool tensors):
+
+    ``gradient``: an input gradient with a NaN or an inf; ``image``: a candidate with a NaN or inf pixel, rejected;
+    ``logits``: a candidate on which the deployed forward's logits were non-finite (the sample's clean logits
+    included)."""
+
+    KINDS = ("gradient", "image", "logits")
+
+    def __init__(self, batch_size: int, device: torch.device | str | None = None):
+        self.batch_size = batch_size
+        for kind in self.KINDS:
+            setattr(self, kind, torch.zeros(batch_size, dtype=torch.bool, device=device))
+
+    def note(self, kind: str, bad: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Mark the samples ``index`` (all, if None) where ``bad`` [len(index)] is True."""
+        seen = getattr(self, kind)
+        bad = bad.to(seen.device)
+        if index is None:
+            seen |= bad
+        elif bad.any():
+            seen[index.to(seen.device)[bad]] = True
+
+    def watch_gradient(self, x: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Note the samples whose gradient with respect to ``x`` (when one is computed) is non-finite."""
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            return
+
+        def hook(grad: torch.Tensor) -> None:
+            self.note("gradient", ~finite_rows(grad), index)
+
+        x.register_hook(hook)
+
+    def counts(self) -> dict[str, int]:
+        """Samples affected per kind."""
+        return {kind: int(getattr(self, kind).sum()) for kind in self.KINDS}
+
+    def describe(self) -> str:
+        """One phrase with the counts, '' when nothing non-finite was met."""
+        c, n = self.counts(), self.batch_size
+        parts = []
+        if c["gradient"]:
+            parts.append(f"non-finite input gradients for {c['gradient']} of {n} samples")
+        if c["image"]:
+            parts.append(f"candidate examples with non-finite pixels for {c['image']} of {n} samples, rejected (the "
+                         f"clean image or another candidate stands for them)")
+        if c["logits"]:
+            parts.append(f"non-finite logits of the deployed forward for {c['logits']} of {n} samples (recorded as "
+                         f"nonfinite where no finite example was kept)")
+        return "; ".join(parts)
 
 
 def deployed_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -52,11 +124,14 @@ class BestAdversarial:
 
     ``x`` [B, C, H, W] clean images, ``y`` [B] labels of the attacked head, ``eps`` the (positive) budgets in
     ``norm``. ``best(k)`` is the chosen batch for ``eps[k]`` (the clean image where no candidate fitted).
+    ``nonfinite``: where the non-finite values the candidates meet are counted (a fresh :class:`NonFinite` if None).
     """
 
     def __init__(self, target: "Target", x: torch.Tensor, y: torch.Tensor, eps: Sequence[float], norm: str,
-                 keep_first: bool = True):
+                 keep_first: bool = True, nonfinite: NonFinite | None = None):
         self.target = target
+        #: what non-finite values the candidates met (shared with the attack call that logs it)
+        self.nonfinite = nonfinite if nonfinite is not None else NonFinite(x.shape[0], x.device)
         self.keep_first = keep_first
         self.x, self.y = x.detach(), y
         self.eps = [float(e) for e in eps]
@@ -69,7 +144,10 @@ class BestAdversarial:
         self._fooled = [torch.zeros(self.batch_size, dtype=torch.bool, device=x.device) for _ in self.eps]
         self.deterministic = target.gate_mode != "random"
         if self.deterministic and keep_first:
-            wrong = target.logits(self.x).argmax(1) != y
+            logits = target.logits(self.x)
+            broken = ~finite_rows(logits)
+            self.nonfinite.note("logits", broken)
+            wrong = (logits.argmax(1) != y) | broken  # never clean-correct: nothing to attack
             for fooled in self._fooled:
                 fooled |= wrong
 
@@ -80,21 +158,28 @@ class BestAdversarial:
         ``logits``: the deployed forward's logits on ``candidate`` when the caller has them (they must be exactly
         the deterministic forward's); otherwise they are computed here.
         """
+        if index is None and candidate.shape != self.x.shape:
+            return  # a library evaluating a subset: it returns its best of those itself
+        if index is not None and candidate.shape[0] != index.numel():
+            return
+        self.nonfinite.watch_gradient(candidate, index)
         with torch.no_grad():
             candidate = candidate.detach()
             if index is None:
-                if candidate.shape != self.x.shape:
-                    return  # a library evaluating a subset: it returns its best of those itself
                 index = torch.arange(self.batch_size, device=candidate.device)
-            elif candidate.shape[0] != index.numel():
-                return
             if logits is None:
                 logits = self.target.logits(candidate)
             y = self.y.index_select(0, index)
-            margin = deployed_margin(logits, y)
-            wrong = logits.argmax(1) != y
             flat = candidate.flatten(1)
-            valid = ~torch.isnan(flat).any(1) & (flat.amin(1) >= 0) & (flat.amax(1) <= 1)
+            pixels = finite_rows(flat)
+            self.nonfinite.note("image", ~pixels, index)
+            valid = pixels & (flat.amin(1) >= 0) & (flat.amax(1) <= 1)
+            finite = finite_rows(logits)
+            self.nonfinite.note("logits", valid & ~finite, index)
+            # non-finite logits never fool; with keep_first they rank below every fooling candidate and above every
+            # other one (margin -inf: kept once, replaced only by a candidate that fools); without it, never kept
+            margin = torch.where(finite, deployed_margin(logits, y), -math.inf if self.keep_first else math.inf)
+            wrong = finite & (logits.argmax(1) != y)
             norms = sample_norms(candidate.double() - self.x.index_select(0, index).double(), self.norm)
             for k, limit in enumerate(self.limits):
                 lower = margin < self._margin[k].index_select(0, index)
@@ -130,7 +215,9 @@ class BestAdversarial:
 
 def within_budgets(x: torch.Tensor, best: torch.Tensor, found: torch.Tensor, eps: Sequence[float],
                    norm: str) -> list[torch.Tensor]:
-    """For a minimal-perturbation attack: at each budget the found example if its norm fits, else the clean one."""
+    """For a minimal-perturbation attack: at each budget the found example if its norm fits, else the clean one
+    (always the clean one for an example with a non-finite pixel)."""
+    found = found & finite_rows(best)
     norms = sample_norms(best - x, norm)
     out = []
     for e in eps:

@@ -274,8 +274,10 @@ def compute_section(run: RunResults, scope: Mapping[str, str] | None,
 
 
 def _overall(checks: Sequence[Check]) -> str:
-    counts = {s: sum(c.status == s for c in checks) for s in ("pass", "warn", "skip")}
-    return f"{worst_status(checks).upper()} ({counts['pass']} pass, {counts['warn']} warn, {counts['skip']} skip)"
+    counts = {s: sum(c.status == s for c in checks) for s in ("fail", "pass", "warn", "skip")}
+    failed = f"{counts['fail']} fail, " if counts["fail"] else ""
+    return (f"{worst_status(checks).upper()} ({failed}{counts['pass']} pass, {counts['warn']} warn, "
+            f"{counts['skip']} skip)")
 
 
 def _eps_by_norm(records: pd.DataFrame) -> str:
@@ -315,17 +317,37 @@ class RunReport:
 
 def write_report(run: RunResults, out_dir: str | Path | None = None, *, n_boot: int = 1000, seed: int = 0,
                  zero_grad_share: float | dict[str, float] | None = None) -> RunReport:
-    """Write the report of a loaded run to ``out_dir`` (default ``RUN_DIR/report``, under the run's writer lock) and
-    return what it computed.
+    """Write the report of a loaded run to ``out_dir`` (default ``RUN_DIR/report``) and return what it computed.
+
+    Holds the run's writer lock (a report beside an attack that is still writing is refused in one line, wherever
+    the report goes); re-entrant, so a caller that holds it already (``dsn-robust report`` across loading and
+    writing, the pipeline for its whole job) goes on. Results without a run directory on disk take no lock.
 
     Files: ``index.html``, ``report.md``, ``figures/*.png``, ``summary.csv``, ``summary.json``. The page opens with
     the headline (:func:`robustness.analysis.headline.run_headline`, also ``summary.json``'s ``headline``) and the
-    attack x eps pivot; the long per-evaluation table is an appendix at the end (and ``summary.csv``).
+    attack x eps pivot; the long per-evaluation table is an appendix at the end (and ``summary.csv``). Incomplete
+    records (:attr:`RunResults.complete`) put their ``INCOMPLETE: ...`` line at the top of the page and of the
+    headline.
     """
-    if out_dir is None:  # into the run: its writer lock (no report beside an attack that is still writing)
-        with RunDir.at(run.path).writing("report"):
-            return _write_report(run, RunDir.at(run.path).report, n_boot, seed, zero_grad_share)
-    return _write_report(run, Path(out_dir), n_boot, seed, zero_grad_share)
+    rd = RunDir.at(run.path)
+    out = rd.report if out_dir is None else Path(out_dir)
+    if out_dir is None or rd.root.is_dir():
+        with rd.writing("report"):
+            return _write_report(run, out, n_boot, seed, zero_grad_share)
+    return _write_report(run, out, n_boot, seed, zero_grad_share)
+
+
+def headline_rows(headline: RunHeadline) -> list[dict[str, str]]:
+    """The headline box's rows: :func:`reports.tables.headline_table`, opened by the ``INCOMPLETE`` row of
+    incomplete records and closed by the count of samples with non-finite logits when there are any."""
+    rows = tables.headline_table(headline)
+    if not headline.complete:
+        rows.insert(0, {"label": "Records", "value": "INCOMPLETE", "detail": headline.incomplete})
+    if headline.nonfinite:
+        rows.append({"label": "Non-finite logits", "value": str(headline.nonfinite),
+                     "detail": "samples whose clean or adversarial logits were NaN or infinite in some evaluation: "
+                               "their predictions mean nothing, and every number above counts them"})
+    return rows
 
 
 def _write_report(run: RunResults, out: Path, n_boot: int, seed: int,
@@ -374,7 +396,8 @@ def _write_report(run: RunResults, out: Path, n_boot: int, seed: int,
 
     context = {"run": run.name, "model": meta["model"], "dataset": run.dataset_name or tables.DASH,
                "seed": meta["seed"], "n": meta["n"], "eps": _eps_by_norm(rec),
-               "headline": tables.headline_table(headline), "subset": headline.subset, "pivot": pivot_item,
+               "headline": headline_rows(headline), "incomplete": headline.incomplete, "subset": headline.subset,
+               "pivot": pivot_item,
                "checks": checks, "overall": _overall(checks), "tables_top": tables_top,
                "tables_bottom": tables_bottom, "figures": figures, "compute_table": compute_table,
                "compute_figure": compute_figure, "appendix": appendix, "versions": meta["versions"] or {},

@@ -2,9 +2,14 @@
 
 Each subcommand lives in ``robustness/commands/<name>.py`` and exposes ``register(subparsers)``, which adds its
 parser and sets ``handler`` to a function ``(args) -> int``. A user's mistake (any ``DSNError``) becomes one line
-on stderr and a non-zero exit; Ctrl-C says how to resume. Anything else is a bug: one line naming the exception
-type and a file holding the traceback (``$XDG_CACHE_HOME/dsn-robust/``, else ``~/.cache/dsn-robust/``, else the
-system temp folder), exit 1; ``-v`` prints the traceback as well.
+on stderr and a non-zero exit; so does an OSError the environment caused wherever it was raised (a full disk, the
+file-size limit, a name too long, a read-only place: :func:`robustness.core.rundir.os_error_line`), and every path
+argument is checked for names and lengths the file system refuses before the command starts. Ctrl-C (exit 130) and
+SIGTERM (exit 143: :func:`robustness.core.runtime.graceful_termination` turns it into the same interruption) say
+how to resume; the work unwinds as it does for Ctrl-C, so the writer lock is released and no file is left
+half-written. Anything else is a bug: one line naming the exception type and a file holding the traceback
+(``$XDG_CACHE_HOME/dsn-robust/``, else ``~/.cache/dsn-robust/``, else the system temp folder), exit 1; ``-v``
+prints the traceback as well.
 
 A usage mistake argparse finds is one line too (its usage text is left to ``--help``). ``-v`` / ``-q`` work before
 or after the subcommand: argparse gives a subparser's defaults precedence over the main parser's values, so the
@@ -23,10 +28,16 @@ import traceback
 import typing
 from pathlib import Path
 
-from robustness.core.errors import DSNError
-from robustness.core.runtime import package_version, package_versions
+from robustness.core.errors import DSNError, Interrupted
+from robustness.core.rundir import OUTPUT_ROOM, check_path, os_error_line
+from robustness.core.runtime import graceful_termination, package_version, package_versions
 
 COMMANDS = ("train", "attack", "report", "compare", "bench", "run", "models", "datasets")
+#: path arguments of the commands (their ``dest``) -> (how a message names them, whether the suite writes below them)
+PATH_ARGUMENTS = {"out": ("--out", True), "run_dir": ("RUN_DIR", True), "run_dirs": ("RUN_DIR", True),
+                  "run": ("--run", False), "config": ("--config", False), "data_root": ("--data-root", False),
+                  "transfer_from": ("--transfer-from", False), "weights": ("--weights", False),
+                  "model_file": ("--model-file", False)}
 log = logging.getLogger("dsn_robust")
 
 
@@ -90,22 +101,46 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     try:
-        return int(args.handler(args) or 0)
+        with graceful_termination(reset=True):  # SIGTERM: the same unwinding as Ctrl-C
+            check_paths(args)
+            return int(args.handler(args) or 0)
     except DSNError as err:
         print(f"{prog}: error: {_one_line(str(err))}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; finished work is saved, rerun with --resume to continue",
+    except KeyboardInterrupt as err:
+        how = f" by {err.signal_name}" if isinstance(err, Interrupted) else ""
+        print(f"{prog}: interrupted{how}; finished work is saved, rerun with --resume to continue",
               file=sys.stderr)
-        return 130
-    except Exception as err:  # a bug: never a raw traceback for the user, but keep it for the report
-        if args.verbose:
-            traceback.print_exc()
-        saved = save_traceback(err, sys.argv[:1] + list(argv if argv is not None else sys.argv[1:]))
-        where = f"the traceback is in {saved}" if saved else "the traceback could not be saved"
-        print(f"{prog}: error: unexpected {type(err).__name__}: {_one_line(str(err), 160)} "
-              f"(a bug; {where}; -v prints it)", file=sys.stderr)
-        return 1
+        return err.exit_code if isinstance(err, Interrupted) else 130
+    except OSError as err:
+        line = os_error_line(err)
+        if line is None:
+            return _bug(err, args, argv, prog)
+        print(f"{prog}: error: {_one_line(line)}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        return _bug(err, args, argv, prog)
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """RunDirError (one line) for a path argument with a name or length the file system refuses (see
+    :data:`PATH_ARGUMENTS`), before the command does any work."""
+    for dest, (what, written) in PATH_ARGUMENTS.items():
+        value = getattr(args, dest, None)
+        for path in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(path, (str, os.PathLike)) and str(path):
+                check_path(path, what, room=OUTPUT_ROOM if written else 0)
+
+
+def _bug(err: Exception, args: argparse.Namespace, argv: list[str] | None, prog: str) -> int:
+    """An unexpected error: one line and a saved traceback (the module docstring); exit 1."""
+    if args.verbose:  # never a raw traceback for the user unless asked, but keep it for the report
+        traceback.print_exception(type(err), err, err.__traceback__)
+    saved = save_traceback(err, sys.argv[:1] + list(argv if argv is not None else sys.argv[1:]))
+    where = f"the traceback is in {saved}" if saved else "the traceback could not be saved"
+    print(f"{prog}: error: unexpected {type(err).__name__}: {_one_line(str(err), 160)} "
+          f"(a bug; {where}; -v prints it)", file=sys.stderr)
+    return 1
 
 
 def _one_line(text: str, limit: int = 0) -> str:

@@ -8,7 +8,8 @@ the headline; nothing written here is read back.
 
 Layout of ``OUT``::
 
-    OUT/run.json            the resolved pipeline config (train, attack, run) and package versions
+    OUT/run.json            the resolved pipeline config (train, attack, run) and package versions (a resume
+                            rewrites it only once every stage has accepted its settings)
     OUT/<model>/            one run directory per model (config.json, checkpoints, metrics.csv, attacks, report)
     OUT/compare/            the skip vs no-skip comparison (index.html, compare.md, compare.csv, compare.json)
 
@@ -151,6 +152,7 @@ class ModelSummary:
     report: Path
     median_distance: float = float("nan")  # median minimal linf distance of the clean-correct samples
     subset: str = ""  # how the attacked images were chosen, one line (headline.SubsetSummary.line)
+    incomplete: str = ""  # what records are missing (headline.incomplete), "" when complete
 
 
 @dataclass
@@ -233,7 +235,11 @@ def _run_label(name: str, seed: int, seeds: int) -> str:
 
 
 def _run_pipeline(config: PipelineConfig, out: Path, progress: bool, start: float) -> PipelineResult:
-    atomic_write_json(out / "run.json", {**config.to_dict(), "versions": package_versions()})
+    # run.json says what OUT was made with: a fresh run writes it first; a resume keeps the one there until every
+    # stage has accepted the new settings (a refused resume, e.g. other attack settings, leaves it untouched)
+    settings, resolved = out / "run.json", {**config.to_dict(), "versions": package_versions()}
+    if not settings.is_file():
+        atomic_write_json(settings, resolved)
     plan = config.plan
     by_seed = plan.run_dirs(out, config.train.seed)
     runs = train_runs(config, out, progress)
@@ -267,6 +273,7 @@ def _run_pipeline(config: PipelineConfig, out: Path, progress: bool, start: floa
                                         for seed in by_seed}, labels=plan.models)
         compare_dir = write_comparison(comparison, out / "compare")
         verdict = comparison.verdict
+    atomic_write_json(settings, resolved)
     return PipelineResult(out, summaries, sanity, verdict, compare_dir, time.perf_counter() - start)
 
 
@@ -360,7 +367,8 @@ def _summary(name: str, headline: RunHeadline, report: Path) -> ModelSummary:
     saved = headline.compute_saved if headline.gated and np.isfinite(headline.compute_saved) else None
     return ModelSummary(name, headline.clean.estimate,
                         {r.eps: r.accuracy.estimate for r in headline.robust if r.norm == "linf"}, saved, report,
-                        linf.median.estimate if linf is not None else float("nan"), headline.subset_line)
+                        linf.median.estimate if linf is not None else float("nan"), headline.subset_line,
+                        headline.incomplete)
 
 
 def format_summary(result: PipelineResult) -> str:
@@ -387,13 +395,14 @@ def format_summary(result: PipelineResult) -> str:
         lines.append(f"attacked: {subsets[0]}")
     else:
         lines += [f"attacked by {m.model}: {m.subset}" for m in result.models if m.subset]
+    lines += [f"{m.model}: {m.incomplete}" for m in result.models if m.incomplete]
     lines.append("")
     for model, checks in result.sanity.items():
-        warned = [c for c in checks if c["status"] == "warn"]
-        passed = sum(c["status"] == "pass" for c in checks)
-        lines.append(f"sanity {model}: {passed} pass, {len(warned)} warn, "
-                     f"{len(checks) - passed - len(warned)} skip")
-        lines += [f"  warn {c['name']}: {c['evidence']}" for c in warned]
+        flagged = [c for c in checks if c["status"] in ("fail", "warn")]
+        count = {k: sum(c["status"] == k for c in checks) for k in ("fail", "pass", "warn", "skip")}
+        lines.append(f"sanity {model}: " + (f"{count['fail']} FAIL, " if count["fail"] else "")
+                     + f"{count['pass']} pass, {count['warn']} warn, {count['skip']} skip")
+        lines += [f"  {c['status']} {c['name']}: {c['evidence']}" for c in flagged]
     lines.append("")
     lines.append(f"Is skipping more robust here? {result.verdict}")
     return "\n".join(lines)

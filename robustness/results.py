@@ -4,14 +4,23 @@
 ``attacks.records``); analysis, reports, the comparison and the pipeline are handed the :class:`RunResults`. It
 refuses records that are not the run's model's or that mix settings (:func:`attacks.runner.run.verify_records`
 says why refusing beats flagging) and names a corrupt shard with its fix.
+
+Completeness has one owner, :class:`RunResults`: when a run is loaded, every evaluation of its manifest is checked
+against the disk (a shard per batch, ``RunDir.shard(evaluation id, batch)`` for batch < the manifest's
+``n_batches``) and against the records (every one of the manifest's ``n`` samples present). Records that an
+interrupted or damaged attack left short still load (a report of them is useful), but ``RunResults.complete`` is
+False and ``RunResults.incomplete_line`` says what is missing and how to finish it; the report shows that line at
+the top and ``dsn-robust report --strict`` refuses to pass it.
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from attacks.base import GRADIENT_FREE
@@ -21,6 +30,41 @@ from robustness.core.errors import RunDirError
 from robustness.core.rundir import RunDir
 
 log = logging.getLogger(__name__)
+
+#: the record columns that name an evaluation (its manifest entry's fields of the same names)
+EVALUATION_KEYS = ("attack", "backend", "norm", "gate_mode", "gate_grad", "target", "source_run")
+#: evaluations named one by one in :attr:`RunResults.incomplete_line`, before "k more evaluations"
+SHORTFALLS_LISTED = 3
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """One evaluation of the manifest whose records are not all there: ``shards`` of its ``n_batches`` shards
+    exist (``n_batches`` 0: the manifest does not say how many it needs), its records hold ``samples`` of the
+    ``n`` samples attacked, and ``short`` names the shards that exist but lack some of their batch's samples."""
+
+    evaluation: str
+    shards: int
+    n_batches: int
+    samples: int
+    n: int
+    short: tuple[str, ...] = ()
+
+    @property
+    def missing_shards(self) -> int:
+        return max(self.n_batches - self.shards, 0)
+
+    @property
+    def clause(self) -> str:
+        """``3 of 8 shards of pgd__… (6 of 16 samples)``, naming the shards that exist but lack samples."""
+        shards = f"{self.shards} of {self.n_batches} shards" if self.n_batches else "records"
+        short = f"; {', '.join(self.short)} short of samples" if self.short else ""
+        return f"{shards} of {self.evaluation} ({self.samples} of {self.n} samples{short})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"evaluation": self.evaluation, "shards": self.shards, "n_batches": self.n_batches,
+                "missing_shards": self.missing_shards, "samples": self.samples, "n": self.n,
+                "short_shards": list(self.short)}
 
 
 @dataclass
@@ -33,6 +77,33 @@ class RunResults:
     manifest: dict[str, Any] = field(default_factory=dict)
     metrics: pd.DataFrame | None = None
     config: dict[str, Any] | None = None
+    shortfalls: tuple[Shortfall, ...] = ()  # evaluations whose records are not all there (load_run finds them)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every evaluation of the manifest has all its shards and all its samples (see the module
+        docstring); True for results handed over without a manifest to check them against."""
+        return not self.shortfalls
+
+    @property
+    def missing_shards(self) -> int:
+        """Shards the manifest's evaluations need that are not on disk."""
+        return sum(s.missing_shards for s in self.shortfalls)
+
+    @property
+    def incomplete_line(self) -> str:
+        """'' for a complete run, else one line: ``INCOMPLETE: 3 of 8 shards of pgd__… (6 of 16 samples); …
+        (resume with `dsn-robust attack RUN --resume`)``."""
+        if not self.shortfalls:
+            return ""
+        listed = [s.clause for s in self.shortfalls[:SHORTFALLS_LISTED]]
+        more = len(self.shortfalls) - len(listed)
+        if more:
+            listed.append(f"{more} more evaluation{'s' if more > 1 else ''}")
+        fix = f"resume with `dsn-robust attack {self.path} --resume`"
+        if any(s.short for s in self.shortfalls):
+            fix = "delete the short shards, then " + fix
+        return (f"INCOMPLETE: {'; '.join(listed)}; the numbers cover only the records present ({fix})")
 
     @property
     def model(self) -> str:
@@ -170,4 +241,40 @@ def load_run(run_dir: str | Path, require_records: bool = True) -> RunResults:
             log.warning("ignoring unreadable %s: %s", rd.metrics, err)
     name = str(manifest.get("run") or rd.name)
     config = rd.read_config() if rd.config.is_file() else None
-    return RunResults(path=rd.root, name=name, records=records, manifest=manifest, metrics=metrics, config=config)
+    return RunResults(path=rd.root, name=name, records=records, manifest=manifest, metrics=metrics, config=config,
+                      shortfalls=shortfalls(rd, manifest, records))
+
+
+def shortfalls(rd: RunDir, manifest: dict[str, Any], records: pd.DataFrame) -> tuple[Shortfall, ...]:
+    """The evaluations of ``manifest`` whose shards (one per batch, ``n_batches`` of them; when the manifest
+    lacks it, ``ceil(n / batch_size)``; unknown without either) or samples (``n``) are not all in ``rd`` and
+    ``records``, in manifest order."""
+    try:
+        n = int(manifest.get("n") or 0)
+        batch_size = int(manifest.get("batch_size") or 0)
+        n_batches = int(manifest.get("n_batches") or (math.ceil(n / batch_size) if n and batch_size else 0))
+    except (TypeError, ValueError):
+        raise RunDirError(f"{rd.manifest}: n, batch_size or n_batches is not a number; rerun the attack with "
+                          f"--force to start over") from None
+    evaluations = [e for e in manifest.get("evaluations") or [] if isinstance(e, dict) and e.get("id")]
+    if not n or not evaluations:
+        return ()
+    present: dict[tuple[str, ...], np.ndarray] = {}
+    if len(records):
+        keyed = records[list(EVALUATION_KEYS)].astype(str).assign(sample=records["sample"].to_numpy())
+        for key, group in keyed.groupby(list(EVALUATION_KEYS), sort=False):
+            present[tuple(key)] = np.unique(group["sample"].to_numpy())
+    out = []
+    for entry in evaluations:
+        eval_id = str(entry["id"])
+        key = tuple("" if entry.get(k) is None else str(entry.get(k)) for k in EVALUATION_KEYS)
+        samples = present.get(key, np.empty(0, dtype=np.int64))
+        samples = samples[(samples >= 0) & (samples < n)]
+        on_disk = {b for b in range(n_batches) if rd.shard(eval_id, b).is_file()}
+        short: tuple[str, ...] = ()
+        if batch_size and len(samples) < n:  # the shards that exist but lack samples of their batch
+            lacking = np.unique(np.setdiff1d(np.arange(n), samples) // batch_size)
+            short = tuple(rd.shard(eval_id, int(b)).name for b in lacking if int(b) in on_disk)
+        if len(on_disk) < n_batches or len(samples) < n:
+            out.append(Shortfall(eval_id, len(on_disk), n_batches, int(len(samples)), n, short))
+    return tuple(out)

@@ -5,8 +5,15 @@ iterative, gradient-free, minimal or compute. Compute attacks (``slowdown``) do 
 registry does not know (an older run, a synthetic frame) belongs to no kind and counts for accuracy.
 
 Each check returns a :class:`Check`: ``pass`` when the records look like an honest evaluation, ``warn`` when they
-show a symptom of gradient masking (or of a broken attack), ``skip`` when the records lack what the check needs.
-The evidence is one sentence with the numbers.
+show a symptom of gradient masking (or of a broken attack), ``fail`` when the records cannot be trusted at all (the
+model's clean logits are non-finite: ``finite-logits``), ``skip`` when the records lack what the check needs.
+The evidence is one sentence with the numbers. :func:`worst_status` orders them fail > warn > pass > skip.
+
+Non-finite logits (the records' ``nonfinite`` column, :mod:`attacks.records`): such rows are never robust, so an
+all-NaN model would pass the masking checks with flat curves at 0%. ``finite-logits`` fails on non-finite clean
+logits and warns on non-finite adversarial ones, and when more than half of the rows (:data:`NONFINITE_DOMINANT`)
+are non-finite every other check is skipped and says why: the records then describe a forward that does not
+compute, not an attack.
 
 Robust accuracy is always the mean of the ``robust`` column (clean and adversarial prediction right), never of
 ``adv_correct``: a sample the model gets wrong on clean input and an attack happens to push to the right class is
@@ -37,6 +44,7 @@ import pandas as pd
 from scipy.stats import binomtest
 
 from attacks.base import GRADIENT_FREE, ITERATIVE, MINIMAL, SINGLE_STEP, attack_kind
+from attacks.records import NONFINITE_PRED
 from robustness.analysis.distances import DISTANCE_KEYS, minimal_distances
 from robustness.analysis.metrics import SINGLE_HEAD_NOTE, has_coarse_head
 from robustness.analysis.selection import accuracy_rows, whitebox
@@ -44,14 +52,19 @@ from robustness.analysis.stats import wilson_interval
 from robustness.analysis.transfer import transfer_matrix
 from robustness.core.vocab import ROUTING_GRADIENTS, format_eps
 
-Status = Literal["pass", "warn", "skip"]
+Status = Literal["pass", "warn", "fail", "skip"]
+#: statuses from worst to best (:func:`worst_status`)
+SEVERITY: tuple[str, ...] = ("fail", "warn", "pass", "skip")
 
 MAX_DETAILS = 20
+#: share of non-finite rows above which the other checks are skipped (:func:`run_checks`)
+NONFINITE_DOMINANT = 0.5
+FINITE_CHECK = "finite-logits"
 
 
 @dataclass(frozen=True)
 class Check:
-    """Outcome of one check: ``status`` is ``pass``, ``warn`` or ``skip``; ``evidence`` is one sentence."""
+    """Outcome of one check: ``status`` is ``pass``, ``warn``, ``fail`` or ``skip``; ``evidence`` is one sentence."""
 
     name: str
     status: Status
@@ -554,6 +567,73 @@ def check_curve_vs_fixed(df: pd.DataFrame) -> Check:
                  "robustness curve's 95% band.")
 
 
+def _head_column(df: pd.DataFrame, side: str) -> np.ndarray:
+    """Per row: the ``side`` (``clean`` / ``adv``) prediction of the row's attacked head."""
+    fine = df[f"{side}_pred_fine"].to_numpy(np.int64)
+    coarse = df[f"{side}_pred_coarse"].to_numpy(np.int64)
+    return np.where(df["target"].astype(str).to_numpy(object) == "coarse", coarse, fine)
+
+
+def nonfinite_share(df: pd.DataFrame) -> float:
+    """Share of rows whose logits were non-finite (0 for an empty frame or records without the column)."""
+    if not len(df) or "nonfinite" not in df.columns:
+        return 0.0
+    return float(df["nonfinite"].to_numpy(bool).mean())
+
+
+def check_finite_logits(df: pd.DataFrame) -> Check:
+    """The model's logits are finite on clean and on adversarial inputs (the records' ``nonfinite`` column).
+
+    ``fail`` when any clean logit of the attacked head is non-finite (NaN or inf; ``clean_pred_<target>`` is
+    :data:`attacks.records.NONFINITE_PRED`): those samples are counted wrong, and every accuracy of the run measures
+    a forward that does not compute. ``warn`` when only adversarial logits are non-finite: those rows count as not
+    robust and not as successful attacks, and the robust accuracy reflects inputs on which the model breaks down
+    numerically, not adversarial examples. ``pass`` otherwise; ``skip`` without records."""
+    name = FINITE_CHECK
+    if not len(df):
+        return Check(name, "skip", "No records to check.")
+    bad = df["nonfinite"].to_numpy(bool) if "nonfinite" in df.columns else np.zeros(len(df), bool)
+    clean_bad = bad & (_head_column(df, "clean") == NONFINITE_PRED)
+    adv_bad = bad & ~clean_bad
+    samples = df[["run", "sample"]].drop_duplicates()
+    if not bad.any():
+        return Check(name, "pass", f"Every clean and adversarial logit is finite ({_count(len(df), 'row')} of "
+                     f"{_count(len(samples), 'sample')} checked).")
+    keys = ["run", "attack", "backend", "gate_mode", "gate_grad", "target", "eps"]
+    per = (df.assign(n_clean_bad=clean_bad, n_adv_bad=adv_bad).groupby(keys, observed=True, dropna=False)
+           [["n_clean_bad", "n_adv_bad"]].sum().reset_index())
+    per = per[(per["n_clean_bad"] > 0) | (per["n_adv_bad"] > 0)]
+    per = per.sort_values(["n_adv_bad", "n_clean_bad"], ascending=False, kind="stable")
+    details = tuple(f"{r.attack}/{r.backend}/{r.gate_grad} ({r.gate_mode}, {r.target}) at eps={format_eps(r.eps)} on "
+                    f"{r.run}: {int(r.n_clean_bad)} clean, {int(r.n_adv_bad)} adversarial"
+                    for r in per.itertuples())[:MAX_DETAILS]
+    adv_rows = int(adv_bad.sum())
+    adv_samples = len(df.loc[adv_bad, ["run", "sample"]].drop_duplicates())
+    if clean_bad.any():
+        broken = len(df.loc[clean_bad, ["run", "sample"]].drop_duplicates())
+        runs = sorted(df.loc[clean_bad, "run"].astype(str).unique())
+        more = (f"; adversarial logits are non-finite in {adv_rows} more rows ({_count(adv_samples, 'sample')})"
+                if adv_rows else "")
+        return Check(name, "fail", f"The clean logits are non-finite (NaN or inf) for {broken} of "
+                     f"{_count(len(samples), 'sample')} (in {', '.join(map(repr, runs))}){more}: those samples count as wrong "
+                     f"and never robust, so the clean and robust accuracies measure a forward that does not compute, "
+                     f"not robustness; fix the model before reading any number.", details)
+    top = per.iloc[0]
+    attacked = _count(int((df["eps"] > 0).sum()), "attacked row")
+    return Check(name, "warn", f"The clean logits are finite, but the adversarial logits are non-finite (NaN or inf) "
+                 f"in {adv_rows} of {attacked} ({adv_samples} of {_count(len(samples), 'sample')}; most in "
+                 f"{top.attack}/{top.gate_grad} at eps={format_eps(top.eps)}: {int(top.n_adv_bad)}): those rows count "
+                 f"as not robust and not as successful attacks; the model breaks down numerically inside the budget, "
+                 f"so its robust accuracy there reflects that, not adversarial examples.", details)
+
+
+def _skipped(check: Check, share: float) -> Check:
+    """``check`` replaced by a skip saying that non-finite rows dominate the records."""
+    return Check(check.name, "skip", f"Not checked: {_pts(share)} of the rows have non-finite logits (more than "
+                 f"{_pts(NONFINITE_DOMINANT)}; see {FINITE_CHECK}), so these records describe a forward that does not "
+                 f"compute, not an attack.")
+
+
 def check_heads(df: pd.DataFrame) -> Check | None:
     """A ``skip`` saying that the coarse-head analyses were skipped, for records without a coarse head (a
     single-head model or data without coarse labels); None for two-head records, which need no note."""
@@ -569,9 +649,11 @@ def run_checks(df: pd.DataFrame, *, zero_grad_share: float | pd.Series | Mapping
     """All checks on ``df``, in a fixed order. ``margin`` is the Square check's gap and power margin; ``alpha``,
     ``min_samples`` and ``min_points`` decide when a paired difference counts; ``queries`` is the gradient-free
     attack's query budget per run name (from the attack manifest). Records without a coarse head get one more
-    (``skip``) entry saying which analyses were skipped (:func:`check_heads`)."""
+    (``skip``) entry saying which analyses were skipped (:func:`check_heads`). The finite-logits check
+    (:func:`check_finite_logits`) comes after the masking checks; when more than :data:`NONFINITE_DOMINANT` of the
+    rows are non-finite, the masking checks are replaced by skips that say so."""
     heads = check_heads(df)
-    return [
+    masking = [
         check_eps_monotone(df, tol),
         check_iterative_vs_single_step(df, tol),
         check_unbounded(df, unbounded_threshold),
@@ -580,11 +662,14 @@ def run_checks(df: pd.DataFrame, *, zero_grad_share: float | pd.Series | Mapping
         check_zero_gradients(zero_grad_share),
         check_transfer_vs_whitebox(df, tol),
         check_curve_vs_fixed(df),
-        *([heads] if heads is not None else []),
     ]
+    share = nonfinite_share(df)
+    if share > NONFINITE_DOMINANT:
+        masking = [_skipped(c, share) for c in masking]
+    return [*masking, check_finite_logits(df), *([heads] if heads is not None else [])]
 
 
 def worst_status(checks: Iterable[Check]) -> Status:
-    """``warn`` if any check warns, else ``pass`` if any passed, else ``skip``."""
+    """The worst status of ``checks`` in the order fail > warn > pass > skip (``skip`` when there is none)."""
     statuses = {c.status for c in checks}
-    return "warn" if "warn" in statuses else "pass" if "pass" in statuses else "skip"
+    return next((s for s in SEVERITY if s in statuses and s != "skip"), "skip")  # type: ignore[return-value]

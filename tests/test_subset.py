@@ -3,7 +3,6 @@ hash of the images), the same for every model, refused on resume when the images
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

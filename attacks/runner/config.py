@@ -34,7 +34,8 @@ import numpy as np
 
 from attacks.base import BACKENDS, COMPUTE, ITERATIVE, attack_class, backends_for, known_attacks
 from attacks.runner.presets import PRESETS, preset_table
-from robustness.core.config import build, default_config_path, load_config_file
+from robustness.core.config import (MAX_COUNT, MAX_THREADS, MAX_WORKERS, brief_number, build, check_finite,
+                                    default_config_path, load_config_file)
 from robustness.core.errors import ConfigError, UnknownNameError
 from robustness.core.vocab import ATTACK_GATE_MODES, GRAD_MODES, HEADS, NORMS, parse_eps
 from robustness.data.subset import SUBSET_RULES, check_seed
@@ -213,14 +214,16 @@ class AttackConfig:
             self._positive_int(name)
         if self.preset and self.preset not in PRESETS:
             raise UnknownNameError("attack preset", str(self.preset), sorted(PRESETS))
-        self._positive_int("workers")
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
-            raise ConfigError(f"threads must be a non-negative integer (0: torch's default), got {self.threads!r}")
+        self._positive_int("workers", MAX_WORKERS)
+        if isinstance(self.threads, bool) or not isinstance(self.threads, (int, np.integer)) or \
+                not 0 <= self.threads <= MAX_THREADS:
+            raise ConfigError(f"threads must be an integer in 0..{MAX_THREADS} (0: torch's default), got "
+                              f"{brief_number(self.threads)}")
+        self.threads = int(self.threads)
         for flag in ("cross_check", "minimal_check"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        self.seed = check_seed(self.seed, "seed")
         self.subset = str(self.subset).lower()
         if self.subset not in SUBSET_RULES:
             raise UnknownNameError("subset rule", self.subset, SUBSET_RULES)
@@ -246,10 +249,12 @@ class AttackConfig:
             raise ConfigError("eps = auto must be resolved into a grid before fixed-budget attacks run")
         return list(self.eps)  # type: ignore[arg-type]
 
-    def _positive_int(self, name: str) -> None:
+    def _positive_int(self, name: str, high: int = MAX_COUNT) -> None:
         value = getattr(self, name)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{name} must be a positive integer, got {brief_number(value)}")
+        if value > high:
+            raise ConfigError(f"{name} must be at most {high}, got {brief_number(value)}")
         setattr(self, name, int(value))
 
     @classmethod
@@ -315,7 +320,9 @@ class AttackConfig:
                 inherited = {k: parent[k] for k in cls.inherited_params if k in parent}
             own = {**inherited, **({"steps": self.steps} if general else {}),
                    **self.params.get(name, {})}
-            build(cls.Params, own, where=f"[attack.{name}] ({cls.backend})")
+            where = f"[attack.{name}] ({cls.backend})"
+            _check_param_numbers(own, where)
+            build(cls.Params, own, where=where)
             options = own
         return options
 
@@ -345,12 +352,25 @@ def stored_table(stored: dict[str, Any]) -> dict[str, Any]:
 
 
 def _batch_size(value: Any) -> int | str:
-    """``value`` as a batch size: a positive integer or ``"auto"`` (any case); anything else is a ConfigError."""
+    """``value`` as a batch size: a positive integer (at most ``MAX_COUNT``) or ``"auto"`` (any case); anything else
+    is a ConfigError."""
     if isinstance(value, str) and value.strip().lower() == AUTO:
         return AUTO
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ConfigError(f'batch_size must be a positive integer or "auto", got {value!r}')
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 < value <= MAX_COUNT:
+        raise ConfigError(f'batch_size must be a positive integer (at most {MAX_COUNT}) or "auto", got '
+                          f'{brief_number(value) if isinstance(value, int) else repr(value)}')
     return int(value)
+
+
+def _check_param_numbers(values: dict[str, Any], where: str) -> None:
+    """Every number of an attack's parameters usable as one, checked before its ``Params`` see it: an int (steps,
+    restarts, queries, ...) at most ``MAX_COUNT`` in absolute value, a float finite; the ``Params`` check the finer
+    rules (positive, non-negative)."""
+    for key, value in values.items():
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and abs(int(value)) > MAX_COUNT:
+            raise ConfigError(f"{where}: {key} {brief_number(int(value))} is out of range (at most {MAX_COUNT} in "
+                              f"absolute value)")
+        check_finite(key, value, where)
 
 
 def _check_eps(values: list[float], norm: str, name: str) -> None:

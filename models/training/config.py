@@ -7,7 +7,6 @@ describes (learning rate, slope, gate-weight ramp) is computed in ``models.train
 from __future__ import annotations
 
 import logging
-import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -16,7 +15,8 @@ from models.gates import list_gate_functions
 from models.losses import LossWeights
 from models.registry import all_model_options, check_options, list_models, model_options, own_options
 from models.training import schedule
-from robustness.core.config import build, check_type
+from robustness.core.config import (MAX_COUNT, MAX_EPOCHS, MAX_SEED, MAX_THREADS, brief_number, build, check_finite,
+                                    check_int, check_type, is_finite)
 from robustness.core.errors import ConfigError
 from robustness.core.runtime import DEVICE_CHOICES, jsonable
 from robustness.data import DatasetInfo, list_datasets
@@ -144,6 +144,25 @@ class TrainConfig:
         for ok, message in self._range_checks():
             if not ok:
                 raise ConfigError(message)
+        self._check_numbers(where)
+
+    def _check_numbers(self, where: str) -> None:
+        """Every integer within its range (:data:`INT_RANGES`; a value below it already failed its own rule) and
+        every number finite, the model options' too: one line naming the option, before anything uses a value (an
+        int beyond int64 or an infinite float would fail deep inside numpy or torch, after the run directory was
+        written)."""
+        for name, (low, high) in INT_RANGES.items():
+            check_int(name, getattr(self, name), low, high, where)
+        for m in self.milestones:
+            check_int("milestones", m, 1, MAX_EPOCHS, where)
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            if hints[f.name] is float:
+                check_finite(f.name, getattr(self, f.name), where)
+        for name, value in self.model_options.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                check_int(f"model option {name}", value, 0, MAX_COUNT, where)
+            check_finite(f"model option {name}", value, where)
 
     def _check_names(self) -> None:
         if self.model not in list_models():
@@ -160,40 +179,42 @@ class TrainConfig:
             raise ConfigError(f"unknown gate function {gate_fn!r}; choose one of: {', '.join(list_gate_functions())}")
 
     def _range_checks(self) -> list[tuple[bool, str]]:
+        n = brief_number  # a huge int in a message as a power of two
         checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 2, f"batch_size must be >= 2 (BatchNorm needs two samples), got {self.batch_size}"),
-            (self.lr > 0 and math.isfinite(self.lr), f"lr must be > 0, got {self.lr}"),
-            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {n(self.epochs)}"),
+            (self.batch_size >= 2, f"batch_size must be >= 2 (BatchNorm needs two samples), got {n(self.batch_size)}"),
+            (self.lr > 0 and is_finite(self.lr), f"lr must be > 0, got {n(self.lr)}"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {n(self.momentum)}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {n(self.weight_decay)}"),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}"),
             (all(m >= 1 for m in self.milestones) and list(self.milestones) == sorted(self.milestones),
-             f"milestones must be increasing epochs >= 1, got {self.milestones}"),
-            (0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}"),
-            (self.lr_warmup_epochs >= 0, f"lr_warmup_epochs must be >= 0, got {self.lr_warmup_epochs}"),
+             f"milestones must be increasing epochs >= 1, got {n(self.milestones)}"),
+            (0 < self.gamma <= 1, f"gamma must be in (0, 1], got {n(self.gamma)}"),
+            (self.lr_warmup_epochs >= 0, f"lr_warmup_epochs must be >= 0, got {n(self.lr_warmup_epochs)}"),
             (0 < self.lr_warmup_start <= 1,
-             f"lr_warmup_start must be in (0, 1] (a factor of lr), got {self.lr_warmup_start}"),
-            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
-            (self.ramp_epochs >= 0, f"ramp_epochs must be >= 0, got {self.ramp_epochs}"),
-            (self.slope_start > 0, f"slope_start must be > 0, got {self.slope_start}"),
-            (self.slope_growth >= 0, f"slope_growth must be >= 0, got {self.slope_growth}"),
-            (self.slope_max >= self.slope_start, f"slope_max ({self.slope_max}) must be >= slope_start "
-                                                 f"({self.slope_start})"),
+             f"lr_warmup_start must be in (0, 1] (a factor of lr), got {n(self.lr_warmup_start)}"),
+            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {n(self.warmup_epochs)}"),
+            (self.ramp_epochs >= 0, f"ramp_epochs must be >= 0, got {n(self.ramp_epochs)}"),
+            (self.slope_start > 0, f"slope_start must be > 0, got {n(self.slope_start)}"),
+            (self.slope_growth >= 0, f"slope_growth must be >= 0, got {n(self.slope_growth)}"),
+            (self.slope_max >= self.slope_start, f"slope_max ({n(self.slope_max)}) must be >= slope_start "
+                                                 f"({n(self.slope_start)})"),
             (self.nesterov is False or self.momentum > 0, "nesterov needs momentum > 0"),
             (self.crop_padding >= -1,
-             f"crop_padding must be >= 0 (or -1 for image_size // 8), got {self.crop_padding}"),
-            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+             f"crop_padding must be >= 0 (or -1 for image_size // 8), got {n(self.crop_padding)}"),
+            (self.seed >= 0, f"seed must be >= 0, got {n(self.seed)}"),
             (self.device in DEVICE_CHOICES or self.device.startswith("cuda:"),
              f"unknown device {self.device!r}; choose one of: {', '.join(DEVICE_CHOICES)}"),
-            (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
-            (self.threads >= 0, f"threads must be >= 0 (0: torch's default), got {self.threads}"),
-            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
+            (self.eval_every >= 1, f"eval_every must be >= 1, got {n(self.eval_every)}"),
+            (self.threads >= 0, f"threads must be >= 0 (0: torch's default), got {n(self.threads)}"),
+            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {n(self.eval_batch_size)}"),
             (self.train_limit >= 0 and self.test_limit >= 0, "train_limit and test_limit must be >= 0 (0: all)"),
         ]
         for name in ("coarse_weight", "budget_weight", "rank_weight", "rank_margin"):
-            checks.append((getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}"))
+            checks.append((getattr(self, name) >= 0, f"{name} must be >= 0, got {n(getattr(self, name))}"))
         for name in ("target_coarse", "target_fine"):
-            checks.append((0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}"))
+            checks.append((0 <= getattr(self, name) <= 1,
+                           f"{name} must be in [0, 1], got {n(getattr(self, name))}"))
         return checks
 
     # -- derived -----------------------------------------------------------------------------------------------
@@ -212,6 +233,15 @@ class TrainConfig:
     def gate_weight_at(self, epoch: int, fraction: float) -> float:
         """Weight in [0, 1] of the budget and ranking terms at ``fraction`` of (0-based) ``epoch``."""
         return schedule.gate_weight_at(self, epoch, fraction)
+
+
+#: the range of every integer field (checked before the finer rules of ``_range_checks``, which name the reason)
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "train_limit": (0, MAX_COUNT), "test_limit": (0, MAX_COUNT), "epochs": (1, MAX_EPOCHS),
+    "batch_size": (2, MAX_COUNT), "lr_warmup_epochs": (0, MAX_EPOCHS), "warmup_epochs": (0, MAX_EPOCHS),
+    "ramp_epochs": (0, MAX_EPOCHS), "crop_padding": (-1, MAX_COUNT), "seed": (0, MAX_SEED),
+    "threads": (0, MAX_THREADS), "eval_every": (1, MAX_EPOCHS), "eval_batch_size": (1, MAX_COUNT),
+}
 
 
 def _apply_data_table(values: dict[str, Any], data: dict[str, Any]) -> None:

@@ -6,6 +6,12 @@ the last (``models.training.metrics``), and saves ``last.pt`` (and ``best.pt`` o
 ``metrics.csv``. Under ``torchrun`` the model is wrapped in DDP and only rank 0 writes. The run directory's writer lock
 (:meth:`robustness.core.rundir.RunDir.writing`) is held for the whole run, so a second ``train`` or an ``attack`` on
 the same directory is one line, not a mix.
+
+Stopping: Ctrl-C and SIGTERM (:func:`robustness.core.runtime.graceful_termination`, also installed here when
+nobody handles SIGTERM: the Python API, a pipeline's training worker) unwind the epoch in progress; the checkpoint
+of the last finished epoch stays, a checkpoint being written is dropped (``atomic_write``), the lock is released,
+and ``--resume`` continues from that epoch. Before anything is read or written, the model's weights are estimated
+(:func:`model_memory`) against the memory available: a ``width`` or ``depth_n`` that cannot fit is one line.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from torch import nn
 from models.checkpoint import save_checkpoint
 from models.losses import LossWeights, dsn_loss
 from models.network import CoarseFineNet
-from models.registry import create_model
+from models.registry import create_model, own_options, resolved_options
 from models.training import resume as resuming
 from models.training.config import TrainConfig, model_kwargs
 from models.training.metrics import epoch_line, evaluate, metrics_csv, read_metrics
@@ -32,8 +38,8 @@ from models.training.schedule import augment_batch, augmentation_generator, epoc
 from robustness.core.errors import ConfigError, RunDirError
 from robustness.core.progress import is_terminal, progress_bar
 from robustness.core.rundir import RunDir, atomic_write_json, atomic_write_text
-from robustness.core.runtime import (Distributed, accumulation_dtype, derive_seed, distributed, resolve_device,
-                                     seed_everything)
+from robustness.core.runtime import (Distributed, accumulation_dtype, check_memory, derive_seed, distributed,
+                                     graceful_termination, raise_if_terminating, resolve_device, seed_everything)
 from robustness.data import CoarseFineDataset, DatasetInfo, load_dataset
 
 log = logging.getLogger(__name__)
@@ -100,8 +106,12 @@ class Trainer:
         self.progress = progress
 
     def run_training(self) -> TrainResult:
-        with self.run.writing("train"):
-            return self._run_training()
+        with graceful_termination():  # a no-op under the CLI, which installed it for the whole command
+            raise_if_terminating()  # a worker asked to stop starts no further training
+            check_memory(f"model {self.config.model} ({_size_options(self.config)})", model_memory(self.config),
+                         "lower width or depth_n")
+            with self.run.writing("train"):
+                return self._run_training()
 
     def _run_training(self) -> TrainResult:
         c = self.config
@@ -166,6 +176,10 @@ class Trainer:
         steps = len(epoch_batches(len(train_set), c.batch_size, c.seed, 0, dist.rank, dist.world))
         if steps == 0:
             raise ConfigError(f"batch_size {c.batch_size} leaves no training batch on {dist.world} process(es)")
+        padding = (train_set.info.image_size // 8 if c.crop_padding < 0 else c.crop_padding) if c.augment else 0
+        if padding > train_set.info.image_size:
+            raise ConfigError(f"crop_padding {c.crop_padding} is larger than the {train_set.info.image_size}-pixel "
+                              f"images of {c.dataset}; use at most {train_set.info.image_size} (-1: image_size // 8)")
         optimizer, scheduler, scaler = make_optimisation(model, c, steps, use_amp)
         start_epoch, history, best = 0, [], dict(resuming.NO_BEST)
         if state != "fresh" and self.resume:
@@ -183,7 +197,6 @@ class Trainer:
                 model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
         if dist.rank > 0:  # per-rank Gumbel noise (the weights are rank 0's: DDP broadcasts them)
             torch.manual_seed(derive_seed(c.seed, dist.rank, start_epoch, 7))
-        padding = (train_set.info.image_size // 8 if c.crop_padding < 0 else c.crop_padding) if c.augment else 0
         (log.info if dist.main else log.debug)(
             "training %s on %s (%d train / %d test images) on %s%s: epochs %d..%d of %d", c.model, c.dataset,
             len(train_set), len(test_set), device, f" x{dist.world}" if dist.enabled else "", start_epoch + 1,
@@ -352,6 +365,41 @@ class Trainer:
         except RunDirError:
             return None
         return done.get("best_epoch") if done else None
+
+
+#: float32 weights per depth_n x width**2 of the smallest built-in architecture (resnet: about 360; dsn and dual
+#: about 720), and of a gate head per depth_n x width x gate_hidden: a lower bound, so that only what cannot fit is
+#: refused
+_WEIGHTS_PER_N_W2 = 350
+_GATE_WEIGHTS_PER_N_W_H = 6
+#: the copies of the weights training keeps at once: weights, gradients, SGD momentum, the checkpoint being saved
+_TRAINING_COPIES = 4
+
+
+def model_memory(config: TrainConfig) -> int:
+    """A lower bound of the bytes that training ``config.model`` takes for its weights, gradients, momentum and
+    checkpoint (ResNet-6n+2 stages of ``width``, ``2 width``, ``4 width`` channels); 0 for a model without
+    ``depth_n`` and ``width`` options (a plug-in)."""
+    options = _size_values(config)
+    n, w = options.get("depth_n"), options.get("width")
+    if not isinstance(n, int) or not isinstance(w, int) or n < 1 or w < 1:
+        return 0  # the model's own checks refuse it
+    h = options.get("gate_hidden")
+    weights = _WEIGHTS_PER_N_W2 * n * w * w + (_GATE_WEIGHTS_PER_N_W_H * n * w * h if isinstance(h, int) and h > 0
+                                               else 0)
+    return 4 * weights * _TRAINING_COPIES
+
+
+def _size_values(config: TrainConfig) -> dict[str, Any]:
+    try:
+        return resolved_options(config.model, own_options(config.model, config.model_options))
+    except ConfigError:
+        return {}
+
+
+def _size_options(config: TrainConfig) -> str:
+    values = _size_values(config)
+    return ", ".join(f"{k}={values[k]}" for k in ("depth_n", "width", "gate_hidden") if k in values)
 
 
 def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, force: bool = False,

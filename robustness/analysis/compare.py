@@ -294,11 +294,11 @@ def _health_checks(judged: Sequence[tuple[PairVerdict, tuple[Health, Health], in
                       if chance is not None else " (near-chance test skipped)")
                    + (f"; final training test accuracy {', '.join(dict.fromkeys(finals))}" if finals else ""))
         bad = health_reasons(ha, hb)
-        checks.append(Check(HEALTH_CHECK, "fail" if bad else "pass",  # type: ignore[arg-type]
+        checks.append(Check(HEALTH_CHECK, "fail" if bad else "pass",
                             f"{v.a} vs {v.b}: " + ("confounded: " + "; ".join(bad) + ". " if bad else "")
                             + numbers[0].upper() + numbers[1:] + "."))
         size = f"{n} samples correct on both" if n is not None else "samples correct on both not counted"
-        checks.append(Check(SAMPLES_CHECK, "fail" if v.kind == "not-comparable" else "pass",  # type: ignore[arg-type]
+        checks.append(Check(SAMPLES_CHECK, "fail" if v.kind == "not-comparable" else "pass",
                             f"{v.a} vs {v.b}: " + (f"not comparable: {v.reason}." if v.kind == "not-comparable"
                                                    else f"the same attacked samples, {size}.")))
     return checks
@@ -422,7 +422,9 @@ def compare_runs(runs: Sequence[RunResults], labels: Sequence[str] | None = None
         raise RunDirError("a comparison needs at least one run directory")
     if labels is not None and len(labels) != len(runs):
         raise RunDirError(f"got {len(labels)} labels for {len(runs)} run directories")
-    notes: list[str] = []
+    notes: list[str] = [f"{run.name}: {run.incomplete_line}" for run in runs if not run.complete]
+    for note in notes:
+        log.warning(note)
     variants = _variants(runs, labels)
     common = sorted(set.intersection(*[set(accuracy_rows(whitebox(v.records))["attack"].astype(str))
                                        for v in variants]))

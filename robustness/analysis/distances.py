@@ -47,8 +47,9 @@ def minimal_distances(records: pd.DataFrame, by_grad: bool = False) -> pd.DataFr
     """Per sample the smallest verified adversarial distance in its norm.
 
     One row per :data:`DISTANCE_KEYS` (+ ``gate_grad`` when ``by_grad``) + ``sample`` with ``clean_correct``,
-    ``found`` (some minimal attack fooled the deployed model), ``distance`` (0 for clean-wrong, inf when nothing was
-    found) and ``attack`` (``attack/backend/gate_grad`` of the row that gave the distance, '' when none).
+    ``found`` (some minimal attack fooled the deployed model, or its logits stopped being finite there: a
+    ``nonfinite`` row counts as broken at its measured norm, never as "never fooled"), ``distance`` (0 for
+    clean-wrong, inf when nothing was found) and ``attack`` (``attack/backend/gate_grad`` of the row that gave the distance, '' when none).
     """
     keys = DISTANCE_KEYS + (["gate_grad"] if by_grad else [])
     rows = minimal_rows(records)
@@ -58,6 +59,8 @@ def minimal_distances(records: pd.DataFrame, by_grad: bool = False) -> pd.DataFr
     norm_value = np.where(rows["norm"].astype(str).to_numpy() == "linf", rows["linf"].to_numpy(float),
                           rows["l2"].to_numpy(float))
     fooled = rows["success"].to_numpy(bool)
+    if "nonfinite" in rows.columns:  # a correct sample whose model stops computing at this perturbation is broken
+        fooled = fooled | (rows["nonfinite"].to_numpy(bool) & rows["clean_correct"].to_numpy(bool))
     frame = pd.DataFrame({
         **{k: rows[k].astype(str).to_numpy() for k in keys},
         "sample": rows["sample"].to_numpy(np.int64),

@@ -13,7 +13,12 @@ gate mode ``hard`` for a gated model, else its only mode, on the fine head when 
 - compute saved = 1 - mean clean MACs / all-blocks MACs (not applicable to an ungated model);
 - the masking status: the worst status of the gradient-masking checks and the names of those that warn;
 - the attacked images: how they were chosen (the manifest's ``subset``: rule, seed, number per fine class), as
-  one line (:attr:`SubsetSummary.line`).
+  one line (:attr:`SubsetSummary.line`);
+- whether the records are complete (:attr:`robustness.results.RunResults.complete`): an interrupted or damaged
+  attack leaves numbers over fewer samples or evaluations than the manifest names, and the headline opens with its
+  ``INCOMPLETE: ...`` line (:attr:`RunHeadline.incomplete`);
+- the samples whose clean or adversarial logits were not finite in some evaluation (the records' ``nonfinite``
+  column; 0 for records without it): their predictions, and every number counting them, mean nothing.
 
 Not re-exported by ``robustness.analysis``: it takes ``robustness.sanity`` checks and a loaded
 ``robustness.results.RunResults``, both of which build on the analysis package.
@@ -33,7 +38,7 @@ from robustness.analysis.metrics import compute_saved, is_gated, worst_case_accu
 from robustness.analysis.pivot import headline_scope, scoped
 from robustness.analysis.stats import Interval, wilson_interval
 from robustness.core.vocab import NORMS
-from robustness.results import RunResults
+from robustness.results import RunResults, Shortfall
 from robustness.sanity import Check, worst_status
 
 NAN = float("nan")
@@ -146,6 +151,11 @@ class RunHeadline:
     masking_ran: int = 0     # checks that could run (pass or warn), of masking_total
     masking_total: int = 0
     subset: SubsetSummary = SubsetSummary(None, None, 0)  # the attacked images
+    complete: bool = True    # every evaluation of the manifest has all its shards and samples (RunResults.complete)
+    incomplete: str = ""     # '' when complete, else RunResults.incomplete_line ("INCOMPLETE: ...")
+    missing_shards: int = 0  # shards the manifest's evaluations need that are not on disk
+    shortfalls: tuple[Shortfall, ...] = ()  # the incomplete evaluations (RunResults.shortfalls)
+    nonfinite: int = 0       # samples with non-finite clean or adversarial logits in some evaluation
 
     @property
     def subset_line(self) -> str:
@@ -162,7 +172,9 @@ class RunHeadline:
                 "compute_reason": self.compute_reason,
                 "masking": {"status": self.masking, "warnings": list(self.masking_warnings),
                             "ran": self.masking_ran, "total": self.masking_total},
-                "subset": self.subset.as_dict()}
+                "subset": self.subset.as_dict(), "complete": self.complete, "incomplete": self.incomplete,
+                "missing_shards": self.missing_shards, "incomplete_evaluations": [s.as_dict() for s in self.shortfalls],
+                "nonfinite": self.nonfinite}
 
 
 def _clean(rows: pd.DataFrame) -> Interval:
@@ -210,6 +222,14 @@ def _distances(rows: pd.DataFrame, n_boot: int, seed: int) -> tuple[MedianDistan
     return tuple(out)
 
 
+def nonfinite_samples(records: pd.DataFrame) -> int:
+    """Samples with ``nonfinite`` True in some row (records without the column: none)."""
+    if "nonfinite" not in records.columns or not len(records):
+        return 0
+    flagged = records["nonfinite"].eq(True).fillna(False).to_numpy(bool)
+    return int(records.loc[flagged, "sample"].nunique())
+
+
 def run_headline(run: RunResults, checks: Sequence[Check], n_boot: int = 1000, seed: int = 0) -> RunHeadline:
     """The headline of a loaded run (see the module docstring); ``checks`` are the run's ``sanity.run_checks``."""
     records = run.records
@@ -226,6 +246,8 @@ def run_headline(run: RunResults, checks: Sequence[Check], n_boot: int = 1000, s
         run=run.name, model=run.model, gate_mode=scope["gate_mode"], target=scope["target"], gated=gated,
         clean=_clean(rows) if len(rows) else Interval(NAN, NAN, NAN, 0), robust=_robust(records, scope),
         distances=_distances(rows, n_boot, seed), compute_saved=saved, compute_reason=reason,
-        masking=worst_status(checks), masking_warnings=tuple(c.name for c in checks if c.status == "warn"),
+        masking=worst_status(checks), masking_warnings=tuple(c.name for c in checks if c.status in ("fail", "warn")),
         masking_ran=sum(c.status != "skip" for c in checks), masking_total=len(checks),
-        subset=SubsetSummary.of(run.subset, run.n or 0))
+        subset=SubsetSummary.of(run.subset, run.n or 0), complete=run.complete, incomplete=run.incomplete_line,
+        missing_shards=run.missing_shards, shortfalls=run.shortfalls,
+        nonfinite=nonfinite_samples(records))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import math
+import numbers
 import tomllib
 import types
 import typing
@@ -17,6 +19,16 @@ from typing import Any, TypeVar
 from robustness.core.errors import ConfigError
 
 T = TypeVar("T")
+
+#: Ranges of integer options, checked before any work starts (a value outside them is one ConfigError line naming
+#: the option, never an OverflowError deep inside numpy or torch): seeds are int64 values (what numpy, torch and the
+#: records store); counts (samples, batch sizes, steps, restarts, queries, ...) fit an int32, as the libraries'
+#: loops and index arithmetic expect; epochs, processes and threads have bounds no real job reaches.
+MAX_SEED = 2 ** 63 - 1
+MAX_COUNT = 2 ** 31 - 1
+MAX_EPOCHS = 100_000
+MAX_WORKERS = 256
+MAX_THREADS = 1024
 SECTIONS = ("data", "model", "train", "attack", "run")
 #: The config ``dsn-robust run`` reads without ``--config``; its ``[attack]`` table is also ``dsn-robust attack``'s
 #: and the Python API's default evaluation (:func:`attacks.runner.config.default_attack_table`).
@@ -119,6 +131,43 @@ def build(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
         return cls(**values)
     except (TypeError, ValueError, OverflowError) as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def check_int(name: str, value: Any, low: int, high: int, where: str = "") -> int:
+    """``value`` as an int in ``low..high``; a ConfigError naming ``name`` (prefixed by ``where``) otherwise. bool is
+    never an int; numpy integers are accepted."""
+    prefix = f"{where}: " if where else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{prefix}{name} must be an integer in {low}..{high}, got {value!r}")
+    value = int(value)
+    if not low <= value <= high:
+        raise ConfigError(f"{prefix}{name} must be in {low}..{high}, got {brief_number(value)}")
+    return value
+
+
+def is_finite(value: Any) -> bool:
+    """Whether the number ``value`` is finite (an int too large for a float is not: it cannot be used as one)."""
+    try:
+        return math.isfinite(value)
+    except (OverflowError, TypeError, ValueError):
+        return False
+
+
+def check_finite(name: str, value: Any, where: str = "") -> None:
+    """ConfigError naming ``name`` unless the number ``value`` (None passes) is finite."""
+    if value is not None and not isinstance(value, bool) and isinstance(value, (int, float)) and not is_finite(value):
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(f"{prefix}{name} must be a finite number, got {brief_number(value)}")
+
+
+def brief_number(value: Any) -> str:
+    """A number as written, or an int of 25 digits and more as a power of two (a 400-digit number in a message
+    would be one line, but not one to read)."""
+    if isinstance(value, int) and abs(value) >= 10 ** 24:
+        sign = "-" if value < 0 else ""
+        bits = abs(value).bit_length() - 1
+        return f"{sign}2**{bits}" if abs(value) == 1 << bits else f"{sign}about 2**{bits}"
+    return repr(value)
 
 
 def check_type(name: str, value: Any, annotation: Any, where: str = "config") -> None:

@@ -42,6 +42,23 @@ class BudgetViolation(DSNError):
     exit_code = 3
 
 
+class Interrupted(KeyboardInterrupt):
+    """The process was asked to stop by a signal (SIGTERM): raised by the handler of
+    :func:`robustness.core.runtime.graceful_termination` wherever the main thread is, so the work unwinds exactly
+    as it does for Ctrl-C (a KeyboardInterrupt): the file being written is dropped (``atomic_write``), finished
+    files stay, the writer lock is released. Not a DSNError: no ``except DSNError`` / ``except Exception`` swallows
+    it. ``exit_code`` is the shell's convention for a death by that signal (128 + its number: 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, name: str = ""):
+        self.signum = int(signum)
+        self.signal_name = name or f"signal {signum}"
+        self.exit_code = 128 + self.signum
+        super().__init__(self.signal_name)
+
+    def __reduce__(self):  # a worker's interruption travels back to its parent (a process pool pickles it)
+        return type(self), (self.signum, self.signal_name)
+
+
 def first_line(err: BaseException, default: str = "") -> str:
     """The first line of ``err``'s message (a library's multi-line error as one clause of ours); ``default``, else
     the exception's type name, when the message is empty."""

@@ -29,7 +29,14 @@ belongs to an open file description, so the file is unlinked while still locked 
 checks that the file it locked is still the one at the path (else a late opener of the old inode and a creator of
 a new one could both "hold" it); flock is advisory and unreliable on some network file systems (NFS before Linux
 2.6.12 emulates it with POSIX locks). Where ``fcntl`` does not exist (Windows) no lock is taken: a warning says so
-once, and concurrent writers are not detected there.
+once, and concurrent writers are not detected there. A holder interrupted (Ctrl-C, or SIGTERM, which
+:mod:`robustness.core.runtime` turns into the same KeyboardInterrupt) first waits for its ``multiprocessing``
+children, the workers of its job, to stop, then releases the lock: no worker writes a shard after the lock is gone.
+
+A place that cannot be written is one RunDirError line naming the path and the cause, raised before anything is
+left half-written: permission, a read-only file system, a full disk or quota, a file larger than the file-size
+limit (``ulimit -f``: EFBIG, or torch's file writer failing on it), a name or path longer than the file system
+allows (:func:`check_path` refuses those before any work).
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ import errno
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -46,19 +54,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from robustness.core.errors import RunDirError
+from robustness.core.errors import RunDirError, first_line
 
 try:
     import fcntl
 except ImportError:  # Windows: no flock (see the module docstring)
     fcntl = None  # type: ignore[assignment]
+try:
+    import resource
+except ImportError:  # Windows: no file-size limit to report
+    resource = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
 #: environment variable listing (os.pathsep-separated) the lock files an ancestor process holds for its job
 LOCKS_ENV = "DSN_ROBUST_LOCKS"
 #: OS errors that mean "this place cannot be written" (and not a bug): turned into one RunDirError line
-_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST,
+               errno.EFBIG, errno.ENAMETOOLONG, errno.EIO}
+#: how long an interrupted lock holder waits for its worker processes to stop before it releases the lock anyway
+CHILDREN_GRACE_S = 60.0
+#: what the suite may add below a directory it is given to write (records/<evaluation id>/shard-NNNNN.parquet and
+#: atomic_write's temporary names): check_path's room for output folders
+OUTPUT_ROOM = 256
+#: a message shows a path up to this many characters; a longer one keeps its start and its end
+_SHOWN_PATH = 160
 _held: dict[Path, int] = {}  # lock files this process holds -> nesting depth
 #: what the suite writes at the top of a run directory (the layout above), besides atomic_write's temporary files
 RUN_ENTRIES = frozenset({"config.json", "checkpoints", "metrics.csv", "train.done", "attacks", "report", ".lock"})
@@ -217,6 +237,9 @@ def writer_lock(path: Path, command: str) -> Iterator[None]:
     os.environ[LOCKS_ENV] = os.pathsep.join(filter(None, [inherited, str(path)]))
     try:
         yield
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the job's workers stop before the lock goes
+        _wait_for_children()
+        raise
     finally:
         del _held[path]
         if inherited is None:
@@ -228,6 +251,18 @@ def writer_lock(path: Path, command: str) -> Iterator[None]:
         if created:
             with contextlib.suppress(OSError):
                 path.parent.rmdir()  # only when the body left the new directory empty
+
+
+def _wait_for_children(timeout: float = CHILDREN_GRACE_S) -> None:
+    """Wait (at most ``timeout`` seconds in all) for this process's ``multiprocessing`` children to exit: an
+    interrupted holder's workers, which got the signal too (the terminal's process group for Ctrl-C; the handler of
+    :func:`robustness.core.runtime.graceful_termination` forwards SIGTERM)."""
+    deadline = time.monotonic() + timeout
+    for child in multiprocessing.active_children():
+        child.join(max(0.0, deadline - time.monotonic()))
+    if multiprocessing.active_children():
+        log.warning("worker process(es) %s still running; releasing the lock anyway",
+                    ", ".join(str(c.pid) for c in multiprocessing.active_children()))
 
 
 def _covered(path: Path) -> bool:
@@ -246,6 +281,8 @@ def _acquire(path: Path, command: str) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError as err:
+            if err.errno == errno.ENAMETOOLONG:  # nothing can be asked about such a path
+                raise _unwritable(path.parent, err) from None
             if err.errno == errno.ELOOP or path.is_symlink():
                 raise RunDirError(f"{path} is a symbolic link, not the suite's lock file; the suite never writes "
                                   f"through links: remove it, then rerun") from None
@@ -300,13 +337,103 @@ def _warn_no_lock() -> None:
 def _unwritable(path: Path, err: OSError) -> Exception:
     """``err`` as one RunDirError line naming ``path`` when the place cannot be written, else ``err`` itself."""
     if err.errno in (errno.EEXIST, errno.ENOTDIR):
-        return RunDirError(f"cannot write {path}: a file stands where a directory should be")
+        return RunDirError(f"cannot write {shown(path)}: a file stands where a directory should be")
     if err.errno in _UNWRITABLE:
-        reason = err.strerror or type(err).__name__
-        return RunDirError(f"cannot write {path}: {reason.lower()}"
-                           + ("; pick a writable place or fix its permissions"
-                              if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""))
+        return RunDirError(f"cannot write {shown(path)}: {os_error_reason(err, path)}")
     return err
+
+
+def os_error_reason(err: OSError, path: str | os.PathLike[str] | None = None) -> str:
+    """Why an OS call failed, as the clause of a message: the system's words (``no space left on device``), with
+    the limit that was hit where it can be told (``ulimit -f``, the length of a name or a path) and a fix."""
+    # the system's words for the errno, not a library's (pyarrow's EFBIG reads "error writing bytes to file. ...")
+    reason = (os.strerror(err.errno) if err.errno in _UNWRITABLE else err.strerror or type(err).__name__).lower()
+    if err.errno == errno.EFBIG:
+        limit = file_size_limit()
+        return reason + (f" (this process may write files of at most {limit} bytes: raise ulimit -f)"
+                         if limit is not None else " for this file system")
+    if err.errno == errno.ENAMETOOLONG:  # the name the kernel refused (a temporary or lock file's), else ours
+        for target in (err.filename, path):
+            problem = _too_long(Path(os.fsdecode(target))) if target is not None else ""
+            if problem:
+                return problem
+        return reason
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return reason + "; pick a writable place or fix its permissions"
+    return reason
+
+
+def os_error_line(err: OSError) -> str | None:
+    """One line for an OSError that the environment caused (a full disk, the file-size limit, a name too long, a
+    read-only place, an I/O error) wherever it was raised, naming the file; None for any other OSError (a bug)."""
+    if err.errno not in _UNWRITABLE - {errno.EEXIST, errno.ENOTDIR}:
+        return None
+    where = os.fsdecode(err.filename) if err.filename is not None else None
+    return f"{shown(where) + ': ' if where else ''}{os_error_reason(err, where)}"
+
+
+def file_size_limit() -> int | None:
+    """This process's file-size limit in bytes (``ulimit -f``, RLIMIT_FSIZE); None when there is none."""
+    if resource is None:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY or soft < 0 else int(soft)
+
+
+def shown(path: str | os.PathLike[str]) -> str:
+    """``path`` for a message: as given, or its start and end around an ellipsis with its length when it is long."""
+    text = os.fsdecode(path)
+    if len(text) <= _SHOWN_PATH:
+        return text
+    keep = (_SHOWN_PATH - 30) // 2
+    return f"{text[:keep]}...{text[-keep:]} ({len(text)} characters)"
+
+
+def _limits(path: Path) -> tuple[int, int]:
+    """(longest name, longest path) in bytes that the file system holding ``path`` (or its nearest existing
+    ancestor) accepts; Linux's 255 and 4095 where it cannot be asked."""
+    probe = path
+    while not _exists(probe) and probe != probe.parent:
+        probe = probe.parent
+    name_max, path_max = 255, 4096
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        name_max = os.pathconf(probe, "PC_NAME_MAX")
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        path_max = os.pathconf(probe, "PC_PATH_MAX")
+    return name_max, path_max - 1  # PATH_MAX counts the terminating NUL
+
+
+def _exists(path: Path) -> bool:
+    try:
+        os.stat(path)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _too_long(path: Path, room: int = 0) -> str:
+    """What is too long about ``path`` (a name, or the whole path with ``room`` bytes more) as ``file name too long
+    (...)`` or ``path too long (...)``; "" when nothing is."""
+    full = Path(os.path.abspath(path))
+    name_max, path_max = _limits(full)
+    for part in full.parts:
+        size = len(os.fsencode(part))
+        if size > name_max:
+            return f"file name too long (a name of {size} bytes; this file system allows at most {name_max})"
+    size = len(os.fsencode(str(full)))
+    if size + room > path_max:
+        more = f", and the suite writes paths up to {room} bytes longer inside it" if room else ""
+        return f"path too long ({size} bytes{more}; this system allows at most {path_max})"
+    return ""
+
+
+def check_path(path: str | os.PathLike[str], what: str, room: int = 0) -> None:
+    """RunDirError (one line naming ``what``, e.g. ``--out``) when ``path`` has a name longer than its file system
+    allows or is, with ``room`` bytes more (:data:`OUTPUT_ROOM` for a folder the suite writes into), longer than the
+    system's path limit: refused before any work, not after an epoch of training when the first file is saved."""
+    problem = _too_long(Path(os.fsdecode(path)), room)
+    if problem:
+        raise RunDirError(f"{what} {shown(path)}: {problem}; pick a shorter one")
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -321,14 +448,16 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``.
 
-    A crash or Ctrl-C in the middle leaves the previous ``path`` (or nothing) in place, never a partial file. A
-    place that cannot be written (permission, read-only file system, disk full, a file where a folder should be)
-    is one RunDirError line naming ``path``.
+    A crash, Ctrl-C or SIGTERM in the middle leaves the previous ``path`` (or nothing) in place, never a partial file:
+    the rename happens only after ``write`` returned. A place that cannot be written (permission, read-only file
+    system, disk full or quota, the file-size limit, a name too long, a file where a folder should be) is one
+    RunDirError line naming ``path``; so is torch's file writer failing (``torch.save`` reports a short write as a
+    RuntimeError without the OS error: the cause is told from the file-size limit and the free space).
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{_temporary_stem(path.name)}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
         raise _unwritable(path, err) from None
     os.close(fd)
@@ -339,9 +468,51 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
         raise _unwritable(path, err) from None
+    except RuntimeError as err:
+        if not _file_writer_failed(err):
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        failure = RunDirError(f"cannot write {shown(path)}: {_write_failure_cause(Path(tmp), err)}")
+        Path(tmp).unlink(missing_ok=True)
+        raise failure from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _temporary_stem(name: str) -> str:
+    """``name`` shortened so that its temporary file's name (``.<stem>.<8 random>.tmp``) is no longer than a name
+    the file system accepts wherever ``name`` itself is."""
+    encoded = os.fsencode(name)
+    return name if len(encoded) <= 200 else os.fsdecode(encoded[:200])
+
+
+#: what torch's file writer (caffe2's PyTorchStreamWriter) says when a write to its file fails
+_FILE_WRITER_ERRORS = ("PytorchStreamWriter failed", "inline_container.cc")
+
+
+def _file_writer_failed(err: RuntimeError) -> bool:
+    return any(mark in str(err) for mark in _FILE_WRITER_ERRORS)
+
+
+def _write_failure_cause(tmp: Path, err: BaseException) -> str:
+    """Why a write that reports no OS error failed (torch's file writer): the file-size limit when the partial file
+    reached it, a full disk when (almost) nothing is free, else the writer's own words."""
+    try:
+        size = tmp.stat().st_size
+    except OSError:
+        size = 0
+    limit = file_size_limit()
+    if limit is not None and size >= limit:
+        return f"file too large (this process may write files of at most {limit} bytes: raise ulimit -f)"
+    try:
+        st = os.statvfs(tmp.parent)
+        free = (st.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    except (AttributeError, OSError):
+        free = None
+    if free is not None and free < 1 << 20:
+        return "no space left on device"
+    return f"the write failed ({first_line(err)}): the disk may be full, a quota reached or the file too large"
 
 
 def _umask() -> int:

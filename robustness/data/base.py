@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from robustness.core.config import brief_number
 from robustness.core.errors import ConfigError, DataError
+from robustness.core.runtime import check_memory
 
 #: The splits every dataset serves.
 SPLITS = ("train", "test")
@@ -185,15 +187,30 @@ class CoarseFineDataset(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------------------------------------------
 
 
+#: the largest value of an integer dataset option (seeds included): what numpy and torch hold in an int64
+MAX_OPTION = 2 ** 63 - 1
+
+
 def int_option(dataset: str, option: str, value: Any, low: int, high: int | None = None) -> int:
-    """``value`` as an int in ``low..high`` (no upper bound if ``high`` is None); a ConfigError naming the option."""
+    """``value`` as an int in ``low..high`` (``high`` None: up to :data:`MAX_OPTION`, an int64); a ConfigError
+    naming the option."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ConfigError(f"{dataset}: option {option} must be an integer, got {value!r}")
     value = int(value)
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in {low}..{high}"
-        raise ConfigError(f"{dataset}: option {option} must be {bound}, got {value}")
+    if value < low or value > (MAX_OPTION if high is None else high):
+        bound = f"in {low}..{high}" if high is not None else f">= {low}" if value < low else f"at most {MAX_OPTION}"
+        raise ConfigError(f"{dataset}: option {option} must be {bound}, got {brief_number(value)}")
     return value
+
+
+def check_dataset_memory(dataset: str, split: str, n: int, channels: int, size: int, copies: int = 1,
+                         working: int = 0) -> None:
+    """ConfigError, one line, before ``n`` images are generated or read, when they cannot fit in the memory
+    available (:func:`robustness.core.runtime.available_memory`): ``n x channels x size**2`` bytes of uint8 images
+    (``copies`` of them at the peak of building them) plus 16 bytes of fine and coarse int64 labels per image, plus
+    ``working`` bytes the loader needs on top."""
+    needed = n * (channels * size * size * copies + 16) + working
+    check_memory(f"{dataset}: n = {n} {split} images of {channels}x{size}x{size}", needed, "lower [data] n")
 
 
 def file_version(path: Path) -> tuple[int, int]:

@@ -5,6 +5,10 @@ against the background); the fine class is the texture inside it, drawn at lower
 linear model on pixels: position, scale, rotation, shape and background colours, a low-frequency background wave,
 small clutter blobs and pixel noise. Sample i depends only on (seed, split, i): a smaller n is a prefix of a larger
 one, and train and test never share an image.
+
+Before generating, the memory the split takes (n x 3 x image_size**2 bytes of uint8 images, twice while the chunks
+are joined, plus the labels and one chunk's float32 work) is compared with the memory available: an ``n`` that
+cannot fit is one ConfigError line with the numbers, not a machine swapping until the kernel kills the job.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from robustness.data.base import CoarseFineDataset, DatasetInfo, int_option
+from robustness.data.base import CoarseFineDataset, DatasetInfo, check_dataset_memory, int_option
 from robustness.data.registry import register_dataset
 
 SYNTHETIC_SHAPES = ("disc", "bar", "triangle", "cross", "star", "crescent")
@@ -25,6 +29,7 @@ SYNTHETIC_TEXTURES = ("plain", "stripes", "checker", "dots", "rings", "grid")
 _SYNTHETIC_MEAN = (0.4908, 0.4901, 0.4910)
 _SYNTHETIC_STD = (0.2598, 0.2618, 0.2607)
 _SYNTHETIC_CHUNK_PIXELS = 1024 * 32 * 32  # per generation chunk: 1024 images of 32 px, fewer larger ones
+_CHUNK_FLOAT_ARRAYS = 8  # float32 arrays of a chunk's image size alive at once while it is drawn (an upper bound)
 _SPLIT_CODE = {"train": 0, "test": 1}
 
 
@@ -59,7 +64,13 @@ def load_synthetic(split: str, n: int | None = None, image_size: int = 32, seed:
         n = 10000 if split == "train" else 2000
     n = int_option("synthetic", "n", n, 1)
     seed = int_option("synthetic", "seed", seed, 0)
-    images, fine = _generate_synthetic(n, info.image_size, seed, split, n_coarse, fine_per_coarse)
+    size = info.image_size
+    chunk = max(16, _SYNTHETIC_CHUNK_PIXELS // (size * size))
+    pixels = info.channels * size * size
+    drawn = math.ceil(n / chunk) * chunk  # whole chunks are drawn (a smaller n is a prefix)
+    check_dataset_memory("synthetic", split, n, info.channels, size, copies=2,
+                         working=(drawn - n) * (2 * pixels + 8) + chunk * pixels * _CHUNK_FLOAT_ARRAYS * 4)
+    images, fine = _generate_synthetic(n, size, seed, split, n_coarse, fine_per_coarse)
     return CoarseFineDataset(info, torch.from_numpy(images), torch.from_numpy(fine), split)
 
 
