@@ -41,8 +41,9 @@ import numpy as np
 import torch
 
 from attacks.runner import AttackConfig, load_run_checkpoint, run_attacks
-from models.registry import check_options, own_options
+from models.registry import check_options, create_model, own_options
 from models.training import TrainConfig, train
+from models.training.config import model_kwargs
 from reports.html import write_comparison, write_report
 from robustness.analysis.compare import compare_runs
 from robustness.analysis.seeds import compare_seeds
@@ -135,10 +136,14 @@ class PipelineConfig:
 
     def check_machine(self) -> None:
         """What this machine must offer, checked before anything is written: the devices (``cuda`` where there is
-        none is a ConfigError) and the dataset's local files (a DataError naming the missing path)."""
+        none is a ConfigError), the dataset's local files (a DataError naming the missing path) and every model's option
+        values (each model is built once on the meta device)."""
         resolve_device(self.train.device)
         resolve_device(self.attack.device)
-        dataset_info(self.train.dataset, self.train.data_root, **self.train.data_options)
+        info = dataset_info(self.train.dataset, self.train.data_root, **self.train.data_options)
+        for name in self.plan.models:  # an option value a model refuses (dsn's depth_n = 1) fails here, not later
+            with torch.device("meta"):  # shapes only: nothing allocated, whatever the model's size
+                create_model(name, **model_kwargs(self.train.replace(model=name), info))
 
 
 @dataclass

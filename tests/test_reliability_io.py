@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -483,6 +484,20 @@ def test_a_data_set_larger_than_memory_is_refused_before_it_is_generated(monkeyp
     monkeypatch.setattr(runtime, "available_memory", lambda: None)  # unknown: nothing to compare with, no refusal
     with pytest.raises(pytest.fail.Exception, match="generated"):
         load_dataset("synthetic", "test", n=10 ** 12)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("data.n=1000000000000", r"synthetic: n = 1000000000000 train images .* needs about .* of memory"),
+    ("model.depth_n=1", r"dsn needs depth_n >= 2"),
+], ids=["data-too-large", "model-option-refused"])
+def test_run_refuses_what_cannot_work_before_it_creates_its_out_folder(setting, message, tiny_config, tmp_path,
+                                                                       monkeypatch, capsys):
+    monkeypatch.setattr(runtime, "available_memory", lambda: 1 << 30)
+    out = tmp_path / "out"
+    assert cli.main(["run", "--config", str(tiny_config), "--out", str(out), "--set", setting, "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not out.exists()  # not even run.json: nothing of a run that never started
 
 
 def test_available_memory_reads_the_machine():

@@ -33,12 +33,14 @@ _CHUNK_FLOAT_ARRAYS = 8  # float32 arrays of a chunk's image size alive at once 
 _SPLIT_CODE = {"train": 0, "test": 1}
 
 
-def synthetic_info(image_size: int = 32, n_coarse: int = 4, fine_per_coarse: int = 4, **_: Any) -> DatasetInfo:
-    """The classes of the first ``n_coarse`` shapes x ``fine_per_coarse`` textures; n and seed do not change it."""
+def synthetic_info(image_size: int = 32, n_coarse: int = 4, fine_per_coarse: int = 4, n: int | None = None,
+                   **_: Any) -> DatasetInfo:
+    """The classes of the first ``n_coarse`` shapes x ``fine_per_coarse`` textures; n and seed do not change it,
+    but an ``n`` whose images cannot fit in memory is refused here already (before a job writes anything)."""
     image_size, n_coarse, fine_per_coarse = _synthetic_geometry(image_size, n_coarse, fine_per_coarse)
     shapes = SYNTHETIC_SHAPES[:n_coarse]
     fine = tuple(f"{s}/{t}" for s in shapes for t in SYNTHETIC_TEXTURES[:fine_per_coarse])
-    return DatasetInfo(
+    info = DatasetInfo(
         name="synthetic",
         fine_classes=fine,
         coarse_classes=shapes,
@@ -47,6 +49,9 @@ def synthetic_info(image_size: int = 32, n_coarse: int = 4, fine_per_coarse: int
         std=_SYNTHETIC_STD,
         image_size=image_size,
     )
+    if n is not None:
+        _check_memory("train", int_option("synthetic", "n", n, 1), info)
+    return info
 
 
 def _synthetic_geometry(image_size: Any, n_coarse: Any, fine_per_coarse: Any) -> tuple[int, int, int]:
@@ -64,14 +69,19 @@ def load_synthetic(split: str, n: int | None = None, image_size: int = 32, seed:
         n = 10000 if split == "train" else 2000
     n = int_option("synthetic", "n", n, 1)
     seed = int_option("synthetic", "seed", seed, 0)
+    _check_memory(split, n, info)
+    images, fine = _generate_synthetic(n, info.image_size, seed, split, n_coarse, fine_per_coarse)
+    return CoarseFineDataset(info, torch.from_numpy(images), torch.from_numpy(fine), split)
+
+
+def _check_memory(split: str, n: int, info: DatasetInfo) -> None:
+    """ConfigError unless ``n`` images of ``split`` can be generated in the memory available (the module docstring)."""
     size = info.image_size
     chunk = max(16, _SYNTHETIC_CHUNK_PIXELS // (size * size))
     pixels = info.channels * size * size
     drawn = math.ceil(n / chunk) * chunk  # whole chunks are drawn (a smaller n is a prefix)
     check_dataset_memory("synthetic", split, n, info.channels, size, copies=2,
                          working=(drawn - n) * (2 * pixels + 8) + chunk * pixels * _CHUNK_FLOAT_ARRAYS * 4)
-    images, fine = _generate_synthetic(n, size, seed, split, n_coarse, fine_per_coarse)
-    return CoarseFineDataset(info, torch.from_numpy(images), torch.from_numpy(fine), split)
 
 
 def _generate_synthetic(n: int, size: int, seed: int, split: str, n_coarse: int,
