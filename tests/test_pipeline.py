@@ -221,7 +221,7 @@ def test_interrupted_run_resumes_to_the_same_records(finished, tmp_path, capsys,
 
 def test_seeds_train_and_attack_every_model_per_seed_on_the_same_images_and_pool_the_verdict(tmp_path, capsys):
     tables = tomllib.loads(shrunken_quickstart(tmp_path).read_text())
-    tables["run"].update({"models": ["dsn", "dual"], "transfer": ["dual->dsn"], "seeds": [3, 5]})
+    tables["run"].update({"models": ["dsn", "dual"], "transfer": ["dual->dsn"], "seeds": [3, 5], "workers": 1})
     tables["attack"].update({"attacks": ["fmn", "fgsm"], "gate_grads": ["none"], "n": 12, "batch_size": 12})
     config = write_toml(tmp_path / "seeds.toml", tables)
     out = tmp_path / "out"

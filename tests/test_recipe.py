@@ -70,7 +70,7 @@ def test_seed_lists_and_run_seeds_are_checked():
 
 def test_bench_recipe_trains_every_model_per_seed_and_exits_1_on_a_miss(tmp_path, capsys):
     tables = tomllib.loads(shrunken_quickstart(tmp_path).read_text())
-    tables["run"].update({"models": ["dsn", "dual"], "transfer": []})
+    tables["run"].update({"models": ["dsn", "dual"], "transfer": [], "workers": 1})
     tables["train"].update({"epochs": 1})
     config = write_toml(tmp_path / "tiny.toml", tables)
     out = tmp_path / "recipe"

@@ -370,7 +370,7 @@ def test_cli_bad_input_writes_nothing(tmp_path, capsys, args, needles):
     (["--dataset", "mnist"], ["unknown dataset 'mnist'", "synthetic"]),
     (["--epochs", "0"], ["epochs must be >= 1"]),
     (["--epochs", "-3"], ["epochs must be >= 1"]),
-    (["--lr", "0"], ["lr must be > 0"]),
+    (["--lr", "0"], ["lr must be a finite number > 0"]),
     (["--batch-size", "0"], ["batch_size"]),
     ([], ["finished run", "--resume", "--force"]),
     (["--resume", "--model", "dsn"], ["does not match", "model is 'dual', expected 'dsn'"]),

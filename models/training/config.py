@@ -183,7 +183,7 @@ class TrainConfig:
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {n(self.epochs)}"),
             (self.batch_size >= 2, f"batch_size must be >= 2 (BatchNorm needs two samples), got {n(self.batch_size)}"),
-            (self.lr > 0 and is_finite(self.lr), f"lr must be > 0, got {n(self.lr)}"),
+            (self.lr > 0 and is_finite(self.lr), f"lr must be a finite number > 0, got {n(self.lr)}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {n(self.momentum)}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {n(self.weight_decay)}"),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}"),

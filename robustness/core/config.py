@@ -127,6 +127,7 @@ def build(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
         check_type(name, value, hints.get(name, Any), where)
+    values = {name: as_declared(value, hints.get(name, Any)) for name, value in values.items()}
     try:
         return cls(**values)
     except (TypeError, ValueError, OverflowError) as err:
@@ -143,6 +144,17 @@ def check_int(name: str, value: Any, low: int, high: int, where: str = "") -> in
     if not low <= value <= high:
         raise ConfigError(f"{prefix}{name} must be in {low}..{high}, got {brief_number(value)}")
     return value
+
+
+def as_declared(value: Any, annotation: Any) -> Any:
+    """``value`` as its field declares it: an int given for a float field (``lr = 1``) becomes that float, so the
+    config, its records and every later check hold a float (an int such as 2**63 would otherwise pass as an
+    "int64 overflow" into numpy); an int too large for any float is left for the finiteness check to refuse."""
+    if isinstance(value, bool) or not isinstance(value, int) or not is_finite(value):
+        return value
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    return float(value) if float in members and int not in members else value
 
 
 def is_finite(value: Any) -> bool:
