@@ -5,6 +5,9 @@ MACs of each gated block. The per-sample cost of a forward pass is then
 
     always-on MACs (stem, trunk, ungated blocks, gates, feedback, FiLM, heads) + sum of executed gated blocks.
 
+A gated unit whose skip path is not the identity (a downsampling block skipped to its projection shortcut) counts
+as the MACs it saves, block less shortcut: the shortcut's share goes to the always-on part.
+
 ``FlopCounterMode`` counts matrix multiplies and convolutions (2 FLOPs per MAC); element-wise work such as
 BatchNorm, ReLU and pooling is not counted, as in the SkipNet / ConvNet-AIG accounting.
 
@@ -24,16 +27,20 @@ from torch.utils.flop_counter import FlopCounterMode
 from robustness.core.runtime import accumulation_dtype
 
 
-def count_macs(fn, *inputs: torch.Tensor) -> float:
-    """MACs of ``fn(*inputs)`` as counted by torch's flop counter (one forward, no autograd)."""
+def count_macs(fn, *inputs: torch.Tensor, per_sample: bool = False) -> float:
+    """MACs of ``fn(*inputs)`` as counted by torch's flop counter (one forward, no autograd); ``per_sample``:
+    divided by the first input's batch size (count on a batch of two or more: a researcher's model may
+    ``squeeze()`` a batch dimension of one away, as SkipNet's gates do)."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         fn(*inputs)
-    return counter.get_total_flops() / 2.0
+    return counter.get_total_flops() / 2.0 / (inputs[0].shape[0] if per_sample else 1)
 
 
 @dataclass(frozen=True)
 class CostTable:
-    """Per-sample MACs of a model: the full network, the always-on part and each gated block (in path order)."""
+    """Per-sample MACs of a model: the full network (every gated unit run), the always-on part and what skipping
+    each gated unit saves (in path order): its block's MACs, less its skip path's when that is not the identity (a
+    gated downsampling block's projection shortcut still runs when the block is skipped)."""
 
     full: float
     always_on: float

@@ -275,15 +275,20 @@ def hardsig_slope(epoch: int, start: float = 1.0, growth: float = 1.0, max_slope
     return float(min(max_slope, start + growth * max(epoch, 0)))
 
 
-def run_block(block: nn.Module, x: torch.Tensor, d: Decision, inplace: bool = False) -> torch.Tensor:
-    """Run ``block`` where decision ``d`` says so: on the executed sub-batch only, or on all samples with a mask
-    (``x + v * (block(x) - x)``: a skipped block is the identity).
+def run_block(block: nn.Module, x: torch.Tensor, d: Decision, inplace: bool = False,
+              skip: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Run ``block`` where decision ``d`` says so and the skip path elsewhere: on the executed sub-batch only, or on
+    all samples with a mask (``s + v * (block(x) - s)``, ``s = skip(x)``).
 
+    ``skip`` is what a skipped sample gets: None is the identity (a residual block), a module such as a gated
+    stride-2 block's projection shortcut gives the block's output shape (SkipNet and ConvNet-AIG gate those too).
     Only a decision that varies per sample (``d.uniform is None``) reads the decisions back to the host: on a GPU
     that ``nonzero`` is a synchronisation, which an open or frozen-uniform forward must not pay per block.
     ``inplace``: the caller holds no other reference to ``x``, so a sub-batch result may be written into it where
-    nothing differentiates through ``x`` (saves a copy of the whole batch per gated block).
+    nothing differentiates through ``x`` (saves a copy of the whole batch per gated block; identity skip only).
     """
+    if skip is not None:
+        return _run_or_skip(block, skip, x, d)
     if d.mask:
         v = d.value.view(-1, *([1] * (x.dim() - 1)))
         return x + v * (block(x) - x)
@@ -298,3 +303,25 @@ def run_block(block: nn.Module, x: torch.Tensor, d: Decision, inplace: bool = Fa
     if inplace and y.dtype == x.dtype and not x.requires_grad:
         return x.index_copy_(0, idx, y)
     return x.to(y.dtype).index_copy(0, idx, y)  # under autocast the block may return a narrower dtype
+
+
+def _run_or_skip(block: nn.Module, skip: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 d: Decision) -> torch.Tensor:
+    """:func:`run_block` with a skip function: each sample gets ``block(x)`` or ``skip(x)`` (whose shapes agree and
+    may differ from ``x``'s); in sub-batch execution each of the two runs on its own samples only."""
+    if d.mask:
+        s = skip(x)
+        return s + d.value.view(-1, *([1] * (s.dim() - 1))) * (block(x) - s)
+    if d.uniform is not None:
+        return block(x) if d.uniform else skip(x)
+    run = d.executed.nonzero().squeeze(1)
+    if run.numel() in (0, x.shape[0]):
+        return block(x) if run.numel() else skip(x)
+    rest = (~d.executed).nonzero().squeeze(1)
+    ran, skipped = block(x.index_select(0, run)), skip(x.index_select(0, rest))
+    if ran.shape[1:] != skipped.shape[1:]:
+        raise ConfigError(f"a gated block returns shape {tuple(ran.shape[1:])} but its skip path "
+                          f"{tuple(skipped.shape[1:])}: both must give the block's output shape")
+    dtype = torch.promote_types(ran.dtype, skipped.dtype)
+    out = ran.new_empty((x.shape[0], *ran.shape[1:]), dtype=dtype)
+    return out.index_copy(0, run, ran.to(dtype)).index_copy(0, rest, skipped.to(dtype))

@@ -17,20 +17,37 @@ dataset (``num_classes``-like ones the caller offers in ``derived``) are passed 
 Checkpoints of such a model record its source (:meth:`ModelSource.to_dict`, under ``model.source``) and rebuild
 from it; when the file or the entry point has gone, loading fails with one line saying which.
 
+A model file may import modules beside it (``from skipnet_models import SkipNet``, as public SkipNet and ConvNet-AIG
+code is laid out): while the file is imported and while its factory runs, its folder is first on ``sys.path``
+(:func:`_importable`), and only then, so the folder's other files cannot shadow what the suite imports later. The
+sibling modules stay in ``sys.modules`` for the forwards that follow. Pitfalls: a sibling first imported *inside* a
+forward is not found (import it at the top of the file); siblings are cached by name for the process, so two model
+files beside two different ``common.py`` share the first one loaded; and a sibling named like a suite package
+(SkipNet's ``models.py``) loses to that package, already imported: the import error says to rename it.
+
+An exception raised in the user's own code is told from a bug of the suite by the innermost frame of its traceback
+that lies in a loaded model file's folder (:func:`user_code_frame`), minus installed code below that folder (a
+virtual environment, the suite itself when the file sits in the project's root); it is named by that FILE:LINE
+(:func:`describe_user_error`, and the CLI's ``your model raised ...``, exit 2).
+
 Security: a model file is Python code the user chose to run, and it runs with the user's rights (as ``python
 my_nets.py`` would). Only point ``--model-file`` at code you trust. Weights are data, not code: they still load
 with ``torch.load(weights_only=True)``, so a weights file can never run anything.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 import importlib.metadata
 import importlib.util
 import inspect
 import sys
+import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -46,6 +63,12 @@ ENTRY_POINT_GROUP = "dsn_robustness.models"
 DEFAULT_FACTORY = "build"
 
 Factory = Callable[..., nn.Module]
+
+#: The folders of the model files loaded in this process: code there (the file and its sibling modules) is the
+#: user's, so its exceptions are the user's to fix (:func:`user_code_frame`).
+_USER_FOLDERS: set[Path] = set()
+#: The suite's own packages: their code is never the user's, even when a model file sits in the project's root.
+SUITE_PACKAGES = ("robustness", "models", "attacks", "reports")
 
 
 @dataclass(frozen=True)
@@ -89,7 +112,7 @@ class ModelSource:
         except DSNError:
             raise
         except Exception as err:  # the user's code: report its failure as one line, never a traceback
-            raise ConfigError(f"model factory {self} failed: {type(err).__name__}: {first_line(err)}") from None
+            raise ConfigError(f"model factory {self} failed: {describe_user_error(err)}") from None
         if not isinstance(module, nn.Module):
             raise ConfigError(f"model factory {self} returned {type(module).__name__}, not a torch.nn.Module")
         model = adapt(module, name=name or self.default_name, mean=mean, std=std)
@@ -149,31 +172,105 @@ def build_from_spec(spec: str, weights: str | Path | None = None, options: dict[
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def user_code_frame(err: BaseException) -> tuple[str, int] | None:
+    """Where ``err`` was raised in the user's code: ``(file, line)`` of the innermost frame of its traceback that
+    lies in the folder of a loaded model file (the file or a sibling module), or None when no frame does (then
+    the error is the suite's, or a library's it called on its own). A SyntaxError in the user's code is placed at
+    its own file and line, which no frame holds."""
+    if isinstance(err, SyntaxError) and err.filename and _is_user_file(err.filename):
+        return str(err.filename), int(err.lineno or 0)
+    for frame in reversed(traceback.extract_tb(err.__traceback__)):
+        if _is_user_file(frame.filename):
+            return frame.filename, int(frame.lineno or 0)
+    return None
+
+
+def describe_user_error(err: BaseException) -> str:
+    """``IndexError: <first line> at FILE:LINE``: an exception of the user's code as one clause, placed where the
+    user can fix it (the place is left out when no frame of theirs holds it), with a hint for an import that found
+    the suite's package instead of the user's module of that name."""
+    where = user_code_frame(err)
+    at = f" at {where[0]}:{where[1]}" if where else ""
+    top = (getattr(err, "name", None) or "").partition(".")[0] if isinstance(err, ImportError) else ""
+    if top in SUITE_PACKAGES and any((folder / f"{top}.py").is_file() for folder in _USER_FOLDERS):
+        at += f" (the suite's package {top} shadows your {top}.py: rename that module)"
+    return f"{type(err).__name__}: {first_line(err)}{at}"
+
+
+def _is_user_file(filename: str) -> bool:
+    """Whether ``filename`` lies in a loaded model file's folder and is not installed code below it: the suite's
+    packages (a model file in the project's root) and anything under a ``sys.path`` entry inside that folder (a
+    virtual environment, ``~/.local`` site-packages or a Python of a model file in the home folder)."""
+    if not filename or filename.startswith("<"):  # <frozen importlib._bootstrap>, <string>
+        return False
+    path = Path(filename).resolve()
+    folders = [f for f in _USER_FOLDERS if path.is_relative_to(f)]
+    if not folders:
+        return False
+    installed = [Path(p).resolve() for name in SUITE_PACKAGES for p in getattr(sys.modules.get(name), "__path__", [])]
+    entries = (Path(entry).resolve() for entry in sys.path if entry)
+    installed += [e for e in entries if e not in _USER_FOLDERS and any(e.is_relative_to(f) for f in folders)]
+    return not any(path.is_relative_to(folder) for folder in installed)
+
+
+@contextmanager
+def _importable(folder: Path) -> Iterator[None]:
+    """``folder`` first on ``sys.path`` for the duration (only that entry is taken out afterwards, even on error).
+    Import caches are dropped first: a sibling written a moment ago (as a test or a notebook does) would otherwise
+    be missed when the folder was on ``sys.path`` before."""
+    entry = str(folder)
+    importlib.invalidate_caches()
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        if entry in sys.path:
+            sys.path.remove(entry)  # the first one: ours, unless the user's code put the same folder before it
+
+
+def _in_folder(fn: Factory, folder: Path) -> Factory:
+    """``fn`` run with ``folder`` importable (:func:`_importable`), wherever it is called: ``build``, a checkpoint
+    rebuilding the model, or a caller of :func:`load_model_file`. Its signature stays ``fn``'s (``__wrapped__``),
+    which :func:`_factory_kwargs` reads."""
+    @functools.wraps(fn)
+    def factory(*args: Any, **kwargs: Any) -> nn.Module:
+        with _importable(folder):
+            return fn(*args, **kwargs)
+    return factory
+
+
 def _file_factory(path: Path, factory: str) -> Factory:
     if not path.is_file():
         raise ConfigError(f"model file {path} does not exist")
+    path = path.resolve()
+    _USER_FOLDERS.add(path.parent)  # before the import: its failure is the user's too
     # one module per file path (and contents), so two files called nets.py do not shadow each other
     digest = hashlib.sha256(str(path).encode() + path.read_bytes()).hexdigest()[:12]
     module_name = f"dsn_robustness_model_file_{path.stem}_{digest}"
-    module = sys.modules.get(module_name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        if spec is None or spec.loader is None:
-            raise ConfigError(f"model file {path} cannot be imported (is it a .py file?)")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # dataclasses and pickling look their module up here
-        try:
-            spec.loader.exec_module(module)
-        except Exception as err:  # the user's code: one line, never a traceback
-            del sys.modules[module_name]
-            raise ConfigError(f"model file {path} failed to import: {type(err).__name__}: {first_line(err)}") \
-                from None
+    module = sys.modules.get(module_name) or _import_file(path, module_name)
     fn = getattr(module, factory, None)
     if not callable(fn):
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
                        and getattr(v, "__module__", None) == module_name)
         raise ConfigError(f"model file {path} has no function {factory!r}; it defines: {', '.join(found) or 'none'}")
-    return fn
+    return _in_folder(fn, path.parent)
+
+
+def _import_file(path: Path, module_name: str) -> Any:
+    """The module of model file ``path``, imported with its folder importable; ConfigError (one line naming the
+    user's FILE:LINE) when its code fails."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"model file {path} cannot be imported (is it a .py file?)")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look their module up here
+    try:
+        with _importable(path.parent):
+            spec.loader.exec_module(module)
+    except Exception as err:  # the user's code: one line, never a traceback
+        del sys.modules[module_name]
+        raise ConfigError(f"model file {path} failed to import: {describe_user_error(err)}") from None
+    return module
 
 
 def _entry_point(name: str) -> Factory:

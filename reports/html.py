@@ -343,6 +343,9 @@ def headline_rows(headline: RunHeadline) -> list[dict[str, str]]:
     rows = tables.headline_table(headline)
     if not headline.complete:
         rows.insert(0, {"label": "Records", "value": "INCOMPLETE", "detail": headline.incomplete})
+    if headline.model_check:
+        rows.append({"label": "Model check", "value": headline.model_check.value,
+                     "detail": headline.model_check.detail})
     if headline.nonfinite:
         rows.append({"label": "Non-finite logits", "value": str(headline.nonfinite),
                      "detail": "samples whose clean or adversarial logits were NaN or infinite in some evaluation: "
@@ -397,6 +400,7 @@ def _write_report(run: RunResults, out: Path, n_boot: int, seed: int,
     context = {"run": run.name, "model": meta["model"], "dataset": run.dataset_name or tables.DASH,
                "seed": meta["seed"], "n": meta["n"], "eps": _eps_by_norm(rec),
                "headline": headline_rows(headline), "incomplete": headline.incomplete, "subset": headline.subset,
+               "model_warning": headline.model_check.warning if headline.model_check else "",
                "pivot": pivot_item,
                "checks": checks, "overall": _overall(checks), "tables_top": tables_top,
                "tables_bottom": tables_bottom, "figures": figures, "compute_table": compute_table,

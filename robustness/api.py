@@ -24,6 +24,7 @@ is loaded for the CLI), and both are restored afterwards; the model is moved to 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -41,6 +42,7 @@ from torch import nn
 from attacks.runner import FLAT_ALIASES, AttackConfig, AttackResult
 from attacks.runner.config import default_attack_table
 from attacks.runner.run import Subject, attack_subject
+from models.fidelity import verify
 from models.network import CoarseFineNet
 from models.protocol import adapt
 from reports.html import write_comparison, write_report
@@ -219,7 +221,8 @@ def evaluate(model: nn.Module, data: Any, *, attacks: Sequence[str] | str | None
              out: str | os.PathLike[str] | None = None, name: str | None = None,
              mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
              data_root: str | os.PathLike[str] | None = None, data_options: Mapping[str, Any] | None = None,
-             resume: bool = False, force: bool = False, progress: bool = True, **more: Any) -> Results:
+             resume: bool = False, force: bool = False, progress: bool = True, allow_unfaithful: bool = False,
+             **more: Any) -> Results:
     """Attack ``model`` on ``data`` as ``dsn-robust attack`` would and return the :class:`Results`.
 
     ``model``: any ``torch.nn.Module`` that maps [0, 1] images to logits (``mean``/``std``: its input
@@ -246,6 +249,12 @@ def evaluate(model: nn.Module, data: Any, *, attacks: Sequence[str] | str | None
     (``Results.run_dir`` and ``repr(results)`` say where). ``resume``/``force`` act as the CLI's
     ``--resume``/``--force`` on an ``out`` that already holds records.
 
+    Before any attack the model is checked on the first images (:func:`models.fidelity.verify`): an adapted
+    model's deployed forward must reproduce the module's own ``forward`` (else a ConfigError, unless
+    ``allow_unfaithful``), and a model random at test time is scored by the majority over several draws and
+    attacked through the mean over them; the check is in the manifest's ``model_check`` and at the top of the
+    report.
+
     Every problem with the inputs is one typed error (ConfigError, DataError) before anything is attacked.
 
     Example::
@@ -267,19 +276,23 @@ def evaluate(model: nn.Module, data: Any, *, attacks: Sequence[str] | str | None
     config = attack_config(**{k: v for k, v in given.items() if v is not None}, **more)
     return run_evaluation(suite_model(model, name=name, mean=mean, std=std), data, config, out=out, name=name,
                           data_root=data_root, data_options=data_options, resume=resume, force=force,
-                          progress=progress)
+                          progress=progress, allow_unfaithful=allow_unfaithful)
 
 
 def run_evaluation(suite: CoarseFineNet, data: Any, config: AttackConfig, *,
                    out: str | os.PathLike[str] | None = None, name: str | None = None,
                    data_root: str | os.PathLike[str] | None = None, data_options: Mapping[str, Any] | None = None,
-                   resume: bool = False, force: bool = False, progress: bool = True) -> Results:
+                   resume: bool = False, force: bool = False, progress: bool = True,
+                   allow_unfaithful: bool = False) -> Results:
     """:func:`evaluate` for a suite model and a resolved :class:`AttackConfig`: what ``evaluate`` and
     ``dsn-robust attack --model-file`` run."""
     device_used = process_device(resolve_device(config.device))
     with _attack_ready(suite.to(device_used)):
         subject = make_subject(suite, data, config.n, name=name, data_root=data_root,
                                data_options=data_options or {}, rule=config.subset, seed=config.subset_seed)
+        first = subject.data.batch(slice(0, min(FIDELITY_IMAGES, len(subject.data))))[0].to(device_used)
+        check = verify(suite, first, allow_unfaithful=allow_unfaithful)
+        subject = dataclasses.replace(subject, model_check={**check.to_dict(), "draws": suite_draws(suite)})
         if config.target == "coarse" and not (suite.has_coarse and subject.dataset.has_coarse):
             raise ConfigError("target coarse needs a model with a coarse head and data with coarse labels "
                               "((x, y_fine, y_coarse) or a dataset with a label hierarchy); use target='fine'")
@@ -368,6 +381,15 @@ class TensorData(CoarseFineDataset):
         if int(n) <= 0:
             raise ConfigError(f"subset size must be positive, got {n}")
         return TensorData(self.info, self.images[:n], self.fine[:n], self.coarse[:n], self.split)
+
+
+#: Images of the first batch the model check (models.fidelity.verify) runs on.
+FIDELITY_IMAGES = 64
+
+
+def suite_draws(model: CoarseFineNet) -> int:
+    """Forwards each of ``model``'s predictions is the majority of (1 unless it is random at test time)."""
+    return int(getattr(model, "draws", 1))
 
 
 def make_subject(model: CoarseFineNet, data: Any, n: int, *, name: str | None = None,

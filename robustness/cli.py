@@ -1,4 +1,4 @@
-"""``dsn-robust``: train, attack, report, compare, bench, run.
+"""``dsn-robust``: train, attack, report, compare, bench, run, check-model.
 
 Each subcommand lives in ``robustness/commands/<name>.py`` and exposes ``register(subparsers)``, which adds its
 parser and sets ``handler`` to a function ``(args) -> int``. A user's mistake (any ``DSNError``) becomes one line
@@ -7,9 +7,11 @@ file-size limit, a name too long, a read-only place: :func:`robustness.core.rund
 argument is checked for names and lengths the file system refuses before the command starts. Ctrl-C (exit 130) and
 SIGTERM (exit 143: :func:`robustness.core.runtime.graceful_termination` turns it into the same interruption) say
 how to resume; the work unwinds as it does for Ctrl-C, so the writer lock is released and no file is left
-half-written. Anything else is a bug: one line naming the exception type and a file holding the traceback
-(``$XDG_CACHE_HOME/dsn-robust/``, else ``~/.cache/dsn-robust/``, else the system temp folder), exit 1; ``-v``
-prints the traceback as well.
+half-written. An exception raised in the user's own code (a ``--model-file`` or a module beside it: its import,
+its factory, its forward during an attack) is the user's to fix: one line ``your model raised TYPE: MESSAGE at
+FILE:LINE`` (the innermost frame of theirs, :func:`models.model_file.user_code_frame`), exit 2. Anything else is a
+bug: one line naming the exception type and a file holding the traceback (``$XDG_CACHE_HOME/dsn-robust/``, else
+``~/.cache/dsn-robust/``, else the system temp folder), exit 1. Both save the traceback, and ``-v`` prints it.
 
 A usage mistake argparse finds is one line too (its usage text is left to ``--help``). ``-v`` / ``-q`` work before
 or after the subcommand: argparse gives a subparser's defaults precedence over the main parser's values, so the
@@ -28,11 +30,11 @@ import traceback
 import typing
 from pathlib import Path
 
-from robustness.core.errors import DSNError, Interrupted
+from robustness.core.errors import DSNError, Interrupted, first_line
 from robustness.core.rundir import OUTPUT_ROOM, check_path, os_error_line
 from robustness.core.runtime import graceful_termination, package_version, package_versions
 
-COMMANDS = ("train", "attack", "report", "compare", "bench", "run", "models", "datasets")
+COMMANDS = ("train", "attack", "report", "compare", "bench", "run", "models", "datasets", "check_model")
 #: path arguments of the commands (their ``dest``) -> (how a message names them, whether the suite writes below them)
 PATH_ARGUMENTS = {"out": ("--out", True), "run_dir": ("RUN_DIR", True), "run_dirs": ("RUN_DIR", True),
                   "run": ("--run", False), "config": ("--config", False), "data_root": ("--data-root", False),
@@ -115,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         line = os_error_line(err)
         if line is None:
-            return _bug(err, args, argv, prog)
+            return _unexpected(err, args, argv, prog)
         print(f"{prog}: error: {_one_line(line)}", file=sys.stderr)
         return 2
     except Exception as err:
-        return _bug(err, args, argv, prog)
+        return _unexpected(err, args, argv, prog)
 
 
 def check_paths(args: argparse.Namespace) -> None:
@@ -132,15 +134,31 @@ def check_paths(args: argparse.Namespace) -> None:
                 check_path(path, what, room=OUTPUT_ROOM if written else 0)
 
 
-def _bug(err: Exception, args: argparse.Namespace, argv: list[str] | None, prog: str) -> int:
-    """An unexpected error: one line and a saved traceback (the module docstring); exit 1."""
+def _unexpected(err: Exception, args: argparse.Namespace, argv: list[str] | None, prog: str) -> int:
+    """An exception no layer turned into a DSNError, as one line with its traceback saved (the module docstring):
+    the user's model's when a frame of their code raised it (exit 2), else the suite's bug (exit 1)."""
     if args.verbose:  # never a raw traceback for the user unless asked, but keep it for the report
         traceback.print_exception(type(err), err, err.__traceback__)
     saved = save_traceback(err, sys.argv[:1] + list(argv if argv is not None else sys.argv[1:]))
-    where = f"the traceback is in {saved}" if saved else "the traceback could not be saved"
+    kept = f"the traceback is in {saved}" if saved else "the traceback could not be saved"
+    where = _user_code_frame(err)
+    if where:  # the frames below theirs (torch's, the suite's) are in the saved traceback
+        print(f"{prog}: error: your model raised {type(err).__name__}: {_one_line(first_line(err), 160)} at "
+              f"{where[0]}:{where[1]} ({kept}; -v prints it)", file=sys.stderr)
+        return 2
     print(f"{prog}: error: unexpected {type(err).__name__}: {_one_line(str(err), 160)} "
-          f"(a bug; {where}; -v prints it)", file=sys.stderr)
+          f"(a bug; {kept}; -v prints it)", file=sys.stderr)
     return 1
+
+
+def _user_code_frame(err: Exception) -> tuple[str, int] | None:
+    """Where ``err`` was raised in a loaded model file's code, or None. Only asked when a model file can have been
+    loaded (``models.model_file`` imported), so a failure elsewhere never pays for importing torch here."""
+    if "models.model_file" not in sys.modules:
+        return None
+    from models.model_file import user_code_frame
+
+    return user_code_frame(err)
 
 
 def _one_line(text: str, limit: int = 0) -> str:

@@ -129,6 +129,13 @@ class RunResults:
         return [str(p) for p in self.manifest.get("path_names") or []]
 
     @property
+    def model_check(self) -> dict[str, Any]:
+        """The manifest's check of an adapted model (``models.fidelity.ModelCheck.to_dict`` and ``draws``), {} when
+        the run's model was not checked (the suite's own models)."""
+        check = self.manifest.get("model_check")
+        return dict(check) if isinstance(check, dict) else {}
+
+    @property
     def full_macs(self) -> float | None:
         """Per-sample MACs with every block executed, or None when the manifest lacks it."""
         value = self.manifest.get("full_macs")

@@ -179,9 +179,11 @@ def run_fingerprint(checkpoint_sha256: str, setup: dict[str, Any]) -> dict[str, 
     """What every shard of this invocation shares: the model's hash, seed, n, batch size, the attacked images
     (``setup["subset"]``, a :class:`robustness.data.subset.Subset`: its rule, seed and hash) and versions."""
     subset: Subset = setup["subset"]
+    draws = setup.get("draws", 1)  # a model random at test time votes over draws (models.fidelity)
     return {"checkpoint_sha256": checkpoint_sha256, "seed": setup["seed"], "n": setup["n"],
             "batch_size": setup["batch_size"], "subset": subset.rule, "subset_seed": subset.seed,
-            "subset_sha256": subset.sha256, "versions": package_versions()}
+            "subset_sha256": subset.sha256, **({"draws": draws} if draws > 1 else {}),
+            "versions": package_versions()}
 
 
 def shard_fingerprint_of(run_fp: dict[str, Any], plan: EvalPlan, source_sha256: str = "") -> dict[str, Any]:
@@ -369,6 +371,7 @@ def _manifest(run: RunDir, subject: Subject, config: AttackConfig, setup: dict[s
         "versions": run_fp["versions"],
         **({"earlier_versions": earlier} if earlier else {}),
         "fingerprint": run_fp,
+        **({"model_check": jsonable(subject.model_check)} if subject.model_check else {}),
         "path_names": list(model.gate_names),
         "full_macs": float(model.full_macs),
         "gated_block_macs": [float(m) for m in model.costs.gated_blocks],
@@ -473,6 +476,8 @@ class Subject:
     data_source: dict[str, Any]
     checkpoint: str = ""
     subset: Subset | None = None  # which samples of the split ``data`` holds; None: ``data`` as given
+    #: an adapted model's fidelity and randomness check (models.fidelity.ModelCheck.to_dict), for the manifest
+    model_check: dict[str, Any] | None = None
 
     @property
     def attacked(self) -> Subset:
@@ -569,7 +574,7 @@ def _attack_subject(run: RunDir, subject: Subject, config: AttackConfig, resume:
         asked, config = config, dataclasses.replace(config, batch_size=sizing.size)
         n_batches = math.ceil(n / config.batch_size)
         setup = {"n": n, "batch_size": config.batch_size, "batch_size_auto": sizing.auto, "seed": config.seed,
-                 "subset": subject.attacked}
+                 "subset": subject.attacked, "draws": int(getattr(model, "draws", 1))}
         run_fp = run_fingerprint(subject_sha256(run, subject), setup)
         fingerprints = {p.id: shard_fingerprint_of(run_fp, p, source_sha256) for p in plans}
         if resuming:

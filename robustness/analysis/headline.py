@@ -133,6 +133,45 @@ class SubsetSummary:
 
 
 @dataclass(frozen=True)
+class ModelCheckSummary:
+    """An adapted model's check (``models.fidelity``) as the report opens with it: ``value`` / ``detail`` of its
+    headline row, and ``warning``, a line for the top of the page when the numbers below need it (a model random
+    at test time, or one attacked although its adapter is not faithful), else ''."""
+
+    value: str
+    detail: str
+    warning: str
+
+    @classmethod
+    def of(cls, check: dict[str, Any]) -> "ModelCheckSummary | None":
+        if not check:
+            return None
+        n, draws = int(check.get("n") or 0), int(check.get("draws") or 1)
+        faithful = check.get("faithful")
+        if faithful is None:
+            value, detail = "not checked", str(check.get("note") or "nothing to compare with")
+        else:
+            value = "faithful" if faithful else "NOT FAITHFUL"
+            detail = (f"the adapted deployed forward agrees with the model's own forward on "
+                      f"{100 * float(check.get('agreement') or 0):.1f}% of {n} predictions (max logit difference "
+                      f"{float(check.get('max_logit_diff') or 0):.3g}, tolerance {float(check.get('tolerance') or 0):g})")
+        warning = ""
+        if faithful is False:
+            warning = f"MODEL NOT FAITHFUL: attacked with --allow-unfaithful; {detail}"
+        if check.get("stochastic"):
+            random = (f"RANDOM AT TEST TIME: {100 * float(check.get('disagreement') or 0):.1f}% of {n} clean "
+                      f"predictions change between {int(check.get('probe_draws') or 0)} forwards of the same images; "
+                      f"every prediction here is the majority over {draws} draws, attacked through the mean over "
+                      f"them (EOT)")
+            warning = f"{warning}. {random}" if warning else random
+            detail = f"{detail}; random at test time, majority over {draws} draws"
+        return cls(value, detail, warning)
+
+    def as_dict(self) -> dict[str, str]:
+        return {"value": self.value, "detail": self.detail, "warning": self.warning}
+
+
+@dataclass(frozen=True)
 class RunHeadline:
     """What a per-model report opens with (see the module docstring)."""
 
@@ -156,6 +195,7 @@ class RunHeadline:
     missing_shards: int = 0  # shards the manifest's evaluations need that are not on disk
     shortfalls: tuple[Shortfall, ...] = ()  # the incomplete evaluations (RunResults.shortfalls)
     nonfinite: int = 0       # samples with non-finite clean or adversarial logits in some evaluation
+    model_check: ModelCheckSummary | None = None  # an adapted model's check; None: not checked (a suite model)
 
     @property
     def subset_line(self) -> str:
@@ -174,7 +214,8 @@ class RunHeadline:
                             "ran": self.masking_ran, "total": self.masking_total},
                 "subset": self.subset.as_dict(), "complete": self.complete, "incomplete": self.incomplete,
                 "missing_shards": self.missing_shards, "incomplete_evaluations": [s.as_dict() for s in self.shortfalls],
-                "nonfinite": self.nonfinite}
+                "nonfinite": self.nonfinite,
+                "model_check": self.model_check.as_dict() if self.model_check else None}
 
 
 def _clean(rows: pd.DataFrame) -> Interval:
@@ -250,4 +291,4 @@ def run_headline(run: RunResults, checks: Sequence[Check], n_boot: int = 1000, s
         masking_ran=sum(c.status != "skip" for c in checks), masking_total=len(checks),
         subset=SubsetSummary.of(run.subset, run.n or 0), complete=run.complete, incomplete=run.incomplete_line,
         missing_shards=run.missing_shards, shortfalls=run.shortfalls,
-        nonfinite=nonfinite_samples(records))
+        nonfinite=nonfinite_samples(records), model_check=ModelCheckSummary.of(run.model_check))

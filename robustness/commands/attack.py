@@ -34,11 +34,13 @@ from attacks.runner import (ATTACK_ALIASES, FLAT_ALIASES, AttackConfig, AttackRe
 from attacks.runner.config import EXECUTION_KEYS, default_attack_table, stored_table
 from attacks.runner.presets import PRESETS, preset_table
 from robustness.analysis.distances import median_distance, minimal_distances
+from robustness.analysis.headline import ModelCheckSummary
 from robustness.core.config import load_config_file, overridden, toml_value
 from robustness.core.errors import ConfigError
 from robustness.core.errors import RunDirError
 from robustness.core.rundir import RunDir
 from robustness.core.vocab import HEADS, NORMS, format_distance, format_eps
+from robustness.data import DatasetInfo
 from robustness.data.subset import SUBSET_RULES
 from robustness.eps_grid import attack_runs, check_auto
 
@@ -118,6 +120,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help="with --model-file: the dataset whose test split is attacked "
                                      "(see `dsn-robust datasets`)")
     p.add_argument("--data-root", dest="data_root", metavar="DIR", help="with --model-file: the dataset's folder")
+    p.add_argument("--allow-unfaithful", dest="allow_unfaithful", action="store_true",
+                   help="with --model-file: attack the model even when its adapted forward does not reproduce its "
+                        "own forward (see `dsn-robust check-model`); the report says so")
     p.add_argument("--config", help="TOML file whose [attack] table supplies defaults (default: the [attack] "
                                     "table `dsn-robust run` uses, configs/quickstart.toml, less device, threads "
                                     "and workers)")
@@ -280,13 +285,16 @@ def _attack_model_file(args: argparse.Namespace, config: AttackConfig) -> Attack
         raise ConfigError("--model-file needs --weights W.pt (the module's state_dict) and --dataset NAME (the "
                           "test data to attack it on)")
     test = load_dataset(args.dataset, "test", root=args.data_root)
-    info = test.info
-    derived = {"num_classes": info.num_fine, "num_fine": info.num_fine, "num_coarse": info.num_coarse,
-               "image_size": info.image_size, "in_channels": info.channels}
-    model = build_from_spec(args.model_file, args.weights, derived=derived)
+    model = build_from_spec(args.model_file, args.weights, derived=dataset_options(test.info))
     results = run_evaluation(model, test, config, out=args.run_dir, resume=args.resume, force=args.force,
-                             progress=args.progress)
+                             progress=args.progress, allow_unfaithful=args.allow_unfaithful)
     return AttackResult(results.run_dir, results.manifest, results.records)
+
+
+def dataset_options(info: DatasetInfo) -> dict[str, Any]:
+    """What a model file's factory may ask of the data it is attacked on (``num_classes``, ``image_size``, ...)."""
+    return {"num_classes": info.num_fine, "num_fine": info.num_fine, "num_coarse": info.num_coarse,
+            "image_size": info.image_size, "in_channels": info.channels}
 
 
 def parse_setting(text: str) -> tuple[str, str, Any]:
@@ -304,7 +312,8 @@ def summary_table(result: AttackResult) -> str:
     df = result.records
     if df.empty:
         return "no attack records"
-    lines = []
+    check = ModelCheckSummary.of((result.manifest or {}).get("model_check") or {})
+    lines = [check.warning] if check and check.warning else []
     for (mode, target, source), g in df.groupby(["gate_mode", "target", "source_run"], sort=False, observed=True):
         clean = g.drop_duplicates("sample")["clean_correct"].mean()
         where = f"{target} head, gates {mode}" + (f", crafted on {source}" if source else "")
