@@ -206,8 +206,7 @@ def report_figures(run: RunResults, summary: pd.DataFrame) -> list[FigureItem]:
     :func:`analysis.primary_evaluation`'s family: the deployed (``hard``) forward of a gated model."""
     rec = run.records
     gated = analysis.is_gated(rec)
-    fam = analysis.primary_evaluation(rec)
-    fam_rec = analysis.select(rec, fam) if fam else rec.iloc[:0]
+    fam, fam_rec, fam_summary = gate_figure_data(rec, summary)
     fam_title = _family_title(fam) if fam else ""
 
     def slot(name: str, title: str, caption: str, make, needs_paths: bool = True) -> FigureItem:
@@ -246,8 +245,19 @@ def report_figures(run: RunResults, summary: pd.DataFrame) -> list[FigureItem]:
              lambda: plots.plot_macs(fam_rec, None, run.full_macs, title=f"Compute under {fam_title}")),
         slot("success_by_path_change", "Success with vs without path change",
              f"Attack success among initially-correct samples, 95% Wilson intervals, {fam_title}.",
-             lambda: plots.plot_success_by_path_change(analysis.select(summary, fam), title=fam_title)),
+             lambda: plots.plot_success_by_path_change(fam_summary, title=fam_title)),
     ]
+
+
+def gate_figure_data(rec: pd.DataFrame, summary: pd.DataFrame) -> tuple[dict[str, str] | None, pd.DataFrame,
+                                                                         pd.DataFrame]:
+    """The family the gate figures show (:func:`analysis.primary_evaluation`), its records and its summary rows:
+    white-box only. The family's keys do not name the source run, so selecting by them alone mixed transfer
+    records crafted on another model into the heatmaps and doubled the eps columns."""
+    fam = analysis.primary_evaluation(rec)
+    if not fam:
+        return None, rec.iloc[:0], summary.iloc[:0]
+    return fam, analysis.select(analysis.whitebox(rec), fam), analysis.select(analysis.whitebox(summary), fam)
 
 
 def compute_section(run: RunResults, scope: Mapping[str, str] | None,

@@ -50,7 +50,7 @@ def _png(fig: Figure) -> bytes:
 
 def _eps_label(eps: float, norm: str = "linf") -> str:
     """L-inf budgets as k/255, other norms' as plain decimals (an L2 budget is no fraction of 255)."""
-    return format_eps(eps) if norm == "linf" or not np.isfinite(eps) or eps == 0 else f"{eps:.4g}"
+    return format_eps(eps, "linf") if norm == "linf" or not np.isfinite(eps) or eps == 0 else f"{eps:.4g}"
 
 
 def _eps_ticks(ax, eps: Sequence[float], norm: str = "linf") -> None:

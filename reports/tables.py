@@ -65,7 +65,7 @@ def eps_text(norm: str, eps: float) -> str:
     """An eps for a table cell: L-inf as ``format_eps`` (k/255), any other norm as a plain decimal (an L2 budget
     of 0.25 is no fraction of 255)."""
     eps = float(eps)
-    return format_eps(eps) if norm == "linf" or not math.isfinite(eps) or eps == 0 else f"{eps:.4g}"
+    return format_eps(eps, "linf") if norm == "linf" or not math.isfinite(eps) or eps == 0 else f"{eps:.4g}"
 
 
 def distance(norm: str, d: float) -> str:

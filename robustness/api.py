@@ -156,7 +156,7 @@ class Results:
         lines = [f"Results({self.run.model or '?'} on {self.run.dataset_name or '?'}, n={self.run.n}, {where}; "
                  f"run dir {self.run_dir})"]
         rows = [("clean accuracy", _interval_text(h.clean), "")]
-        rows += [(f"robust {r.norm} {format_eps(r.eps)}", _interval_text(r.accuracy), r.attacks) for r in h.robust]
+        rows += [(f"robust {r.norm} {format_eps(r.eps, r.norm)}", _interval_text(r.accuracy), r.attacks) for r in h.robust]
         for d in h.distances:
             text = (f"{format_distance(d.median.estimate, d.norm)} ({d.found}/{d.clean_correct} fooled)"
                     if d.median is not None else "-")

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 def _distances(records: pd.DataFrame, norm: str, target: str) -> list[pd.DataFrame]:
     """One frame per gate mode (hard first) of a run's minimal distances in ``norm`` for head ``target``."""
-    d = minimal_distances(records)
+    d = minimal_distances(records, fixed=False)  # phase 1's evidence only: a resume finds the same grid
     d = d[(d["norm"] == norm) & (d["target"] == target)]
     modes = sorted(d["gate_mode"].unique(), key=lambda m: (m != "hard", m))
     return [d[d["gate_mode"] == m] for m in modes]
@@ -57,7 +57,8 @@ def choose_grid(records: Mapping[str, pd.DataFrame], reference: str, config: Att
     if not grid:
         raise ConfigError(f"eps = auto: no attack fooled any sample of {reference}, so there is no distance to "
                           "place the grid by; give --eps explicitly")
-    log.info("eps auto: grid %s (quantiles of %s's minimal %s distances)", ", ".join(map(format_eps, grid)),
+    log.info("eps auto: grid %s (quantiles of %s's minimal %s distances)",
+             ", ".join(format_eps(e, config.norm) for e in grid),
              reference, config.norm)
     return grid
 

@@ -290,3 +290,23 @@ def test_eps_auto_without_a_minimal_attack_is_one_clear_error():
         check_auto(AttackConfig(attacks=["fgsm", "ddn"], eps="auto"), gated=True)   # ddn is L2 only
     assert "\n" not in str(err.value)
     check_auto(AttackConfig(attacks=["fgsm", "fmn"], eps="auto"), gated=True)
+
+
+def test_a_fixed_eps_success_below_a_reported_minimal_distance_is_impossible():
+    eps = 0.75 / 255
+    minimal = _minimal_rows(np.array([4.95 / 255, np.inf, 2 / 255, 0.5 / 255]), np.ones(4, bool))
+    fixed = make_records(4, run="A", attack="pgd", backend="native", eps=eps,
+                         success=np.array([True, True, False, True]))
+    fixed["linf"] = np.array([0.7, 0.6, 0.75, 0.74]) / 255
+    other = make_records(4, run="B", attack="pgd", eps=eps, success=np.ones(4, bool))  # no minimal search in B
+    records = conform(pd.concat([minimal, fixed, other], ignore_index=True))
+    d = minimal_distances(records).sort_values("sample")
+    assert set(d["run"]) == {"A"}  # a run without a minimal attack gets no distances from fixed budgets alone
+    assert d["distance"].to_numpy() * 255 == pytest.approx([0.7, 0.6, 2.0, 0.5])
+    assert d["found"].all() and d["attack"].iloc[0].startswith("pgd/")
+    wb = records[(records["run"] == "A") & (records["attack"] == "pgd")]
+    for _, row in wb[wb["success"]].iterrows():  # every fixed-eps success lies at or above its sample's distance
+        assert d.set_index("sample").loc[row["sample"], "distance"] <= row["linf"]
+    assert check_curve_vs_fixed(records[records["run"] == "A"]).status == "pass"
+    only_minimal = minimal_distances(records, fixed=False).sort_values("sample")
+    assert only_minimal["distance"].iloc[0] == pytest.approx(4.95 / 255)  # what --eps auto places its grid by

@@ -358,3 +358,25 @@ def test_strength_table_states_effort_fidelity_and_convergence():
     assert rows[("square", "none")]["Effort"] == "1000 queries"
     assert "found 40/60 (67%)" in rows[("ddn", "none")]["Convergence"]
     assert "NOT converged" in rows[("ddn", "none")]["Convergence"], "an unconverged minimal attack says so"
+
+
+def test_gate_figures_show_white_box_records_only():
+    from reports.html import gate_figure_data
+    from robustness import analysis
+
+    records = attacked("dsn", "dsn", 4)
+    transfer = attacked("dsn", "dsn", 4).assign(source_run="dual", eps=lambda d: d["eps"] * 1.01)
+    mixed = pd.concat([records, transfer], ignore_index=True)
+    summary = analysis.summarize(mixed, n_boot=20)
+    fam, rows, summary_rows = gate_figure_data(mixed, summary)
+    assert fam is not None and len(rows) and len(summary_rows)
+    assert (rows["source_run"].fillna("") == "").all() and (summary_rows["source_run"].fillna("") == "").all()
+    assert sorted(summary_rows["eps"].unique()) == sorted(records[records["attack"] == fam["attack"]]["eps"].unique())
+    assert len(rows) == len(analysis.select(records, fam))  # as if the transfer records were not there
+
+
+def test_linf_budgets_are_always_in_units_of_1_255():
+    assert format_eps(0.47 / 255, "linf") == "0.47/255"  # was 0.001843 beside 0.75/255
+    assert format_eps(17.5 / 255, "linf") == "17.5/255" and format_eps(13.25 / 255, "linf") == "13.25/255"
+    assert format_eps(8 / 255, "linf") == "8/255" and format_eps(0.5, "l2") == "0.5"
+    assert format_eps(0.47 / 255) == "0.001843"  # no norm given: a decimal, never a guess at the unit

@@ -360,7 +360,7 @@ def _compute_points(variants: Sequence[Variant], combined: Mapping[str, pd.DataF
             sel = c[(c["attack"] == "worst") & (c["norm"] == at["norm"]) & (c["eps"] == at["eps"])
                     & (c["target"] == at["target"])]
             acc = float(sel["robust"].mean()) if len(sel) else float("nan")
-            where = f"worst case, {at['norm']} eps={format_eps(at['eps'])}"
+            where = f"worst case, {at['norm']} eps={format_eps(at['eps'], str(at['norm']))}"
         points.append({"variant": v.label, "compute_saved": v.compute_saved, "robust_acc": acc, "at": where})
     return pd.DataFrame(points, columns=["variant", "compute_saved", "robust_acc", "at"])
 

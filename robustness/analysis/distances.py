@@ -4,7 +4,8 @@ A minimal-perturbation attack (kind ``minimal``: DDN, CW, FMN, the PGD bisection
 eps = inf: that row holds the smallest adversarial example the attack found for the sample, and its ``linf`` /
 ``l2`` columns are the distance. :func:`minimal_distances` is the one owner of "a sample's minimal distance": the
 minimum over every minimal attack, backend and routing gradient of the norm's column over rows that fooled the
-deployed model (``success``), with two conventions:
+deployed model (``success``), and over the fixed-eps successes of the same model, norm and routing gradient (an
+example the PGD at 0.75/255 found caps a distance the minimal attack put at 4.95/255), with two conventions:
 
 - a sample the model misclassifies clean has distance 0 (it is not robust at any eps);
 - a clean-correct sample no attack fooled has distance ``inf`` (``found`` False): robust at every eps *as far as
@@ -25,6 +26,7 @@ import pandas as pd
 from scipy import stats
 
 from attacks.base import MINIMAL, attack_kind
+from attacks.records import accuracy_rows
 from robustness.analysis.selection import whitebox
 from robustness.analysis.stats import Interval, bootstrap_many, wilson_interval
 from robustness.analysis.verdict import ONE_SEED, Effect, Health, PairedTest, PairVerdict, classify, judge
@@ -43,8 +45,30 @@ def minimal_rows(records: pd.DataFrame) -> pd.DataFrame:
     return wb[minimal & np.isinf(wb["eps"].to_numpy(float))]
 
 
-def minimal_distances(records: pd.DataFrame, by_grad: bool = False) -> pd.DataFrame:
-    """Per sample the smallest verified adversarial distance in its norm.
+def evidence_rows(records: pd.DataFrame, by_grad: bool = False) -> pd.DataFrame:
+    """:func:`minimal_rows`, and the fixed-eps rows (eps finite and > 0) of accuracy attacks of the same keys
+    (:data:`DISTANCE_KEYS`, + ``gate_grad`` when ``by_grad``): a fixed-budget success is an adversarial example
+    too, whose norm caps the sample's minimal distance. Keys without a minimal attack add nothing: a distance is
+    only reported where a minimal search ran."""
+    minimal = minimal_rows(records)
+    if minimal.empty:
+        return minimal
+    keys = DISTANCE_KEYS + (["gate_grad"] if by_grad else [])
+    wb = accuracy_rows(whitebox(records))
+    eps = wb["eps"].to_numpy(float)
+    fixed = wb[np.isfinite(eps) & (eps > 0)]
+    if fixed.empty:
+        return minimal
+    searched = pd.MultiIndex.from_frame(minimal[keys].astype(str)).unique()
+    fixed = fixed[pd.MultiIndex.from_frame(fixed[keys].astype(str)).isin(searched)]
+    return pd.concat([minimal, fixed], ignore_index=True) if len(fixed) else minimal
+
+
+def minimal_distances(records: pd.DataFrame, by_grad: bool = False, fixed: bool = True) -> pd.DataFrame:
+    """Per sample the smallest verified adversarial distance in its norm, from all the evidence
+    (:func:`evidence_rows`): the minimal attacks' examples and every fixed-eps success, so no fixed-eps success can
+    lie below a reported minimal distance. ``fixed=False``: the minimal attacks' examples only (what ``--eps auto``
+    places its grid by, so that a resume, which also reads the fixed-eps records, finds the same grid).
 
     One row per :data:`DISTANCE_KEYS` (+ ``gate_grad`` when ``by_grad``) + ``sample`` with ``clean_correct``,
     ``found`` (some minimal attack fooled the deployed model, or its logits stopped being finite there: a
@@ -52,7 +76,7 @@ def minimal_distances(records: pd.DataFrame, by_grad: bool = False) -> pd.DataFr
     clean-wrong, inf when nothing was found) and ``attack`` (``attack/backend/gate_grad`` of the row that gave the distance, '' when none).
     """
     keys = DISTANCE_KEYS + (["gate_grad"] if by_grad else [])
-    rows = minimal_rows(records)
+    rows = evidence_rows(records, by_grad) if fixed else minimal_rows(records)
     if rows.empty:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in keys + DISTANCE_COLUMNS})
     rows = rows.reset_index(drop=True)

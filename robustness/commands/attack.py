@@ -321,7 +321,7 @@ def summary_table(result: AttackResult) -> str:
         for norm, h in g.groupby("norm", sort=False, observed=True):
             table = (h.groupby(["attack", "backend", "gate_grad", "eps"], observed=True)["robust"].mean()
                      .mul(100).unstack("eps"))
-            table.columns = [format_eps(e) for e in table.columns]
+            table.columns = [format_eps(e, str(norm)) for e in table.columns]
             table.index.names = ["attack", "backend", "grad"]
             lines.append(f"robust accuracy (%), {norm} budgets:")
             lines.append(table.to_string(float_format=lambda v: f"{v:.1f}", na_rep="-"))
@@ -329,7 +329,7 @@ def summary_table(result: AttackResult) -> str:
         if not worst.empty:
             per_sample = worst.groupby(["norm", "eps", "sample"], observed=True)["robust"].all()
             acc = per_sample.groupby(level=["norm", "eps"], observed=True).mean().mul(100)
-            cells = ", ".join(f"{norm} {format_eps(e)}: {v:.1f}%" for (norm, e), v in acc.items())
+            cells = ", ".join(f"{norm} {format_eps(e, str(norm))}: {v:.1f}%" for (norm, e), v in acc.items())
             lines.append(f"worst case over attacks: {cells}")
         dist = minimal_distances(g)
         for (norm, grad), d in minimal_distances(g, by_grad=True).groupby(["norm", "gate_grad"]):

@@ -64,19 +64,26 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def format_eps(eps: float) -> str:
+def format_eps(eps: float, norm: str | None = None) -> str:
     """``8/255`` for multiples of 1/255 below 1 (``1.25/255`` for quarters below 16/255), ``inf`` for unbounded,
-    ``0`` for none, else a short decimal."""
+    ``0`` for none, else a short decimal. With ``norm="linf"`` every budget below 1 is in units of 1/255, the
+    run's units (``0.47/255``, ``17.5/255``: a decimal such as ``0.001843`` beside ``0.75/255`` reads as another
+    unit); other norms are decimals."""
     eps = float(eps)
     if math.isinf(eps):
         return "inf"
     if eps == 0:
         return "0"
     k = eps * _EPS_DENOMINATOR
+    if norm is not None and norm != "linf":
+        return f"{eps:.4g}"
     if eps < 1 and round(k) >= 1 and abs(k - round(k)) <= _EPS_TOLERANCE:
         return f"{round(k)}/{_EPS_DENOMINATOR}"
-    if k < 16 and abs(4 * k - round(4 * k)) <= 4 * _EPS_TOLERANCE:  # small quarter steps, as --eps auto rounds
+    quarter = abs(4 * k - round(4 * k)) <= 4 * _EPS_TOLERANCE and round(4 * k) > 0
+    if quarter and (k < 16 or (norm == "linf" and eps < 1)):  # quarter steps, as --eps auto rounds
         return f"{round(4 * k) / 4:g}/{_EPS_DENOMINATOR}"
+    if norm == "linf" and eps < 1:
+        return f"{k:.3g}/{_EPS_DENOMINATOR}"
     return f"{eps:.4g}"
 
 
