@@ -230,3 +230,15 @@ def test_bench_without_a_mode_still_times_skipping():
     new = parser.parse_args(["bench", "--device", "cpu", "reference", "R", "--eps", "2/255"])
     assert new.handler.__name__ == "run_reference_command" and new.run_dir == "R" and new.device == "cpu"
     assert not new.json_only and new.eps == "2/255"
+
+
+def test_the_reference_runs_at_the_runs_own_grid_by_default():
+    from robustness.bench.reference import DEFAULT_EPS, run_grid
+
+    grid = (0.47 / 255, 0.75 / 255, 1.5 / 255)  # the quickstart's auto grid
+    records = pd.concat([_records(e, {0: True, 1: False}) for e in grid]
+                        + [_records(float("inf"), {0: True, 1: False}, attack="pgd-bisect"),
+                           _records(4 / 255, {0: True, 1: True}, gate_mode="open")], ignore_index=True)
+    rows = suite_rows(records, "hard", "fine", n=2)
+    assert run_grid(rows) == pytest.approx(grid)  # not the open mode's 4/255, not the minimal search's inf
+    assert run_grid(None) == DEFAULT_EPS and run_grid(rows.iloc[:0]) == DEFAULT_EPS

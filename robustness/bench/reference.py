@@ -81,11 +81,16 @@ BUDGET_SLACK = 1e-6
 Logits = Callable[[torch.Tensor], torch.Tensor]
 
 
+#: The budgets of a run without attack records at L-inf fixed eps to take its grid from.
+DEFAULT_EPS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+
+
 @dataclass(frozen=True)
 class ReferenceConfig:
     """What the reference runs; validated on construction (ConfigError with one line)."""
 
-    eps: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+    #: the L-inf budgets; empty: the run's own fixed-eps grid (:func:`run_grid`), else :data:`DEFAULT_EPS`
+    eps: tuple[float, ...] = ()
     n: int = 64
     steps: int = 50
     restarts: int = 5
@@ -96,7 +101,7 @@ class ReferenceConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.eps or any(not (0 < e < math.inf) for e in self.eps):
+        if any(not (0 < e < math.inf) for e in self.eps):
             raise ConfigError(f"reference eps must be positive and finite, got {list(self.eps)}")
         for name, value in (("n", self.n), ("steps", self.steps), ("restarts", self.restarts)):
             if value < 1:
@@ -327,6 +332,16 @@ def suite_rows(records: pd.DataFrame, gate_mode: str, head: str, n: int) -> pd.D
     return rows
 
 
+def run_grid(rows: pd.DataFrame | None) -> tuple[float, ...]:
+    """The run's own L-inf fixed-eps grid in :func:`suite_rows` ``rows`` (finite eps > 0; ``--eps auto`` chose
+    it, or the user), so the reference checks the budgets the run reports; :data:`DEFAULT_EPS` without rows."""
+    if rows is None or rows.empty:
+        return DEFAULT_EPS
+    eps = np.unique(rows["eps"].to_numpy(float))
+    grid = tuple(float(e) for e in eps if np.isfinite(e) and e > 0)
+    return grid or DEFAULT_EPS
+
+
 def compare_with_suite(rows: pd.DataFrame, eps: float, reference_robust: np.ndarray) -> SuiteComparison | None:
     """The suite's per-sample worst case at ``eps`` (min of ``robust`` over its attacks and gradients) against the
     reference's per-sample ``reference_robust`` [n]; None when the suite has no row at that eps."""
@@ -449,14 +464,18 @@ def run_reference(run_dir: str, config: ReferenceConfig, device: torch.device | 
     rows = None
     if has_records:
         rows = suite_rows(read_records(run.records), config.gate_mode, config.head, len(x))
+    grid = config.eps or run_grid(rows)
+    if not config.eps:
+        log.info("reference eps: %s (%s)", ", ".join(format_eps(e, "linf") for e in grid),
+                 "the run's fixed-eps grid" if rows is not None and grid != DEFAULT_EPS else "the default grid")
     reports = []
     clean_correct = torch.zeros(0, dtype=torch.bool)
-    for i, eps in enumerate(config.eps):
+    for i, eps in enumerate(grid):
         outcome = attack_at_eps(model, x, y, eps, i, config, grads, temperature)
         clean_correct = outcome.clean_correct
         suite = compare_with_suite(rows, eps, outcome.robust.numpy()) if rows is not None else None
         reports.append(EpsReport(
-            eps=eps, eps_label=format_eps(eps), n=len(x), robust=int(outcome.robust.sum()),
+            eps=eps, eps_label=format_eps(eps, "linf"), n=len(x), robust=int(outcome.robust.sum()),
             accuracy=_percent(outcome.robust),
             by_grad={g: _percent(outcome.robust_against(grad=g)) for g in grads},
             by_loss={l: _percent(outcome.robust_against(loss=l)) for l in config.losses},

@@ -98,8 +98,9 @@ def _register_reference(modes: argparse._SubParsersAction) -> None:
                     "RUN_DIR. If RUN_DIR has attack records, the suite's white-box worst case at each eps is "
                     "compared on the same samples. Prints JSON + a table; writes nothing.")
     r.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory")
-    r.add_argument("--eps", default="1/255,2/255,4/255,8/255",
-                   help="comma-separated L-inf budgets (default %(default)s)")
+    r.add_argument("--eps", default=None,
+                   help="comma-separated L-inf budgets (default: the run's own fixed-eps grid from its attack "
+                        "records, else 1/255,2/255,4/255,8/255)")
     r.add_argument("--n", type=int, default=64, help="the first N of the run's attacked samples (default %(default)s)")
     r.add_argument("--steps", type=int, default=50, help="PGD steps per restart (default %(default)s)")
     r.add_argument("--restarts", type=int, default=5, help="random restarts per gradient x loss (default %(default)s)")
@@ -166,7 +167,10 @@ def run_reference_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-gap must be >= 0 points, got {args.max_gap:g}")
     if args.threads < 0:
         raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
-    config = ReferenceConfig(eps=tuple(parse_eps(e) for e in _names(args.eps)), n=args.n, steps=args.steps,
+    eps = tuple(parse_eps(e) for e in _names(args.eps)) if args.eps is not None else ()
+    if args.eps is not None and not eps:
+        raise ConfigError("--eps needs at least one budget, e.g. --eps 2/255,8/255 (or leave it out: the run's grid)")
+    config = ReferenceConfig(eps=eps, n=args.n, steps=args.steps,
                              restarts=args.restarts, grads=_names(args.grads), losses=_names(args.losses),
                              gate_mode=args.gate_mode, head=args.head, seed=args.seed)
     with torch_threads(args.threads):
