@@ -414,6 +414,28 @@ def test_progress_on_a_terminal_is_a_tqdm_bar():
         bar.close()
 
 
+
+@pytest.mark.parametrize("columns", [0, 120])
+def test_progress_on_a_terminal_of_any_width_draws_the_count(columns):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()  # a real terminal, reporting the width under test
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    with os.fdopen(slave, "w") as stream:
+        bar = progress_bar(total=3, desc="attack", unit="shard", stream=stream)
+        bar.update(3)
+        bar.close()
+    os.set_blocking(master, False)
+    drawn = os.read(master, 65536).decode()
+    os.close(master)
+    final = drawn.split("\r")[-2]  # the last redraw
+    assert "3/3 [" in final and final.endswith("shard/s]")  # at 0 columns tqdm cut the meter short: "3/3 [00:00<"
+
+
 # -- property tests: every value either fits or is a DSNError -----------------------------------------------------
 
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10 ** 12, 10 ** 12),

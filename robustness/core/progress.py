@@ -7,11 +7,13 @@ on: on a terminal it is tqdm itself; off a terminal it is a :class:`LineProgress
 
 The call is a drop-in for ``tqdm(total=..., desc=..., unit=..., disable=...)``: the object has ``update(n)``,
 ``set_postfix(...)``, ``set_description(...)``, ``close()`` and works as a context manager. tqdm is imported
-only when a bar is drawn.
+only when a bar is drawn. A terminal that reports a width of 0 columns gets a bar 80 wide: tqdm's dynamic width
+would draw nothing there.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import IO, Any
@@ -29,6 +31,19 @@ def is_terminal(stream: IO[str] | None = None) -> bool:
         return False
 
 
+#: Width of a bar on a terminal that reports 0 columns.
+FALLBACK_COLUMNS = 80
+
+
+def _columns(stream: IO[str] | None) -> int:
+    """The width the terminal behind ``stream`` (default stderr) reports, 0 when it reports none."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
 def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", disable: bool = False, *,
                  every: int = 1, stream: IO[str] | None = None, **tqdm_options: Any) -> Any:
     """A tqdm bar when ``stream`` (default stderr) is a terminal, else a :class:`LineProgress` logging a line per
@@ -37,7 +52,10 @@ def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", dis
     if not disable and is_terminal(stream):
         from tqdm import tqdm
 
-        tqdm_options.setdefault("dynamic_ncols", True)
+        if _columns(stream) > 0:
+            tqdm_options.setdefault("dynamic_ncols", True)
+        else:  # a terminal that reports no width (some container consoles): tqdm would draw a bar of nothing
+            tqdm_options.setdefault("ncols", FALLBACK_COLUMNS)
         return tqdm(total=total, desc=desc, unit=unit, file=stream if stream is not None else sys.stderr,
                     **tqdm_options)
     return LineProgress(total=total, desc=desc, unit=unit, disable=disable, every=every)
