@@ -29,7 +29,9 @@ import torch
 from torch import nn
 
 from models.network import CoarseFineNet
+from models.protocol import GatedNet, ScoreGated, StaticNet, _Adapted, _logits_pair
 from robustness.core.errors import ConfigError
+from robustness.core.runtime import generator_kept
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +88,17 @@ class ModelCheck:
             out.append(f"randomness: deterministic ({self.probe_draws} forwards of {self.n} images agree)")
         return out
 
-    def unfaithful_line(self) -> str:
+    def unfaithful_line(self, hint: bool = True) -> str:
+        """Why the model is refused, in one line; ``hint``: with how to fix it or go on anyway."""
         why = self.note or "a gate left out, a block always run, a skip path that is not the network's?"
-        return (f"model {self.model!r} is not the network its own forward computes: the adapted deployed forward "
+        line = (f"model {self.model!r} is not the network its own forward computes: the adapted deployed forward "
                 f"agrees on {100 * self.agreement:.1f}% of {self.n} predictions, max logit difference "
-                f"{self.max_logit_diff:.3g} > {self.tolerance:g} ({why}); fix the adapter, or pass "
-                f"--allow-unfaithful (allow_unfaithful=True) to attack it anyway")
+                f"{self.max_logit_diff:.3g} > {self.tolerance:g} ({why})")
+        return line + ("; fix the adapter, or pass --allow-unfaithful (allow_unfaithful=True) to attack it anyway"
+                       if hint else "")
 
 
 def kind_of(model: CoarseFineNet) -> str:
-    from models.protocol import GatedNet, ScoreGated, StaticNet
-
     if isinstance(model, ScoreGated):
         return f"score-gated ({model.n_gates} gates: {', '.join(model.gate_names)})"
     if isinstance(model, GatedNet):
@@ -116,7 +118,7 @@ def check_model(model: CoarseFineNet, x: torch.Tensor, *, tolerance: float = TOL
     was = model.training
     model.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=_devices(x)), _single_draw(model):
+        with torch.no_grad(), generator_kept(x), _single_draw(model):
             agreement, gap, note = _fidelity(model, x, seed)
             stochastic, disagreement = _randomness(model, x, probe_draws)
     finally:
@@ -128,8 +130,6 @@ def check_model(model: CoarseFineNet, x: torch.Tensor, *, tolerance: float = TOL
 
 
 def _fidelity(model: CoarseFineNet, x: torch.Tensor, seed: int) -> tuple[float | None, float | None, str]:
-    from models.protocol import _Adapted, _logits_pair
-
     if not isinstance(model, _Adapted):
         return None, None, "a suite model: its deployed forward is its own"
     net = model.net
@@ -185,22 +185,16 @@ def _single_draw(model: CoarseFineNet) -> Iterator[None]:
             model.draws = draws
 
 
-def _devices(x: torch.Tensor) -> list[int]:
-    return [x.device.index or 0] if x.is_cuda else []
-
-
 def verify(model: CoarseFineNet, x: torch.Tensor, *, allow_unfaithful: bool = False,
            draws: int = VOTE_DRAWS) -> ModelCheck:
     """:func:`check_model` as ``attack --model-file`` and ``evaluate`` run it on their first images: an unfaithful
     adapter is a ConfigError unless ``allow_unfaithful`` (then a warning); a random model is set to vote over
     ``draws`` forwards (:meth:`models.protocol._Adapted.vote`), logged, and the check goes to the manifest."""
-    from models.protocol import _Adapted
-
     check = check_model(model, x)
     if check.faithful is False:
         if not allow_unfaithful:
             raise ConfigError(check.unfaithful_line())
-        log.warning("%s; attacking it anyway (--allow-unfaithful)", check.unfaithful_line().split("; fix")[0])
+        log.warning("%s; attacking it anyway (--allow-unfaithful)", check.unfaithful_line(hint=False))
     if check.stochastic:
         if not isinstance(model, _Adapted):
             raise ConfigError(f"model {model.model_name!r} is random at test time, which the suite's own models "

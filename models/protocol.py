@@ -54,6 +54,7 @@ from models.cost import CostTable, count_macs
 from models.gates import Decision, GateState, eval_decision, run_block
 from models.network import PROTOCOL_MODES, CoarseFineNet, GatedOutput, ModelOutput
 from robustness.core.errors import ConfigError
+from robustness.core.runtime import generator_kept
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +182,7 @@ class _Adapted(CoarseFineNet):
             self.eval()
             try:  # two samples, never one: a model may squeeze() its batch dimension away (SkipNet's gates do)
                 sample = x[:2].detach() if x.shape[0] > 1 else x.detach().expand(2, *x.shape[1:])
-                devices = [x.device.index or 0] if x.is_cuda else []
-                with torch.random.fork_rng(devices=devices):  # a random model's draws here must not shift later ones
+                with generator_kept(x):  # a random model's draws here must not shift later ones
                     self._measured[shape] = self._measure(sample)
             finally:
                 self.train(was)

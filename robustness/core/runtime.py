@@ -73,6 +73,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def generator_kept(x: torch.Tensor) -> Any:
+    """A context in which torch's generators for ``x``'s device (CPU, and its CUDA device) may draw: they are
+    restored afterwards, so draws made there (a measurement, a check) do not shift the draws that follow."""
+    return torch.random.fork_rng(devices=[x.device.index or 0] if x.is_cuda else [])
+
+
 def derive_seed(seed: int, *parts: Any) -> int:
     """A seed determined by ``seed`` and ``parts``, stable across processes, machines and runs.
 
