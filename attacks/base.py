@@ -21,8 +21,9 @@ defines such a class and registers it (``@register``).
 Backends (imported lazily; a library that fails to import is reported once):
 
 * ``native`` (:mod:`attacks.backends.native_pgd`, :mod:`attacks.backends.native_bisect`,
-  :mod:`attacks.backends.native`): the suite's PGD (CE and margin losses, restarts), the per-sample minimal
-  distance by bisection over eps with that PGD (``pgd-bisect``), and the gate-aware attacks path and slowdown;
+  :mod:`attacks.backends.native_refine`, :mod:`attacks.backends.native`): the suite's PGD (CE and margin losses,
+  restarts), the per-sample minimal distance by bisection over eps with that PGD (``pgd-bisect``) and below the
+  run's best known distance (``pgd-refine``), and the gate-aware attacks path and slowdown;
 * ``torchattacks`` (:mod:`attacks.backends.torchattacks`): fgsm, pgd, apgd-ce, apgd-dlr, square, autoattack;
 * ``foolbox`` (:mod:`attacks.backends.foolbox`): fgsm, pgd, and the minimal-norm cw (binary search over c), ddn
   (L2) and fmn (L-inf).
@@ -54,7 +55,7 @@ from robustness.core.vocab import NORMS
 
 BACKENDS = ("native", "torchattacks", "foolbox")
 _MODULES = ("attacks.backends.native", "attacks.backends.native_pgd", "attacks.backends.native_bisect",
-            "attacks.backends.torchattacks",
+            "attacks.backends.native_refine", "attacks.backends.torchattacks",
             "attacks.backends.foolbox")
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,12 @@ class Target:
     tracker: BestAdversarial | None = None
     keep_first: bool = True
     nonfinite: NonFinite | None = None
+    #: the attack cascade (:mod:`attacks.runner.cascade`): per budget, bool [B] of the samples an earlier attack of
+    #: the run already fooled there; a fixed-budget attack leaves them alone (its tracker counts them as settled)
+    settled: dict[float, torch.Tensor] | None = None
+    #: for an attack that ``refines`` (a minimal search below what is known): float64 [B], per sample the smallest
+    #: distance in the attack's norm at which any earlier evaluation of the run fooled it (inf where none did)
+    upper_bound: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.model = adapt(self.model)  # any nn.Module: a plain classifier becomes a static single-head model
@@ -193,6 +200,9 @@ class Attack(ABC):
     #: ('' for none; ``attacks.runner.config.AttackConfig.options_for``): ``pgd-bisect`` searches with the run's PGD
     inherits: ClassVar[str] = ""
     inherited_params: ClassVar[tuple[str, ...]] = ()
+    #: a minimal attack that searches below each sample's best known adversarial distance (``Target.upper_bound``):
+    #: the runner plans it after every other attack and hands it the bounds from their records
+    refines: ClassVar[bool] = False
 
     def __init__(self, norm: str = "linf", params: Any = None, **overrides: Any):
         if norm not in self.norms:

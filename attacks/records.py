@@ -9,7 +9,7 @@ Columns (dtype):
 run                  string   name of the run directory the model came from
 model                string   registry name of the model (``dsn``, ``dual``, ``resnet``)
 attack               string   attack name (``fgsm``, ``pgd``, ``apgd-ce``, ``apgd-dlr``, ``square``, ``fmn``,
-                              ``pgd-bisect``, ``ddn``, ``cw``, ``path``, ``slowdown``); for transfer, the attack run
+                              ``pgd-bisect``, ``pgd-refine``, ``ddn``, ``cw``, ``path``, ``slowdown``); for transfer, the attack run
                               on ``source_run``
 backend              string   ``torchattacks``, ``foolbox`` or ``native`` (our own gate-aware attacks)
 norm                 string   ``linf`` or ``l2``
@@ -43,6 +43,11 @@ adv_macs             float64  MACs the model executed on the adversarial input
 frozen_pred_fine     int64    fine prediction on the adversarial input with gates frozen to ``clean_path``
 frozen_pred_coarse   int64    coarse prediction, same
 frozen_correct       bool     target-head prediction under the frozen clean path is right
+found_by             string   the attack whose example the row's adversarial columns hold: ``attack`` itself, or,
+                              under the attack cascade (:mod:`attacks.runner.cascade`), the earlier attack of the
+                              same gate mode, routing gradient, head and norm that had already fooled the sample at
+                              this eps (this attack then did not run on it); ``attack`` in records written before
+                              the column existed
 ===================  =======  =====================================================================================
 
 For a model without gates, paths are '' and the frozen predictions equal the adversarial ones.
@@ -65,7 +70,7 @@ ones. Adversarial *images* are never non-finite: :meth:`attacks.base.Attack.__ca
 non-finite pixel (the product of a NaN input gradient), keeps the clean image or another candidate for it, and
 logs how many samples were affected.
 
-Minimal distances: a minimal-perturbation attack (kind ``minimal``: ``fmn``, ``pgd-bisect``, ``ddn``, ``cw``) has a
+Minimal distances: a minimal-perturbation attack (kind ``minimal``: ``fmn``, ``pgd-bisect``, ``pgd-refine``, ``ddn``, ``cw``) has a
 row per sample at ``eps = inf`` holding the smallest adversarial example it found (re-scored and [0, 1]-checked like
 every row; the clean image where it found none, so ``success`` is False there). Its ``linf`` / ``l2`` column (the
 one of its ``norm``) is the sample's distance under that attack and routing gradient;
@@ -127,6 +132,7 @@ RECORD_COLUMNS: dict[str, str] = {
     "frozen_pred_fine": "int64",
     "frozen_pred_coarse": "int64",
     "frozen_correct": "bool",
+    "found_by": "string",
 }
 
 #: The prediction recorded for a head whose logits on that input hold a NaN or an inf (module docstring).
@@ -141,13 +147,16 @@ def conform(df: pd.DataFrame) -> pd.DataFrame:
     """Return ``df`` with exactly the contract's columns, in order, with the contract's dtypes.
 
     Records written before the ``robust`` column existed get it as ``clean_correct & adv_correct``; records
-    written before the ``nonfinite`` column existed get it as False (their logits were never checked). Raises
+    written before the ``nonfinite`` column existed get it as False (their logits were never checked), and those
+    written before ``found_by`` existed get their own ``attack`` there (no cascade ran then). Raises
     ``ValueError`` naming any missing column.
     """
     if "robust" not in df.columns and {"clean_correct", "adv_correct"} <= set(df.columns):
         df = df.assign(robust=df["clean_correct"].astype(bool) & df["adv_correct"].astype(bool))
     if "nonfinite" not in df.columns:
         df = df.assign(nonfinite=False)
+    if "found_by" not in df.columns and "attack" in df.columns:
+        df = df.assign(found_by=df["attack"])
     missing = [c for c in RECORD_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"records lack column(s): {', '.join(missing)}")

@@ -16,7 +16,8 @@ fixed-budget attack runs under a :class:`BestAdversarial` (set up by :meth:`atta
   ``z_y - max_{j != y} z_j``;
 * samples that the deployed model already misclassifies are not robust whatever happens: they are marked fooled
   (with the clean image) from the start, so that loops need not attack them. In the stochastic ``random`` gate
-  mode nothing is decided up front.
+  mode nothing is decided up front. So are the samples an earlier attack of the run's cascade already fooled at a
+  budget (``Target.settled``, :mod:`attacks.runner.cascade`): the runner carries that attack's row over for them.
 
 For transfer (examples crafted on one model, scored on another) the first iterate that fools the *source* model
 is a poor choice: it sits on the source's decision boundary and rarely transfers. There ``keep_first=False``
@@ -150,6 +151,11 @@ class BestAdversarial:
             wrong = (logits.argmax(1) != y) | broken  # never clean-correct: nothing to attack
             for fooled in self._fooled:
                 fooled |= wrong
+        if keep_first and target.settled:  # fooled by an earlier attack of the cascade: not attacked again
+            for e, fooled in zip(self.eps, self._fooled):
+                done = target.settled.get(e)
+                if done is not None:
+                    fooled |= done.to(fooled.device)
 
     def offer(self, candidate: torch.Tensor, logits: torch.Tensor | None = None,
               index: torch.Tensor | None = None) -> None:

@@ -300,6 +300,11 @@ def _eps_by_norm(records: pd.DataFrame) -> str:
                       for n in sorted(per_norm.index, key=lambda n: (n != "linf", str(n))))
 
 
+def _cascaded(records: pd.DataFrame) -> bool:
+    """Whether the attack cascade carried a row over (attacks.runner.cascade)."""
+    return bool(len(records)) and bool((records["found_by"].astype(str) != records["attack"].astype(str)).any())
+
+
 def _metadata(run: RunResults) -> dict[str, Any]:
     return {"run": run.name, "model": run.model, "dataset": run.dataset, "seed": run.seed, "n": run.n,
             "eps": run.eps, "versions": run.versions, "path_names": run.path_names, "full_macs": run.full_macs}
@@ -381,10 +386,12 @@ def _write_report(run: RunResults, out: Path, n_boot: int, seed: int,
     compute_table, compute_figure = compute_section(run, scope, compute_attacks)
 
     where = f"{headline.target} head, {headline.gate_mode} gates" if gated else f"{headline.target} head"
+    cascade = (" The attacks ran as a cascade (each on what those before it left robust, per routing gradient): an "
+               "attack's number is the accuracy after it and the attacks before it." if _cascaded(rec) else "")
     pivot_item = TableItem("Robust accuracy per attack and eps", tables.pivot_table(pivot),
                            f"{where}, white-box; each attack at its strongest backend and routing gradient per "
                            f"sample; '{analysis.WORST_ROW}' = robust only if every attack failed. Intervals: "
-                           "headline and appendix." if len(pivot) else
+                           f"headline and appendix.{cascade}" if len(pivot) else
                            "No white-box accuracy attack at a finite eps > 0 in the deployed gate mode.")
     appendix = [TableItem("Summary per evaluation", tables.summary_table(summary),
                           "Every evaluation (also in summary.csv). Success rate, P(success | path change), AUROC and "

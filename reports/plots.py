@@ -53,6 +53,12 @@ def _eps_label(eps: float, norm: str = "linf") -> str:
     return format_eps(eps, "linf") if norm == "linf" or not np.isfinite(eps) or eps == 0 else f"{eps:.4g}"
 
 
+def _labels(frame: pd.DataFrame, eps: Sequence[float]) -> list[str]:
+    """Tick labels of ``eps`` in the units of ``frame``'s norm (/255 for L-inf)."""
+    norms = set(frame["norm"].astype(str)) if "norm" in frame.columns else set()
+    return [_eps_label(e, norms.pop() if len(norms) == 1 else "linf") for e in eps]
+
+
 def _eps_ticks(ax, eps: Sequence[float], norm: str = "linf") -> None:
     eps = sorted(set(float(e) for e in eps))
     ax.set_xticks(eps)
@@ -114,7 +120,7 @@ def plot_flip_heatmap(rates: pd.DataFrame, title: str = "") -> bytes | None:
                 ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
                         color="white" if v < 0.6 * max(1.0, np.nanmax(values)) else "black")
         ax.set_xticks(range(len(eps)))
-        ax.set_xticklabels([format_eps(e) for e in eps], fontsize=8)
+        ax.set_xticklabels(_labels(rates, eps), fontsize=8)
         ax.set_yticks(range(len(blocks)))
         ax.set_yticklabels(blocks, fontsize=8)
         ax.set_xlabel("eps")
@@ -145,7 +151,7 @@ def plot_hamming_by_success(records: pd.DataFrame, title: str = "") -> bytes | N
                 box.set(facecolor=color, alpha=0.45)
             ax.plot(pos[keep], [np.mean(data[i]) for i in keep], "D", color=color, ms=4, label=f"{name} (mean)")
     ax.set_xticks(range(len(eps)))
-    ax.set_xticklabels([format_eps(e) for e in eps], fontsize=8)
+    ax.set_xticklabels(_labels(rec, eps), fontsize=8)
     ax.set_xlabel("eps")
     ax.set_ylabel("Hamming distance (gates flipped)")
     ax.grid(alpha=0.3, axis="y")
@@ -177,7 +183,7 @@ def plot_macs(records: pd.DataFrame, slowdown: pd.DataFrame | None = None, full_
     if full_macs:
         ax.axhline(full_macs / 1e6, color="black", ls="--", lw=1, label="all blocks executed")
     ax.set_xticks(range(len(eps)))
-    ax.set_xticklabels([format_eps(e) for e in eps], fontsize=8)
+    ax.set_xticklabels(_labels(rec, eps), fontsize=8)
     ax.set_xlabel("eps")
     ax.set_ylabel("mean MACs per sample (millions)")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, frameon=False)
@@ -204,7 +210,7 @@ def plot_success_by_path_change(summary: pd.DataFrame, title: str = "") -> bytes
         ax.errorbar(x + (k - 0.5) * 0.2, 100 * p, yerr=100 * np.nan_to_num(err), fmt="o", capsize=4, color=color,
                     label=name)
     ax.set_xticks(x)
-    ax.set_xticklabels([format_eps(e) for e in s["eps"]], fontsize=8)
+    ax.set_xticklabels(_labels(s, s["eps"]), fontsize=8)
     ax.set_xlabel("eps")
     ax.set_ylabel("attack success rate (%)")
     ax.set_ylim(-2, 102)

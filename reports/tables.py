@@ -100,7 +100,9 @@ SUPERCLASS_COLUMNS = {"same_superclass": "In true superclass",
 
 def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per evaluation (from ``analysis.summarize``): clean and robust accuracy, success rate, path and
-    compute change, and how path change relates to success."""
+    compute change, and how path change relates to success. Under the attack cascade an evaluation's robust
+    accuracy and success rate include what the attacks before it found (:mod:`attacks.runner.cascade`); "Found
+    itself" is the share it broke on its own (shown only when the cascade carried rows over)."""
     sup = "same_superclass" if "same_superclass" in summary.columns else "same_superclass_proxy"
     rows = []
     for _, r in summary.iterrows():
@@ -112,7 +114,9 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
             "Clean acc": pct(r["clean_acc"]),
             # a compute attack's ``robust`` column is no robust accuracy (it does not try to flip predictions)
             "Robust acc": pct(r["robust_acc"]) if counts_for_accuracy(str(r["attack"])) else DASH,
-            "Success rate": pct(r["success_rate"]), "Mean Hamming": num(r["hamming_mean"]),
+            "Success rate": pct(r["success_rate"]),
+            "Found itself": pct(r["n_own_success"] / r["n_clean_correct"]) if r.get("n_clean_correct") else DASH,
+            "Mean Hamming": num(r["hamming_mean"]),
             "ΔMACs %": num(r["dmacs_pct"], 1),
             "P(success | path changed)": _ci(r, "p_success_changed"),
             "P(success | path unchanged)": _ci(r, "p_success_unchanged"),
@@ -121,6 +125,8 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
             SUPERCLASS_COLUMNS[sup]: _ci(r, sup) if sup in r else DASH,
         })
     frame = pd.DataFrame(rows)
+    if "n_own_success" not in summary.columns or (summary["n_own_success"] == summary["n_success"]).all():
+        frame = frame.drop(columns=["Found itself"], errors="ignore")  # no cascade carried a row over
     single_head = "clean_acc_coarse" in summary.columns and summary["clean_acc_coarse"].isna().all()
     if single_head and len(summary) and summary.get(sup, pd.Series(dtype=float)).isna().all():
         # no coarse head and no label hierarchy: the superclass analysis was skipped (the sanity checks say so)

@@ -132,8 +132,8 @@ def check_eps_monotone(df: pd.DataFrame, tol: float = 0.01) -> Check:
         best, best_eps = np.inf, None
         for eps, a, n in zip(g["eps"], g["acc"], g["n"]):
             if best_eps is not None and a > best + _tolerance(int(n), tol):
-                violations.append(f"{key[1]}/{key[2]}/{key[5]} on {key[0]}: {_pts(a)} at eps={format_eps(eps)} vs "
-                                  f"{_pts(best)} at eps={format_eps(best_eps)}")
+                violations.append(f"{key[1]}/{key[2]}/{key[5]} on {key[0]}: {_pts(a)} at eps={format_eps(eps, key[3])} "
+                                  f"vs {_pts(best)} at eps={format_eps(best_eps, key[3])}")
                 break
             if a < best:
                 best, best_eps = a, eps
@@ -154,13 +154,24 @@ def check_iterative_vs_single_step(df: pd.DataFrame, tol: float = 0.01) -> Check
     ss = _accuracy(rows[_of_kind(rows, SINGLE_STEP)], keys + ["attack"])
     if it is None or ss.empty:
         return Check(name, "skip", "Needs both a single-step (fgsm) and an iterative (pgd/apgd) attack.")
+    # an iterative attack that ran in the cascade after the single-step one holds its finds: it cannot be weaker
+    after = rows[iterative & rows["found_by"].astype(str).isin(_single_step_names(rows)).to_numpy(bool)]
+    if not after.empty:
+        cascaded = after[keys].drop_duplicates()
+        it = it.merge(cascaded, on=keys, how="left", indicator=True)
+        it = it[it["_merge"] == "left_only"].drop(columns="_merge")
+    cascaded = Check(name, "skip", "The iterative attacks ran in the attack cascade after the single-step one (each "
+                     "only on the samples it left robust), so they cannot be weaker; cascade = false compares them.")
+    if it.empty:
+        return cascaded
     it_best = it.loc[it.groupby(keys, observed=True, dropna=False)["acc"].idxmin()]
     ss_best = ss.loc[ss.groupby(keys, observed=True, dropna=False)["acc"].idxmin()]
     both = it_best.merge(ss_best, on=keys, suffixes=("_it", "_ss"))
     if both.empty:
-        return Check(name, "skip", "No eps at which both a single-step and an iterative attack were run.")
+        return cascaded if not after.empty else Check(name, "skip", "No eps at which both a single-step and an "
+                                                      "iterative attack were run.")
     violations = [
-        f"{r.attack_it} {_pts(r.acc_it)} vs {r.attack_ss} {_pts(r.acc_ss)} at eps={format_eps(r.eps)} "
+        f"{r.attack_it} {_pts(r.acc_it)} vs {r.attack_ss} {_pts(r.acc_ss)} at eps={format_eps(r.eps, r.norm)} "
         f"({r.run}, {r.gate_grad})"
         for r in both.itertuples()
         if r.acc_it > r.acc_ss + _tolerance(int(min(r.n_it, r.n_ss)), tol)]
@@ -251,7 +262,7 @@ class _SquareSetting:
     gradient: str
     pair: _Pair
     masked: bool
-    power: bool
+    power: bool | None  # None: not measured (Square ran in the cascade after the gradient attacks)
 
     def line(self) -> str:
         return (f"{self.attack} {_pts(self.pair.acc_y)} vs {self.gradient} {_pts(self.pair.acc_x)} at {self.label} "
@@ -285,11 +296,21 @@ def _square_settings(sq: pd.DataFrame, grad: pd.DataFrame, margin: float, alpha:
         run, norm, eps, gate_mode, target = key
         out.append(_SquareSetting(
             run=str(run), attack="/".join(sorted(s["attack"].astype(str).unique())),
-            label=f"eps={format_eps(eps)}" + (f" ({run}, {norm}, {gate_mode}, {target})" if multi else ""),
+            label=f"eps={format_eps(eps, str(norm))}" + (f" ({run}, {norm}, {gate_mode}, {target})" if multi else ""),
             gradient=f"{best[0]}/{best[2]}", pair=pair, masked=pair.y_stronger(alpha, min_samples, margin),
-            # the tolerance keeps e.g. 27% vs 24% + 3 points from failing on float rounding
-            power=pair.acc_y <= pair.acc_x + margin + 1e-9))
+            # the tolerance keeps e.g. 27% vs 24% + 3 points from failing on float rounding; None: Square ran in the
+            # cascade on what the gradient attacks left (rows carried over), so its robust accuracy is theirs or less
+            power=None if _carried(s) else pair.acc_y <= pair.acc_x + margin + 1e-9))
     return out
+
+
+def _carried(rows: pd.DataFrame) -> bool:
+    """Whether some of ``rows`` hold another attack's example (the attack cascade carried them over)."""
+    return bool((rows["found_by"].astype(str) != rows["attack"].astype(str)).any())
+
+
+def _single_step_names(rows: pd.DataFrame) -> list[str]:
+    return sorted(set(rows.loc[_of_kind(rows, SINGLE_STEP), "attack"].astype(str)))
 
 
 def check_square_vs_gradient(df: pd.DataFrame, margin: float = 0.03, *, alpha: float = 0.05, min_samples: int = 3,
@@ -323,6 +344,7 @@ def check_square_vs_gradient(df: pd.DataFrame, margin: float = 0.03, *, alpha: f
         return Check(name, "skip", "No eps at which both Square and a gradient attack were run on the same samples.")
     attack = {st.run: _gradient_free_name(sq, st.run, queries) for st in settings}
     details = tuple(f"{st.line()}: " + ("Square beats it (masking)" if st.masked else
+                    "in the cascade after it" if st.power is None else
                     "power, could have fired" if st.power else "too weak to detect masking")
                     for st in settings)[:MAX_DETAILS]
     masked = [st for st in settings if st.masked]
@@ -331,7 +353,7 @@ def check_square_vs_gradient(df: pd.DataFrame, margin: float = 0.03, *, alpha: f
         return Check(name, "warn", f"Gradient masking suspected: {attack[st.run]} beats every gradient attack by at "
                      f"least {_points(margin)} ({_criterion(alpha, min_samples, margin)}) in {len(masked)} of "
                      f"{_count(len(settings), 'setting')}; e.g. {st.line()}.", details)
-    powerless = [run for run in attack if not any(st.power for st in settings if st.run == run)]
+    powerless = [run for run in attack if not any(st.power or st.power is None for st in settings if st.run == run)]
     if powerless:
         run = powerless[0]
         st = min((st for st in settings if st.run == run), key=lambda st: st.pair.acc_y - st.pair.acc_x)
@@ -341,12 +363,17 @@ def check_square_vs_gradient(df: pd.DataFrame, margin: float = 0.03, *, alpha: f
                 f"raise its queries.")
         return Check(name, "warn", text[0].upper() + text[1:], details)
     power = [st.label for st in settings if st.power]
-    weak = [f"{st.label} ({_pts(st.pair.acc_y)} vs {_pts(st.pair.acc_x)})" for st in settings if not st.power]
+    weak = [f"{st.label} ({_pts(st.pair.acc_y)} vs {_pts(st.pair.acc_x)})" for st in settings if st.power is False]
+    cascaded = [st.label for st in settings if st.power is None]
     names = "/".join(dict.fromkeys(attack.values()))
     text = (f"{names} never beats the best gradient attack significantly ({_count(len(settings), 'setting')} "
-            f"checked); it had power (robust accuracy within {_points(margin)} of the gradient attacks) at "
-            f"{', '.join(power)}, so it could have fired there"
-            + (f"; at {', '.join(weak)} it was too weak to detect masking" if weak else "") + ".")
+            f"checked)"
+            + (f"; it had power (robust accuracy within {_points(margin)} of the gradient attacks) at "
+               f"{', '.join(power)}, so it could have fired there" if power else "")
+            + (f"; at {', '.join(weak)} it was too weak to detect masking" if weak else "")
+            + (f"; at {', '.join(cascaded)} it ran in the attack cascade, only on what the gradient attacks left "
+               f"robust, so each sample it breaks there is one they missed; its power is not measured (cascade = "
+               f"false measures it)" if cascaded else "") + ".")
     return Check(name, "pass", text[0].upper() + text[1:], details)
 
 
@@ -396,7 +423,7 @@ def _routing_settings(df: pd.DataFrame, alpha: float, min_samples: int, min_poin
             continue
         used = table[["none", *pairs]].astype(float)
         out.append(_RoutingSetting(
-            label=f"{attack} at eps={format_eps(eps)} on {run} ({backend}, {norm}, {gate_mode}, {target})",
+            label=f"{attack} at eps={format_eps(eps, str(norm))} on {run} ({backend}, {norm}, {gate_mode}, {target})",
             acc={g: float(used[g].mean()) for g in used.columns},  # NaN (sample not run) is skipped
             worst=float(used.min(axis=1).mean()),
             pairs=pairs,
@@ -512,7 +539,7 @@ def check_transfer_vs_whitebox(df: pd.DataFrame, tol: float = 0.01) -> Check:
     both = tr.merge(wb[keys + ["success_rate", "n_clean_correct"]], on=keys, suffixes=("_tr", "_wb"))
     if both.empty:
         return Check(name, "skip", "No white-box run of the transferred attack on the target at the same eps.")
-    violations = [f"{r.attack} {r.source_run}->{r.run} at eps={format_eps(r.eps)}: "
+    violations = [f"{r.attack} {r.source_run}->{r.run} at eps={format_eps(r.eps, r.norm)}: "
                   f"transfer {_pts(r.success_rate_tr)} vs white-box {_pts(r.success_rate_wb)}"
                   for r in both.itertuples()
                   if r.success_rate_tr > r.success_rate_wb + _tolerance(int(r.n_clean_correct_wb), tol)]
@@ -549,7 +576,7 @@ def check_curve_vs_fixed(df: pd.DataFrame) -> Check:
         eps, checked = float(key[-1]), checked + 1
         band = wilson_interval(int((d["distance"].to_numpy(float) > eps).sum()), len(d))
         acc = float(g["robust"].mean())
-        where = (f"{key[0]} ({key[1]}, {key[3]}) eps={format_eps(eps)}: fixed-eps {_pts(acc)} vs curve "
+        where = (f"{key[0]} ({key[1]}, {key[3]}) eps={format_eps(eps, key[3])}: fixed-eps {_pts(acc)} vs curve "
                  f"{_pts(band.estimate)} [{_pts(band.low)}, {_pts(band.high)}]")
         if acc > band.high:
             above.append(where)
@@ -599,12 +626,12 @@ def check_finite_logits(df: pd.DataFrame) -> Check:
     if not bad.any():
         return Check(name, "pass", f"Every clean and adversarial logit is finite ({_count(len(df), 'row')} of "
                      f"{_count(len(samples), 'sample')} checked).")
-    keys = ["run", "attack", "backend", "gate_mode", "gate_grad", "target", "eps"]
+    keys = ["run", "attack", "backend", "norm", "gate_mode", "gate_grad", "target", "eps"]
     per = (df.assign(n_clean_bad=clean_bad, n_adv_bad=adv_bad).groupby(keys, observed=True, dropna=False)
            [["n_clean_bad", "n_adv_bad"]].sum().reset_index())
     per = per[(per["n_clean_bad"] > 0) | (per["n_adv_bad"] > 0)]
     per = per.sort_values(["n_adv_bad", "n_clean_bad"], ascending=False, kind="stable")
-    details = tuple(f"{r.attack}/{r.backend}/{r.gate_grad} ({r.gate_mode}, {r.target}) at eps={format_eps(r.eps)} on "
+    details = tuple(f"{r.attack}/{r.backend}/{r.gate_grad} ({r.gate_mode}, {r.target}) at eps={format_eps(r.eps, r.norm)} on "
                     f"{r.run}: {int(r.n_clean_bad)} clean, {int(r.n_adv_bad)} adversarial"
                     for r in per.itertuples())[:MAX_DETAILS]
     adv_rows = int(adv_bad.sum())
@@ -622,7 +649,7 @@ def check_finite_logits(df: pd.DataFrame) -> Check:
     attacked = _count(int((df["eps"] > 0).sum()), "attacked row")
     return Check(name, "warn", f"The clean logits are finite, but the adversarial logits are non-finite (NaN or inf) "
                  f"in {adv_rows} of {attacked} ({adv_samples} of {_count(len(samples), 'sample')}; most in "
-                 f"{top.attack}/{top.gate_grad} at eps={format_eps(top.eps)}: {int(top.n_adv_bad)}): those rows count "
+                 f"{top.attack}/{top.gate_grad} at eps={format_eps(top.eps, top.norm)}: {int(top.n_adv_bad)}): those rows count "
                  f"as not robust and not as successful attacks; the model breaks down numerically inside the budget, "
                  f"so its robust accuracy there reflects that, not adversarial examples.", details)
 

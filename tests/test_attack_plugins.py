@@ -149,7 +149,7 @@ def test_kinds_of_the_built_in_attacks():
     assert counts_for_accuracy("not-an-attack") is True and attack_kind("not-an-attack") is None
     assert attacks_of_kind(COMPUTE) == ["slowdown"]
     assert attacks_of_kind(ITERATIVE) == ["apgd-ce", "apgd-dlr", "autoattack", "path", "pgd"]
-    assert attacks_of_kind(MINIMAL, GRADIENT_FREE) == ["cw", "ddn", "fmn", "pgd-bisect", "square"]
+    assert attacks_of_kind(MINIMAL, GRADIENT_FREE) == ["cw", "ddn", "fmn", "pgd-bisect", "pgd-refine", "square"]
     with pytest.raises(UnknownNameError):
         attacks_of_kind("sideways")
     # the minimal-norm attacks are foolbox's (torchattacks' fixed-c CW is gone); pgd has three backends, in the
@@ -274,7 +274,7 @@ def test_flat_aliases_resolve_to_the_values_of_earlier_versions():
 
 def test_unknown_or_bad_per_attack_keys_are_one_line_config_errors():
     with pytest.raises(ConfigError, match=r"\[attack.pgd\].*unknown option\(s\) restart; valid: alpha, "
-                                          r"(losses, )?random_start, restarts, steps") as err:
+                                          r"(losses, )?(max_steps, )?random_start, restarts, (stall_tol, )?steps") as err:
         AttackConfig.from_table({"pgd": {"restart": 5}})
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="restarts must be an int"):

@@ -242,3 +242,39 @@ def test_the_reference_runs_at_the_runs_own_grid_by_default():
     rows = suite_rows(records, "hard", "fine", n=2)
     assert run_grid(rows) == pytest.approx(grid)  # not the open mode's 4/255, not the minimal search's inf
     assert run_grid(None) == DEFAULT_EPS and run_grid(rows.iloc[:0]) == DEFAULT_EPS
+
+
+def test_the_references_finds_join_the_runs_records_and_worst_case(gated_dsn, tmp_path):
+    from attacks.records import read_records, worst_case, accuracy_rows
+    from attacks.runner import AttackConfig, run_attacks
+    from robustness.results import load_run
+
+    run = copy_run(gated_dsn, tmp_path / "dsn")
+    # a weak menu: one FGSM step leaves samples that a PGD with restarts breaks
+    run_attacks(run.root, AttackConfig(attacks=["fgsm"], backends="torchattacks", eps=["4/255", "12/255"],
+                                       gate_grads=["none"], target=HEAD, n=N, batch_size=10, seed=0), progress=False)
+    before = pd.read_parquet(run.worst_case)
+    config = ReferenceConfig(steps=5, restarts=2, grads=("none",), head=HEAD)
+    result = run_reference(str(run.root), config, record=True)
+    assert result.n == N  # every attacked sample, by default
+    found = sum(e.suite.suite_optimistic for e in result.eps)
+    assert found > 0 and result.joined == found  # each sample the suite called robust and the reference broke
+    records = read_records(run.records)
+    mine = records[records["attack"] == "reference-pgd"]
+    assert len(mine) == N * 2 and set(mine["gate_grad"]) == {"any"} and set(mine["eps"]) == {4 / 255, 12 / 255}
+    after = pd.read_parquet(run.worst_case)
+    keys = ["eps", "sample"]
+    pair = before.merge(after, on=keys, suffixes=("_b", "_a"))
+    assert not (pair["robust_a"] & ~pair["robust_b"]).any()  # never more robust
+    assert int((pair["robust_b"] & ~pair["robust_a"]).sum()) == found
+    assert after.equals(worst_case(accuracy_rows(records)))
+    # a report reads them (fingerprints checked), and a second reference compares with the suite's own rows only
+    assert "reference-pgd" in set(load_run(run.root).records["attack"])
+    again = run_reference(str(run.root), config, record=True)
+    assert [e.suite.accuracy for e in again.eps] == [e.suite.accuracy for e in result.eps]
+    assert len(read_records(run.records)) == len(records)  # replaced, not duplicated
+    # attack --resume on the run keeps them and adds to them
+    grown = run_attacks(run.root, AttackConfig(attacks=["fgsm"], backends="torchattacks", eps=["4/255", "12/255"],
+                                               gate_grads=["none"], target=HEAD, n=N, batch_size=10, seed=0),
+                        resume=True, progress=False)
+    assert "reference-pgd" in set(grown.records["attack"])

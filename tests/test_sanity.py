@@ -282,3 +282,51 @@ def test_compute_attacks_do_not_count_for_accuracy_but_path_does():
     routed = curves({("path", "none", E8): 0.6, ("path", "bpda", E8): 0.2})
     c = sanity.check_routing_gradients(routed)
     assert c.status == "warn" and "path at eps=8/255 on runA" in c.evidence
+
+
+def _cascaded(df: pd.DataFrame, attack: str, after: str) -> pd.DataFrame:
+    """``df`` as the attack cascade writes it: ``attack``'s rows carry ``after``'s where ``after`` broke the sample."""
+    df = df.copy()
+    df["found_by"] = df["attack"]
+    for (grad, eps), first in df[df["attack"] == after].groupby(["gate_grad", "eps"]):
+        broken = set(first.loc[first["clean_correct"] & ~first["robust"], "sample"])
+        rows = (df["attack"] == attack) & (df["gate_grad"] == grad) & (df["eps"] == eps) & df["sample"].isin(broken)
+        df.loc[rows, ["adv_correct", "robust", "success", "found_by"]] = [False, False, True, after]
+    return df
+
+
+def test_an_iterative_attack_in_the_cascade_after_fgsm_is_not_compared_with_it():
+    # under the cascade pgd holds fgsm's finds: "pgd >= fgsm" would pass whatever pgd does, so the check says so
+    records = _cascaded(curves(with_(fgsm__none__E8=0.1)), "pgd", "fgsm")
+    c = sanity.check_iterative_vs_single_step(records[records["gate_grad"] == "none"])
+    assert c.status == "skip" and "cascade" in c.evidence
+    # the same records without the cascade still warn
+    assert sanity.check_iterative_vs_single_step(curves(with_(fgsm__none__E8=0.1))).status == "warn"
+
+
+def test_square_in_the_cascade_is_not_called_powerful_for_following_the_gradient_attacks(honest):
+    # a Square far too weak on its own (90% left): alone it is called too weak ...
+    weak = curves(with_(square__none__E2=0.9, square__none__E8=0.9))
+    assert sanity.check_square_vs_gradient(weak).status == "warn"
+    # ... after pgd in the cascade its rows hold pgd's finds; its power is unmeasured, never claimed
+    c = sanity.check_square_vs_gradient(_cascaded(weak, "square", "pgd"))
+    assert "could have fired" not in c.evidence and "power is not measured" in c.evidence
+
+
+def test_check_lines_give_linf_budgets_in_units_of_1_255_at_every_size():
+    # 17.5/255 and 20.75/255 (an --eps auto grid on digits): quarter steps above 16/255 once read 0.06863
+    spec = {("pgd", "none", 17.5 / 255): 0.3, ("pgd", "none", 20.75 / 255): 0.6,
+            ("fgsm", "none", 17.5 / 255): 0.1}
+    rising = sanity.check_eps_monotone(curves(spec))
+    assert "at eps=20.75/255 vs 30.0% at eps=17.5/255" in rising.evidence
+    weaker = sanity.check_iterative_vs_single_step(curves(spec))
+    assert "at eps=17.5/255" in weaker.evidence and "0.0686" not in weaker.evidence
+
+
+def test_figure_ticks_give_linf_budgets_in_units_of_1_255():
+    from reports import plots
+
+    frame = pd.DataFrame({"norm": ["linf"] * 2, "eps": [14.25 / 255, 20.75 / 255]})
+    assert plots._labels(frame, frame["eps"]) == ["14.25/255", "20.75/255"]
+    l2 = pd.DataFrame({"norm": ["l2"], "eps": [0.5]})
+    assert plots._labels(l2, l2["eps"]) == ["0.5"]

@@ -54,6 +54,8 @@ class BisectParams(NativePGDParams):
         positive(self, "start", "max_eps")
         if self.alpha is not None:
             raise ValueError("alpha must be unset (None): each probe steps 2.5 * eps / steps at its own eps")
+        if self.max_steps is not None or self.stall_tol is not None:
+            raise ValueError("max_steps and stall_tol are the fixed-budget PGD's: each probe runs exactly steps")
 
 
 def _limits(params: BisectParams, norm: str, x: torch.Tensor) -> tuple[float, float]:

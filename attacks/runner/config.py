@@ -104,9 +104,9 @@ class AttackConfig:
     both libraries with ``cross_check``): each attack runs in the first listed one that has it, or in all of them
     with ``cross_check``. ``norm`` is the threat model of the fixed-budget attacks, ``eps`` their budgets, or
     ``"auto"``: chosen from the minimal distances (``robustness.eps_grid``; the fixed-budget attacks then wait until
-    the minimal-perturbation attacks have run). Minimal-perturbation attacks (DDN, FMN, CW, pgd-bisect) run in each
-    of their norms that is ``norm`` or in ``distance_norms`` (default both), unbounded (eps = inf: each sample's
-    distance; an L2 one under ``--norm linf`` is also scored at ``cw_eps``). ``steps`` (None: each attack's own
+    the minimal-perturbation attacks have run). Minimal-perturbation attacks (DDN, FMN, CW, pgd-bisect,
+    pgd-refine) run in each of their norms that is ``norm`` or in ``distance_norms`` (default both), unbounded (eps =
+    inf: each sample's distance; an L2 one under ``--norm linf`` is also scored at ``cw_eps``). ``steps`` (None: each attack's own
     default) sets the iterations of every iterative and compute attack. ``threads`` (0: torch's default) sets
     torch's CPU threads while attacking: 1 is many times faster for small models on a busy CPU. ``workers`` (1) > 1
     splits the batches over that many processes on a CPU (the runner's torchrun sharding, spawned by the runner
@@ -116,8 +116,10 @@ class AttackConfig:
     ``subset`` (``stratified`` or ``first``) and ``subset_seed`` choose the ``n`` test images attacked (the module
     docstring; the seed is the images', the same for every model and training seed compared, not ``seed``).
     ``minimal_check`` (True) also runs PGD at the minimal-norm attacks' L2 budgets (their convergence check and a
-    fixed-budget floor under the L2 numbers). ``params`` holds each attack's own parameters by attack name; the flat
-    names of :data:`FLAT_ALIASES` are accepted as keywords.
+    fixed-budget floor under the L2 numbers). ``cascade`` (True) runs each fixed-budget attack only on the samples
+    that the attacks before it (same gate mode, routing gradient, head and norm) left robust, as AutoAttack does
+    (:mod:`attacks.runner.cascade`); false attacks every sample with every attack. ``params`` holds each attack's
+    own parameters by attack name; the flat names of :data:`FLAT_ALIASES` are accepted as keywords.
     """
 
     attacks: list[str] | str = field(
@@ -143,6 +145,7 @@ class AttackConfig:
     steps: int | None = None
     preset: str = ""  # the preset the table was built from (from_table / --preset apply it; recorded here)
     minimal_check: bool = True
+    cascade: bool = True
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
     # flat aliases (FLAT_ALIASES order): folded into ``params`` and not kept as fields
     pgd_alpha: InitVar[float | None] = None
@@ -220,7 +223,7 @@ class AttackConfig:
             raise ConfigError(f"threads must be an integer in 0..{MAX_THREADS} (0: torch's default), got "
                               f"{brief_number(self.threads)}")
         self.threads = int(self.threads)
-        for flag in ("cross_check", "minimal_check"):
+        for flag in ("cross_check", "minimal_check", "cascade"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         self.seed = check_seed(self.seed, "seed")

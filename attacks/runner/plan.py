@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from attacks.base import GRADIENT_FREE, MINIMAL, Attack, attack_class, backends_for, known_attacks
+from attacks.runner.cascade import link
 from attacks.runner.config import AttackConfig, dedupe
 from robustness.core.errors import ConfigError
 from robustness.core.runtime import jsonable
@@ -34,6 +35,9 @@ class EvalPlan:
     gate_grad: str
     target: str
     source_run: str = ""
+    #: the ids of the evaluations this one follows (its cascade predecessors; a refining attack's evidence):
+    #: :func:`attacks.runner.cascade.link`
+    after: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -58,7 +62,7 @@ class EvalPlan:
                 "norm": self.norm,
                 "eps": list(self.eps), "gate_mode": self.gate_mode, "gate_grad": self.gate_grad,
                 "target": self.target, "source_run": self.source_run, "config": jsonable(self.attack.config()),
-                "complete": bool(complete)}
+                "after": list(self.after), "complete": bool(complete)}
 
 
 def _attacks_to_run(config: AttackConfig) -> list[tuple[str, str, str, list[float]]]:
@@ -82,6 +86,8 @@ def _attacks_to_run(config: AttackConfig) -> list[tuple[str, str, str, list[floa
             continue
         for backend in chosen:
             cls = attack_class(name, backend)
+            if cls.refines and config.eps_auto:
+                continue  # it starts from every other attack's finds: it runs with the fixed-budget ones
             if cls.kind != MINIMAL:
                 if not config.eps_auto:
                     norm = config.norm if config.norm in cls.norms else cls.norms[0]
@@ -134,4 +140,4 @@ def plan_evaluations(config: AttackConfig, gated: bool, source_run: str = "") ->
     if not plans:
         raise ConfigError("nothing to run: no requested attack exists in the requested backend(s) "
                           f"{', '.join(config.backends)}")
-    return plans
+    return link(plans, config.cascade)

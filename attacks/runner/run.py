@@ -82,6 +82,7 @@ from attacks.base import ITERATIVE, MINIMAL, Target, attack_kind
 from attacks.checks import zero_gradient_share
 from attacks.records import (RECORD_COLUMNS, accuracy_rows, conform, read_records, shard_fingerprint, worst_case,
                              write_shard)
+from attacks.runner import cascade
 from attacks.runner.config import AttackConfig, dedupe
 from attacks.runner.plan import EvalPlan, plan_evaluations
 from attacks.runner.scoring import Batch, Scorer
@@ -190,7 +191,7 @@ def shard_fingerprint_of(run_fp: dict[str, Any], plan: EvalPlan, source_sha256: 
     """The fingerprint of ``plan``'s shards: the run's plus the evaluation's resolved parameters."""
     entry = plan.describe()
     return jsonable({**run_fp, "evaluation": plan.id, "eps": entry["eps"], "config": entry["config"],
-                     "source_sha256": source_sha256 if plan.source_run else ""})
+                     "after": entry["after"], "source_sha256": source_sha256 if plan.source_run else ""})
 
 
 def state_sha256(model: torch.nn.Module) -> str:
@@ -268,10 +269,11 @@ def _check_resumable(run: RunDir, previous: dict[str, Any] | None, run_fp: dict[
 
 def _refuse_differences(run: RunDir, what: str, old: dict[str, Any], new: dict[str, Any], attack: str,
                         asks: str = "this run asks for", fix: str = "use the same settings or pass --force") -> None:
-    for key in ("eps", "config", "source_sha256"):
+    for key in ("eps", "config", "source_sha256", "after"):
         if key not in new:
             continue
-        diffs = _differences(old.get(key), new[key], attack if key == "config" else key)
+        before = old.get(key, [] if key == "after" else None)  # records of a version before the cascade: none
+        diffs = _differences(before, new[key], attack if key == "config" else key)
         if diffs:
             name, o, n = diffs[0]
             if key == "source_sha256":
@@ -660,6 +662,13 @@ def _run_in_workers(run: RunDir, config: AttackConfig, n_batches: int, resume: b
     return AttackResult(run.root, run.read_manifest() or {}, records)
 
 
+def _batch_records(run: RunDir, eval_id: str, b: int, frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Batch ``b``'s records of evaluation ``eval_id``: made in this invocation, else read from its shard."""
+    if eval_id not in frames:
+        frames[eval_id] = read_records(run.shard(eval_id, b))
+    return frames[eval_id]
+
+
 def _attack_batches(run: RunDir, model_name: str, model: CoarseFineNet, crafting_model: CoarseFineNet,
                     data: CoarseFineDataset, config: AttackConfig, plans: Sequence[EvalPlan], n_batches: int,
                     dist: Distributed, progress: bool, on_shard: Callable[[Path], None] | None,
@@ -681,13 +690,23 @@ def _attack_batches(run: RunDir, model_name: str, model: CoarseFineNet, crafting
             hi = min(lo + config.batch_size, len(data))
             x, fine, coarse = data.batch(slice(lo, hi))
             batch = Batch(b, np.arange(lo, hi), x.to(device), fine.to(device), coarse.to(device))
+            frames: dict[str, pd.DataFrame] = {}
             for plan in todo:
                 unit_seed = derive_seed(config.seed, plan.id, b)
+                earlier = [_batch_records(run, q, b, frames) for q in plan.after]
                 crafting = Target(crafting_model, plan.target, plan.gate_mode, plan.gate_grad, config.eot_samples,
                                   device, temperature=temperature if plan.gate_grad == "sharp" else None,
                                   keep_first=not plan.source_run)
+                if plan.attack.refines:
+                    bound = cascade.known_distances(earlier, batch.samples, plan.norm)
+                    crafting.upper_bound = torch.from_numpy(bound).to(device)
+                else:
+                    crafting.settled = cascade.settled(plan, earlier, batch.samples, device)
                 advs = plan.attack(crafting, batch.x, batch.labels(plan.target), plan.eps, unit_seed)
                 frame = scorer.score(plan, batch, advs, unit_seed)
+                if not plan.attack.refines:
+                    frame = cascade.carry(frame, earlier)
+                frames[plan.id] = frame
                 path = run.shard(plan.id, b)
                 atomic_write(path, lambda tmp: write_shard(frame, tmp, fingerprints[plan.id]))
                 bar.update(1)

@@ -170,7 +170,7 @@ class Scorer:
         rows = b * len(parts)
         constant = {"run": self.run_name, "model": self.model_name, "attack": plan.name, "backend": plan.backend,
                     "norm": plan.norm, "gate_mode": plan.gate_mode, "gate_grad": plan.gate_grad,
-                    "target": plan.target, "source_run": plan.source_run, "seed": self.seed}
+                    "target": plan.target, "source_run": plan.source_run, "seed": self.seed, "found_by": plan.name}
         columns = {}
         for name, dtype in RECORD_COLUMNS.items():
             if name in constant:

@@ -227,7 +227,7 @@ def _fixed_eps_pair(a: Variant, b: Variant, ca: pd.DataFrame, cb: pd.DataFrame, 
 
 
 def _fixed_eps_effect(p: Mapping[str, Any], what: str) -> tuple[Effect, PairedTest]:
-    effect = Effect(f"{what} robust accuracy difference at eps={format_eps(p['eps'])}", p["diff"],
+    effect = Effect(f"{what} robust accuracy difference at eps={format_eps(p['eps'], p['norm'])}", p["diff"],
                     p["diff_low"], p["diff_high"], "difference")
     corrected = f", Bonferroni over {p['candidates']} eps" if p["candidates"] > 1 else ""
     test = PairedTest("exact McNemar", p["mcnemar_p"], p["sign"], p["n"], "paired samples",
@@ -321,7 +321,7 @@ def _distance_clause(p: DistanceComparison, v: PairVerdict) -> str:
 
 def _fixed_clause(p: Mapping[str, Any], v: PairVerdict) -> str:
     return (f"{p['a']} vs {p['b']}: {v.evidence}; robust acc {100 * p['acc_a']:.1f}% vs {100 * p['acc_b']:.1f}% "
-            f"at eps={format_eps(p['eps'])} (where they differ most, of {p['candidates']} unsaturated eps); "
+            f"at eps={format_eps(p['eps'], p['norm'])} (where they differ most, of {p['candidates']} unsaturated eps); "
             f"clean {100 * p['clean_a']:.1f}% vs {100 * p['clean_b']:.1f}%")
 
 

@@ -1,8 +1,8 @@
 """Eps-free robustness: each sample's minimal adversarial distance, and the robustness curve it gives.
 
-A minimal-perturbation attack (kind ``minimal``: DDN, CW, FMN, the PGD bisection ``pgd-bisect``) is scored at
-eps = inf: that row holds the smallest adversarial example the attack found for the sample, and its ``linf`` /
-``l2`` columns are the distance. :func:`minimal_distances` is the one owner of "a sample's minimal distance": the
+A minimal-perturbation attack (kind ``minimal``: DDN, CW, FMN, the PGD bisections ``pgd-bisect`` and
+``pgd-refine``) is scored at eps = inf: that row holds the smallest adversarial example the attack found for the
+sample, and its ``linf`` / ``l2`` columns are the distance. :func:`minimal_distances` is the one owner of "a sample's minimal distance": the
 minimum over every minimal attack, backend and routing gradient of the norm's column over rows that fooled the
 deployed model (``success``), and over the fixed-eps successes of the same model, norm and routing gradient (an
 example the PGD at 0.75/255 found caps a distance the minimal attack put at 4.95/255), with two conventions:

@@ -157,15 +157,19 @@ def summarize(df: pd.DataFrame, full_macs: float | Mapping[str, float] | None = 
     "n_clean_correct": "initially-correct samples",
     "n_success": "successful attacks (initially correct, adversarially wrong)",
     "success_rate": "n_success / n_clean_correct",
+    "n_own_success": "successful attacks whose example this attack found itself (under the attack cascade the "
+                     "others were carried over from an earlier attack: attacks.runner.cascade)",
 })
 def accuracy(ev: Evaluation) -> dict[str, float]:
     g, correct, success = ev.records, ev.correct, ev.success
+    own = success & (g["found_by"].astype(str) == g["attack"].astype(str)).to_numpy(bool)
     return {"clean_acc_fine": mean_or_nan((g["clean_pred_fine"] == g["label_fine"]).to_numpy(bool)),
             "clean_acc_coarse": mean_or_nan((g["clean_pred_coarse"] == g["label_coarse"]).to_numpy(bool))
             if ev.coarse else NAN,
             "clean_acc": mean_or_nan(correct), "robust_acc": mean_or_nan(g["robust"].to_numpy(bool)),
             "n_clean_correct": int(correct.sum()), "n_success": int(success.sum()),
-            "success_rate": success.sum() / correct.sum() if correct.any() else NAN}
+            "success_rate": success.sum() / correct.sum() if correct.any() else NAN,
+            "n_own_success": int(own.sum())}
 
 
 @register_metric({

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from attacks.records import accuracy_rows, read_records, worst_case
 from attacks.runner import load_eval_data, load_run_checkpoint
 from attacks.runner.run import eval_data
+from robustness.bench.reference_records import REFERENCE_ATTACK, params_of, record_reference
 from models.network import CoarseFineNet
 from models.surrogates import calibrate_temperature
 from robustness.core.errors import BudgetViolation, ConfigError
@@ -91,7 +92,7 @@ class ReferenceConfig:
 
     #: the L-inf budgets; empty: the run's own fixed-eps grid (:func:`run_grid`), else :data:`DEFAULT_EPS`
     eps: tuple[float, ...] = ()
-    n: int = 64
+    n: int | None = None  # None: every sample the run's records attacked (64 without records)
     steps: int = 50
     restarts: int = 5
     grads: tuple[str, ...] = ("none", "ste", "bpda", "sharp")
@@ -104,7 +105,7 @@ class ReferenceConfig:
         if any(not (0 < e < math.inf) for e in self.eps):
             raise ConfigError(f"reference eps must be positive and finite, got {list(self.eps)}")
         for name, value in (("n", self.n), ("steps", self.steps), ("restarts", self.restarts)):
-            if value < 1:
+            if value is not None and value < 1:
                 raise ConfigError(f"reference {name} must be >= 1, got {value}")
         _check_names("routing gradient", self.grads, GRAD_MODES)
         _check_names("loss", self.losses, LOSSES)
@@ -269,7 +270,7 @@ def attack_at_eps(model: CoarseFineNet, x: torch.Tensor, y: torch.Tensor, eps: f
                     by_run[(grad, loss)] = (clean_correct & ~fooled).cpu()
             robust_g = torch.stack([by_run[(grad, l)] for l in config.losses]).all(0)
             log.info("reference eps=%s grad=%s: %d/%d robust (%.1f%%), %s x %d restarts, %.1fs",
-                     format_eps(eps), grad, int(robust_g.sum()), len(x), 100.0 * float(robust_g.float().mean()),
+                     format_eps(eps, "linf"), grad, int(robust_g.sum()), len(x), 100.0 * float(robust_g.float().mean()),
                      ",".join(config.losses), config.restarts, time.perf_counter() - grad_start)
     robust = torch.stack(list(by_run.values())).all(0)
     return EpsOutcome(eps=eps, clean_correct=clean_correct.cpu(), robust=robust, by_run=by_run,
@@ -403,6 +404,9 @@ class ReferenceResult:
     seconds: float
     eps: list[EpsReport] = field(default_factory=list)
     max_gap: float | None = None
+    #: (sample, eps) pairs the reference fooled that the run's worst case had as robust, now joined into its records
+    #: as attack ``reference-pgd`` (:mod:`robustness.bench.reference_records`); None: its finds were not recorded
+    joined: int | None = None
 
     @property
     def worst_gap(self) -> float | None:
@@ -424,6 +428,13 @@ def _percent(mask: torch.Tensor) -> float:
     return 100.0 * float(mask.float().mean())
 
 
+def _attacked(run: RunDir) -> int:
+    """How many samples the run's records attacked (64 without records)."""
+    recorded = (run.read_manifest() or {}).get("subset") if run.has_records() else None
+    indices = recorded.get("indices") if isinstance(recorded, dict) else None
+    return len(indices) if indices else 64
+
+
 def _reference_data(run: RunDir, checkpoint: Any, n: int) -> Any:
     """The first ``n`` of the run's attacked samples, so that sample ``i`` here is sample ``i`` of its records: the
     subset its manifest recorded (rule and seed; checked against its hash), else the default stratified draw."""
@@ -439,9 +450,12 @@ def _reference_data(run: RunDir, checkpoint: Any, n: int) -> Any:
 
 
 def run_reference(run_dir: str, config: ReferenceConfig, device: torch.device | str = "cpu",
-                  max_gap: float | None = None) -> ReferenceResult:
-    """Attack the first ``config.n`` of ``run_dir``'s attacked samples (:func:`_reference_data`) with its checkpoint
-    and compare with its records (if any). Writes nothing. ConfigError when ``max_gap`` is set and the run has no records to compare."""
+                  max_gap: float | None = None, record: bool = False) -> ReferenceResult:
+    """Attack the first ``config.n`` (None: all) of ``run_dir``'s attacked samples (:func:`_reference_data`) with its
+    checkpoint and compare with its records (if any; the comparison never reads earlier ``reference-pgd`` rows).
+    With ``record``, the reference's examples then join the run's records and worst case
+    (:func:`robustness.bench.reference_records.record_reference`); otherwise nothing is written. ConfigError when
+    ``max_gap`` is set and the run has no records to compare."""
     start = time.perf_counter()
     run = RunDir.at(run_dir).require()
     has_records = run.has_records()
@@ -450,7 +464,7 @@ def run_reference(run_dir: str, config: ReferenceConfig, device: torch.device | 
                           f"`dsn-robust attack` first or leave --max-gap out")
     checkpoint = load_run_checkpoint(run)
     model = checkpoint.build_model(device).eval()
-    data = _reference_data(run, checkpoint, config.n)
+    data = _reference_data(run, checkpoint, config.n if config.n is not None else _attacked(run))
     x, fine, coarse = data.batch(slice(None))
     x = x.to(device)
     y = (fine if config.head == "fine" else coarse).to(device)
@@ -463,16 +477,20 @@ def run_reference(run_dir: str, config: ReferenceConfig, device: torch.device | 
     temperature = calibrate_temperature(model, x) if "sharp" in grads else None
     rows = None
     if has_records:
-        rows = suite_rows(read_records(run.records), config.gate_mode, config.head, len(x))
+        records = read_records(run.records)
+        rows = suite_rows(records[records["attack"].astype(str) != REFERENCE_ATTACK], config.gate_mode, config.head,
+                          len(x))
     grid = config.eps or run_grid(rows)
     if not config.eps:
         log.info("reference eps: %s (%s)", ", ".join(format_eps(e, "linf") for e in grid),
                  "the run's fixed-eps grid" if rows is not None and grid != DEFAULT_EPS else "the default grid")
     reports = []
+    examples: dict[float, torch.Tensor] = {}
     clean_correct = torch.zeros(0, dtype=torch.bool)
     for i, eps in enumerate(grid):
         outcome = attack_at_eps(model, x, y, eps, i, config, grads, temperature)
         clean_correct = outcome.clean_correct
+        examples[float(eps)] = outcome.examples
         suite = compare_with_suite(rows, eps, outcome.robust.numpy()) if rows is not None else None
         reports.append(EpsReport(
             eps=eps, eps_label=format_eps(eps, "linf"), n=len(x), robust=int(outcome.robust.sum()),
@@ -481,12 +499,16 @@ def run_reference(run_dir: str, config: ReferenceConfig, device: torch.device | 
             by_loss={l: _percent(outcome.robust_against(loss=l)) for l in config.losses},
             max_linf=outcome.max_linf, unconfirmed=outcome.unconfirmed, seconds=outcome.seconds, suite=suite))
     temps = None if temperature is None else [float(t) for t in torch.as_tensor(temperature).flatten()]
+    joined = None
+    if record and has_records:
+        params = dict(params_of(config, grads), step_factor=STEP_FACTOR)
+        joined = record_reference(run, model, x.cpu(), fine, coarse, examples, params, config.gate_mode, config.head)
     return ReferenceResult(
         run=run.name, model=checkpoint.model_name, device=str(device), n=len(x),
         clean_correct=int(clean_correct.sum()), clean_accuracy=_percent(clean_correct), gate_mode=config.gate_mode,
         head=config.head, steps=config.steps, restarts=config.restarts, step_factor=STEP_FACTOR, grads=list(grads),
         losses=list(config.losses), seed=config.seed, temperature=temps, has_records=has_records,
-        seconds=time.perf_counter() - start, eps=reports, max_gap=max_gap)
+        seconds=time.perf_counter() - start, eps=reports, max_gap=max_gap, joined=joined)
 
 
 def format_table(result: ReferenceResult) -> str:
@@ -514,6 +536,9 @@ def format_table(result: ReferenceResult) -> str:
                  "the suite is optimistic), suite-opt / ref-opt = samples only that side calls robust")
     if not result.has_records:
         lines.append("the run has no attack records: nothing to compare")
+    if result.joined is not None:
+        lines.append(f"recorded in the run as attack {REFERENCE_ATTACK!r}: {result.joined} (sample, eps) pair(s) it "
+                     f"fooled that the run's worst case had as robust are not robust there any more")
     if any(e.unconfirmed for e in result.eps):
         lines.append("note: " + ", ".join(f"{e.eps_label}: {e.unconfirmed}" for e in result.eps if e.unconfirmed)
                      + " fooling iterate(s) not confirmed by the final re-score (counted robust)")

@@ -195,7 +195,7 @@ def stored_config(args: argparse.Namespace) -> dict[str, Any] | None:
 #: beside the stored ones (each evaluation's shards carry its own fingerprint, so an evaluation that ran before and
 #: is asked for with other budgets or parameters is still refused by the runner)
 PLAN_KEYS = ("attacks", "eps", "cw_eps", "distance_norms", "backends", "cross_check", "gate_modes", "gate_grads",
-             "norm", "target", "preset", "minimal_check")
+             "norm", "target", "preset", "minimal_check", "cascade")
 
 
 def resume_config(args: argparse.Namespace) -> AttackConfig | None:
@@ -323,7 +323,10 @@ def summary_table(result: AttackResult) -> str:
                      .mul(100).unstack("eps"))
             table.columns = [format_eps(e, str(norm)) for e in table.columns]
             table.index.names = ["attack", "backend", "grad"]
-            lines.append(f"robust accuracy (%), {norm} budgets:")
+            carried = (h["found_by"].astype(str) != h["attack"].astype(str)).any()
+            note = (" (attack cascade: each attack ran on what the attacks before it in the menu left robust, so its "
+                    "number includes their finds)" if carried else "")
+            lines.append(f"robust accuracy (%), {norm} budgets{note}:")
             lines.append(table.to_string(float_format=lambda v: f"{v:.1f}", na_rep="-"))
         worst = accuracy_rows(g)
         if not worst.empty:
@@ -344,6 +347,7 @@ def summary_table(result: AttackResult) -> str:
             means = slow.groupby("eps", observed=True)[["adv_macs", "clean_macs"]].mean()
             ratio = means["adv_macs"] / means["clean_macs"].clip(lower=1e-12)
             lines.append(f"{name}, mean MACs attacked/clean: "
-                         + ", ".join(f"x{v:.3f} at {format_eps(e)}" for e, v in ratio.items()))
+                         + ", ".join(f"x{v:.3f} at {format_eps(e, str(slow['norm'].iloc[0]))}"
+                                    for e, v in ratio.items()))
         lines.append("")
     return "\n".join(lines).rstrip()

@@ -94,14 +94,20 @@ def _register_reference(modes: argparse._SubParsersAction) -> None:
     r = modes.add_parser(
         "reference", help="independent reference L-inf PGD on RUN_DIR, compared with its attack records",
         description="An independent plain-torch L-inf PGD (random start, alpha = 2.5 eps / steps, first fooling "
-                    "iterate kept, every restart x loss x routing gradient) on the first N attacked samples of "
-                    "RUN_DIR. If RUN_DIR has attack records, the suite's white-box worst case at each eps is "
-                    "compared on the same samples. Prints JSON + a table; writes nothing.")
+                    "iterate kept, every restart x loss x routing gradient) on the attacked samples of RUN_DIR. If "
+                    "RUN_DIR has attack records, the suite's white-box worst case at each eps is compared on the "
+                    "same samples, then the reference's examples join the records as attack reference-pgd (its "
+                    "finds count in the worst case and the report; --no-record leaves the run as it was). Prints "
+                    "JSON + a table.")
     r.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory")
     r.add_argument("--eps", default=None,
                    help="comma-separated L-inf budgets (default: the run's own fixed-eps grid from its attack "
                         "records, else 1/255,2/255,4/255,8/255)")
-    r.add_argument("--n", type=int, default=64, help="the first N of the run's attacked samples (default %(default)s)")
+    r.add_argument("--n", type=int, default=None,
+                   help="the first N of the run's attacked samples (default: all of them; 64 without records); "
+                        "finds are recorded only when all are attacked")
+    r.add_argument("--no-record", dest="record", action="store_false",
+                   help="compare only: do not add the reference's examples to RUN_DIR's records")
     r.add_argument("--steps", type=int, default=50, help="PGD steps per restart (default %(default)s)")
     r.add_argument("--restarts", type=int, default=5, help="random restarts per gradient x loss (default %(default)s)")
     r.add_argument("--grads", default="none,ste,bpda,sharp",
@@ -174,7 +180,8 @@ def run_reference_command(args: argparse.Namespace) -> int:
                              restarts=args.restarts, grads=_names(args.grads), losses=_names(args.losses),
                              gate_mode=args.gate_mode, head=args.head, seed=args.seed)
     with torch_threads(args.threads):
-        result = run_reference(args.run_dir, config, device=resolve_device(args.device), max_gap=args.max_gap)
+        result = run_reference(args.run_dir, config, device=resolve_device(args.device), max_gap=args.max_gap,
+                               record=args.record)
     print(json.dumps(result.to_dict(), indent=2))
     if not args.json_only:
         print(reference_table(result))
