@@ -245,3 +245,27 @@ def test_defaults_and_config_path():
     planned = {p.name: p.attack.params for p in plan_evaluations(config, True)}
     assert (planned["pgd"].steps, planned["pgd"].max_steps, planned["pgd"].stall_tol) == (20, 100, DEFAULT_STALL_TOL)
     assert planned["pgd-bisect"].max_steps is None and isinstance(planned["pgd-bisect"], BisectParams)
+
+
+def test_a_native_only_option_of_an_attack_left_out_does_not_refuse_another_backend(caplog):
+    import logging
+
+    from attacks.runner import AttackConfig
+    from robustness.core.errors import ConfigError
+
+    # the default config's [attack.pgd] max_steps is the native PGD's: `attack --attacks fgsm --backend
+    # torchattacks` does not run pgd and must not be refused for it ...
+    AttackConfig(attacks=["fgsm"], backends="torchattacks", params={"pgd": {"steps": 20, "max_steps": 100}})
+    # ... and pgd itself in torchattacks, which cannot honour it, runs without it and says so ...
+    from attacks.runner import config as config_module
+
+    config_module._WARNED.clear()  # named once per process: another test may have seen it first
+    with caplog.at_level(logging.WARNING):
+        config = AttackConfig(attacks=["pgd"], backends="torchattacks",
+                              params={"pgd": {"steps": 20, "max_steps": 100}})
+    assert config.options_for("pgd") == {"steps": 20}
+    assert "max_steps: an option of pgd's native backend only; pgd runs in torchattacks here" in caplog.text
+    assert config.options_for("pgd", "native")["max_steps"] == 100
+    # ... while a key no backend knows is refused either way
+    with pytest.raises(ConfigError, match="stepz"):
+        AttackConfig(attacks=["fgsm"], backends="torchattacks", params={"pgd": {"stepz": 3}})

@@ -232,8 +232,13 @@ class AttackConfig:
             raise UnknownNameError("subset rule", self.subset, SUBSET_RULES)
         self.subset_seed = check_seed(self.subset_seed, "subset_seed")
         self.params = _fold_aliases(_own_params(self.params), dict(zip(FLAT_ALIASES, flat)))
-        for name, values in self.params.items():
-            self.options_for(name)  # checks names and values against every backend's Params
+        asked = set(self.expanded_attacks())
+        for name in self.params:
+            # an attack that runs is checked against the backends it runs in (warning about an option only another
+            # backend has: the default config's native-only [attack.pgd] max_steps under --backend torchattacks);
+            # one this invocation leaves out against every backend that has it, silently; a misspelt key is
+            # refused either way
+            self.options_for(name, loose=name not in asked)
 
     @property
     def batch_auto(self) -> bool:
@@ -306,23 +311,25 @@ class AttackConfig:
         """Attack names with aliases expanded (``apgd`` -> ``apgd-ce``, ``apgd-dlr``), in order, once each."""
         return dedupe(sum((ATTACK_ALIASES.get(a, [a]) for a in self.attacks), []))
 
-    def options_for(self, name: str, backend: str | None = None) -> dict[str, Any]:
+    def options_for(self, name: str, backend: str | None = None, *, loose: bool = False) -> dict[str, Any]:
         """The keyword arguments of attack ``name`` (of ``backend``; default: checked against every backend it
-        will run in, or every backend that has it when it runs in none):
-        what it inherits from another attack's configuration (``Attack.inherits``: ``pgd-bisect`` takes the run's
-        PGD steps, restarts and losses), the general ``steps`` where it applies, then the attack's own ``params``."""
-        classes = [attack_class(name, b) for b in ([backend] if backend else
-                                                   (self.backends_of(name) or backends_for(name)))]
+        will run in, or every backend that has it when it runs in none; ``loose``: every backend that has it,
+        without the warning about options another backend's class alone has, :func:`_for_backend`): what it
+        inherits from another attack's configuration (``Attack.inherits``: ``pgd-bisect``
+        takes the run's PGD steps, restarts and losses), the general ``steps`` where it applies, then the attack's
+        own ``params``."""
+        backends = [backend] if backend else backends_for(name) if loose else (self.backends_of(name)
+                                                                                  or backends_for(name))
         options: dict[str, Any] = {}
-        for cls in classes:
+        for cls in [attack_class(name, b) for b in backends]:
             fields = {f.name for f in dataclasses.fields(cls.Params)}
             general = self.steps is not None and "steps" in fields and cls.kind in _GENERAL_STEPS_KINDS
             inherited = {}
             if cls.inherits in known_attacks():
-                parent = self.options_for(cls.inherits)
+                parent = self.options_for(cls.inherits, loose=True)
                 inherited = {k: parent[k] for k in cls.inherited_params if k in parent}
             own = {**inherited, **({"steps": self.steps} if general else {}),
-                   **self.params.get(name, {})}
+                   **_for_backend(name, cls, self.params.get(name, {}), warn=not loose)}
             where = f"[attack.{name}] ({cls.backend})"
             _check_param_numbers(own, where)
             build(cls.Params, own, where=where)
@@ -331,6 +338,25 @@ class AttackConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_WARNED: set[tuple[str, str, tuple[str, ...]]] = set()
+
+
+def _for_backend(name: str, cls: type, params: dict[str, Any], warn: bool = True) -> dict[str, Any]:
+    """``params`` less the keys that only another backend's ``name`` has (the native PGD's ``max_steps`` for
+    torchattacks' PGD): a config stays usable with every backend, and the dropped keys are named once in a
+    warning. A key no backend knows is left in, for the Params check to refuse."""
+    fields = {f.name for f in dataclasses.fields(cls.Params)}
+    elsewhere = {f.name for b in backends_for(name) for f in dataclasses.fields(attack_class(name, b).Params)}
+    dropped = tuple(sorted(k for k in params if k not in fields and k in elsewhere))
+    if dropped and warn and (name, cls.backend, dropped) not in _WARNED:
+        _WARNED.add((name, cls.backend, dropped))
+        others = [b for b in backends_for(name)
+                  if set(dropped) <= {f.name for f in dataclasses.fields(attack_class(name, b).Params)}]
+        log.warning("[attack.%s] %s: an option of %s's %s backend only; %s runs in %s here, without it", name,
+                    ", ".join(dropped), name, "/".join(others), name, cls.backend)
+    return {k: v for k, v in params.items() if k not in dropped}
 
 
 def default_attack_table() -> dict[str, Any]:
