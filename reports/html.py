@@ -388,7 +388,8 @@ def _write_report(run: RunResults, out: Path, n_boot: int, seed: int,
     where = f"{headline.target} head, {headline.gate_mode} gates" if gated else f"{headline.target} head"
     cascade = (" The attacks ran as a cascade (each on what those before it left robust, per routing gradient): an "
                "attack's number is the accuracy after it and the attacks before it." if _cascaded(rec) else "")
-    pivot_item = TableItem("Robust accuracy per attack and eps", tables.pivot_table(pivot),
+    order = list(dict.fromkeys(str(e.get("attack")) for e in run.manifest.get("evaluations", [])))
+    pivot_item = TableItem("Robust accuracy per attack and eps", tables.pivot_table(pivot, order),
                            f"{where}, white-box; each attack at its strongest backend and routing gradient per "
                            f"sample; '{analysis.WORST_ROW}' = robust only if every attack failed. Intervals: "
                            f"headline and appendix.{cascade}" if len(pivot) else
@@ -476,6 +477,7 @@ def _rule_payload() -> dict[str, Any]:
     return {"alpha": verdict_rule.ALPHA, "ratio_band": list(verdict_rule.RATIO_BAND),
             "accuracy_band": list(verdict_rule.ACCURACY_BAND), "min_both_correct": verdict_rule.MIN_BOTH_CORRECT,
             "near_chance_factor": verdict_rule.NEAR_CHANCE_FACTOR, "max_clean_gap": verdict_rule.MAX_CLEAN_GAP,
+            "chance_alpha": verdict_rule.CHANCE_ALPHA,
             "min_seeds_for_test": verdict_rule.MIN_SEEDS_FOR_TEST}
 
 
@@ -505,7 +507,8 @@ def _rule_note(distances: bool) -> str:
             "else 'inconclusive' (with the reason). A pair is 'confounded by clean accuracy' when a side is below "
             f"{v.NEAR_CHANCE_FACTOR:g} x chance or the clean accuracies differ by more than "
             f"{100 * v.MAX_CLEAN_GAP:g} points, and 'not comparable' with fewer than {v.MIN_BOTH_CORRECT} samples "
-            "correct on both or different attacked images or data.")
+            "correct on both, a side at chance level on clean data (not significantly above chance by a one-sided "
+            f"binomial test at {v.CHANCE_ALPHA:g}) or different attacked images or data.")
 
 
 def _comparison_parts(cmp: Comparison) -> tuple[dict[str, Any], list[FigureItem]]:
@@ -571,6 +574,7 @@ def _comparison_parts(cmp: Comparison) -> tuple[dict[str, Any], list[FigureItem]
                TableItem("Transfer (source → target)", tables.transfer_table(cmp.transfer),
                          "" if len(cmp.transfer) else "No transfer records (source_run != '').")]
     context = {"variants": cmp.variants, "reference": ref.label, "verdict": cmp.lead, "verdict_line": cmp.verdict,
+               "answer": cmp.answer,
                "verdict_note": verdict_note, "seed_tables": [], "detail_note": "", "lead_tables": lead_tables,
                "lead_figures": lead_figures, "health": cmp.health, "comparable": cmp.comparable,
                "sanity": cmp.sanity, "tables": tables_, "figures": figures,
@@ -608,7 +612,8 @@ def write_comparison(cmp: Comparison | SeedComparison, out_dir: str | Path) -> P
                                   "Wilcoxon p and finding.")] if cmp.pooled else [])
         health = [Check(c.name, c.status, f"seed {s}: {c.evidence}")
                   for s, c_ in cmp.per_seed.items() for c in c_.health]
-        context.update(verdict=cmp.lead, verdict_line=cmp.verdict, verdict_note=seeds_note, seed_tables=seed_tables,
+        context.update(verdict=cmp.lead, verdict_line=cmp.verdict, answer=cmp.answer,
+                       verdict_note=seeds_note, seed_tables=seed_tables,
                        detail_note=(f"The sections below are seed {cmp.seeds[0]}'s comparison (every seed's is in "
                                     "compare.json)." if len(cmp.seeds) > 1 else ""),
                        health=health, comparable=cmp.comparable, notes=[*cmp.notes, *first.notes])
@@ -617,9 +622,10 @@ def write_comparison(cmp: Comparison | SeedComparison, out_dir: str | Path) -> P
     else:
         context, figures = _comparison_parts(cmp)
         csv, payload = cmp.table, _comparison_payload(cmp)
+    payload = {**payload, "answer": cmp.answer}
     _write_outputs(out, figures, {"compare.csv": csv.to_csv(index=False),
                                   "compare.json": _json_text(payload),
                                   "compare.md": _render("compare.md.j2", context)},
                    _render("compare.html.j2", context))
-    log.info("wrote comparison to %s: %s", out, cmp.verdict)
+    log.info("wrote comparison to %s", out)  # the answer is printed once, by the command
     return out

@@ -172,16 +172,19 @@ def _eps_column(norm: str, eps: float) -> str:
     return eps_text(norm, eps) if norm == "linf" else f"{NORM_NAMES.get(norm, norm)} {eps_text(norm, eps)}"
 
 
-def _attack_order(name: str) -> tuple[int, str]:
+def _attack_order(name: str, order: Sequence[str] = ()) -> tuple[int, int, str]:
     if name == WORST_ROW:
-        return len(KINDS) + 1, name
+        return len(KINDS) + 1, 0, name
     kind = attack_kind(name)
-    return (KINDS.index(kind) if kind in KINDS else len(KINDS)), name
+    return (KINDS.index(kind) if kind in KINDS else len(KINDS)), (list(order).index(name) if name in order
+                                                                  else len(order)), name
 
 
-def pivot_table(pivot: pd.DataFrame) -> pd.DataFrame:
+def pivot_table(pivot: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
     """Attack x eps robust accuracy (from ``analysis.accuracy_pivot``): one row per attack by kind (single-step,
-    iterative, gradient-free, minimal), the worst case last; L-inf columns by eps, then L2 columns (``L2 0.5``)."""
+    iterative, gradient-free, minimal), within a kind in ``order`` (the run's: under the attack cascade each row
+    holds the finds of the rows above it), the worst case last; L-inf columns by eps, then L2 columns
+    (``L2 0.5``)."""
     if pivot is None or pivot.empty:
         return pd.DataFrame()
     norm_rank = {"linf": 0, "l2": 1}
@@ -189,7 +192,7 @@ def pivot_table(pivot: pd.DataFrame) -> pd.DataFrame:
                      key=lambda c: (norm_rank.get(c[0], 2), c[0], c[1]))
     cells = {(str(r["attack"]), str(r["norm"]), float(r["eps"])): r["robust_acc"] for _, r in pivot.iterrows()}
     rows = []
-    for attack in sorted(set(pivot["attack"].astype(str)), key=_attack_order):
+    for attack in sorted(set(pivot["attack"].astype(str)), key=lambda name: _attack_order(name, order)):
         row = {"Attack": attack}
         for norm, eps in columns:
             row[_eps_column(norm, eps)] = pct(cells.get((attack, norm, eps), float("nan")))

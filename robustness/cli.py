@@ -16,6 +16,14 @@ bug: one line naming the exception type and a file holding the traceback (``$XDG
 A usage mistake argparse finds is one line too (its usage text is left to ``--help``). ``-v`` / ``-q`` work before
 or after the subcommand: argparse gives a subparser's defaults precedence over the main parser's values, so the
 subcommands' copies default to ``SUPPRESS`` (absent unless given).
+
+Start-up: ``--version`` and ``--help`` answer in a fraction of a second. The command modules import torch, pandas
+and matplotlib, so :func:`main` imports only the invoked command's module (the first word of the command line
+that is not an option; the main parser's options take no value) and builds its parser in full; every other
+command is a bare entry that ``--help`` lists with its line of :data:`COMMAND_HELP`, the one place that line is
+written (a command's ``register`` passes none; one it passes is overridden). :func:`build_parser` with no argument
+builds every command. Nothing on the way to a command imports torch before that command does
+(``robustness.core.runtime`` does, so it is imported where a command runs).
 """
 from __future__ import annotations
 
@@ -28,13 +36,30 @@ import tempfile
 import time
 import traceback
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 
 from robustness.core.errors import DSNError, Interrupted, first_line
 from robustness.core.rundir import OUTPUT_ROOM, check_path, os_error_line
-from robustness.core.runtime import graceful_termination, package_version, package_versions
+from robustness.core.versions import package_version, package_versions
 
-COMMANDS = ("train", "attack", "report", "compare", "bench", "run", "models", "datasets", "check_model")
+#: each command's line in ``dsn-robust --help``, keyed by its module under ``robustness.commands`` (the command's
+#: name with ``-`` for ``_``), in the order the help lists them; the main parser sets it as the command's ``help``
+COMMAND_HELP = {
+    "train": "train a model (`dsn-robust models` lists them) into a run directory",
+    "attack": "attack a trained run (FGSM, PGD, APGD, DDN/CW, Square, AutoAttack, path, slowdown)",
+    "report": "write RUN_DIR/report/ (index.html, report.md, summary.csv, summary.json)",
+    "compare": "compare runs (dsn, dsn open mode, dual, resnet) on the same samples",
+    "bench": "measure the wall-clock saving of real layer skipping (prints JSON + table); `bench reference RUN_DIR` "
+             "runs the independent reference PGD",
+    "run": "the main job end to end: train, attack, report, compare",
+    "models": "list the registered models and their options",
+    "datasets": "list the datasets (digits and synthetic are built in; the others read local files)",
+    "check_model": "check that an adapted model (--model-file) reproduces its own forward, and whether it is random "
+                   "at test time",
+}
+#: the command modules, each with ``register(subparsers)``
+COMMANDS = tuple(COMMAND_HELP)
 #: path arguments of the commands (their ``dest``) -> (how a message names them, whether the suite writes below them)
 PATH_ARGUMENTS = {"out": ("--out", True), "run_dir": ("RUN_DIR", True), "run_dirs": ("RUN_DIR", True),
                   "run": ("--run", False), "config": ("--config", False), "data_root": ("--data-root", False),
@@ -51,7 +76,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Commands(argparse._SubParsersAction):
+    """The main parser's subparsers: a command's one-line help is its :data:`COMMAND_HELP` entry, whatever its
+    ``register`` passes, so that the line is the same whether the command was built or only listed."""
+
+    def add_parser(self, name: str, **kwargs: typing.Any) -> argparse.ArgumentParser:
+        if _module_name(name) in COMMAND_HELP:
+            kwargs["help"] = COMMAND_HELP[_module_name(name)]
+        return super().add_parser(name, **kwargs)
+
+
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of ``dsn-robust``, with every command's parser built in full, or only those of ``commands``
+    (module names as in :data:`COMMANDS`): each other command is then a bare entry, listed by ``--help`` and
+    accepted by argparse, that imports nothing (:func:`main` builds only the invoked command)."""
+    full = COMMANDS if commands is None else tuple(commands)
     parser = _Parser(
         prog="dsn-robust",
         description="Train dynamic layer-skipping networks (DSN) and static twins, attack them, and report whether "
@@ -59,12 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     _add_verbosity(parser, default=False)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, action=_Commands)
     for name in COMMANDS:
-        importlib.import_module(f"robustness.commands.{name}").register(sub)
+        if name in full:
+            importlib.import_module(f"robustness.commands.{name}").register(sub)
+        else:
+            sub.add_parser(name.replace("_", "-"))
     for command in _subcommand_parsers(parser):
         _add_verbosity(command, default=argparse.SUPPRESS)
     return parser
+
+
+def invoked_command(argv: list[str]) -> str | None:
+    """The module (as in :data:`COMMANDS`) of the command ``argv`` invokes: its first word that is not an option,
+    as the main parser's options take no value; None when that word is no command (argparse then says so)."""
+    word = next((arg for arg in argv if not arg.startswith("-")), None)
+    return _module_name(word) if word is not None and _module_name(word) in COMMANDS else None
+
+
+def _module_name(command: str) -> str:
+    return command.replace("-", "_")
 
 
 def _add_verbosity(parser: argparse.ArgumentParser, default: object) -> None:
@@ -92,7 +145,9 @@ def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = invoked_command(argv)
+    parser = build_parser([command] if command else [])  # only the invoked command imports its modules
     try:
         args, extra = parser.parse_known_args(argv)
         if extra:  # said by the command's own parser: "dsn-robust train: error: ...", as its other mistakes
@@ -103,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     try:
+        from robustness.core.runtime import graceful_termination  # imports torch: the command is about to run
+
         with graceful_termination(reset=True):  # SIGTERM: the same unwinding as Ctrl-C
             check_paths(args)
             return int(args.handler(args) or 0)
@@ -176,6 +233,7 @@ def crash_dir() -> Path:
 def save_traceback(err: BaseException, argv: list[str]) -> Path | None:
     """Write ``err``'s traceback, the command line and the package versions to a new file in :func:`crash_dir`
     (or the system temp folder when that cannot be written); its path, or None when neither can be written."""
+
     text = "".join([f"command: {' '.join(argv)}\n", f"versions: {package_versions()}\n\n",
                     *traceback.format_exception(type(err), err, err.__traceback__)])
     name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"

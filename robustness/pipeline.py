@@ -110,17 +110,18 @@ class PipelineConfig:
     @classmethod
     def from_file(cls, path: str | Path | None, device: str | None = None, data_root: str | None = None,
                   overrides: Sequence[str] = (), seeds: Sequence[int] | None = None,
-                  subset: str | None = None) -> "PipelineConfig":
+                  subset: str | None = None, unset: Sequence[str] = ()) -> "PipelineConfig":
         """Read a config file's tables, apply ``overrides`` (``--set TABLE.KEY=VALUE``,
         :func:`robustness.core.config.apply_overrides`); ``device`` and ``data_root`` (when given) override both;
-        ``seeds`` (``--seeds``) replaces ``[run] seeds`` and ``subset`` (``--subset``) ``[attack] subset``."""
-        tables = apply_overrides(load_config_file(path), list(overrides))
+        ``seeds`` (``--seeds``) replaces ``[run] seeds`` and ``subset`` (``--subset``) ``[attack] subset``;
+        ``unset`` (``--unset TABLE.KEY``) removes keys of the file first."""
+        tables = apply_overrides(load_config_file(path), list(overrides), unset=list(unset))
         if seeds is not None:
             tables = {**tables, "run": {**tables.get("run", {}), "seeds": list(seeds)}}
         if subset is not None:
             tables = {**tables, "attack": {**tables.get("attack", {}), "subset": subset}}
         where = f"config file {path}" if path else "built-in defaults"
-        if overrides:
+        if overrides or unset:
             where += " with --set"
         train_config = TrainConfig.from_tables(tables, where=where).replace(device=device, data_root=data_root)
         attack = AttackConfig.from_table(tables.get("attack", {}), where=f"[attack] in {where}")
@@ -165,9 +166,10 @@ class PipelineResult:
     out: Path
     models: list[ModelSummary]
     sanity: dict[str, list[dict[str, str]]]
-    verdict: str
+    verdict: str  # the long form (every pair's test, band and curves; also in compare/compare.json)
     compare: Path | None
     seconds: float
+    answer: str = ""  # the short answer the summary ends with (robustness.analysis.answer)
 
 
 def _check_out_dir(out: Path, resume: bool, force: bool) -> None:
@@ -270,6 +272,7 @@ def _run_pipeline(config: PipelineConfig, out: Path, progress: bool, start: floa
         summaries.append(_summary(label, report.headline, report.index))
 
     compare_dir, verdict = None, "only one model: nothing to compare"
+    answer = verdict
     if len(plan.models) > 1:
         if len(by_seed) == 1:
             comparison = compare_runs(list(loaded.values()), labels=list(loaded))
@@ -277,9 +280,9 @@ def _run_pipeline(config: PipelineConfig, out: Path, progress: bool, start: floa
             comparison = compare_seeds({seed: [loaded[_run_label(name, seed, len(by_seed))] for name in plan.models]
                                         for seed in by_seed}, labels=plan.models)
         compare_dir = write_comparison(comparison, out / "compare")
-        verdict = comparison.verdict
+        verdict, answer = comparison.verdict, comparison.answer
     atomic_write_json(settings, resolved)
-    return PipelineResult(out, summaries, sanity, verdict, compare_dir, time.perf_counter() - start)
+    return PipelineResult(out, summaries, sanity, verdict, compare_dir, time.perf_counter() - start, answer)
 
 
 def _train_one(name: str, config: TrainConfig, run_dir: Path, progress: bool, level: int | None = None) -> None:
@@ -409,5 +412,5 @@ def format_summary(result: PipelineResult) -> str:
                      + f"{count['pass']} pass, {count['warn']} warn, {count['skip']} skip")
         lines += [f"  {c['status']} {c['name']}: {c['evidence']}" for c in flagged]
     lines.append("")
-    lines.append(f"Is skipping more robust here? {result.verdict}")
+    lines.append(f"Is skipping more robust here? {result.answer or result.verdict}")
     return "\n".join(lines)

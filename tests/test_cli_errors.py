@@ -537,3 +537,40 @@ def test_report_and_comparison_show_the_same_zero_gradient_verdict(attacked, tmp
     assert on_report == on_compare and on_report.status == "warn" and "hard/none" in on_report.evidence
     page = (tmp_path / "report" / "index.html").read_text()
     assert on_report.evidence.split(" of samples")[0] in page
+
+
+def test_progress_lines_estimate_the_time_left(caplog, monkeypatch):
+    import logging
+
+    from robustness.core import progress
+
+    clock = iter([0.0, 10.0, 20.0, 30.0, 40.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    bar = progress.LineProgress(total=4, desc="attack dsn", unit="eval")
+    with caplog.at_level(logging.INFO, logger=progress.log.name):
+        bar.update(1)  # 10 s for 1 of 4: 30 s left
+        bar.update(2)  # 20 s for 3 of 4: about 7 s left
+        bar.update(1)  # done: nothing left to estimate
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["attack dsn: 1/4 eval (25%), 10.0s, about 30s left",
+                     "attack dsn: 3/4 eval (75%), 20.0s, about 7s left", "attack dsn: 4/4 eval (100%), 30.0s"]
+
+
+def test_a_long_step_logs_that_it_is_still_running_and_stops_when_it_ends(caplog):
+    import logging
+    import time
+
+    from robustness.core import progress
+
+    with caplog.at_level(logging.INFO, logger=progress.log.name):
+        with progress.heartbeat("square__torchattacks on batch 1 of 2", every=0.05):
+            time.sleep(0.28)
+        beats = len(caplog.records)
+        time.sleep(0.15)
+    assert beats >= 3 and len(caplog.records) == beats  # silent once the step is over
+    assert caplog.records[0].getMessage().startswith("square__torchattacks on batch 1 of 2: still running, 0s")
+    with caplog.at_level(logging.INFO, logger=progress.log.name):
+        caplog.clear()
+        with progress.heartbeat("quick", every=0.05, disable=True):
+            time.sleep(0.12)
+    assert not caplog.records

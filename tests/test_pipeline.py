@@ -153,15 +153,18 @@ def test_rerun_refuses_without_resume_and_resume_duplicates_nothing_and_loads_ea
     real_load, real_report = pipeline.load_run, pipeline.write_report
     monkeypatch.setattr(pipeline, "load_run", lambda d, *a, **k: loads.append(Path(d)) or real_load(d, *a, **k))
     monkeypatch.setattr(pipeline, "write_report", lambda r, *a, **k: reported.append(r) or real_report(r, *a, **k))
-    code, stdout, _ = run_cli(["--config", str(config), "--out", str(out), "--resume"], capsys)
+    code, stdout, stderr = run_cli(["--config", str(config), "--out", str(out), "--resume"], capsys)
     assert code == 0
     assert "Is skipping more robust here?" in stdout and str(out / "compare" / "index.html") in stdout
     after = {m: len(read_records(out / m / "attacks" / "records")) for m in ("dsn", "dual", "resnet")}
     assert after == before
     assert sorted(loads) == sorted(out / m for m in ("dsn", "dual", "resnet"))
     assert [type(r) for r in reported] == [RunResults] * 3 and [r.path for r in reported] == loads
-    verdict = json.loads((out / "compare" / "compare.json").read_text())["verdict"]
-    assert stdout.rstrip().endswith(f"Is skipping more robust here? {verdict}")
+    saved = json.loads((out / "compare" / "compare.json").read_text())
+    assert stdout.rstrip().endswith(f"Is skipping more robust here? {saved['answer']}")
+    assert 0 < len(saved["answer"]) <= 200
+    # printed once: the long form stays in the files, on neither stream
+    assert saved["verdict"] not in stdout and saved["verdict"] not in stderr and stdout.count(saved["answer"]) == 1
 
 
 def test_headline_counts_path_but_not_slowdown():
@@ -238,7 +241,8 @@ def test_seeds_train_and_attack_every_model_per_seed_on_the_same_images_and_pool
     pooled = json.loads((out / "compare" / "compare.json").read_text())
     assert pooled["kind"] == "seeds" and sorted(pooled["per_seed"]) == ["3", "5"]
     assert "2 training seeds" in pooled["verdict"] and "one training seed" not in pooled["verdict"]
-    assert stdout.rstrip().endswith(f"Is skipping more robust here? {pooled['verdict']}")
+    assert stdout.rstrip().endswith(f"Is skipping more robust here? {pooled['answer']}")
+    assert "(2 training seeds)" in pooled["answer"] or len(pooled["answer"]) > 180
     assert "dsn/seed-3" in stdout and "dual/seed-5" in stdout
 
 

@@ -380,3 +380,15 @@ def test_linf_budgets_are_always_in_units_of_1_255():
     assert format_eps(17.5 / 255, "linf") == "17.5/255" and format_eps(13.25 / 255, "linf") == "13.25/255"
     assert format_eps(8 / 255, "linf") == "8/255" and format_eps(0.5, "l2") == "0.5"
     assert format_eps(0.47 / 255) == "0.001843"  # no norm given: a decimal, never a guess at the unit
+
+
+def test_the_per_attack_table_follows_the_runs_attack_order_within_a_kind():
+    from reports import tables
+
+    from robustness.analysis.pivot import WORST_ROW
+
+    pivot = pd.DataFrame({"attack": ["apgd-ce", "pgd", "fgsm", WORST_ROW], "norm": ["linf"] * 4,
+                          "eps": [8 / 255] * 4, "robust_acc": [0.3, 0.4, 0.6, 0.3]})
+    cascade = tables.pivot_table(pivot, order=["fgsm", "pgd", "apgd-ce"])
+    assert cascade["Attack"].tolist() == ["fgsm", "pgd", "apgd-ce", WORST_ROW]
+    assert tables.pivot_table(pivot)["Attack"].tolist() == ["fgsm", "apgd-ce", "pgd", WORST_ROW]

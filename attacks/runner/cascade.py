@@ -67,8 +67,9 @@ def link(plans: Sequence[EvalPlan], cascade: bool = True) -> list[EvalPlan]:
             group = _evidence_group(plan)
             plan.after = tuple(q.id for q in earlier if group is not None and _evidence_group(q) == group
                                and not q.attack.refines)
-        elif cascade and cascade_group(plan) is not None:
-            plan.after = tuple(q.id for q in earlier if cascade_group(q) == cascade_group(plan))
+        elif cascade and cascade_group(plan) is not None:  # those that can settle one of its (sample, eps)
+            plan.after = tuple(q.id for q in earlier if cascade_group(q) == cascade_group(plan)
+                               and set(q.eps) & set(plan.eps))
         else:
             plan.after = ()
     return ordered

@@ -38,6 +38,8 @@ class EvalPlan:
     #: the ids of the evaluations this one follows (its cascade predecessors; a refining attack's evidence):
     #: :func:`attacks.runner.cascade.link`
     after: tuple[str, ...] = ()
+    #: appended to the id: ``__eps-<digest>`` for budgets added to a finished evaluation (attacks.runner.growth)
+    suffix: str = ""
 
     @property
     def name(self) -> str:
@@ -54,7 +56,7 @@ class EvalPlan:
     @property
     def id(self) -> str:
         base = "__".join([self.name, self.backend, self.norm, self.gate_mode, self.gate_grad, self.target])
-        return base + (f"__from-{_safe(self.source_run)}" if self.source_run else "")
+        return base + (f"__from-{_safe(self.source_run)}" if self.source_run else "") + self.suffix
 
     def describe(self, complete: bool = False) -> dict[str, Any]:
         """The manifest entry of this evaluation."""
@@ -62,7 +64,10 @@ class EvalPlan:
                 "norm": self.norm,
                 "eps": list(self.eps), "gate_mode": self.gate_mode, "gate_grad": self.gate_grad,
                 "target": self.target, "source_run": self.source_run, "config": jsonable(self.attack.config()),
-                "after": list(self.after), "complete": bool(complete)}
+                # a refining attack's evidence is recorded, not fingerprinted: its examples stay valid (verified,
+                # below the bounds it had) when evaluations are added later
+                **({"evidence": list(self.after)} if self.attack.refines else {"after": list(self.after)}),
+                "complete": bool(complete)}
 
 
 def _attacks_to_run(config: AttackConfig) -> list[tuple[str, str, str, list[float]]]:

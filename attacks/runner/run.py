@@ -84,6 +84,7 @@ from attacks.records import (RECORD_COLUMNS, accuracy_rows, conform, read_record
                              write_shard)
 from attacks.runner import cascade
 from attacks.runner.config import AttackConfig, dedupe
+from attacks.runner.growth import grown
 from attacks.runner.plan import EvalPlan, plan_evaluations
 from attacks.runner.scoring import Batch, Scorer
 from attacks.runner.sizing import resolve_batch_size
@@ -92,11 +93,12 @@ from models.network import CoarseFineNet
 from models.surrogates import calibrate_temperature, surrogate_fidelity
 from models.training import TrainConfig
 from robustness.core.errors import CheckpointError, ConfigError, RunDirError
-from robustness.core.progress import progress_bar
+from robustness.core.progress import heartbeat, progress_bar
 from robustness.core.rundir import RunDir, atomic_write, atomic_write_json, file_sha256
 from robustness.core.runtime import (Distributed, derive_seed, distributed, env_world, float32_state, free_port,
                                      join_as_rank, jsonable, package_versions, process_device, resolve_device,
                                      seed_everything, torch_threads, true_float32)
+from robustness.core.vocab import format_eps
 from robustness.data import CoarseFineDataset, DatasetInfo, load_dataset
 from robustness.data.subset import Subset, given_subset, select_subset, take
 
@@ -191,7 +193,7 @@ def shard_fingerprint_of(run_fp: dict[str, Any], plan: EvalPlan, source_sha256: 
     """The fingerprint of ``plan``'s shards: the run's plus the evaluation's resolved parameters."""
     entry = plan.describe()
     return jsonable({**run_fp, "evaluation": plan.id, "eps": entry["eps"], "config": entry["config"],
-                     "after": entry["after"], "source_sha256": source_sha256 if plan.source_run else ""})
+                     "after": entry.get("after", []), "source_sha256": source_sha256 if plan.source_run else ""})
 
 
 def state_sha256(model: torch.nn.Module) -> str:
@@ -279,6 +281,14 @@ def _refuse_differences(run: RunDir, what: str, old: dict[str, Any], new: dict[s
             if key == "source_sha256":
                 raise RunDirError(f"{run.root}: transfer source's {checkpoint_change(o, n)}; pass --force to start "
                                   f"over")
+            if key == "after":
+                raise RunDirError(f"{run.root}: {what} the attack cascade after {', '.join(o or []) or 'no attack'}; "
+                                  f"{asks} it after {', '.join(n or []) or 'no attack'} (another attack order or "
+                                  f"cascade setting); keep them, or pass --force")
+            if key == "eps":  # in the run's units: 8/255, not 0.031372549019607843
+                norm = str(new.get("norm") or (new.get("config") or {}).get("norm") or "linf")
+                o, n = (", ".join(format_eps(e, norm) for e in v or []) for v in (o, n))
+                raise RunDirError(f"{run.root}: {what} eps {o}, {asks} eps {n}; {fix}")
             raise RunDirError(f"{run.root}: {what} {name}={o!r}, {asks} {name}={n!r}; {fix}")
 
 
@@ -566,6 +576,8 @@ def _attack_subject(run: RunDir, subject: Subject, config: AttackConfig, resume:
         raise RunDirError(f"{run.root} already holds attack records; pass --resume to continue (or add to) "
                           f"them or --force to replace them")
     resuming = bool(resume and existing)
+    if resuming:
+        plans = grown(plans, previous, config.cascade)  # budgets added to stored evaluations: their own evaluations
     launched = env_world()[0]
     world = launched if launched > 1 else config.workers if device.type == "cpu" else 1
     with torch_threads(config.threads), true_float32(), distributed(device) as dist:
@@ -702,7 +714,8 @@ def _attack_batches(run: RunDir, model_name: str, model: CoarseFineNet, crafting
                     crafting.upper_bound = torch.from_numpy(bound).to(device)
                 else:
                     crafting.settled = cascade.settled(plan, earlier, batch.samples, device)
-                advs = plan.attack(crafting, batch.x, batch.labels(plan.target), plan.eps, unit_seed)
+                with heartbeat(f"{plan.id} on batch {b + 1} of {n_batches}", disable=not progress or not dist.main):
+                    advs = plan.attack(crafting, batch.x, batch.labels(plan.target), plan.eps, unit_seed)
                 frame = scorer.score(plan, batch, advs, unit_seed)
                 if not plan.attack.refines:
                     frame = cascade.carry(frame, earlier)

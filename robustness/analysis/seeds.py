@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from robustness.analysis.answer import short_answer
 from robustness.analysis.compare import Comparison, Variant, compare_runs, distance_what, routing_grads
 from robustness.analysis.distances import paired_log_ratios
 from robustness.analysis.stats import Interval, hierarchical_bootstrap, sign_flip_test
@@ -107,6 +108,12 @@ class SeedComparison:
     def comparable(self) -> bool:
         """No pooled pair and no seed's pair is confounded or not comparable."""
         return not (self.confounded or self.not_comparable)
+
+    @property
+    def answer(self) -> str:
+        """The short answer (at most 200 characters, :mod:`robustness.analysis.answer`): what ``dsn-robust run``
+        and ``compare`` print; ``verdict`` is the long form."""
+        return short_answer(self.verdicts, self.verdict)
 
     @property
     def clean(self) -> pd.DataFrame:

@@ -16,10 +16,25 @@ The rule (:func:`classify`), for an effect with a 95% interval and a two-sided p
   point opposite ways), always with the reason.
 
 Before the rule, the guards (:func:`comparability_reasons`, :func:`health_reasons`): a pair is ``not-comparable``
-when fewer than :data:`MIN_BOTH_CORRECT` samples are classified correctly by both sides, or the sides were
-attacked on different images or trained on different data; it is ``confounded`` (by clean accuracy) when either
-side is near chance (clean accuracy below :data:`NEAR_CHANCE_FACTOR` x chance, on the attacked samples or at the
-end of training) or the two clean accuracies on the attacked samples differ by more than :data:`MAX_CLEAN_GAP`.
+("not comparable: <reason>", never a direction) when
+
+- fewer than :data:`MIN_BOTH_CORRECT` samples are classified correctly by both sides (the paired samples the
+  distance ratio and its test live on; below 6 an exact two-sided signed-rank or sign test cannot reach p < 0.05
+  at all, and 10 leaves a margin for ties and the bootstrap interval of a median);
+- either side is at chance level on clean data (:func:`chance_level_reasons`): its fine head's clean accuracy on
+  the attacked samples is not significantly above chance (1 / fine classes) by a one-sided exact binomial test at
+  :data:`CHANCE_ALPHA`, i.e. its correct answers are no evidence that it learned anything, so its "robustness" is
+  that of a guesser;
+- or the sides were attacked on different images (different subset hashes or sample counts) or trained /
+  attacked on different data (the caller's ``samples`` reasons, :func:`robustness.analysis.compare._same_samples`).
+
+It is ``confounded`` (by clean accuracy) when either side is near chance (clean accuracy below
+:data:`NEAR_CHANCE_FACTOR` x chance, on the attacked samples or at the end of training) or the two clean
+accuracies on the attacked samples differ by more than :data:`MAX_CLEAN_GAP`. "At chance" is the stricter of the
+two chance rules: a side with at least :data:`MIN_BOTH_CORRECT` correct answers at or above
+:data:`NEAR_CHANCE_FACTOR` x chance always passes the binomial test (its worst case, 10 correct answers where 5
+are expected by chance, has p < 0.032), so no pair the other guards let through is made not comparable
+by it.
 
 What an interval covers is part of every verdict (:func:`seeds_scope`): runs of one training seed each give
 intervals over test samples only (:data:`ONE_SEED`). Pooled over seeds, the test is a sign-flip test over the
@@ -47,6 +62,9 @@ ACCURACY_BAND: tuple[float, float] = (-0.02, 0.02)
 MIN_BOTH_CORRECT: int = 10
 #: Clean accuracy below this multiple of chance (1 / fine classes) is "near chance".
 NEAR_CHANCE_FACTOR: float = 2.0
+#: One-sided level of the exact binomial test "clean accuracy above chance" on the attacked samples: a side whose
+#: test is not significant at this level is "at chance level" and its pair not comparable.
+CHANCE_ALPHA: float = ALPHA
 #: Clean accuracies (fractions, on the attacked samples) further apart than this confound a comparison.
 MAX_CLEAN_GAP: float = 0.10
 
@@ -150,7 +168,9 @@ class PairedTest:
 @dataclass(frozen=True)
 class Health:
     """One side of a pair as the health guard reads it: clean accuracy on the pair's attacked samples (the
-    verdict's head), the fine head's clean accuracy on the attacked samples and at the end of training, chance."""
+    verdict's head), the fine head's clean accuracy on the attacked samples and at the end of training, chance,
+    and ``n``: how many attacked samples ``clean_fine`` (else ``clean``) counts (None: the chance-level test is
+    skipped)."""
 
     label: str
     clean: float
@@ -158,6 +178,7 @@ class Health:
     final_fine: float | None = None
     chance: float | None = None
     run: str = ""
+    n: int | None = None
 
 
 @dataclass(frozen=True)
@@ -257,15 +278,78 @@ def classify(effect: Effect, test: PairedTest) -> tuple[str, str]:
                             f"significant (p={_p(test.p)}){extra}")
 
 
-def comparability_reasons(a: str, b: str, *, n_both_correct: int | None = None,
-                          samples: Sequence[str] = ()) -> list[str]:
-    """Why ``a`` and ``b`` cannot be compared at all: too few samples correct on both (the minimum is
-    :data:`MIN_BOTH_CORRECT`), plus the caller's ``samples`` reasons (different images or data)."""
-    reasons = list(samples)
-    if n_both_correct is not None and n_both_correct < MIN_BOTH_CORRECT:
-        reasons.append(f"only {n_both_correct} samples are classified correctly by both {a} and {b} (at least "
-                       f"{MIN_BOTH_CORRECT} needed)")
+def binomial_sf(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), exact (summed in log space, so large n do not overflow)."""
+    if k <= 0:
+        return 1.0
+    if k > n or p <= 0:
+        return 0.0
+    if p >= 1:
+        return 1.0
+    lp, lq, ln = math.log(p), math.log1p(-p), math.lgamma(n + 1)
+    logs = [ln - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq for i in range(k, n + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * math.fsum(math.exp(v - top) for v in logs))
+
+
+def chance_p(side: Health) -> float | None:
+    """One-sided exact binomial p of "``side``'s clean accuracy on the attacked samples is above chance" (the fine
+    head's when known); None when chance or the sample count is unknown."""
+    if side.chance is None or not 0 < side.chance < 1 or not side.n:
+        return None
+    acc = side.clean_fine if side.clean_fine is not None else side.clean
+    if acc is None or math.isnan(acc):
+        return None
+    return binomial_sf(int(round(acc * side.n)), int(side.n), side.chance)
+
+
+def chance_level_reasons(a: Health, b: Health) -> list[str]:
+    """Which side is at chance level on clean data: its clean accuracy on the attacked samples not significantly
+    above chance (one-sided exact binomial test, :data:`CHANCE_ALPHA`); skipped where chance or n is unknown."""
+    reasons = []
+    for side in (a, b):
+        p = chance_p(side)
+        if p is None or p < CHANCE_ALPHA:
+            continue
+        acc = side.clean_fine if side.clean_fine is not None else side.clean
+        k = int(round(acc * side.n))
+        reasons.append(f"{side.label} is at chance level on clean data ({k} of {side.n} attacked samples "
+                       f"correct = {_pct(acc)}, not significantly above chance {_pct(side.chance)}: one-sided "
+                       f"binomial p={_p(p)} ≥ {CHANCE_ALPHA:g})")
     return reasons
+
+
+def paired_count_reason(a: str, b: str, n_both_correct: int | None) -> str | None:
+    """Why the pair has too few paired samples (correct on both), None when it has :data:`MIN_BOTH_CORRECT`."""
+    if n_both_correct is None or n_both_correct >= MIN_BOTH_CORRECT:
+        return None
+    if n_both_correct == 1:
+        return (f"only 1 sample is classified correctly by both {a} and {b} (at least {MIN_BOTH_CORRECT} "
+                "needed)")
+    return (f"only {n_both_correct} samples are classified correctly by both {a} and {b} (at least "
+            f"{MIN_BOTH_CORRECT} needed)")
+
+
+def comparability_reasons(a: str, b: str, *, n_both_correct: int | None = None, samples: Sequence[str] = (),
+                          health: tuple[Health, Health] | None = None) -> list[str]:
+    """Why ``a`` and ``b`` cannot be compared at all: the caller's ``samples`` reasons (different images or
+    data), too few samples correct on both (the minimum is :data:`MIN_BOTH_CORRECT`), a side at chance level on
+    clean data (:func:`chance_level_reasons`, with ``health``)."""
+    reasons = list(samples)
+    few = paired_count_reason(a, b, n_both_correct)
+    if few:
+        reasons.append(few)
+    if health is not None:
+        reasons += chance_level_reasons(*health)
+    return list(dict.fromkeys(reasons))
+
+
+def join_reasons(reasons: Sequence[str]) -> str:
+    """Reasons as one clause: ``x``, ``x and y``, ``x, y and z`` (the lead separates pairs with '; ')."""
+    reasons = list(reasons)
+    if len(reasons) <= 1:
+        return "".join(reasons)
+    return ", ".join(reasons[:-1]) + " and " + reasons[-1]
 
 
 def health_reasons(a: Health, b: Health) -> list[str]:
@@ -302,9 +386,9 @@ def judge(a: str, b: str, effect: Effect | None, test: PairedTest | None, *,
           health: tuple[Health, Health] | None = None, n_both_correct: int | None = None,
           samples: Sequence[str] = (), scope: str = ONE_SEED) -> PairVerdict:
     """The verdict on ``a`` against ``b``: not comparable, else confounded, else :func:`classify`."""
-    reasons = comparability_reasons(a, b, n_both_correct=n_both_correct, samples=samples)
+    reasons = comparability_reasons(a, b, n_both_correct=n_both_correct, samples=samples, health=health)
     if reasons:
-        return PairVerdict(a, b, "not-comparable", "; ".join(reasons), effect, test, scope)
+        return PairVerdict(a, b, "not-comparable", join_reasons(reasons), effect, test, scope)
     if health is not None:
         confounders = health_reasons(*health)
         if confounders:

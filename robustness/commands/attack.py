@@ -50,8 +50,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("attack", help="attack a trained run (FGSM, PGD, APGD, DDN/CW, Square, AutoAttack, path, "
-                                      "slowdown)",
+    p = sub.add_parser("attack",
                        description="Attack the model of RUN_DIR and write per-sample records to "
                                    "RUN_DIR/attacks/. Flags override --preset, which overrides the [attack] table "
                                    "of --config. Without --config, attack measures what `dsn-robust run` does: the "

@@ -29,8 +29,7 @@ from robustness.core.vocab import GRAD_MODES, HEADS, parse_eps
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure the wall-clock saving of real layer skipping (prints JSON + table); "
-                                     "`bench reference RUN_DIR` runs the independent reference PGD",
+    p = sub.add_parser("bench",
                        description="Without a mode: time dsn hard (sub-batch), dsn masked, dsn open, dual and resnet "
                                    "at each batch size (interleaved; min, median, spread), count their aten ops, "
                                    "CUDA kernels and host syncs, and time each gated block alone for the ideal "

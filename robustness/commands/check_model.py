@@ -16,8 +16,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("check-model", help="check that an adapted model (--model-file) reproduces its own forward, "
-                                           "and whether it is random at test time")
+    p = sub.add_parser("check-model")
     p.add_argument("model_file", metavar="FILE.py[:FUNCTION]",
                    help="FUNCTION (default build) of FILE.py, or an entry point of the group dsn_robustness.models")
     p.add_argument("--weights", metavar="W.pt", help="the module's state_dict (read with weights_only=True); "

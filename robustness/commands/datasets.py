@@ -7,8 +7,7 @@ from robustness.data import list_datasets
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("datasets", help="list the datasets (digits and synthetic are built in; the others read local "
-                                          "files)")
+    p = sub.add_parser("datasets")
     p.set_defaults(handler=run)
 
 

@@ -8,7 +8,7 @@ from models.registry import list_models, model_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the registered models and their options")
+    p = sub.add_parser("models")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'd*'")
     p.set_defaults(handler=run)
 

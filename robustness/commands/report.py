@@ -10,16 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from reports.html import write_report
 from robustness.core.rundir import RunDir
-from robustness.results import load_run
 
 #: Exit status of ``--strict`` when the run's records are incomplete.
 INCOMPLETE_EXIT = 2
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="write RUN_DIR/report/ (index.html, report.md, summary.csv, summary.json)")
+    p = sub.add_parser("report")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory that holds attack records")
     p.add_argument("--out", metavar="DIR", help="write the report here instead of RUN_DIR/report")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for intervals (default 1000)")
@@ -31,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reports.html import write_report  # pandas and matplotlib: not for `report --help`
+    from robustness.results import load_run
+
     run_dir = RunDir.at(args.run_dir).require()
     with run_dir.writing("report"):  # no report of the shards an attack is still writing, whatever --out is
         results = load_run(run_dir.root)

@@ -6,11 +6,10 @@ import argparse
 from robustness.core.config import DEFAULT_CONFIG, default_config_path
 from robustness.core.runtime import DEVICE_CHOICES
 from robustness.data.subset import SUBSET_RULES
-from robustness.pipeline import PipelineConfig, format_summary, run_pipeline
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="the main job end to end: train, attack, report, compare",
+    p = sub.add_parser("run",
                        description="Train every model of the config's [run] table, attack each (FGSM, PGD, APGD, "
                                    "DDN over an eps sweep with routing gradients none, ste, bpda and sharp, plus "
                                    "path, slowdown, Square and the transfer pairs), write each report and the "
@@ -27,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override one config key, e.g. attack.n=256, train.epochs=2, attack.pgd.restarts=1 or "
                         "run.models=[\"dsn\",\"resnet\"] (VALUE is read as TOML, a bare word as a string; "
                         "repeatable)")
+    p.add_argument("--unset", dest="unset", action="append", default=[], metavar="TABLE.KEY",
+                   help="drop one key of the config file for this run, e.g. data.image_size (before --set; "
+                        "repeatable). --set data.name=OTHER drops the old dataset's options by itself")
     p.add_argument("--seeds", type=seed_list, metavar="S,S,...",
                    help="training seeds, e.g. 0,1,2 or 0-4: every model is trained and attacked once per seed (in "
                         "OUT/seed-<s>/<model>) and the comparison pools them (overrides [run] seeds; default: the "
@@ -53,9 +55,11 @@ def seed_list(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from robustness.pipeline import PipelineConfig, format_summary, run_pipeline  # pandas: not for `run --help`
+
     config = PipelineConfig.from_file(args.config or default_config_path(), device=args.device,
                                       data_root=args.data_root, overrides=args.set, seeds=args.seeds,
-                                      subset=args.subset)
+                                      subset=args.subset, unset=args.unset)
     config.check_machine()  # no CUDA, a missing data root: one line before --out is created
     result = run_pipeline(config, args.out, resume=args.resume, force=args.force, progress=not args.no_progress)
     print(format_summary(result))

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help=f"train a model ({', '.join(list_models())}) into a run directory",
+    p = sub.add_parser("train",
                        description="Train a model into RUN_DIR: config.json, metrics.csv, checkpoints/{last,best}.pt, "
                                    "train.done. Flags override the --config file.")
     p.add_argument("--model", help=f"model name: {', '.join(list_models())} (default: from the config, else dsn)")

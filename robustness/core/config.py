@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import logging
 import math
 import numbers
 import tomllib
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 from robustness.core.errors import ConfigError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: Ranges of integer options, checked before any work starts (a value outside them is one ConfigError line naming
 #: the option, never an OverflowError deep inside numpy or torch): seeds are int64 values (what numpy, torch and the
@@ -30,6 +32,11 @@ MAX_EPOCHS = 100_000
 MAX_WORKERS = 256
 MAX_THREADS = 1024
 SECTIONS = ("data", "model", "train", "attack", "run")
+#: The ``[data]`` keys that are no dataset's option and mean the same for every dataset (``TrainConfig.from_tables``
+#: reads them): every other ``[data]`` key is an option of the named dataset's loader (``robustness.data.registry``),
+#: and options that share a name do not share a meaning (digits' ``seed`` draws the split, synthetic's generates the
+#: images; digits' ``image_size`` defaults to 16, synthetic's to 32).
+DATA_TABLE_KEYS = ("name", "root", "train_limit", "test_limit")
 #: The config ``dsn-robust run`` reads without ``--config``; its ``[attack]`` table is also ``dsn-robust attack``'s
 #: and the Python API's default evaluation (:func:`attacks.runner.config.default_attack_table`).
 DEFAULT_CONFIG = "configs/quickstart.toml"
@@ -92,15 +99,22 @@ def toml_value(raw: str) -> Any:
         return raw.strip()
 
 
-def apply_overrides(tables: dict[str, dict[str, Any]], settings: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """A copy of the config ``tables`` with each ``--set TABLE.KEY=VALUE`` of ``settings`` applied in order.
+def apply_overrides(tables: dict[str, dict[str, Any]], settings: list[str] | tuple[str, ...],
+                    unset: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """A copy of the config ``tables`` with each ``TABLE.KEY`` of ``unset`` removed, then each ``--set
+    TABLE.KEY=VALUE`` of ``settings`` applied in order.
 
     Keys are not checked here: the tables go through :func:`build` (or the model registry) like a file's, so an
-    unknown key is the same one line listing the valid ones.
+    unknown key is the same one line listing the valid ones. A ``--set data.name=OTHER`` that switches the
+    dataset the ``[data]`` table names drops that table's options of the old dataset (:func:`switch_dataset`).
     """
     merged: dict[str, Any] = {name: dict(table) for name, table in tables.items()}
+    for text in unset:
+        _unset(merged, text)
+    given: list[tuple[str, ...]] = []
     for text in settings:
         parts, value = parse_override(text)
+        given.append(parts)
         table = merged.setdefault(parts[0], {})
         for part in parts[1:-1]:
             inner = table.get(part)
@@ -108,7 +122,53 @@ def apply_overrides(tables: dict[str, dict[str, Any]], settings: list[str] | tup
                 raise ConfigError(f"--set {text!r}: {'.'.join(parts[:-1])} is a value, not a table")
             table[part] = table = dict(inner or {})
         table[parts[-1]] = value
+    return switch_dataset(tables, merged, given)
+
+
+def switch_dataset(original: dict[str, Any], merged: dict[str, Any], given: list[tuple[str, ...]]) -> dict[str, Any]:
+    """``merged`` (``original`` with the ``--set`` keys ``given`` applied) without the old dataset's options when
+    ``data.name`` now names another dataset than ``original``'s ``[data]`` table does.
+
+    Kept: :data:`DATA_TABLE_KEYS` (``root``, ``train_limit``, ``test_limit``) and every ``data.*`` key set on the
+    command line, whatever its place among the ``--set``s; the dropped keys are logged in one line. A ``[data]``
+    table without a name (the default dataset's), before or after, is left as it is: an option the new dataset
+    lacks is the registry's one line naming the valid ones.
+    """
+    old = original.get("data", {}).get("name")
+    data = merged.get("data", {})
+    new = data.get("name")
+    if old is None or new is None or new == old:
+        return merged
+    chosen = {parts[1] for parts in given if parts[0] == "data"}
+    dropped = sorted(k for k in data if k not in DATA_TABLE_KEYS and k not in chosen)
+    if dropped:
+        merged = {**merged, "data": {k: v for k, v in data.items() if k not in dropped}}
+        log.info("--set data.name=%s: dropped the [data] option(s) of %s: %s (set %s's own with --set "
+                 "data.KEY=VALUE)", new, old, ", ".join(dropped), new)
     return merged
+
+
+def _unset(tables: dict[str, Any], text: str) -> None:
+    """Remove ``TABLE.KEY`` (further dots reach sub-tables) from ``tables`` in place, copying the tables it
+    changes; a key the config does not hold is a ConfigError naming the keys it does hold."""
+    parts = tuple(p.strip() for p in str(text).split("."))
+    if len(parts) < 2 or not all(parts) or "=" in str(text):
+        raise ConfigError(f"--unset {text!r}: write TABLE.KEY, e.g. data.image_size (tables: {', '.join(SECTIONS)})")
+    if parts[0] not in SECTIONS:
+        raise ConfigError(f"--unset {text!r}: unknown table {parts[0]!r}; choose one of: {', '.join(SECTIONS)}")
+    table = tables
+    for depth, part in enumerate(parts):
+        inner = table.get(part)
+        if inner is None:
+            held = ", ".join(sorted(table)) if table else "none"
+            raise ConfigError(f"--unset {text!r}: the config sets no {'.'.join(parts[:depth + 1])} "
+                              f"(keys there: {held})")
+        if depth == len(parts) - 1:
+            del table[part]
+        elif not isinstance(inner, dict):
+            raise ConfigError(f"--unset {text!r}: {'.'.join(parts[:depth + 1])} is a value, not a table")
+        else:
+            table[part] = table = dict(inner)
 
 
 def build(cls: type[T], values: dict[str, Any], where: str = "config") -> T:

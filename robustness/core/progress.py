@@ -9,14 +9,20 @@ The call is a drop-in for ``tqdm(total=..., desc=..., unit=..., disable=...)``: 
 ``set_postfix(...)``, ``set_description(...)``, ``close()`` and works as a context manager. tqdm is imported
 only when a bar is drawn. A terminal that reports a width of 0 columns gets a bar 80 wide: tqdm's dynamic width
 would draw nothing there.
+
+One step can be long (Square's 5,000 queries, a CW binary search on a big batch) and a bar only moves between
+steps: :func:`heartbeat` logs a line every ``every`` seconds while a step runs, from a daemon thread, so a long
+evaluation is never silent.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
 import time
-from typing import IO, Any
+from typing import IO, Any, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +68,8 @@ def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", dis
 
 
 class LineProgress:
-    """Progress as log lines: ``"attack dsn: 3/12 eval (25%), 4.1s, loss=0.3"``, one per ``every`` steps."""
+    """Progress as log lines: ``"attack dsn: 3/12 eval (25%), 4.1s, about 12s left, loss=0.3"``, one per ``every``
+    steps (the time left from the rate so far)."""
 
     def __init__(self, total: int | None = None, desc: str = "", unit: str = "it", disable: bool = False,
                  every: int = 1) -> None:
@@ -110,4 +117,39 @@ class LineProgress:
         share = f" ({self.n / self.total:.0%})" if self.total else ""
         tail = f", {self.postfix}" if self.postfix else ""
         head = f"{self.desc}: " if self.desc else ""
-        log.info("%s%s %s%s, %.1fs%s", head, count, self.unit, share, time.perf_counter() - self._start, tail)
+        elapsed = time.perf_counter() - self._start
+        left = ""
+        remaining = elapsed * (self.total - self.n) / self.n if self.total and 0 < self.n < self.total else 0.0
+        if remaining >= 1:  # the rate so far, as tqdm estimates it
+            left = f", about {_duration(remaining)} left"
+        log.info("%s%s %s%s, %.1fs%s%s", head, count, self.unit, share, elapsed, left, tail)
+
+
+def _duration(seconds: float) -> str:
+    """``8s``, ``2.5 min``, ``1.2 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+@contextlib.contextmanager
+def heartbeat(desc: str, every: float = 30.0, disable: bool = False) -> Iterator[None]:
+    """While the body runs, log ``"<desc>: still running, 1.5 min"`` every ``every`` seconds (none when it ends
+    sooner, or with ``disable``)."""
+    if disable:
+        yield
+        return
+    done = threading.Event()
+    start = time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(every):
+            log.info("%s: still running, %s", desc, _duration(time.monotonic() - start))
+
+    thread = threading.Thread(target=beat, name="dsn-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()

@@ -33,14 +33,12 @@ import logging
 import math
 import multiprocessing
 import os
-import platform
 import random
 import signal
 import socket
 import threading
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields, is_dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -48,6 +46,7 @@ import numpy as np
 import torch
 
 from robustness.core.errors import ConfigError, Interrupted
+from robustness.core.versions import PACKAGE, package_version, package_versions  # noqa: F401 (re-exported)
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -206,29 +205,6 @@ def distributed(device: torch.device) -> Iterator[Distributed]:
 # --------------------------------------------------------------------------------------------------------------
 # Versions and JSON
 # --------------------------------------------------------------------------------------------------------------
-
-
-PACKAGE = "dsn-robustness"
-
-
-def package_version() -> str:
-    """This package's version as its installed metadata says (``dsn-robust --version``); ``"unknown"`` when the
-    source tree is used without being installed."""
-    try:
-        return metadata.version(PACKAGE)
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages whose behaviour a result depends on."""
-    versions = {"python": platform.python_version()}
-    for pkg in ("dsn-robustness", "torch", "torchvision", "torchattacks", "foolbox", "numpy"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = "not installed"
-    return versions
 
 
 def jsonable(obj: Any) -> Any:
