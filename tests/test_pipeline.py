@@ -274,3 +274,30 @@ def test_models_trained_side_by_side_equal_those_trained_one_after_another(finis
         two = torch.load(out / model / "checkpoints" / "last.pt", weights_only=True)["state_dict"]
         assert one.keys() == two.keys()
         assert all(torch.equal(one[k], two[k]) for k in one), model
+
+
+def test_a_finished_run_takes_a_new_budget_by_resume_with_its_records_untouched(finished, tmp_path, capsys):
+    import hashlib
+
+    config, done = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+
+    def hashes() -> dict[str, str]:
+        return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(out.glob("*/attacks/records/*/*.parquet"))}
+
+    before = hashes()
+    code, _, err = run_cli(["--config", str(config), "--out", str(out), "--resume", "--set", "attack.eps=[0.1]",
+                            "--set", 'attack.attacks=["fgsm"]'], capsys)
+    assert code == 0, err
+    after = hashes()
+    assert {k: after[k] for k in before} == before  # bit for bit
+    added = sorted({Path(k).parts[0] for k in after if k not in before})
+    assert added == ["dsn", "dual", "resnet"]  # every model gained the budget
+    for model in added:
+        records = read_records(out / model / "attacks" / "records")
+        new = records[records["eps"] == 0.1]
+        assert set(new.loc[new["source_run"] == "", "attack"]) == {"fgsm"}  # transfer: the run's transfer attack
+        assert not records.duplicated(["attack", "backend", "norm", "eps", "gate_mode", "gate_grad", "target",
+                                       "source_run", "sample"]).any()
