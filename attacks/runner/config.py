@@ -326,7 +326,10 @@ class AttackConfig:
             general = self.steps is not None and "steps" in fields and cls.kind in _GENERAL_STEPS_KINDS
             inherited = {}
             if cls.inherits in known_attacks():
-                parent = self.options_for(cls.inherits, loose=True)
+                # the parent as it runs in the child's backend (pgd-bisect takes the native PGD's losses), else
+                # in whichever backends it has
+                same = cls.backend if cls.backend in backends_for(cls.inherits) else None
+                parent = self.options_for(cls.inherits, same, loose=True)
                 inherited = {k: parent[k] for k in cls.inherited_params if k in parent}
             own = {**inherited, **({"steps": self.steps} if general else {}),
                    **_for_backend(name, cls, self.params.get(name, {}), warn=not loose)}
