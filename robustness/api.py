@@ -4,14 +4,14 @@
 face over the CLI's code path, not a second implementation:
 
 - :func:`evaluate` turns the model into the suite's model (:func:`models.protocol.adapt`), the data into the test
-  samples of a :class:`attacks.runner.run.Subject`, the options into the :class:`attacks.runner.AttackConfig`
+  samples of a :class:`attacks.runner.subject.Subject`, the options into the :class:`attacks.runner.AttackConfig`
   that ``dsn-robust attack`` would build from the same flags (:func:`attack_config`: on top of the CLI's default
   table), and runs :func:`attacks.runner.run.attack_subject`, the function ``dsn-robust attack`` ends in, on a run
   directory (``out``, or a new temporary directory). The same model, data and seed therefore give the same
   records as the CLI.
 - :class:`Results` is a loaded run (:func:`robustness.results.load_run`); its numbers are the report's:
   the headline of :func:`robustness.analysis.headline.run_headline` over the checks of :func:`robustness.sanity.
-  run_checks`, and :meth:`Results.write_report` is :func:`reports.html.write_report`, what ``dsn-robust report``
+  run_checks`, and :meth:`Results.write_report` is :func:`reports.run_page.write_report`, what ``dsn-robust report``
   writes.
 - :func:`compare` is :func:`robustness.analysis.compare.compare_runs`, what ``dsn-robust compare`` prints and
   renders.
@@ -41,11 +41,13 @@ from torch import nn
 
 from attacks.runner import FLAT_ALIASES, AttackConfig, AttackResult
 from attacks.runner.config import default_attack_table
-from attacks.runner.run import Subject, attack_subject
+from attacks.runner.run import attack_subject
+from attacks.runner.subject import Subject
 from models.fidelity import verify
 from models.network import CoarseFineNet
 from models.protocol import adapt
-from reports.html import write_comparison, write_report
+from reports.compare_page import write_comparison
+from reports.run_page import write_report
 from robustness.analysis.compare import Comparison, compare_runs, run_sanity
 from robustness.analysis.headline import RunHeadline, run_headline
 from robustness.analysis.stats import Interval

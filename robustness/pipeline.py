@@ -44,7 +44,8 @@ from attacks.runner import AttackConfig, load_run_checkpoint, run_attacks
 from models.registry import check_options, create_model, own_options
 from models.training import TrainConfig, train
 from models.training.config import model_kwargs
-from reports.html import write_comparison, write_report
+from reports.compare_page import write_comparison
+from reports.run_page import write_report
 from robustness.analysis.compare import compare_runs
 from robustness.analysis.seeds import compare_seeds
 from robustness.analysis.headline import RunHeadline

@@ -2,7 +2,7 @@
 
 :func:`load_run` is the one place that reads them (through :class:`robustness.core.rundir.RunDir` and
 ``attacks.records``); analysis, reports, the comparison and the pipeline are handed the :class:`RunResults`. It
-refuses records that are not the run's model's or that mix settings (:func:`attacks.runner.run.verify_records`
+refuses records that are not the run's model's or that mix settings (:func:`attacks.runner.provenance.verify_records`
 says why refusing beats flagging) and names a corrupt shard with its fix.
 
 Completeness has one owner, :class:`RunResults`: when a run is loaded, every evaluation of its manifest is checked
@@ -25,7 +25,7 @@ import pandas as pd
 
 from attacks.base import GRADIENT_FREE
 from attacks.records import RECORD_COLUMNS, conform, read_records
-from attacks.runner.run import verify_records
+from attacks.runner.provenance import verify_records
 from robustness.core.errors import RunDirError
 from robustness.core.rundir import RunDir
 

@@ -20,7 +20,7 @@ from attacks.params import PGDParams
 from attacks.records import read_records
 from attacks.runner import AttackConfig, plan_evaluations, run_attacks
 from robustness.commands.attack import config_from_args
-from reports.html import write_report
+from reports.run_page import write_report
 from robustness.core.errors import ConfigError, UnknownNameError
 from robustness.results import load_run
 from robustness.sanity import run_checks

@@ -228,7 +228,7 @@ def test_eps_auto_attacks_in_two_phases_and_resumes_to_the_same_grid(tiny_runs, 
 def test_comparison_page_opens_with_the_verdict_box_and_the_robustness_curves(tmp_path):
     import json
 
-    from reports.html import write_comparison
+    from reports.compare_page import write_comparison
     from robustness.analysis.compare import compare_runs
     rng = np.random.default_rng(3)
     base = rng.uniform(1, 4, 80) / 255

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from reports import plots
+from reports.run_page import write_report
 from reports.tables import headline_table
-from reports.html import write_report
 from robustness import analysis
 from robustness.analysis.headline import NO_GATES, run_headline
 from robustness.core.runtime import jsonable
@@ -242,7 +242,7 @@ def test_page_order_headline_pivot_checks_figures_compute_appendix(page):
 
 
 def test_accuracy_figure_and_pivot_leave_out_compute_attacks(gated_records):
-    from reports.html import _accuracy_curves
+    from reports.run_page import _accuracy_curves
     curves = _accuracy_curves(gated_records)
     assert "slowdown" not in set(curves["attack"]) and {"fgsm", "pgd", "worst"} <= set(curves["attack"])
     assert "slowdown" not in set(analysis.accuracy_pivot(gated_records)["attack"])

@@ -18,7 +18,7 @@ import pytest
 
 from attacks.records import read_records, shard_fingerprint, write_shard
 from attacks.runner import AttackConfig, run_attacks
-from reports.html import write_report
+from reports.run_page import write_report
 from robustness import cli
 from robustness.core.errors import RunDirError
 from robustness.core.rundir import RunDir

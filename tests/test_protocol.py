@@ -14,7 +14,8 @@ from torch import nn
 
 from attacks.adapters import NO_HEAD, LogitsView, evaluate
 from attacks.runner import AttackConfig
-from attacks.runner.run import Subject, attack_subject
+from attacks.runner.run import attack_subject
+from attacks.runner.subject import Subject
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.model_file import build_from_spec, load_model_file, load_weights, parse_model_spec
 from models.network import CoarseFineNet, GatedOutput

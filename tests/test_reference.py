@@ -15,8 +15,8 @@ from attack_helpers import copy_run, skipping_dsn
 from attacks.records import RECORD_COLUMNS, conform
 from attacks.runner import load_eval_data, load_run_checkpoint
 from robustness import cli
-from robustness.bench.reference import (ReferenceConfig, attack_at_eps, compare_with_suite, first_fooling_pgd,
-                                        loss_per_sample, run_reference, suite_rows)
+from robustness.bench.reference import ReferenceConfig, attack_at_eps, first_fooling_pgd, loss_per_sample, run_reference
+from robustness.bench.reference_compare import compare_with_suite, suite_rows
 from robustness.core.errors import ConfigError
 from robustness.core.rundir import RunDir
 
@@ -233,7 +233,7 @@ def test_bench_without_a_mode_still_times_skipping():
 
 
 def test_the_reference_runs_at_the_runs_own_grid_by_default():
-    from robustness.bench.reference import DEFAULT_EPS, run_grid
+    from robustness.bench.reference_compare import DEFAULT_EPS, run_grid
 
     grid = (0.47 / 255, 0.75 / 255, 1.5 / 255)  # the quickstart's auto grid
     records = pd.concat([_records(e, {0: True, 1: False}) for e in grid]

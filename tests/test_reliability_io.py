@@ -653,7 +653,7 @@ def test_an_integer_given_for_a_float_option_is_held_as_a_float(value):
 
 
 def test_an_integer_no_float_can_hold_is_refused_for_a_float_option():
-    with pytest.raises(DSNError, match="lr must be a finite number.*about 2\*\*1328"):
+    with pytest.raises(DSNError, match=r"lr must be a finite number.*about 2\*\*1328"):
         TrainConfig.from_tables({"train": {"lr": 10 ** 400}}, where="config file")
 
 

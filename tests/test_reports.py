@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from reports import tables
-from reports.html import write_comparison, write_report
+from reports.compare_page import write_comparison
+from reports.run_page import write_report
 from robustness.analysis.compare import Comparison, compare_runs
 from robustness.core.errors import RunDirError
 from robustness.core.runtime import jsonable
@@ -361,7 +362,7 @@ def test_strength_table_states_effort_fidelity_and_convergence():
 
 
 def test_gate_figures_show_white_box_records_only():
-    from reports.html import gate_figure_data
+    from reports.run_page import gate_figure_data
     from robustness import analysis
 
     records = attacked("dsn", "dsn", 4)

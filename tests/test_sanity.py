@@ -330,3 +330,28 @@ def test_figure_ticks_give_linf_budgets_in_units_of_1_255():
     assert plots._labels(frame, frame["eps"]) == ["14.25/255", "20.75/255"]
     l2 = pd.DataFrame({"norm": ["l2"], "eps": [0.5]})
     assert plots._labels(l2, l2["eps"]) == ["0.5"]
+
+
+def test_a_check_registered_from_a_plug_in_module_runs_and_unregisters(tmp_path, honest):
+    import importlib.util
+
+    (tmp_path / "plugin_check.py").write_text(
+        "from robustness.sanity import Check, register_check\n\n\n"
+        "@register_check('plugin-rows')\n"
+        "def rows(inputs):\n"
+        "    return Check('plugin-rows', 'pass', f'{len(inputs.df)} rows, tol={inputs.tol:g}.')\n")
+    builtin = [c.name for c in sanity.run_checks(honest)]
+    spec = importlib.util.spec_from_file_location("plugin_check", tmp_path / "plugin_check.py")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)  # registers on import
+        checks = sanity.run_checks(honest, tol=0.02)
+        # without an order it runs after every built-in check, which keep their order and results
+        assert [c.name for c in checks] == [*builtin, "plugin-rows"]
+        assert checks[-1] == sanity.Check("plugin-rows", "pass", f"{len(honest)} rows, tol=0.02.")
+        with pytest.raises(ValueError, match="already registered"):
+            sanity.register_check("plugin-rows")(module.rows)
+    finally:
+        sanity.unregister_check("plugin-rows")
+    assert "plugin-rows" not in [c.name for c in sanity.registered_checks()]
+    assert [c.name for c in sanity.run_checks(honest)] == builtin

@@ -222,10 +222,10 @@ def test_the_headline_says_how_the_images_were_chosen(attacked, monkeypatch, tmp
     assert h.subset_line.startswith("20 test images, stratified by fine class (seed 0): 1–2 per class (classes 0: ")
     assert json.loads(json.dumps(h.as_dict()["subset"]))["class_counts"] == loaded.subset["class_counts"]
     # the page's headline box closes with it where the report's context carries the headline's subset
-    from reports import html
-    render = html._render
-    monkeypatch.setattr(html, "_render", lambda name, context: render(name, {**context, "subset": h.subset}))
-    out = html.write_report(loaded, tmp_path / "report", n_boot=20).out
+    from reports import run_page
+    render = run_page._render
+    monkeypatch.setattr(run_page, "_render", lambda name, context: render(name, {**context, "subset": h.subset}))
+    out = run_page.write_report(loaded, tmp_path / "report", n_boot=20).out
     page, md = (out / "index.html").read_text(), (out / "report.md").read_text()
     box = page[page.index('id="headline"'):page.index("</table>", page.index('id="headline"'))]
     row = f'<tr><th>Attacked images</th><td class="value">20</td><td class="detail">{h.subset_line}</td></tr>'

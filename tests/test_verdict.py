@@ -332,7 +332,7 @@ def test_a_seed_confounded_by_clean_accuracy_confounds_the_pooled_verdict_and_na
 
 
 def test_the_seed_comparison_page_shows_the_pooled_verdict_then_every_seed_then_the_details(tmp_path):
-    from reports.html import write_comparison
+    from reports.compare_page import write_comparison
     cmp = compare_seeds(seed_runs([1.5, 0.8, 1.1]), n_boot=200)
     out = write_comparison(cmp, tmp_path / "seeds")
     html = (out / "index.html").read_text()

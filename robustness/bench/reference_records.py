@@ -29,7 +29,7 @@ import torch
 from attacks.base import ITERATIVE, Attack
 from attacks.records import accuracy_rows, read_records, worst_case, write_shard
 from attacks.runner.plan import EvalPlan
-from attacks.runner.run import shard_fingerprint_of
+from attacks.runner.provenance import shard_fingerprint_of
 from attacks.runner.scoring import Batch, Scorer
 from models.network import CoarseFineNet
 from robustness.core.errors import RunDirError

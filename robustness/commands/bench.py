@@ -20,8 +20,9 @@ from robustness.core.config import DEFAULT_CONFIG, default_config_path
 from robustness.core.rundir import RunDir, writer_lock
 from robustness.pipeline import PipelineConfig, train_runs
 
-from robustness.bench.reference import LOSSES, REFERENCE_GATE_MODES, ReferenceConfig, format_table as reference_table
+from robustness.bench.reference import LOSSES, REFERENCE_GATE_MODES, ReferenceConfig
 from robustness.bench.reference import run_reference
+from robustness.bench.reference_compare import format_table as reference_table
 from robustness.bench.skipping import format_table, parse_batch_sizes, run_benchmark
 from robustness.core.errors import ConfigError
 from robustness.core.runtime import DEVICE_CHOICES, resolve_device, torch_threads

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reports.html import write_report  # pandas and matplotlib: not for `report --help`
+    from reports.run_page import write_report  # pandas and matplotlib: not for `report --help`
     from robustness.results import load_run
 
     run_dir = RunDir.at(args.run_dir).require()

@@ -23,7 +23,7 @@ workers), which stop the same way (:func:`join_as_rank` installs the handler the
 from the trainer); the writer lock's holder waits for them before it lets go of the lock. A second SIGTERM while
 the first unwinds is ignored (it must not interrupt the clean-up; SIGKILL still ends everything, and the kernel
 drops the lock); a worker asked twice re-delivers the signal to itself once its clean-up is done, so a parent that
-``terminate()``\ s and joins it (a broken process pool) is not left waiting. A process that was asked to stop
+calls ``terminate()`` on it and joins it (a broken process pool) is not left waiting. A process that was asked to stop
 starts no new job (:func:`raise_if_terminating`).
 """
 from __future__ import annotations
