@@ -25,7 +25,7 @@ from models.registry import create_model, list_models, model_options
 from models.safe_load import load_torch_file
 from robustness.data import DatasetInfo
 from robustness.core.errors import CheckpointError, ConfigError, DSNError, first_line
-from robustness.core.rundir import atomic_write
+from robustness.core.files import atomic_write
 from robustness.core.runtime import package_versions
 
 FORMAT = "dsn-robustness/checkpoint/v1"

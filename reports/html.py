@@ -22,7 +22,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from markupsafe import Markup
 
 from reports import tables
-from robustness.core.rundir import atomic_write, atomic_write_text
+from robustness.core.files import atomic_write, atomic_write_text
 from robustness.core.runtime import jsonable
 from robustness.sanity import Check
 

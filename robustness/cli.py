@@ -3,9 +3,9 @@
 Each subcommand lives in ``robustness/commands/<name>.py`` and exposes ``register(subparsers)``, which adds its
 parser and sets ``handler`` to a function ``(args) -> int``. A user's mistake (any ``DSNError``) becomes one line
 on stderr and a non-zero exit; so does an OSError the environment caused wherever it was raised (a full disk, the
-file-size limit, a name too long, a read-only place: :func:`robustness.core.rundir.os_error_line`), and every path
+file-size limit, a name too long, a read-only place: :func:`robustness.core.files.os_error_line`), and every path
 argument is checked for names and lengths the file system refuses before the command starts. Ctrl-C (exit 130) and
-SIGTERM (exit 143: :func:`robustness.core.runtime.graceful_termination` turns it into the same interruption) say
+SIGTERM (exit 143: :func:`robustness.core.signals.graceful_termination` turns it into the same interruption) say
 how to resume; the work unwinds as it does for Ctrl-C, so the writer lock is released and no file is left
 half-written. An exception raised in the user's own code (a ``--model-file`` or a module beside it: its import,
 its factory, its forward during an attack) is the user's to fix: one line ``your model raised TYPE: MESSAGE at
@@ -23,7 +23,7 @@ that is not an option; the main parser's options take no value) and builds its p
 command is a bare entry that ``--help`` lists with its line of :data:`COMMAND_HELP`, the one place that line is
 written (a command's ``register`` passes none; one it passes is overridden). :func:`build_parser` with no argument
 builds every command. Nothing on the way to a command imports torch before that command does
-(``robustness.core.runtime`` does, so it is imported where a command runs).
+(``robustness.core.runtime`` does; the CLI never imports it).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from robustness.core.errors import DSNError, Interrupted, first_line
-from robustness.core.rundir import OUTPUT_ROOM, check_path, os_error_line
+from robustness.core.files import OUTPUT_ROOM, check_path, os_error_line
 from robustness.core.versions import package_version, package_versions
 
 #: each command's line in ``dsn-robust --help``, keyed by its module under ``robustness.commands`` (the command's
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     try:
-        from robustness.core.runtime import graceful_termination  # imports torch: the command is about to run
+        from robustness.core.signals import graceful_termination
 
         with graceful_termination(reset=True):  # SIGTERM: the same unwinding as Ctrl-C
             check_paths(args)

@@ -21,7 +21,7 @@ interval that resamples seeds, then samples).
 
 One writer: the pipeline holds ``.<OUT name>.lock`` beside ``OUT`` (beside, because ``--force`` deletes ``OUT``) and
 each model's run-directory lock for the whole job; its training and attack worker processes work under them
-(:mod:`robustness.core.rundir`), and a second ``run``, ``train`` or ``attack`` on any of it gets one line.
+(:mod:`robustness.core.lock`), and a second ``run``, ``train`` or ``attack`` on any of it gets one line.
 """
 from __future__ import annotations
 
@@ -51,7 +51,9 @@ from robustness.analysis.seeds import compare_seeds
 from robustness.analysis.headline import RunHeadline
 from robustness.core.config import apply_overrides, build, load_config_file
 from robustness.core.errors import ConfigError, RunDirError
-from robustness.core.rundir import RunDir, atomic_write_json, is_temporary, writer_lock
+from robustness.core.files import atomic_write_json, is_temporary
+from robustness.core.lock import writer_lock
+from robustness.core.rundir import RunDir
 from robustness.core.runtime import distributed, env_world, free_port, join_as_rank, package_versions, resolve_device
 from robustness.core.vocab import format_distance
 from robustness.data import dataset_info

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import textwrap
 from dataclasses import dataclass
 
@@ -321,3 +322,16 @@ def test_cli_set_flag_and_config_subtables(tmp_path):
             config_from_args(_args(set=bad))
     with pytest.raises(ConfigError, match="both set it"):
         config_from_args(_args(set=["pgd.restarts=3"], pgd_restarts=2))
+
+
+def test_a_registered_plug_in_appears_in_the_attack_commands_help_with_its_default_steps(sign_twice):
+    from robustness import cli
+
+    parser = cli.build_parser(["attack"])
+    attack = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["attack"]
+    text = " ".join(re.sub(r"-\n\s+", "-", attack.format_help()).split())  # argparse wraps at hyphens
+    attacks = text.split("--attacks ATTACKS comma list of")[1].split("--preset {")[0]
+    steps = text.split("--steps STEPS iterations")[1].split("--restarts PGD_RESTARTS")[0]
+    assert "sign-twice" in attacks and "sign-twice 2" in steps  # from its Params, not a copy
+    for name in known_attacks():
+        assert name in attacks, name

@@ -42,11 +42,12 @@ from models.training.trainer import model_memory
 from robustness import cli
 from robustness.commands.attack import config_from_args
 from robustness.commands.train import resolve_config
-from robustness.core import rundir as rundir_module
-from robustness.core import runtime
+from robustness.core import runtime, signals
 from robustness.core.config import MAX_SEED
 from robustness.core.errors import DSNError, Interrupted, RunDirError
-from robustness.core.rundir import RunDir, atomic_write, atomic_write_text, is_temporary
+from robustness.core.files import atomic_write, atomic_write_text, is_temporary
+from robustness.core.lock import writer_lock
+from robustness.core.rundir import RunDir
 from robustness.data import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -388,7 +389,7 @@ def test_a_name_too_long_for_a_file_inside_is_one_line(tmp_path):
     """Where the kernel says ENAMETOOLONG (a derived name such as ``.OUT.lock`` beside a 252-byte ``OUT``)."""
     with pytest.raises(RunDirError, match=r"cannot write .*: file name too long \(a name of 256 bytes; this file "
                                           r"system allows at most 255\)"):
-        with rundir_module.writer_lock(tmp_path / ("." + "c" * 250 + ".lock"), "run"):
+        with writer_lock(tmp_path / ("." + "c" * 250 + ".lock"), "run"):
             pass
     assert list(tmp_path.iterdir()) == []
 
@@ -687,7 +688,7 @@ def test_sigterm_in_a_command_releases_the_lock_and_says_how_to_resume(tmp_path,
 
 
 def test_a_second_sigterm_does_not_interrupt_the_clean_up():
-    with runtime.graceful_termination(reset=True):
+    with signals.graceful_termination(reset=True):
         try:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
@@ -704,7 +705,7 @@ def test_a_worker_asked_twice_stops_once_its_clean_up_is_done(tmp_path):
     code = textwrap.dedent("""
         import os, signal, time
         from robustness.core.errors import Interrupted
-        from robustness.core.runtime import graceful_termination
+        from robustness.core.signals import graceful_termination
         with graceful_termination():
             try:
                 os.kill(os.getpid(), signal.SIGTERM)

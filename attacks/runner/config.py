@@ -53,7 +53,7 @@ AUTO = "auto"
 ATTACK_ALIASES = {"apgd": ["apgd-ce", "apgd-dlr"]}
 LIBRARY_BACKENDS = ("torchattacks", "foolbox")
 #: kinds whose ``steps`` parameter follows the general ``steps`` unless set per attack
-_GENERAL_STEPS_KINDS = (ITERATIVE, COMPUTE)
+STEPS_KINDS = (ITERATIVE, COMPUTE)
 
 #: flat option of earlier versions -> the (attack, parameter) pairs it sets
 FLAT_ALIASES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -323,7 +323,7 @@ class AttackConfig:
         options: dict[str, Any] = {}
         for cls in [attack_class(name, b) for b in backends]:
             fields = {f.name for f in dataclasses.fields(cls.Params)}
-            general = self.steps is not None and "steps" in fields and cls.kind in _GENERAL_STEPS_KINDS
+            general = self.steps is not None and "steps" in fields and cls.kind in STEPS_KINDS
             inherited = {}
             if cls.inherits in known_attacks():
                 # the parent as it runs in the child's backend (pgd-bisect takes the native PGD's losses), else

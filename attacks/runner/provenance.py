@@ -64,7 +64,8 @@ from attacks.runner.config import AttackConfig
 from attacks.runner.plan import EvalPlan
 from attacks.runner.subject import Subject
 from robustness.core.errors import RunDirError
-from robustness.core.rundir import RunDir, file_sha256
+from robustness.core.files import file_sha256
+from robustness.core.rundir import RunDir
 from robustness.core.runtime import float32_state, jsonable, package_versions
 from robustness.core.vocab import format_eps
 from robustness.data.subset import Subset

@@ -53,7 +53,8 @@ from attacks.runner.subject import (Subject, check_transferable, load_run_checkp
 from models.network import CoarseFineNet
 from robustness.core.errors import ConfigError, RunDirError
 from robustness.core.progress import heartbeat, progress_bar
-from robustness.core.rundir import RunDir, atomic_write, atomic_write_json, file_sha256
+from robustness.core.files import atomic_write, atomic_write_json, file_sha256
+from robustness.core.rundir import RunDir
 from robustness.core.runtime import (Distributed, derive_seed, distributed, env_world, free_port, join_as_rank,
                                      jsonable, process_device, resolve_device, torch_threads, true_float32)
 from robustness.data import CoarseFineDataset

@@ -19,7 +19,8 @@ from models.checkpoint import Checkpoint, load_checkpoint
 from models.network import CoarseFineNet
 from models.training import TrainConfig
 from robustness.core.errors import CheckpointError, ConfigError
-from robustness.core.rundir import RunDir, file_sha256
+from robustness.core.files import file_sha256
+from robustness.core.rundir import RunDir
 from robustness.data import CoarseFineDataset, DatasetInfo, load_dataset
 from robustness.data.subset import Subset, given_subset, select_subset, take
 

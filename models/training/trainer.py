@@ -7,7 +7,7 @@ the last (``models.training.metrics``), and saves ``last.pt`` (and ``best.pt`` o
 (:meth:`robustness.core.rundir.RunDir.writing`) is held for the whole run, so a second ``train`` or an ``attack`` on
 the same directory is one line, not a mix.
 
-Stopping: Ctrl-C and SIGTERM (:func:`robustness.core.runtime.graceful_termination`, also installed here when
+Stopping: Ctrl-C and SIGTERM (:func:`robustness.core.signals.graceful_termination`, also installed here when
 nobody handles SIGTERM: the Python API, a pipeline's training worker) unwind the epoch in progress; the checkpoint
 of the last finished epoch stays, a checkpoint being written is dropped (``atomic_write``), the lock is released,
 and ``--resume`` continues from that epoch. Before anything is read or written, the model's weights are estimated
@@ -37,9 +37,11 @@ from models.training.runtime import autocast, run_settings
 from models.training.schedule import augment_batch, augmentation_generator, epoch_batches
 from robustness.core.errors import ConfigError, RunDirError
 from robustness.core.progress import is_terminal, progress_bar
-from robustness.core.rundir import RunDir, atomic_write_json, atomic_write_text
+from robustness.core.files import atomic_write_json, atomic_write_text
+from robustness.core.rundir import RunDir
 from robustness.core.runtime import (Distributed, accumulation_dtype, check_memory, derive_seed, distributed,
-                                     graceful_termination, raise_if_terminating, resolve_device, seed_everything)
+                                     resolve_device, seed_everything)
+from robustness.core.signals import graceful_termination, raise_if_terminating
 from robustness.data import CoarseFineDataset, DatasetInfo, load_dataset
 
 log = logging.getLogger(__name__)

@@ -19,6 +19,9 @@ test samples only. :func:`robustness.analysis.seeds.compare_seeds` pools seed-re
 bootstrap over seeds and samples, a seed-level sign-flip test). The reports only render the :class:`Comparison`
 / ``SeedComparison``.
 
+The pair guards (training health, same samples) are :mod:`robustness.analysis.comparability`, the fixed-eps
+fallback :mod:`robustness.analysis.fixed_eps`, the verdict line's text :mod:`robustness.analysis.compare_text`.
+
 This module is not re-exported by ``robustness.analysis``: it uses ``robustness.sanity``, which itself builds on
 the analysis package.
 """
@@ -30,23 +33,23 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from attacks.records import worst_case
 from robustness.analysis.answer import short_answer
+from robustness.analysis.comparability import _health, _health_checks, _same_samples
+from robustness.analysis.compare_text import (_cannot_tell, _distance_clause, _fixed_clause, _fixed_what, distance_what,
+                                              routing_grads)
 from robustness.analysis.distances import (DISTANCE_KEYS, DistanceComparison, compare_distances,
                                            minimal_distances, robustness_curve)
+from robustness.analysis.fixed_eps import _fixed_eps_effect, _fixed_eps_pair
 from robustness.analysis.metrics import compute_saved, is_gated
 from robustness.analysis.selection import accuracy_rows, strongest_per_sample, whitebox
-from robustness.analysis.stats import PAIR_KEYS, bootstrap_many, mcnemar_test, paired_difference, wilson_interval
+from robustness.analysis.stats import PAIR_KEYS, paired_difference, wilson_interval
 from robustness.analysis.transfer import transfer_matrix
-from robustness.analysis.verdict import (CHANCE_ALPHA, MAX_CLEAN_GAP, NEAR_CHANCE_FACTOR, Effect, Health,
-                                         PairedTest, PairVerdict, chance_level_reasons, chance_p, health_reasons,
-                                         join_reasons, judge, lead, paired_count_reason, seeds_scope)
-from robustness.core.errors import DataError, RunDirError
-from robustness.core.vocab import FORWARD_MODES, ROUTING_GRADIENTS, format_distance, format_eps
-from robustness.data.base import DatasetInfo
+from robustness.analysis.verdict import Health, PairVerdict, judge, lead, seeds_scope
+from robustness.core.errors import RunDirError
+from robustness.core.vocab import FORWARD_MODES, format_distance, format_eps
 from robustness.results import RunResults
 from robustness.sanity import Check, run_checks
 
@@ -54,11 +57,6 @@ log = logging.getLogger(__name__)
 
 #: Order of a run's variants: the skipping modes first, the no-skip view (``open``) last.
 VARIANT_ORDER: list[str] = [m for m in FORWARD_MODES if m != "open"] + ["open"]
-NORM_NAMES = {"linf": "L-inf", "l2": "L2"}
-#: Name of the sanity check that reports each pair's training health on the comparison page.
-HEALTH_CHECK = "training health"
-#: Name of the check that reports whether each pair saw the same samples.
-SAMPLES_CHECK = "same samples"
 
 
 @dataclass
@@ -174,253 +172,6 @@ def _curves(label: str, combined: pd.DataFrame) -> pd.DataFrame:
         rows.append(dict(variant=label, **dict(zip(PAIR_KEYS, key)), n=len(g), robust_acc=iv.estimate,
                          robust_acc_low=iv.low, robust_acc_high=iv.high))
     return pd.DataFrame(rows)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The fixed-eps fallback: one eps, chosen where the pair differs most, tested honestly
-# ---------------------------------------------------------------------------------------------------------------
-
-def _fixed_eps_pair(a: Variant, b: Variant, ca: pd.DataFrame, cb: pd.DataFrame, n_boot: int,
-                    seed: int) -> dict[str, Any] | None:
-    """The fallback's pair: the worst-case rows (fine head, linf first) at finite eps > 0 where the two variants
-    are not both saturated (both at 0%, or both at their clean accuracy: the attack fooled nothing), the eps with
-    the largest absolute robust-accuracy difference. Its bootstrap interval re-selects the eps in every resample
-    (on the samples every candidate eps shares); its exact McNemar test on the paired robust flags is
-    Bonferroni-corrected for the number of candidate eps. None when every eps is saturated."""
-    on = [*PAIR_KEYS, "sample"]
-    cols = [*on, "robust", "clean_correct"]
-    wa, wb = ca[ca["attack"] == "worst"], cb[cb["attack"] == "worst"]
-    j = wa[cols].merge(wb[cols], on=on, suffixes=("_a", "_b"))
-    eps = j["eps"].to_numpy(float)
-    j = j[(eps > 0) & np.isfinite(eps)]
-    if j.empty:
-        return None
-    if (j["target"] == "fine").any():
-        j = j[j["target"] == "fine"]
-    norm = "linf" if (j["norm"] == "linf").any() else str(j["norm"].iloc[0])
-    j = j[j["norm"] == norm].astype({"robust_a": bool, "robust_b": bool, "clean_correct_a": bool,
-                                    "clean_correct_b": bool})
-    per = j.groupby(PAIR_KEYS, sort=True, observed=True).agg(
-        acc_a=("robust_a", "mean"), acc_b=("robust_b", "mean"), clean_a=("clean_correct_a", "mean"),
-        clean_b=("clean_correct_b", "mean"), n=("sample", "size")).reset_index()
-    saturated = (((per["acc_a"] == 0) & (per["acc_b"] == 0))
-                 | (np.isclose(per["acc_a"], per["clean_a"]) & np.isclose(per["acc_b"], per["clean_b"])))
-    per = per[~saturated].reset_index(drop=True)
-    if per.empty:
-        return None
-    diff = (per["acc_a"] - per["acc_b"]).to_numpy(float)
-    k = int(np.argmax(np.abs(diff)))
-    row = per.iloc[k]
-    at = j[(j["attack"] == row["attack"]) & (j["eps"] == row["eps"]) & (j["target"] == row["target"])]
-    ya, yb = at["robust_a"].to_numpy(bool), at["robust_b"].to_numpy(bool)
-    # the interval: per resample of the shared samples, the difference at the eps where that resample differs most
-    keyed = j.assign(d=j["robust_a"].astype(float) - j["robust_b"].astype(float))
-    cand = per[PAIR_KEYS].merge(keyed, on=PAIR_KEYS)
-    matrix = cand.pivot_table(index="sample", columns=PAIR_KEYS, values="d", aggfunc="first").dropna()
-    if len(matrix):
-        columns = [matrix[c].to_numpy(float) for c in matrix.columns]
-
-        def picked(*rows: np.ndarray) -> np.ndarray:
-            means = np.stack([r.mean(axis=1) for r in rows], axis=1)
-            return means[np.arange(len(means)), np.argmax(np.abs(means), axis=1)][:, None]
-
-        iv = bootstrap_many(picked, columns, n_boot, seed)[0]
-        low, high = iv.low, iv.high
-    else:
-        low = high = float("nan")
-    p, sign, b_only, c_only = mcnemar_test(ya, yb)
-    return {"a": a.label, "b": b.label, "attack": row["attack"], "norm": row["norm"], "eps": float(row["eps"]),
-            "target": row["target"], "n": int(row["n"]), "acc_a": float(row["acc_a"]), "acc_b": float(row["acc_b"]),
-            "diff": float(diff[k]), "diff_low": float(low), "diff_high": float(high),
-            "mcnemar_p": min(1.0, p * len(per)), "mcnemar_p_uncorrected": p, "candidates": int(len(per)),
-            "sign": sign, "robust_only_a": b_only, "robust_only_b": c_only,
-            "clean_a": float(row["clean_a"]), "clean_b": float(row["clean_b"]),
-            "n_both_correct": int((at["clean_correct_a"].to_numpy(bool) & at["clean_correct_b"].to_numpy(bool)).sum())}
-
-
-def _fixed_eps_effect(p: Mapping[str, Any], what: str) -> tuple[Effect, PairedTest]:
-    effect = Effect(f"{what} robust accuracy difference at eps={format_eps(p['eps'], p['norm'])}", p["diff"],
-                    p["diff_low"], p["diff_high"], "difference")
-    corrected = f", Bonferroni over {p['candidates']} eps" if p["candidates"] > 1 else ""
-    test = PairedTest("exact McNemar", p["mcnemar_p"], p["sign"], p["n"], "paired samples",
-                      f"{p['robust_only_a']} vs {p['robust_only_b']} discordant{corrected}")
-    return effect, test
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The guards' inputs: clean accuracy, chance, the attacked images, the data
-# ---------------------------------------------------------------------------------------------------------------
-
-def _fine_clean(v: Variant) -> tuple[float | None, int]:
-    """The fine head's clean accuracy on the variant's white-box samples (None without fine-head rows) and how
-    many samples it counts."""
-    wb = whitebox(v.records)
-    wb = wb[wb["target"] == "fine"].drop_duplicates("sample")
-    return (float(wb["clean_correct"].astype(bool).mean()) if len(wb) else None), len(wb)
-
-
-def _health(v: Variant, clean: float) -> Health:
-    fine, n = _fine_clean(v)
-    return Health(label=v.label, clean=float(clean), clean_fine=fine,
-                  final_fine=v.run.final_test_accuracy.get("fine"),
-                  chance=v.run.chance_accuracy if fine is not None else None, run=v.run.name,
-                  n=n if fine is not None else None)
-
-
-#: Keys of the attack manifests' ``data`` entry (where the attacked samples came from) that name the data itself
-#: (not where it lies on disk or how it was handed over).
-DATA_SOURCE_KEYS: tuple[str, ...] = ("dataset", "data_options", "shape", "sha256")
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """A value as a reason shows it, cut to ``limit`` characters."""
-    text = str(value)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def _info_differences(da: Any, db: Any) -> list[str]:
-    """What differs between two manifests' ``dataset`` entries (:meth:`DatasetInfo.differences`: classes, label
-    map, normalisation, image size, channels; the name is compared on its own), [] when either is not a complete
-    dataset info."""
-    try:
-        ia, ib = DatasetInfo.from_dict(dict(da)), DatasetInfo.from_dict(dict(db))
-    except (DataError, TypeError, ValueError):
-        return []
-    return [d for d in ia.differences(ib) if not d.startswith("dataset differs")]
-
-
-def _differences(da: Any, db: Any, keys: Sequence[str] | None = None) -> list[tuple[str, Any, Any]]:
-    """(key, a's value, b's value) for the keys both dicts give (``keys``: only those) whose values differ."""
-    if not isinstance(da, Mapping) or not isinstance(db, Mapping):
-        return []
-    shared = [k for k in (keys if keys is not None else da) if k in da and k in db]
-    return [(k, da[k], db[k]) for k in shared if da[k] is not None and db[k] is not None and da[k] != db[k]]
-
-
-def _same_samples(a: Variant, b: Variant) -> list[str]:
-    """Why ``a`` and ``b`` did not see the same samples: different attacked images (the subsets' sha256 when both
-    runs recorded one, else their (dataset, seed, n); either way a different number of attacked samples ``n``)
-    or different data (the runs' ``config.json`` dataset / data_options: trained on; the attack manifests'
-    ``data`` entry (dataset, data_options) and ``dataset`` entry (classes, normalisation, image size):
-    attacked on)."""
-    if a.run is b.run:
-        return []
-    reasons = []
-    na, nb = a.run.manifest.get("n"), b.run.manifest.get("n")
-    counts = f"{na} vs {nb} attacked samples" if na is not None and nb is not None and na != nb else ""
-    ha, hb = a.run.subset.get("sha256"), b.run.subset.get("sha256")
-    if ha and hb:
-        if ha != hb:
-            reasons.append(f"{a.label} and {b.label} were attacked on different images ("
-                           + (f"{counts}; " if counts else "") + f"subset sha256 {str(ha)[:12]} vs {str(hb)[:12]})")
-        elif counts:
-            reasons.append(f"{a.label} and {b.label} were attacked on different sample sets ({counts})")
-    said: set[tuple[str, str]] = set()  # (a's value, b's value) pairs a reason already names
-    if not (ha and hb):
-        sa, sb = (a.run.dataset_name, a.run.seed, a.run.n), (b.run.dataset_name, b.run.seed, b.run.n)
-        if sa != sb:
-            reasons.append(f"{a.label} and {b.label} were attacked on different evaluation sets (dataset, seed, n "
-                           f"{sa} vs {sb})")
-            said.add((_short(sa[0]), _short(sb[0])))
-
-    def clause(diffs: Sequence[tuple[str, Any, Any]]) -> str:
-        fresh = []
-        for k, va, vb in diffs:
-            if (_short(va), _short(vb)) not in said:
-                said.add((_short(va), _short(vb)))
-                fresh.append(f"{k} {_short(va)} vs {_short(vb)}")
-        return "; ".join(fresh)
-
-    trained = clause(_differences(a.run.config, b.run.config, ("dataset", "data_options")))
-    if trained:
-        reasons.append(f"{a.label} and {b.label} were trained on different data ({trained})")
-    names = ([("dataset", a.run.dataset_name, b.run.dataset_name)]
-             if a.run.dataset_name and b.run.dataset_name and a.run.dataset_name != b.run.dataset_name else [])
-    attacked = [x for x in (clause(names + _differences(a.run.manifest.get("data"), b.run.manifest.get("data"),
-                                                          DATA_SOURCE_KEYS)),
-                            *_info_differences(a.run.manifest.get("dataset"), b.run.manifest.get("dataset"))) if x]
-    if attacked:
-        reasons.append(f"{a.label} and {b.label} were attacked on different data ({'; '.join(attacked)})")
-    return reasons
-
-
-def _pct(x: float | None) -> str:
-    return "unknown" if x is None or np.isnan(x) else f"{100 * x:.1f}%"
-
-
-def _pg(p: float | None) -> str:
-    return "unknown" if p is None else f"{p:.2g}"
-
-
-def _health_checks(judged: Sequence[tuple[PairVerdict, tuple[Health, Health], int | None, Sequence[str]]]
-                   ) -> list[Check]:
-    """Per judged pair (verdict, health, samples correct on both, the :func:`_same_samples` reasons): ``training
-    health`` (fail when confounded by clean accuracy or a side is at chance level) and ``same samples`` (fail when
-    the pair has too few paired samples or saw different images or data), each with the numbers."""
-    checks = []
-    for v, (ha, hb), n, samples in judged:
-        chance = ha.chance if ha.chance is not None else hb.chance
-        finals = [f"{h.run} {_pct(h.final_fine)}" for h in (ha, hb) if h.final_fine is not None]
-        known = [h for h in (ha, hb) if chance_p(h) is not None]
-        numbers = (f"clean accuracy on the attacked samples {ha.label} {_pct(ha.clean)} vs {hb.label} "
-                   f"{_pct(hb.clean)} (gap {100 * abs(ha.clean - hb.clean):.1f} points, at most "
-                   f"{100 * MAX_CLEAN_GAP:g} allowed); chance {_pct(chance)}"
-                   + (f" (near chance below {NEAR_CHANCE_FACTOR:g} x chance = {_pct(NEAR_CHANCE_FACTOR * chance)})"
-                      if chance is not None else " (near-chance test skipped)")
-                   + (f"; above chance by a one-sided binomial test (at chance unless p < {CHANCE_ALPHA:g}): "
-                      + ", ".join(f"{h.label} p={_pg(chance_p(h))}" for h in known) if known else "")
-                   + (f"; final training test accuracy {', '.join(dict.fromkeys(finals))}" if finals else ""))
-        bad = health_reasons(ha, hb)
-        at_chance = chance_level_reasons(ha, hb)
-        said = (("not comparable: " + join_reasons(at_chance) + ". " if at_chance else "")
-                + ("confounded: " + "; ".join(bad) + ". " if bad else ""))
-        checks.append(Check(HEALTH_CHECK, "fail" if bad or at_chance else "pass",
-                            f"{v.a} vs {v.b}: " + said + numbers[0].upper() + numbers[1:] + "."))
-        size = f"{n} samples correct on both" if n is not None else "samples correct on both not counted"
-        few = paired_count_reason(v.a, v.b, n)
-        apart = [*samples, *([few] if few else [])]
-        checks.append(Check(SAMPLES_CHECK, "fail" if apart else "pass",
-                            f"{v.a} vs {v.b}: " + (f"not comparable: {join_reasons(apart)}." if apart
-                                                   else f"the same attacked samples, {size}.")))
-    return checks
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The verdict line
-# ---------------------------------------------------------------------------------------------------------------
-
-def _distance_clause(p: DistanceComparison, v: PairVerdict) -> str:
-    fmt = lambda x: format_distance(x, p.norm)  # noqa: E731
-    ratio = (f"{v.evidence}; medians {fmt(p.median_a.estimate)} vs {fmt(p.median_b.estimate)}"
-             if p.n_both_correct else "no distance ratio (no sample is classified correctly by both)")
-    return (f"{p.a} vs {p.b}: {ratio}; curves differ most at eps={fmt(p.eps_at)}: "
-            f"{100 * p.acc_a_at:.1f}% vs {100 * p.acc_b_at:.1f}% ({100 * p.diff_at.estimate:+.1f} points "
-            f"[{100 * p.diff_at.low:+.1f}, {100 * p.diff_at.high:+.1f}]), mean gap over eps <= {fmt(p.cap)} "
-            f"{100 * p.gap.estimate:+.1f} points [{100 * p.gap.low:+.1f}, {100 * p.gap.high:+.1f}]; "
-            f"clean {100 * p.clean_a.estimate:.1f}% vs {100 * p.clean_b.estimate:.1f}%")
-
-
-def _fixed_clause(p: Mapping[str, Any], v: PairVerdict) -> str:
-    return (f"{p['a']} vs {p['b']}: {v.evidence}; robust acc {100 * p['acc_a']:.1f}% vs {100 * p['acc_b']:.1f}% "
-            f"at eps={format_eps(p['eps'], p['norm'])} (where they differ most, of {p['candidates']} unsaturated eps); "
-            f"clean {100 * p['clean_a']:.1f}% vs {100 * p['clean_b']:.1f}%")
-
-
-def routing_grads(skip: Variant) -> list[str]:
-    return sorted(set(whitebox(skip.records)["gate_grad"].astype(str)) & set(ROUTING_GRADIENTS))
-
-
-def distance_what(norm: str, grads: Sequence[str]) -> str:
-    return (f"minimal {NORM_NAMES.get(norm, norm)} distance per sample, minimum over attacks and routing "
-            f"gradients (none{'/' + '/'.join(grads) if grads else ''})")
-
-
-def _cannot_tell(skip: Variant | None, statics: Sequence[Variant]) -> str | None:
-    if skip is None:
-        return "Cannot tell: no variant skips layers (a gated model in a mode other than open)."
-    if not statics:
-        return f"Cannot tell: no static (non-skipping) variant to compare {skip.label} against."
-    return None
 
 
 def _compute_points(variants: Sequence[Variant], combined: Mapping[str, pd.DataFrame],
@@ -595,8 +346,3 @@ def compare_runs(runs: Sequence[RunResults], labels: Sequence[str] | None = None
                       sanity={name: run_sanity(r) for name, r in zip(names, runs)},
                       notes=notes, n_boot=n_boot, seed=seed, verdicts=verdicts, health=health_checks,
                       setting=setting, scope=scope)
-
-
-def _fixed_what(skip: Variant) -> str:
-    grads = routing_grads(skip)
-    return f"worst-case (incl. {'/'.join(grads)})" if grads else "worst-case"

@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from robustness.analysis.answer import short_answer
-from robustness.analysis.compare import Comparison, Variant, compare_runs, distance_what, routing_grads
+from robustness.analysis.compare import Comparison, Variant, compare_runs
+from robustness.analysis.compare_text import distance_what, routing_grads
 from robustness.analysis.distances import paired_log_ratios
 from robustness.analysis.stats import Interval, hierarchical_bootstrap, sign_flip_test
 from robustness.analysis.verdict import (ALPHA, MIN_SEEDS_FOR_TEST, Effect, PairedTest, PairVerdict, judge,

@@ -26,7 +26,8 @@ Before the rule, the guards (:func:`comparability_reasons`, :func:`health_reason
   :data:`CHANCE_ALPHA`, i.e. its correct answers are no evidence that it learned anything, so its "robustness" is
   that of a guesser;
 - or the sides were attacked on different images (different subset hashes or sample counts) or trained /
-  attacked on different data (the caller's ``samples`` reasons, :func:`robustness.analysis.compare._same_samples`).
+  attacked on different data (the caller's ``samples`` reasons,
+  :func:`robustness.analysis.comparability._same_samples`).
 
 It is ``confounded`` (by clean accuracy) when either side is near chance (clean accuracy below
 :data:`NEAR_CHANCE_FACTOR` x chance, on the attacked samples or at the end of training) or the two clean

@@ -33,7 +33,8 @@ from attacks.runner.provenance import shard_fingerprint_of
 from attacks.runner.scoring import Batch, Scorer
 from models.network import CoarseFineNet
 from robustness.core.errors import RunDirError
-from robustness.core.rundir import RunDir, atomic_write, atomic_write_json
+from robustness.core.files import atomic_write, atomic_write_json
+from robustness.core.rundir import RunDir
 from robustness.core.runtime import derive_seed, jsonable, package_versions
 
 log = logging.getLogger(__name__)

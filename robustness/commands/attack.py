@@ -27,11 +27,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from attacks.base import COMPUTE, attack_kind
+from attacks.base import BACKENDS, COMPUTE, attack_class, attack_kind, backends_for, known_attacks
 from attacks.records import accuracy_rows
 from attacks.runner import (ATTACK_ALIASES, FLAT_ALIASES, AttackConfig, AttackResult, load_run_checkpoint,
                             run_attacks)
-from attacks.runner.config import EXECUTION_KEYS, default_attack_table, stored_table
+from attacks.runner.config import EXECUTION_KEYS, STEPS_KINDS, default_attack_table, stored_table
 from attacks.runner.presets import PRESETS, preset_table
 from robustness.analysis.distances import median_distance, minimal_distances
 from robustness.analysis.headline import ModelCheckSummary
@@ -39,7 +39,7 @@ from robustness.core.config import load_config_file, overridden, toml_value
 from robustness.core.errors import ConfigError
 from robustness.core.errors import RunDirError
 from robustness.core.rundir import RunDir
-from robustness.core.vocab import HEADS, NORMS, format_distance, format_eps
+from robustness.core.vocab import ATTACK_GATE_MODES, GRAD_MODES, HEADS, NORMS, format_distance, format_eps
 from robustness.data import DatasetInfo
 from robustness.data.subset import SUBSET_RULES
 from robustness.eps_grid import attack_runs, check_auto
@@ -47,6 +47,19 @@ from robustness.eps_grid import attack_runs, check_auto
 __all__ = ["register", "run", "run_attacks", "config_from_args", "parse_setting", "summary_table"]
 
 log = logging.getLogger(__name__)
+
+
+def _own_steps() -> str:
+    """``pgd 50, apgd-ce 100, ...``: the default ``steps`` of every registered attack ``--steps`` sets, read from
+    the registry (the help text never drifts from the defaults)."""
+    seen: dict[str, int] = {}
+    for name in known_attacks():
+        for backend in backends_for(name):
+            cls = attack_class(name, backend)
+            steps = getattr(cls.Params(), "steps", None) if cls.kind in STEPS_KINDS else None
+            if steps is not None and name not in seen:
+                seen[name] = int(steps)
+    return ", ".join(f"{name} {steps}" for name, steps in seen.items())
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -58,8 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "defaults below are those of keys that table does not set. --resume continues "
                                    "with the settings stored in the run.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory")
-    p.add_argument("--attacks", help="comma list of fgsm,pgd,apgd,apgd-ce,apgd-dlr,ddn,cw,square,autoattack,path,"
-                                     "slowdown (apgd = apgd-ce and apgd-dlr)")
+    aliases = "; ".join(f"{a} = {' and '.join(m)}" for a, m in ATTACK_ALIASES.items())
+    p.add_argument("--attacks", help=f"comma list of {','.join(known_attacks() + list(ATTACK_ALIASES))} "
+                                     f"({aliases}; every registered attack, plug-ins included)")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="a named set of attacks: autoattack (torchattacks' AutoAttack, routing gradients none and "
                         "sharp), full (the suite at full strength)")
@@ -69,11 +83,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--norm", choices=list(NORMS), help="threat model (default linf)")
     p.add_argument("--cw-eps", dest="cw_eps", help="L2 budgets at which the minimal-norm attacks (DDN, CW) are "
                                                    "scored when --norm is linf (default 0.25,0.5,1.0; also inf)")
-    p.add_argument("--backend", help="comma list, in order of preference, of native,torchattacks,foolbox (each "
+    p.add_argument("--backend", help=f"comma list, in order of preference, of {','.join(BACKENDS)} (each "
                                      "attack runs in the first that has it; default all three), or both (both "
                                      "libraries, each attack in every one that has it)")
-    p.add_argument("--gate-mode", dest="gate_modes", help="comma list of hard,open,random (default hard)")
-    p.add_argument("--gate-grad", dest="gate_grads", help="comma list of none,ste,bpda,sharp,eot")
+    p.add_argument("--gate-mode", dest="gate_modes", help=f"comma list of {','.join(ATTACK_GATE_MODES)} (default hard)")
+    p.add_argument("--gate-grad", dest="gate_grads", help=f"comma list of {','.join(GRAD_MODES)}")
     p.add_argument("--target", choices=list(HEADS), help="head under attack (default fine)")
     p.add_argument("--n", type=int, help="number of test samples")
     p.add_argument("--subset", choices=list(SUBSET_RULES),
@@ -92,8 +106,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
     p.add_argument("--seed", type=int, help="seed of the attacks' random choices (default 0; the images': "
                                             "--subset-seed)")
-    p.add_argument("--steps", type=int, help="iterations of every iterative attack (default: each its own: PGD 50, "
-                                             "APGD 100, path 50, slowdown 10)")
+    p.add_argument("--steps", type=int, help="iterations of every iterative and compute attack (default: each its "
+                                             f"own: {_own_steps()})")
     p.add_argument("--restarts", dest="pgd_restarts", type=int, help="PGD restarts per loss")
     p.add_argument("--threads", type=int, help="torch CPU threads while attacking (default 0: torch's default; 1 is "
                                                "many times faster for small models on a busy CPU)")

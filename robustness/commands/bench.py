@@ -17,7 +17,8 @@ from attacks.runner import load_run_checkpoint
 from robustness.bench.recipe import RecipeTargets, format_recipe, recipe_payload, recipe_row
 from robustness.commands.run import seed_list
 from robustness.core.config import DEFAULT_CONFIG, default_config_path
-from robustness.core.rundir import RunDir, writer_lock
+from robustness.core.lock import writer_lock
+from robustness.core.rundir import RunDir
 from robustness.pipeline import PipelineConfig, train_runs
 
 from robustness.bench.reference import LOSSES, REFERENCE_GATE_MODES, ReferenceConfig

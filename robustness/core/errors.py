@@ -44,7 +44,7 @@ class BudgetViolation(DSNError):
 
 class Interrupted(KeyboardInterrupt):
     """The process was asked to stop by a signal (SIGTERM): raised by the handler of
-    :func:`robustness.core.runtime.graceful_termination` wherever the main thread is, so the work unwinds exactly
+    :func:`robustness.core.signals.graceful_termination` wherever the main thread is, so the work unwinds exactly
     as it does for Ctrl-C (a KeyboardInterrupt): the file being written is dropped (``atomic_write``), finished
     files stay, the writer lock is released. Not a DSNError: no ``except DSNError`` / ``except Exception`` swallows
     it. ``exit_code`` is the shell's convention for a death by that signal (128 + its number: 143 for SIGTERM)."""

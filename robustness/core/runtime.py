@@ -1,5 +1,6 @@
 """The process around a computation: device choice, seeding, the distributed context, versions, JSON safety,
-float32 precision, the memory a job may still take, and stopping on SIGTERM.
+float32 precision and the memory a job may still take (stopping on SIGTERM is
+:mod:`robustness.core.signals`'s).
 
 One owner each, so that no module hard-codes ``.cuda()``, derives seeds its own way, joins a process group
 differently, writes NaN into a JSON file or flips a global TF32 flag.
@@ -13,30 +14,15 @@ Pitfall: since torch 2.9 the legacy flags (``torch.backends.cuda.matmul.allow_tf
 ``"medium"`` precision produces such a state. So the legacy state is read once, restored through the matmul
 precision (which implies ``matmul.allow_tf32``) and ``cudnn.allow_tf32`` only, and where it cannot be read the
 per-backend precisions are saved and restored instead.
-
-SIGTERM (:func:`graceful_termination`): ``kill PID``, a batch system's time limit or a container stop ends a job
-the way Ctrl-C does. The handler raises :class:`robustness.core.errors.Interrupted` (a KeyboardInterrupt) in the
-main thread, so every ``finally`` and ``with`` runs: ``atomic_write`` drops the file it was writing, the writer
-lock is released, the CLI prints the resume hint and exits 128 + 15 = 143. Before raising, the handler sends the
-signal on to this process's ``multiprocessing`` children (the attack runner's worker ranks, the pipeline's pool
-workers), which stop the same way (:func:`join_as_rank` installs the handler there; a training worker gets it
-from the trainer); the writer lock's holder waits for them before it lets go of the lock. A second SIGTERM while
-the first unwinds is ignored (it must not interrupt the clean-up; SIGKILL still ends everything, and the kernel
-drops the lock); a worker asked twice re-delivers the signal to itself once its clean-up is done, so a parent that
-calls ``terminate()`` on it and joins it (a broken process pool) is not left waiting. A process that was asked to stop
-starts no new job (:func:`raise_if_terminating`).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import math
-import multiprocessing
 import os
 import random
-import signal
 import socket
-import threading
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
@@ -45,7 +31,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from robustness.core.errors import ConfigError, Interrupted
+from robustness.core.errors import ConfigError
+from robustness.core.signals import stop_on_termination
 from robustness.core.versions import PACKAGE, package_version, package_versions  # noqa: F401 (re-exported)
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -156,7 +143,7 @@ def join_as_rank(rank: int, world: int, port: int, log_level: int) -> None:
     process's logging: ``log_level`` on rank 0, warnings only on the others (the parent has already said what is
     planned; rank 0 reports the progress)."""
     logging.basicConfig(level=log_level if rank == 0 else max(log_level, logging.WARNING), format="%(message)s")
-    stop_on_termination()  # a worker of the job stops as its parent does (the module docstring)
+    stop_on_termination()  # a worker of the job stops as its parent does (robustness.core.signals)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
 
@@ -389,89 +376,3 @@ def check_memory(what: str, needed: int, fix: str) -> None:
     if available is not None and needed > available:
         raise ConfigError(f"{what}: needs about {format_bytes(needed)} of memory, more than the "
                           f"{format_bytes(available)} available on this machine; {fix}")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Stopping on SIGTERM (the module docstring)
-# --------------------------------------------------------------------------------------------------------------
-
-#: the signals that stop a job the way Ctrl-C does (SIGINT is a KeyboardInterrupt already)
-TERMINATION_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None),) if s is not None)
-#: the first termination signal this process received, and how many more came while it unwound
-_termination: dict[str, int | None] = {"signum": None, "repeats": 0}
-
-
-def termination_requested() -> int | None:
-    """The termination signal this process received (None: none)."""
-    return _termination["signum"]
-
-
-def raise_if_terminating() -> None:
-    """Raise :class:`Interrupted` when this process was asked to stop: it starts no new job (a pool worker that got
-    SIGTERM during one training fails the next ones at once instead of running them)."""
-    signum = _termination["signum"]
-    if signum is not None:
-        raise Interrupted(signum, _signal_name(signum))
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
-def _on_termination(signum: int, frame: Any) -> None:
-    if _termination["signum"] is not None:
-        _termination["repeats"] = (_termination["repeats"] or 0) + 1
-        return  # the first one is unwinding: a second must not interrupt its clean-up
-    _termination["signum"] = signum
-    for child in multiprocessing.active_children():  # the job's workers stop too
-        with suppress(OSError, ValueError, TypeError):
-            os.kill(child.pid, signum)
-    raise Interrupted(signum, _signal_name(signum))
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-def stop_on_termination() -> None:
-    """From now on, SIGTERM raises :class:`Interrupted` in this process (a spawned worker); nothing off the main
-    thread, where Python cannot set handlers."""
-    if _main_thread():
-        for signum in TERMINATION_SIGNALS:
-            signal.signal(signum, _on_termination)
-
-
-@contextmanager
-def graceful_termination(reset: bool = False) -> Iterator[None]:
-    """For the duration, SIGTERM raises :class:`Interrupted` in the main thread (the module docstring); the previous
-    handlers afterwards. Nested uses are one. Without ``reset`` a handler someone else installed is left alone and
-    a process that was already asked to stop raises at once; ``reset`` (the CLI's main, the top of a command)
-    installs the handler whatever was there and forgets any request at its start and at its end."""
-    if not _main_thread():
-        yield
-        return
-    if reset:
-        _termination.update(signum=None, repeats=0)
-    installed: dict[int, Any] = {}
-    for signum in TERMINATION_SIGNALS:
-        current = signal.getsignal(signum)
-        if current is _on_termination or (not reset and current not in (signal.SIG_DFL, None)):
-            continue
-        installed[signum] = current
-        signal.signal(signum, _on_termination)
-    try:
-        raise_if_terminating()
-        yield
-    finally:
-        for signum, previous in installed.items():
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        if reset:  # the command is over: an in-process caller (a test, the API) starts afresh
-            _termination.update(signum=None, repeats=0)
-        elif installed and _termination["repeats"] and _termination["signum"] is not None:
-            # asked again while unwinding (a pool's terminate() after the forwarded signal): the clean-up is done,
-            # so the signal now does what it would have done without this handler (a parent joining this worker
-            # must not wait for it forever)
-            os.kill(os.getpid(), _termination["signum"])
