@@ -40,3 +40,13 @@ def test_a_pair_that_is_no_answer_shows_no_number():
                     effect=Effect("median distance ratio", 1.25, 1.25, 1.25))
     text = short_answer([v])
     assert "1.25" not in text and text.startswith("dsn vs dual: not comparable: only 1 sample")
+
+
+def test_a_long_reason_gives_way_before_the_numbers_do():
+    reason = "the interval [0.87, 0.93] excludes no difference (1) but the seed-level sign-flip test " * 2
+    pairs = [PairVerdict("dsn(hard)", "dsn(open)", "inconclusive", reason=reason,
+                         effect=Effect("median distance ratio", 0.90, 0.87, 0.93), scope=seeds_scope(3)),
+             _pair("dual", "none", 0.96, 0.88, 1.05, scope=seeds_scope(3))]
+    text = short_answer(pairs)
+    assert text == ("dsn(hard) vs dsn(open): minimal distance x0.90 [0.87, 0.93], inconclusive; vs dual: x0.96 "
+                    "[0.88, 1.05], no evidence of a difference (3 training seeds)")

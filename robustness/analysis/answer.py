@@ -6,8 +6,8 @@ test, sample count, band and curves, stays in the comparison page and its ``summ
     dsn(hard) vs dual: minimal distance x0.48 [0.35, 0.68], less robust; vs dsn(open): x0.97 [0.93, 1.02], no
     practical difference (one training seed)
 
-When every interval does not fit, the intervals go first (the page has them), then pairs are cut with a pointer
-to the page: the sentence never grows past the bound.
+When it does not fit, an inconclusive or not-comparable pair's reason goes first, then the intervals (the page has
+both), then pairs are cut with a pointer to the page: the sentence never grows past the bound.
 """
 from __future__ import annotations
 
@@ -35,14 +35,14 @@ def _number(v: PairVerdict, interval: bool) -> str:
     return "robust acc " + core
 
 
-def _clause(v: PairVerdict, first: bool, interval: bool) -> str:
+def _clause(v: PairVerdict, first: bool, interval: bool, reason: bool = True) -> str:
     head = f"{v.a} vs {v.b}" if first else f"vs {v.b}"
     # a pair that is no answer shows no number: a ratio beside "not comparable" reads as a result
     number = "" if v.kind in ("not-comparable", "confounded") else _number(v, interval)
     if not first and number.startswith("minimal distance "):
         number = number[len("minimal distance "):]  # said once, in the first clause
     finding = SHORT_FINDING.get(v.kind, v.kind)
-    if v.reason and v.kind in ("inconclusive", "not-comparable"):
+    if reason and v.reason and v.kind in ("inconclusive", "not-comparable"):
         finding += f": {v.reason}"
     return f"{head}: " + ", ".join(part for part in (number, finding) if part)
 
@@ -53,8 +53,9 @@ def short_answer(verdicts: Sequence[PairVerdict], fallback: str = "") -> str:
     if not verdicts:
         return _cut(fallback)
     scope = verdicts[0].scope.split(":")[0]  # "one training seed", "3 training seeds", ...
-    for interval in (True, False):
-        text = "; ".join(_clause(v, k == 0, interval) for k, v in enumerate(verdicts))
+    # what goes first when it does not fit: an inconclusive pair's reason, then the intervals (the page has both)
+    for interval, reason in ((True, True), (True, False), (False, False)):
+        text = "; ".join(_clause(v, k == 0, interval, reason) for k, v in enumerate(verdicts))
         for candidate in (f"{text} ({scope})", text):
             if len(candidate) <= MAX_ANSWER:
                 return candidate
