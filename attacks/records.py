@@ -221,6 +221,12 @@ def accuracy_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[accuracy_mask(df)]
 
 
+def carried(df: pd.DataFrame) -> np.ndarray:
+    """Bool per row: the row holds an example another attack found (``found_by != attack``: the attack cascade
+    carried it over, :mod:`attacks.runner.cascade`)."""
+    return (df["found_by"].astype(str) != df["attack"].astype(str)).to_numpy(bool)
+
+
 def worst_case(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     """Per-sample worst case over attacks: a sample is robust only if it is robust (correct on clean and on
     adversarial, with finite logits) under *every* attack.

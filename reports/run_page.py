@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from attacks.base import COMPUTE, attacks_of_kind
+from attacks.records import carried
 from reports import plots, tables
 from reports.html import FigureItem, TableItem, _json_text, _render, _sanity_rows, _write_outputs
 from robustness import analysis
@@ -181,11 +182,6 @@ def _eps_by_norm(records: pd.DataFrame) -> str:
                       for n in sorted(per_norm.index, key=lambda n: (n != "linf", str(n))))
 
 
-def _cascaded(records: pd.DataFrame) -> bool:
-    """Whether the attack cascade carried a row over (attacks.runner.cascade)."""
-    return bool(len(records)) and bool((records["found_by"].astype(str) != records["attack"].astype(str)).any())
-
-
 def _metadata(run: RunResults) -> dict[str, Any]:
     return {"run": run.name, "model": run.model, "dataset": run.dataset, "seed": run.seed, "n": run.n,
             "eps": run.eps, "versions": run.versions, "path_names": run.path_names, "full_macs": run.full_macs}
@@ -268,7 +264,7 @@ def _write_report(run: RunResults, out: Path, n_boot: int, seed: int,
 
     where = f"{headline.target} head, {headline.gate_mode} gates" if gated else f"{headline.target} head"
     cascade = (" The attacks ran as a cascade (each on what those before it left robust, per routing gradient): an "
-               "attack's number is the accuracy after it and the attacks before it." if _cascaded(rec) else "")
+               "attack's number is the accuracy after it and the attacks before it." if carried(rec).any() else "")
     order = list(dict.fromkeys(str(e.get("attack")) for e in run.manifest.get("evaluations", [])))
     pivot_item = TableItem("Robust accuracy per attack and eps", tables.pivot_table(pivot, order),
                            f"{where}, white-box; each attack at its strongest backend and routing gradient per "

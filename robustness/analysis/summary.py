@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from attacks.adapters import NO_HEAD
-from attacks.records import EVAL_KEYS
+from attacks.records import EVAL_KEYS, carried
 from robustness.analysis.metrics import has_coarse_head, path_distances, path_matrix
 from robustness.analysis.stats import Interval, association, mean_or_nan, put_interval, wilson_interval
 
@@ -162,7 +162,7 @@ def summarize(df: pd.DataFrame, full_macs: float | Mapping[str, float] | None = 
 })
 def accuracy(ev: Evaluation) -> dict[str, float]:
     g, correct, success = ev.records, ev.correct, ev.success
-    own = success & (g["found_by"].astype(str) == g["attack"].astype(str)).to_numpy(bool)
+    own = success & ~carried(g)
     return {"clean_acc_fine": mean_or_nan((g["clean_pred_fine"] == g["label_fine"]).to_numpy(bool)),
             "clean_acc_coarse": mean_or_nan((g["clean_pred_coarse"] == g["label_coarse"]).to_numpy(bool))
             if ev.coarse else NAN,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from attacks.base import BACKENDS, COMPUTE, attack_class, attack_kind, backends_for, known_attacks
-from attacks.records import accuracy_rows
+from attacks.records import accuracy_rows, carried
 from attacks.runner import (ATTACK_ALIASES, FLAT_ALIASES, AttackConfig, AttackResult, load_run_checkpoint,
                             run_attacks)
 from attacks.runner.config import EXECUTION_KEYS, STEPS_KINDS, default_attack_table, stored_table
@@ -336,9 +336,8 @@ def summary_table(result: AttackResult) -> str:
                      .mul(100).unstack("eps"))
             table.columns = [format_eps(e, str(norm)) for e in table.columns]
             table.index.names = ["attack", "backend", "grad"]
-            carried = (h["found_by"].astype(str) != h["attack"].astype(str)).any()
             note = (" (attack cascade: each attack ran on what the attacks before it in the menu left robust, so its "
-                    "number includes their finds)" if carried else "")
+                    "number includes their finds)" if carried(h).any() else "")
             lines.append(f"robust accuracy (%), {norm} budgets{note}:")
             lines.append(table.to_string(float_format=lambda v: f"{v:.1f}", na_rep="-"))
         worst = accuracy_rows(g)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from attacks.base import GRADIENT_FREE
+from attacks.records import carried
 from robustness.core.vocab import format_eps
 from robustness.sanity._common import (
     MAX_DETAILS,
@@ -76,13 +77,8 @@ def _square_settings(sq: pd.DataFrame, grad: pd.DataFrame, margin: float, alpha:
             gradient=f"{best[0]}/{best[2]}", pair=pair, masked=pair.y_stronger(alpha, min_samples, margin),
             # the tolerance keeps e.g. 27% vs 24% + 3 points from failing on float rounding; None: Square ran in the
             # cascade on what the gradient attacks left (rows carried over), so its robust accuracy is theirs or less
-            power=None if _carried(s) else pair.acc_y <= pair.acc_x + margin + 1e-9))
+            power=None if carried(s).any() else pair.acc_y <= pair.acc_x + margin + 1e-9))
     return out
-
-
-def _carried(rows: pd.DataFrame) -> bool:
-    """Whether some of ``rows`` hold another attack's example (the attack cascade carried them over)."""
-    return bool((rows["found_by"].astype(str) != rows["attack"].astype(str)).any())
 
 
 def check_square_vs_gradient(df: pd.DataFrame, margin: float = 0.03, *, alpha: float = 0.05, min_samples: int = 3,
