@@ -22,6 +22,7 @@ from torch import nn
 
 from models.network import CoarseFineNet
 from models.protocol import adapt
+from models.routing import routing_gradient
 from robustness.core.errors import ConfigError
 from robustness.core.vocab import HEADS
 
@@ -29,21 +30,19 @@ from robustness.core.vocab import HEADS
 NO_HEAD = -1
 
 
-#: Routing gradients whose forward *values* in ``hard`` mode are the deterministic deployed forward's, bit for bit:
-#: ``none`` runs it; ``bpda`` and ``sharp`` return its logits and add the surrogate's gradient as an exact zero
-#: (``models.network._hard_values``). ``ste`` executes gated blocks by masking (``x + v * (f(x) - x)`` is not
-#: ``f(x)`` in floating point) and ``eot`` averages sampled paths: neither is the deployed forward.
-EXACT_HARD_GRADS = ("none", "bpda", "sharp")
-
-
 def gives_deployed_logits(model: CoarseFineNet, gate_mode: str, gate_grad: str) -> bool:
     """Whether ``model``'s forward under (``gate_mode``, ``gate_grad``) returns exactly the deterministic deployed
-    forward's logits, so that an attack may judge its iterate by them instead of running the model again."""
+    forward's logits, so that an attack may judge its iterate by them instead of running the model again.
+
+    In ``hard`` mode that is the routing gradient's ``exact_on_hard`` (:mod:`models.routing`): ``none`` runs the
+    deployed forward, ``bpda`` and ``sharp`` return its logits and add the surrogate's gradient as an exact zero;
+    ``ste`` executes gated blocks by masking (``x + v * (f(x) - x)`` is not ``f(x)`` in floating point) and ``eot``
+    averages sampled paths: neither is the deployed forward."""
     if not model.is_gated:
         return True
     if gate_mode == "random":
         return False
-    return gate_mode != "hard" or gate_grad in EXACT_HARD_GRADS
+    return gate_mode != "hard" or routing_gradient(gate_grad).exact_on_hard
 
 
 class LogitsView(nn.Module):
@@ -98,7 +97,7 @@ class LogitsView(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         extra = {"temperature": self.temperature} if self.temperature is not None else {}
-        with self.model.gating(mode=self.gate_mode, grad=self.gate_grad, path=self.path,
+        with self.model.gating(mode=self.gate_mode, gate_grad=self.gate_grad, path=self.path,
                                eot_samples=self.eot_samples, **extra):
             logits = self.model(x).logits(self.head)
         if self.observer is not None:
@@ -149,7 +148,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, gate_mode: str = "hard",
         raise ConfigError("evaluate(gate_mode='frozen') needs a path")
     model = adapt(model)
     with _eval_mode(model):
-        out = model(x, mode=gate_mode, grad="none", path=path.float() if path is not None else None)
+        out = model(x, mode=gate_mode, gate_grad="none", path=path.float() if path is not None else None)
     fine = out.fine.argmax(1)
     coarse = out.coarse.argmax(1) if out.coarse is not None else torch.full_like(fine, NO_HEAD)
     return Evaluation(fine=fine, coarse=coarse, path=out.path > 0.5, macs=out.macs.detach().double())
@@ -160,4 +159,4 @@ def eval_logits(model: nn.Module, x: torch.Tensor, head: str, gate_mode: str = "
     """Logits of ``head`` under a no-grad deterministic forward in ``gate_mode`` (routing gradient ``none``)."""
     model = adapt(model)
     with _eval_mode(model):
-        return model(x, mode=gate_mode, grad="none").logits(head)
+        return model(x, mode=gate_mode, gate_grad="none").logits(head)

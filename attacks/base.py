@@ -18,7 +18,10 @@ that fools the deployed forward. The runner does the rest identically for every 
 deterministic re-evaluation that decides success, gate capture and records. Adding an attack is one new file that
 defines such a class and registers it (``@register``).
 
-Backends (imported lazily; a library that fails to import is reported once):
+Backends: every module of the :mod:`attacks.backends` package is found by discovery (``pkgutil`` over the
+package's path, on first use of the registry) and imported; a module that fails to import (its optional library is
+missing) disables only its own attacks and is reported once (:func:`unavailable_backends`). Adding a backend is one
+new module in that package. The built-in ones:
 
 * ``native`` (:mod:`attacks.backends.native_pgd`, :mod:`attacks.backends.native_bisect`,
   :mod:`attacks.backends.native_refine`, :mod:`attacks.backends.native`): the suite's PGD (CE and margin losses,
@@ -35,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import pkgutil
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -50,13 +54,14 @@ from models.network import CoarseFineNet, ModelOutput
 from models.protocol import adapt
 from robustness.core.config import build
 from robustness.core.errors import ConfigError, UnknownNameError
+from robustness.core.norms import per_sample
 from robustness.core.runtime import seed_everything
 from robustness.core.vocab import NORMS
 
+#: the built-in backends in their order of preference (a plug-in's own backend name comes after them)
 BACKENDS = ("native", "torchattacks", "foolbox")
-_MODULES = ("attacks.backends.native", "attacks.backends.native_pgd", "attacks.backends.native_bisect",
-            "attacks.backends.native_refine", "attacks.backends.torchattacks",
-            "attacks.backends.foolbox")
+#: the package whose every module is an attack backend (:func:`backend_modules`)
+BACKEND_PACKAGE = "attacks.backends"
 log = logging.getLogger(__name__)
 
 SINGLE_STEP = "single-step"
@@ -133,7 +138,7 @@ class Target:
     def forward(self, x: torch.Tensor) -> ModelOutput:
         """The full model output under the attacker's gate mode and routing gradient (with gradients)."""
         extra = {"temperature": self.temperature} if self.temperature is not None else {}
-        with self.model.gating(mode=self.gate_mode, grad=self.gate_grad, eot_samples=self.eot_samples, **extra):
+        with self.model.gating(mode=self.gate_mode, gate_grad=self.gate_grad, eot_samples=self.eot_samples, **extra):
             return self.model(x)
 
     @property
@@ -175,7 +180,7 @@ def _finite_or_clean(x: torch.Tensor, adv: torch.Tensor, seen: NonFinite) -> tor
     if not bad.any():
         return adv
     seen.note("image", bad)
-    return torch.where(bad.view(-1, *([1] * (x.dim() - 1))), x.to(adv.dtype), adv)
+    return torch.where(per_sample(bad, x), x.to(adv.dtype), adv)
 
 
 class Attack(ABC):
@@ -354,9 +359,29 @@ def unregister(name: str, backend: str | None = None) -> None:
         del _REGISTRY[name]
 
 
+_DISCOVERED: dict[tuple[str, ...], list[str]] = {}
+
+
+def backend_modules() -> list[str]:
+    """Every module of :data:`BACKEND_PACKAGE`, found on the package's path (``pkgutil``; names starting with
+    ``_`` are private helpers), sorted: no list of them is kept by hand."""
+    package = importlib.import_module(BACKEND_PACKAGE)
+    path = tuple(str(p) for p in package.__path__)
+    if path not in _DISCOVERED:  # the path changes only when a plug-in or a test extends it
+        _DISCOVERED[path] = sorted(f"{BACKEND_PACKAGE}.{m.name}" for m in pkgutil.iter_modules(list(path))
+                                   if not m.name.startswith("_"))
+    return _DISCOVERED[path]
+
+
+def unavailable_backends() -> dict[str, str]:
+    """The backend modules that failed to import, each with the error (a missing optional library)."""
+    _load()
+    return dict(_UNAVAILABLE)
+
+
 def _load() -> None:
-    """Import the backend modules (each registers its attacks); a library that fails to import is reported once."""
-    for module in _MODULES:
+    """Import every backend module (each registers its attacks); one that fails to import is reported once."""
+    for module in backend_modules():
         if module in _UNAVAILABLE:
             continue
         try:
@@ -364,6 +389,14 @@ def _load() -> None:
         except ImportError as err:
             _UNAVAILABLE[module] = str(err)
             log.warning("attack backend %s is unavailable: %s", module.rsplit(".", 1)[-1], err)
+
+
+def known_backends() -> list[str]:
+    """Every backend some registered attack runs in: :data:`BACKENDS` first (all of them, even one whose library
+    is missing), then any other, sorted."""
+    _load()
+    others = {b for classes in _REGISTRY.values() for b in classes} - set(BACKENDS)
+    return [*BACKENDS, *sorted(others)]
 
 
 def known_attacks() -> list[str]:

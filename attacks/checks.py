@@ -3,14 +3,13 @@
 Budgets: every adversarial example must lie in its eps ball and in [0, 1].
 
 A violation is an error, never a record: an evaluation that let one through would report a robust accuracy for
-a threat model it did not respect. Tolerances absorb float32 rounding only: ``linf <= eps + 1e-6`` and
-``l2 <= eps * (1 + 1e-5) + 1e-6``; the image range is checked exactly (and NaNs are violations).
+a threat model it did not respect. Tolerances absorb float32 rounding only (each norm's ``atol`` / ``rtol``,
+:mod:`robustness.core.norms`): ``linf <= eps + 1e-6`` and ``l2 <= eps * (1 + 1e-5) + 1e-6``; the image range is
+checked exactly (and NaNs are violations).
 
 :func:`zero_gradient_share`: the fraction of samples whose input gradient is exactly zero (a masking signal).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch.nn import functional as F
@@ -18,26 +17,18 @@ from torch.nn import functional as F
 from models.network import CoarseFineNet
 from models.protocol import adapt
 from robustness.core.errors import BudgetViolation
-
-LINF_ATOL = 1e-6
-L2_RTOL = 1e-5
-L2_ATOL = 1e-6
+from robustness.core.norms import NORM_NAMES, norm_for
 
 
 def sample_norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-sample ``linf`` or ``l2`` norm of ``delta`` [B, ...] -> [B] (float64; computed on ``delta`` as given:
     pass a float64 difference for the records' norms, the attack's own float32 difference where it compares)."""
-    flat = delta.detach().flatten(1).double()
-    if flat.shape[1] == 0:
-        return flat.new_zeros(flat.shape[0])
-    return flat.abs().amax(1) if norm == "linf" else flat.norm(p=2, dim=1)
+    return norm_for(norm).distance(delta)
 
 
 def budget_limit(eps: float, norm: str) -> float:
     """The largest norm accepted for budget ``eps`` (eps plus the rounding tolerance)."""
-    if math.isinf(eps):
-        return math.inf
-    return eps + LINF_ATOL if norm == "linf" else eps * (1 + L2_RTOL) + L2_ATOL
+    return norm_for(norm).limit(eps)
 
 
 def check_budget(clean: torch.Tensor, adv: torch.Tensor, eps: float, norm: str, *, attack: str = "?",
@@ -60,13 +51,13 @@ def check_budget(clean: torch.Tensor, adv: torch.Tensor, eps: float, norm: str, 
             raise BudgetViolation(f"{where} left [0, 1] in {int(out_of_range.sum())} of {len(adv)} samples "
                                   f"(min {float(low.min()):.6g}, max {float(high.max()):.6g})")
     delta = adv.detach().double() - clean.detach().double()
-    linf, l2 = sample_norms(delta, "linf"), sample_norms(delta, "l2")
-    norms = linf if norm == "linf" else l2
+    distances = {name: norm_for(name).distance(delta) for name in NORM_NAMES}  # the records keep every norm's
+    norms = distances[norm_for(norm).name]
     over = norms > budget_limit(eps, norm)
     if over.any():
         raise BudgetViolation(f"{where} exceeded its budget in {int(over.sum())} of {len(adv)} samples "
                               f"(worst {norm} norm {float(norms.max()):.6g} > {eps:.6g})")
-    return linf, l2
+    return distances["linf"], distances["l2"]
 
 
 def zero_gradient_share(model: CoarseFineNet | torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -80,7 +71,7 @@ def zero_gradient_share(model: CoarseFineNet | torch.nn.Module, x: torch.Tensor,
     model = adapt(model)
     model.eval()
     xr = x.detach().clone().requires_grad_(True)
-    with model.gating(mode=gate_mode, grad=gate_grad, eot_samples=eot_samples):
+    with model.gating(mode=gate_mode, gate_grad=gate_grad, eot_samples=eot_samples):
         out = model(xr)
     loss = F.cross_entropy(out.logits(head).float(), y, reduction="sum")
     if not loss.requires_grad:

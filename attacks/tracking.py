@@ -44,14 +44,23 @@ Non-finite values (:class:`NonFinite` counts them per sample, :meth:`attacks.bas
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import Protocol, Sequence
 
 import torch
 
 from attacks.checks import budget_limit, sample_norms
+from robustness.core.norms import per_sample
 
-if TYPE_CHECKING:
-    from attacks.base import Target
+
+class Scored(Protocol):
+    """What a tracker needs of the model under attack (:class:`attacks.base.Target` is one): the evaluation's gate
+    mode, its deterministic deployed forward, and the samples an earlier attack of the cascade settled per budget.
+    A protocol, so this module does not import the attack base that imports it."""
+
+    gate_mode: str
+    settled: dict[float, torch.Tensor] | None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def finite_rows(t: torch.Tensor) -> torch.Tensor:
@@ -128,7 +137,7 @@ class BestAdversarial:
     ``nonfinite``: where the non-finite values the candidates meet are counted (a fresh :class:`NonFinite` if None).
     """
 
-    def __init__(self, target: "Target", x: torch.Tensor, y: torch.Tensor, eps: Sequence[float], norm: str,
+    def __init__(self, target: Scored, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float], norm: str,
                  keep_first: bool = True, nonfinite: NonFinite | None = None):
         self.target = target
         #: what non-finite values the candidates met (shared with the attack call that logs it)
@@ -227,6 +236,6 @@ def within_budgets(x: torch.Tensor, best: torch.Tensor, found: torch.Tensor, eps
     norms = sample_norms(best - x, norm)
     out = []
     for e in eps:
-        ok = (found & (norms <= float(e))).view(-1, *([1] * (x.dim() - 1)))
+        ok = per_sample(found & (norms <= float(e)), x)
         out.append(torch.where(ok, best, x))
     return out

@@ -9,10 +9,12 @@ Vocabulary (see DESIGN.md, "Gate modes"):
 * forward mode (how the model *runs* at evaluation): ``hard`` (``1[s > 0]``, skipped blocks are not computed),
   ``open`` (every block runs), ``soft`` (``sigmoid(s)`` mixes every block), ``random`` (Bernoulli at the measured
   per-block execution rates), ``frozen`` (a given path).
-* routing gradient (what an *attacker* sees through the hard gates): ``none`` (no gradient through routing),
-  ``ste`` (straight-through: hard forward, ``sigmoid`` derivative backward), ``bpda`` (forward of the hard network,
-  backward through the soft network), ``eot`` (expectation over Bernoulli(sigmoid(s)) gate samples), ``sharp``
-  (BPDA whose backward network mixes each gated block by ``sigmoid(s / T)``, ``T`` a per-gate temperature).
+* routing gradient (``gate_grad``, what an *attacker* sees through the hard gates): ``none`` (no gradient through
+  routing), ``ste`` (straight-through: hard forward, ``sigmoid`` derivative backward), ``bpda`` (forward of the hard
+  network, backward through the soft network), ``eot`` (expectation over Bernoulli(sigmoid(s)) gate samples),
+  ``sharp`` (BPDA whose backward network mixes each gated block by ``sigmoid(s / T)``, ``T`` a per-gate
+  temperature). Routing gradients live in a registry (:mod:`models.routing`); a hard gate's decision asks the
+  state's one for its hook (:meth:`models.routing.RoutingGradient.hard_decision`).
 
 The relaxation an attacker differentiates is ``sigmoid(s)`` (``sharp``: ``sigmoid(s / T)``): it is smooth
 everywhere, unlike the annealed hard sigmoid whose derivative vanishes for most scores once the slope is large.
@@ -34,8 +36,10 @@ from torch import nn
 
 from models.folding import ParameterConstant, batchnorm_sources, differentiable_or_cached, fold_batchnorm, \
     in_training
+from models.routing import routing_gradient
 from robustness.core.errors import ConfigError, UnknownNameError
-from robustness.core.vocab import EXECUTIONS, FORWARD_MODES, GRAD_MODES
+from robustness.core.norms import per_sample
+from robustness.core.vocab import EXECUTIONS, FORWARD_MODES
 
 
 #: Forward modes used inside the model only (routing gradients ``eot`` and ``sharp``); not for users.
@@ -67,6 +71,8 @@ def sharpening_temperature(scores: torch.Tensor, sharpness: float = SHARPNESS,
 class GateState:
     """How gates behave in a forward pass.
 
+    ``mode``: the forward mode; ``gate_grad``: the routing gradient of a ``hard`` evaluation forward (a name
+    registered in :mod:`models.routing`; the same word as ``--gate-grad`` and the records' ``gate_grad``).
     ``path`` (frozen mode) holds bits [B, n_gates] in path order (coarse-branch gates, then fine-branch gates).
     ``execution`` chooses how hard decisions are carried out: ``subbatch`` computes a block only for the samples
     that run it; ``mask`` computes it for all and multiplies (same outputs, no saving; a benchmark baseline).
@@ -78,7 +84,7 @@ class GateState:
     """
 
     mode: str = "hard"
-    grad: str = "none"
+    gate_grad: str = "none"
     path: torch.Tensor | None = None
     eot_samples: int = 8
     execution: str = "subbatch"
@@ -87,8 +93,7 @@ class GateState:
     def __post_init__(self) -> None:
         if self.mode not in FORWARD_MODES + INTERNAL_MODES:
             raise ConfigError(f"unknown gate mode {self.mode!r}; choose one of: {', '.join(FORWARD_MODES)}")
-        if self.grad not in GRAD_MODES:
-            raise ConfigError(f"unknown gate gradient {self.grad!r}; choose one of: {', '.join(GRAD_MODES)}")
+        routing_gradient(self.gate_grad)  # UnknownNameError for a name no module registered
         if self.execution not in EXECUTIONS:
             raise ConfigError(f"unknown execution {self.execution!r}; choose one of: {', '.join(EXECUTIONS)}")
         if self.mode == "frozen" and self.path is None:
@@ -168,7 +173,8 @@ class Decision:
     uniform: bool | None = None
 
 
-def _straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """``hard``'s values with ``soft``'s gradient."""
     return hard + soft - soft.detach()
 
 
@@ -216,7 +222,7 @@ def hardsig(score: torch.Tensor, slope: float | torch.Tensor) -> Decision:
 def ste(score: torch.Tensor, slope: float | torch.Tensor) -> Decision:
     """SkipNet: hard threshold forward, sigmoid derivative backward."""
     hard = (score > 0).float()
-    return Decision(executed=hard > 0, value=_straight_through(hard, torch.sigmoid(score)), mask=True)
+    return Decision(executed=hard > 0, value=straight_through(hard, torch.sigmoid(score)), mask=True)
 
 
 @register_gate_function("gumbel")
@@ -225,7 +231,7 @@ def gumbel(score: torch.Tensor, slope: float | torch.Tensor, tau: float = 1.0) -
     u = torch.rand_like(score).clamp_(1e-6, 1 - 1e-6)
     soft = torch.sigmoid((score + torch.log(u) - torch.log1p(-u)) / tau)
     hard = (soft > 0.5).float()
-    return Decision(executed=hard > 0, value=_straight_through(hard, soft), mask=True)
+    return Decision(executed=hard > 0, value=straight_through(hard, soft), mask=True)
 
 
 def train_decision(score: torch.Tensor, gate_fn: str, slope: float | torch.Tensor) -> Decision:
@@ -255,7 +261,7 @@ def eval_decision(score: torch.Tensor, state: GateState, rate: torch.Tensor | No
     if mode == "sample":
         soft = torch.sigmoid(score)
         hard = torch.bernoulli(soft.detach())
-        return Decision(executed=hard > 0, value=_straight_through(hard, soft), mask=True)
+        return Decision(executed=hard > 0, value=straight_through(hard, soft), mask=True)
     if mode == "random":
         hard = torch.bernoulli(rate.to(score).expand_as(score))
     elif mode == "frozen":
@@ -263,8 +269,9 @@ def eval_decision(score: torch.Tensor, state: GateState, rate: torch.Tensor | No
     else:  # hard: one comparison and one cast per gate, the executed bits and their values
         executed = score > 0
         hard = executed.float()
-        if state.grad == "ste":
-            return Decision(executed=executed, value=_straight_through(hard, torch.sigmoid(score)), mask=True)
+        routed = routing_gradient(state.gate_grad).hard_decision(score, executed, hard)
+        if routed is not None:
+            return routed
         return Decision(executed=executed, value=hard, mask=state.execution == "mask")
     # frozen_uniform is None outside frozen mode: random decisions vary per sample
     return Decision(executed=hard > 0, value=hard.detach(), mask=state.execution == "mask", uniform=frozen_uniform)
@@ -290,8 +297,7 @@ def run_block(block: nn.Module, x: torch.Tensor, d: Decision, inplace: bool = Fa
     if skip is not None:
         return _run_or_skip(block, skip, x, d)
     if d.mask:
-        v = d.value.view(-1, *([1] * (x.dim() - 1)))
-        return x + v * (block(x) - x)
+        return x + per_sample(d.value, x) * (block(x) - x)
     if d.uniform is not None:
         return block(x) if d.uniform else x
     idx = d.executed.nonzero().squeeze(1)
@@ -311,7 +317,7 @@ def _run_or_skip(block: nn.Module, skip: Callable[[torch.Tensor], torch.Tensor],
     may differ from ``x``'s); in sub-batch execution each of the two runs on its own samples only."""
     if d.mask:
         s = skip(x)
-        return s + d.value.view(-1, *([1] * (s.dim() - 1))) * (block(x) - s)
+        return s + per_sample(d.value, s) * (block(x) - s)
     if d.uniform is not None:
         return block(x) if d.uniform else skip(x)
     run = d.executed.nonzero().squeeze(1)

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from models.cost import CostTable
-from models.gates import GateState, sharpening_temperature
+from models.gates import GateState
+from models.routing import routing_gradient
 from robustness.core.errors import ConfigError
 
 #: Normalisation of a model built without a dataset's mean/std (training always passes the dataset's own).
@@ -139,66 +140,34 @@ class CoarseFineNet(nn.Module):
         return (x - self.mean) / self.std
 
     # -- forward ------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *, mode: str | None = None, grad: str | None = None,
+    def forward(self, x: torch.Tensor, *, mode: str | None = None, gate_grad: str | None = None,
                 path: torch.Tensor | None = None, execution: str | None = None,
                 temperature: torch.Tensor | None = None) -> ModelOutput:
-        """Run on images ``x`` in [0, 1], [B, C, H, W]. Keyword arguments override the gate state for this call."""
-        changes = {k: v for k, v in dict(mode=mode, grad=grad, path=path, execution=execution,
+        """Run on images ``x`` in [0, 1], [B, C, H, W]. Keyword arguments override the gate state for this call.
+
+        A gated model's ``hard`` evaluation forward is its routing gradient's (:mod:`models.routing`): the values
+        and the graph an attacker differentiates."""
+        changes = {k: v for k, v in dict(mode=mode, gate_grad=gate_grad, path=path, execution=execution,
                                          temperature=temperature).items() if v is not None}
         state = self.gate_state.updated(**changes) if changes else self.gate_state
         if state.temperature is not None and self.is_gated and state.temperature.shape[0] != self.n_gates:
             raise ConfigError(f"gate temperature has {state.temperature.shape[0]} values, model has "
                               f"{self.n_gates} gates")
-        if not self.is_gated or self.training or state.mode != "hard" or state.grad in ("none", "ste"):
+        if not self.is_gated or self.training or state.mode != "hard":
             return self._run(x, state)
-        if state.grad == "bpda":
-            return self._bpda(x, state)
-        if state.grad == "sharp":
-            return self._sharp(x, state)
-        return self._eot(x, state)
+        return routing_gradient(state.gate_grad).forward(self, x, state)
 
     def forward_gated(self, x: torch.Tensor, mode: str, path: torch.Tensor | None = None) -> GatedOutput:
         """The gated model protocol (:mod:`models.protocol`): one forward in a :data:`PROTOCOL_MODES` mode."""
         if mode not in PROTOCOL_MODES:
             raise ConfigError(f"unknown protocol mode {mode!r}; choose one of: {', '.join(PROTOCOL_MODES)}")
-        out = self(x, mode=mode, grad="none", path=path)
+        out = self(x, mode=mode, gate_grad="none", path=path)
         return GatedOutput(logits=out.fine, path=out.path, macs=out.macs, scores=out.path_scores, coarse=out.coarse)
 
     def _run(self, x: torch.Tensor, state: GateState) -> ModelOutput:
+        """One forward in ``state`` as it says (a ``hard`` state runs the deployed routing, with the routing
+        gradient's decision hook); subclasses implement it."""
         raise NotImplementedError
-
-    def _bpda(self, x: torch.Tensor, state: GateState) -> ModelOutput:
-        """Values of the hard network, gradient of the soft network (Athalye et al. 2018, BPDA)."""
-        with torch.no_grad():
-            hard = self._run(x, state.updated(grad="none"))
-        return _hard_values(hard, self._run(x, state.updated(mode="soft", grad="none")))
-
-    def _sharp(self, x: torch.Tensor, state: GateState) -> ModelOutput:
-        """BPDA through the sharpened soft network ``sigmoid(s / T)`` (see models/gates.py, models/surrogates.py).
-
-        ``T`` is ``state.temperature``; without one it is calibrated from this batch's hard (clean, detached)
-        scores: a fallback whose surrogate changes with the batch, so attacks should calibrate once and pass it.
-        """
-        with torch.no_grad():
-            hard = self._run(x, state.updated(grad="none"))
-        temperature = state.temperature if state.temperature is not None else sharpening_temperature(
-            hard.path_scores)
-        return _hard_values(hard, self._run(x, state.updated(mode="sharpened", grad="none", temperature=temperature)))
-
-    def _eot(self, x: torch.Tensor, state: GateState) -> ModelOutput:
-        """Expectation over Bernoulli(sigmoid(s)) gate draws: log of the mean predicted probabilities."""
-        outs = [self._run(x, state.updated(mode="sample", grad="none")) for _ in range(state.eot_samples)]
-
-        def mean_log_prob(head: str) -> torch.Tensor | None:
-            if head == "coarse" and outs[0].coarse is None:
-                return None
-            logp = torch.stack([o.logits(head).log_softmax(1) for o in outs])
-            return torch.logsumexp(logp, dim=0) - torch.log(torch.tensor(float(len(outs))))
-
-        with torch.no_grad():
-            hard = self._run(x, state.updated(grad="none"))
-        return ModelOutput(fine=mean_log_prob("fine"), coarse=mean_log_prob("coarse"), macs=hard.macs,
-                           gates=hard.gates, scores=outs[0].scores, values=outs[0].values)
 
     # -- measured quantities --------------------------------------------------------------------------------
     @property
@@ -206,11 +175,3 @@ class CoarseFineNet(nn.Module):
         """Per-sample MACs with every block executed."""
         return self.costs.full
 
-
-def _hard_values(hard: ModelOutput, surrogate: ModelOutput) -> ModelOutput:
-    """Logits equal to ``hard``'s bit for bit, gradient of ``surrogate``'s (adding an exact zero that carries it)."""
-    def route(h: torch.Tensor | None, s: torch.Tensor | None) -> torch.Tensor | None:
-        return None if h is None or s is None else h + (s - s.detach())
-
-    return ModelOutput(fine=route(hard.fine, surrogate.fine), coarse=route(hard.coarse, surrogate.coarse),
-                       macs=hard.macs, gates=hard.gates, scores=surrogate.scores, values=surrogate.values)

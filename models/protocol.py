@@ -53,6 +53,7 @@ from torch import nn
 from models.cost import CostTable, count_macs
 from models.gates import Decision, GateState, eval_decision, run_block
 from models.network import PROTOCOL_MODES, CoarseFineNet, GatedOutput, ModelOutput
+from models.routing import routing_gradient
 from robustness.core.errors import ConfigError
 from robustness.core.runtime import generator_kept
 
@@ -319,8 +320,8 @@ class ScoreGated(_AdaptedGated):
         return CostTable(full=full, always_on=full - sum(saved), gated_blocks=tuple(saved))
 
     def _run_once(self, x: torch.Tensor, state: GateState) -> ModelOutput:
-        if self.training and state.mode == "hard" and state.grad == "none":
-            state = state.updated(grad="ste")  # training through hard gates: the SkipNet straight-through
+        if self.training and state.mode == "hard" and state.gate_grad == "none":
+            state = state.updated(gate_grad="ste")  # training through hard gates: the SkipNet straight-through
         fine, coarse, (bits, scores, values) = self._forward(x, state)
         macs = (self.costs.constant(x.shape[0], self.costs.full, x.device) if state.mode == "open"
                 else self.costs.per_sample(bits))
@@ -382,8 +383,10 @@ class GatedNet(_AdaptedGated):
         return table
 
     def _run_once(self, x: torch.Tensor, state: GateState) -> ModelOutput:
-        if state.mode == "hard" and state.grad == "ste" and not self.training:
-            return self._bpda(x, state.updated(grad="bpda"))  # no straight-through without a score: BPDA
+        instead = routing_gradient(state.gate_grad).without_scores
+        if state.mode == "hard" and instead is not None and not self.training:
+            # e.g. ste: a model without gate scores has no score to pass a gradient straight through
+            return routing_gradient(instead).forward(self, x, state.updated(gate_grad=instead))
         mode, path = state.mode, state.path
         if mode == "open":
             mode, path = "frozen", x.new_ones(x.shape[0], self.n_gates)

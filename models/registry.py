@@ -1,4 +1,5 @@
-"""The model registry: ``@register_model``, ``create_model(name, **options)``, ``list_models(pattern)``.
+"""The model registry: ``@register_model``, ``create_model(name, **options)``, ``list_models(pattern)``,
+``unregister_model``.
 
 A leaf, as timm's ``_registry.py`` is: it imports nothing of ``models`` and knows no model by name. Each model
 module registers its entrypoints itself, and an entrypoint's keyword parameters *are* that model's options (read
@@ -27,6 +28,13 @@ def register_model(fn: Entrypoint) -> Entrypoint:
     """Register a model entrypoint under its function name; its keyword parameters are the model's options."""
     _REGISTRY[fn.__name__] = fn
     return fn
+
+
+def unregister_model(name: str) -> None:
+    """Forget model ``name`` (a plug-in's or a test's); UnknownNameError if it is not registered."""
+    if name not in _REGISTRY:
+        raise UnknownNameError("model", name, list_models())
+    del _REGISTRY[name]
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -1,10 +1,11 @@
 """The network an attacker differentiates for each routing gradient, and how faithful it is to the deployed one.
 
-A routing gradient (``gate_grad``) keeps the hard network's forward values but takes its gradient from a
-surrogate: ``none``/``ste`` the hard network itself, ``bpda`` the soft network (every gated block mixed by
-``sigmoid(s)``), ``sharp`` the sharpened soft network (mixed by ``sigmoid(s / T)``), ``eot`` the average over
-Bernoulli(sigmoid(s)) gate draws. A surrogate that predicts differently from the hard network points the attack
-at the wrong function; :func:`surrogate_fidelity` measures how often its prediction agrees.
+A routing gradient (``gate_grad``, :mod:`models.routing`) keeps the hard network's forward values but takes its
+gradient from a surrogate (each entry's :meth:`~models.routing.RoutingGradient.surrogate`): ``none``/``ste`` the
+hard network itself, ``bpda`` the soft network (every gated block mixed by ``sigmoid(s)``), ``sharp`` the sharpened
+soft network (mixed by ``sigmoid(s / T)``), ``eot`` the average over Bernoulli(sigmoid(s)) gate draws. A
+surrogate that predicts differently from the hard network points the attack at the wrong function;
+:func:`surrogate_fidelity` measures how often its prediction agrees.
 
 ``sharp``'s temperature ``T_l = median_b |s_l,b| / k`` (models/gates.py, ``sharpening_temperature``) is
 calibrated once on clean inputs (:func:`calibrate_temperature`) and held fixed for an attack.
@@ -39,8 +40,9 @@ from torch.nn import functional as F
 
 from models.gates import sharpening_temperature
 from models.network import CoarseFineNet
+from models.routing import routing_gradient
 from robustness.core.errors import ConfigError
-from robustness.core.vocab import GRAD_MODES, HEADS
+from robustness.core.vocab import HEADS
 
 
 @contextmanager
@@ -54,11 +56,10 @@ def _evaluating(model: CoarseFineNet) -> Iterator[None]:
         model.train(was)
 
 
-def _check(head: str, grad: str) -> None:
+def _check(head: str, gate_grad: str) -> None:
     if head not in HEADS:
         raise ConfigError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
-    if grad not in GRAD_MODES:
-        raise ConfigError(f"unknown gate gradient {grad!r}; choose one of: {', '.join(GRAD_MODES)}")
+    routing_gradient(gate_grad)
 
 
 @torch.no_grad()
@@ -66,61 +67,57 @@ def calibrate_temperature(model: CoarseFineNet, x: torch.Tensor) -> torch.Tensor
     """Per-gate temperatures [n_gates] (path order) for routing gradient ``sharp`` from clean images ``x``.
 
     Uses the hard forward's scores (the deployed routing); ``[0]`` for a model without gates. Pass the result
-    as ``model.gating(grad="sharp", temperature=T)`` for every iterate of an attack.
+    as ``model.gating(gate_grad="sharp", temperature=T)`` for every iterate of an attack.
     """
     if not model.is_gated:
         return torch.zeros(0, device=x.device)
     with _evaluating(model):
-        scores = model(x, mode="hard", grad="none").path_scores
+        scores = model(x, mode="hard", gate_grad="none").path_scores
     return sharpening_temperature(scores)
 
 
-def surrogate_logits(model: CoarseFineNet, x: torch.Tensor, head: str, grad: str,
+def surrogate_logits(model: CoarseFineNet, x: torch.Tensor, head: str, gate_grad: str,
                      temperature: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits [B, classes] of the network the attacker differentiates under routing gradient ``grad``.
+    """Logits [B, classes] of the network the attacker differentiates under routing gradient ``gate_grad``.
 
     ``none``/``ste``: the hard network; ``bpda``: the soft network; ``sharp``: the sharpened soft network with
     ``temperature`` (calibrated on ``x`` when ``None``, like the forward's fallback); ``eot``: the EOT average
     (log mean probability over ``model.gate_state.eot_samples`` draws, so random). Gradients flow to ``x``.
     """
-    _check(head, grad)
+    _check(head, gate_grad)
     with _evaluating(model):
-        if not model.is_gated or grad in ("none", "ste"):
-            out = model(x, mode="hard", grad="none")
-        elif grad == "bpda":
-            out = model(x, mode="soft", grad="none")
-        elif grad == "sharp":
-            t = temperature if temperature is not None else calibrate_temperature(model, x)
-            out = model(x, mode="sharpened", grad="none", temperature=t)
+        if not model.is_gated:
+            out = model(x, mode="hard", gate_grad="none")
         else:
-            out = model(x, mode="hard", grad="eot")
+            out = routing_gradient(gate_grad).surrogate(model, x, temperature)
     return out.logits(head)
 
 
 @torch.no_grad()
-def surrogate_fidelity(model: CoarseFineNet, x: torch.Tensor, head: str, grad: str,
+def surrogate_fidelity(model: CoarseFineNet, x: torch.Tensor, head: str, gate_grad: str,
                        temperature: torch.Tensor | None = None) -> float:
     """Share of samples whose surrogate prediction (argmax) equals the hard (deployed) prediction.
 
     1.0 for ``none``/``ste`` and for a model without gates, whose surrogate is the hard network itself.
     """
-    _check(head, grad)
+    _check(head, gate_grad)
     with _evaluating(model):
-        hard = model(x, mode="hard", grad="none").logits(head).argmax(1)
-    surrogate = surrogate_logits(model, x, head, grad, temperature).argmax(1)
+        hard = model(x, mode="hard", gate_grad="none").logits(head).argmax(1)
+    surrogate = surrogate_logits(model, x, head, gate_grad, temperature).argmax(1)
     return float((surrogate == hard).float().mean())
 
 
-def input_gradient(model: CoarseFineNet, x: torch.Tensor, y: torch.Tensor, head: str, grad: str,
+def input_gradient(model: CoarseFineNet, x: torch.Tensor, y: torch.Tensor, head: str, gate_grad: str,
                    temperature: torch.Tensor | None = None) -> torch.Tensor:
-    """Gradient [B, C, H, W] of the summed cross-entropy of ``head`` w.r.t. ``x`` under routing gradient ``grad``.
+    """Gradient [B, C, H, W] of the summed cross-entropy of ``head`` w.r.t. ``x`` under routing gradient
+    ``gate_grad``.
 
     The forward is the hard one (what an attack runs); the summed loss makes each sample's gradient its own.
     """
-    _check(head, grad)
+    _check(head, gate_grad)
     xr = x.detach().clone().requires_grad_(True)
     with _evaluating(model):
-        logits = model(xr, mode="hard", grad=grad, temperature=temperature).logits(head)
+        logits = model(xr, mode="hard", gate_grad=gate_grad, temperature=temperature).logits(head)
     loss = F.cross_entropy(logits.float(), y, reduction="sum")
     if not loss.requires_grad:
         return torch.zeros_like(xr)

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from robustness.analysis import path_distances  # noqa: E402
+from robustness.core.norms import norm_for  # noqa: E402
 from robustness.core.vocab import format_eps  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -49,8 +50,9 @@ def _png(fig: Figure) -> bytes:
 
 
 def _eps_label(eps: float, norm: str = "linf") -> str:
-    """L-inf budgets as k/255, other norms' as plain decimals (an L2 budget is no fraction of 255)."""
-    return format_eps(eps, "linf") if norm == "linf" or not np.isfinite(eps) or eps == 0 else f"{eps:.4g}"
+    """A budget in its norm's units (``format_eps``): L-inf as k/255, L2 (or a norm this version does not know) as
+    a plain decimal (an L2 budget is no fraction of 255)."""
+    return format_eps(eps, norm)
 
 
 def _labels(frame: pd.DataFrame, eps: Sequence[float]) -> list[str]:
@@ -396,7 +398,8 @@ def plot_robustness_curves(curves: pd.DataFrame, fixed: pd.DataFrame | None = No
     if curves is None or curves.empty:
         return None
     norm = str(curves["norm"].iloc[0])
-    scale, unit = (255.0, "eps (x 1/255)") if norm == "linf" else (1.0, "eps (L2)")
+    axis = norm_for(norm)
+    scale, unit = axis.axis_scale, axis.axis_label
     fig, axes = _figure(1, width=7.5, height=4.4)
     ax = axes[0]
     colors = {}

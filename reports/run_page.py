@@ -1,5 +1,6 @@
 """The report of one run (:func:`write_report`): headline, pivot, figures, compute section, sanity checks and
-appendix, rendered with the shared pieces of :mod:`reports.html`."""
+appendix, rendered with the shared pieces of :mod:`reports.html` from the run's one analysis
+(:func:`robustness.analysis.run.analyse`: the comparison, the API and the pipeline read the same one)."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from attacks.base import COMPUTE, attacks_of_kind
@@ -16,8 +16,9 @@ from attacks.records import carried
 from reports import plots, tables
 from reports.html import FigureItem, TableItem, _json_text, _render, _sanity_rows, _write_outputs
 from robustness import analysis
-from robustness.analysis.compare import run_sanity
-from robustness.analysis.headline import RunHeadline, run_headline
+from robustness.analysis.headline import RunHeadline
+from robustness.analysis.run import RunAnalysis, analyse
+from robustness.core.norms import LINF, title_of
 from robustness.core.rundir import RunDir
 from robustness.results import RunResults
 from robustness.sanity import Check, worst_status
@@ -34,13 +35,14 @@ def _family_title(fam: Mapping[str, str]) -> str:
            f"{fam['gate_mode']} gates, {fam['target']} head)"
 
 
-def _accuracy_curves(records: pd.DataFrame) -> pd.DataFrame:
+def _accuracy_curves(records: pd.DataFrame | RunAnalysis) -> pd.DataFrame:
     """Robust accuracy per white-box accuracy attack at its strongest backend and routing gradient per sample, and
-    the worst case, labelled for :func:`plots.plot_accuracy_curves`. Compute attacks are no robust accuracy (they
-    have their own section); one line per attack, not per (backend, gradient): 4 routing gradients x 6 attacks
-    made a legend taller than its panel (the appendix and the routing-gradient check keep the split)."""
-    rows = analysis.accuracy_rows(analysis.whitebox(records))
-    acc = analysis.robust_accuracy_table(analysis.strongest_per_sample(rows))
+    the worst case (:attr:`RunAnalysis.accuracy_curves`), labelled for :func:`plots.plot_accuracy_curves`. Compute
+    attacks are no robust accuracy (they have their own section); one line per attack, not per (backend,
+    gradient): 4 routing gradients x 6 attacks made a legend taller than its panel (the appendix and the
+    routing-gradient check keep the split). ``records`` alone are analysed in memory."""
+    found = records if isinstance(records, RunAnalysis) else RunAnalysis(RunResults(Path(""), "", records))
+    acc = found.accuracy_curves.copy()
     if acc.empty:
         return acc
     acc["label"] = ["worst case" if a == "worst" else str(a) for a in acc["attack"]]
@@ -48,31 +50,14 @@ def _accuracy_curves(records: pd.DataFrame) -> pd.DataFrame:
     return acc
 
 
-def _grad_curves(records: pd.DataFrame) -> tuple[bytes | None, str]:
-    """The robustness curves of the deployed gate mode, one per routing gradient plus their minimum ('any'), in
-    the first norm (linf before l2) and head that have minimal distances; with the fixed-eps worst case as points."""
-    from robustness.analysis.distances import minimal_distances, robustness_curve
-    dist = minimal_distances(records, by_grad=True)
-    if dist.empty:
+def _grad_curves(found: RunAnalysis) -> tuple[bytes | None, str]:
+    """The figure of :attr:`RunAnalysis.robustness_curves`: one curve per routing gradient of the deployed gate
+    mode plus their minimum ('any'), with the fixed-eps worst case as points."""
+    curves = found.robustness_curves
+    if curves is None:
         return None, "not applicable: no minimal-perturbation records (eps = inf)"
-    mode = "hard" if (dist["gate_mode"] == "hard").any() else str(dist["gate_mode"].iloc[0])
-    norm = "linf" if (dist["norm"] == "linf").any() else "l2"
-    dist = dist[(dist["gate_mode"] == mode) & (dist["norm"] == norm)]
-    dist = dist[dist["target"] == ("fine" if (dist["target"] == "fine").any() else dist["target"].iloc[0])]
-    overall = minimal_distances(records)
-    overall = overall[overall.set_index(["gate_mode", "norm", "target"]).index.isin(
-        dist.set_index(["gate_mode", "norm", "target"]).index.unique())]
-    curves = pd.concat([robustness_curve(dist, by_grad=True).rename(columns={"gate_grad": "variant"}),
-                        robustness_curve(overall).assign(variant="any")], ignore_index=True)
-    if curves["variant"].nunique() == 2:  # one routing gradient: its curve is the minimum
-        curves = curves[curves["variant"] == "any"]
-    worst = analysis.worst_case_accuracy(records)
-    fixed = worst[(worst["norm"] == norm) & (worst["gate_mode"] == mode) & (worst["source_run"] == "")
-                  & np.isfinite(worst["eps"].astype(float)) & (worst["eps"] > 0)] if len(worst) else worst
-    if len(fixed) and "target" in fixed:
-        fixed = fixed[fixed["target"] == dist["target"].iloc[0]]
-    fixed = fixed.assign(variant="any")[["variant", "eps", "robust_acc"]] if len(fixed) else None
-    png = plots.plot_robustness_curves(curves, fixed, title=f"Robustness curves ({norm}, {mode} gates)")
+    png = plots.plot_robustness_curves(curves.curves, curves.fixed,
+                                       title=f"Robustness curves ({curves.norm}, {curves.gate_mode} gates)")
     return png, "" if png is not None else "not applicable: no data to plot"
 
 
@@ -83,11 +68,11 @@ def _training_reason(run: RunResults) -> str:
         c for _, _, cols in plots.TRAINING_PANELS for c in cols)
 
 
-def report_figures(run: RunResults, summary: pd.DataFrame) -> list[FigureItem]:
+def report_figures(found: RunAnalysis, summary: pd.DataFrame) -> list[FigureItem]:
     """The figures of a one-run report (each produced or with the reason it is not). The gate figures show
     :func:`analysis.primary_evaluation`'s family: the deployed (``hard``) forward of a gated model."""
-    rec = run.records
-    gated = analysis.is_gated(rec)
+    run, rec = found.run, found.records
+    gated = found.gated
     fam, fam_rec, fam_summary = gate_figure_data(rec, summary)
     fam_title = _family_title(fam) if fam else ""
 
@@ -100,7 +85,7 @@ def report_figures(run: RunResults, summary: pd.DataFrame) -> list[FigureItem]:
         return FigureItem(name, title, caption, png, "" if png is not None else "not applicable: no data to plot")
 
     training = plots.plot_training_curves(run.metrics, gated=gated)
-    curves_png, curves_reason = _grad_curves(rec)
+    curves_png, curves_reason = _grad_curves(found)
     return [
         FigureItem("robustness_curves", "Robustness curves per routing gradient",
                    "Share of samples whose minimal adversarial distance (minimum over the minimal-perturbation "
@@ -111,7 +96,7 @@ def report_figures(run: RunResults, summary: pd.DataFrame) -> list[FigureItem]:
              "Accuracy of the attacked head per accuracy attack, each at its strongest backend and routing "
              "gradient per sample; dashed black: per-sample worst case over all of them; bands: 95% Wilson; "
              "eps = inf is not drawn; compute attacks are in the Compute section.",
-             lambda: plots.plot_accuracy_curves(_accuracy_curves(rec)), needs_paths=False),
+             lambda: plots.plot_accuracy_curves(_accuracy_curves(found)), needs_paths=False),
         FigureItem("training_curves", "Training curves",
                    "Per epoch from metrics.csv: test (solid) and train (dotted) accuracy"
                    + (", share of gated blocks skipped per branch, MACs saved vs every block executed." if gated
@@ -177,9 +162,8 @@ def _eps_by_norm(records: pd.DataFrame) -> str:
     if records.empty:
         return tables.DASH
     per_norm = records.groupby("norm", observed=True)["eps"].unique()
-    return " · ".join(f"{tables.NORM_NAMES.get(str(n), n)} " + ", ".join(tables.eps_text(str(n), e)
-                                                                          for e in sorted(per_norm[n]))
-                      for n in sorted(per_norm.index, key=lambda n: (n != "linf", str(n))))
+    return " · ".join(f"{title_of(n)} " + ", ".join(tables.eps_text(str(n), e) for e in sorted(per_norm[n]))
+                      for n in sorted(per_norm.index, key=lambda n: (str(n) != LINF.name, str(n))))
 
 
 def _metadata(run: RunResults) -> dict[str, Any]:
@@ -200,6 +184,7 @@ class RunReport:
     figures: list[FigureItem]  # every figure slot, the compute section's included
     headline: RunHeadline | None = None
     pivot: pd.DataFrame | None = None  # analysis.accuracy_pivot
+    analysis: RunAnalysis | None = None  # what all of the above was read from
 
     @property
     def index(self) -> Path:
@@ -249,17 +234,18 @@ def _write_report(run: RunResults, out: Path, n_boot: int, seed: int,
                   zero_grad_share: float | dict[str, float] | None) -> RunReport:
     rec = run.records
     log.info("report for %s: %d records", run.name, len(rec))
-    summary = analysis.summarize(rec, run.full_macs, run.fine_to_coarse, n_boot=n_boot, seed=seed)
-    worst = analysis.worst_case_accuracy(rec)
-    rates = analysis.block_rates(rec, run.path_names)
-    checks = run_sanity(run, zero_grad_share)  # the same verdicts as the comparison page shows for this run
-    figures = report_figures(run, summary)
+    found = analyse(run, zero_grad_share)  # the comparison page shows the same sanity verdicts for this run
+    summary = found.summary(n_boot, seed)
+    worst = found.worst_case
+    rates = found.block_rates
+    checks = list(found.checks)
+    figures = report_figures(found, summary)
     meta = _metadata(run)
-    headline = run_headline(run, checks, n_boot=n_boot, seed=seed)
-    scope = analysis.headline_scope(rec)
-    pivot = analysis.accuracy_pivot(rec, scope)
-    gated = analysis.is_gated(rec)
-    compute_attacks = analysis.compute_attack_table(rec, run.full_macs, scope) if gated else None
+    headline = found.headline(n_boot, seed)
+    scope = found.scope
+    pivot = found.pivot
+    gated = found.gated
+    compute_attacks = found.compute_attacks
     compute_table, compute_figure = compute_section(run, scope, compute_attacks)
 
     where = f"{headline.target} head, {headline.gate_mode} gates" if gated else f"{headline.target} head"
@@ -314,4 +300,4 @@ def _write_report(run: RunResults, out: Path, n_boot: int, seed: int,
         "report.md": _render("report.md.j2", context),
     }, html_text)
     log.info("wrote report to %s", out)
-    return RunReport(out, run, summary, worst, rates, checks, figures, headline, pivot)
+    return RunReport(out, run, summary, worst, rates, checks, figures, headline, pivot, found)

@@ -15,10 +15,10 @@ import pandas as pd
 from attacks.base import KINDS, attack_kind, counts_for_accuracy
 from robustness.analysis.headline import RunHeadline
 from robustness.analysis.pivot import WORST_ROW
+from robustness.core.norms import LINF, title_of
 from robustness.core.vocab import format_distance, format_eps
 
 DASH = "–"
-NORM_NAMES = {"linf": "L∞", "l2": "L2"}
 
 
 def _missing(x: object) -> bool:
@@ -62,10 +62,9 @@ def points_ci(diff: float, low: float, high: float) -> str:
 
 
 def eps_text(norm: str, eps: float) -> str:
-    """An eps for a table cell: L-inf as ``format_eps`` (k/255), any other norm as a plain decimal (an L2 budget
-    of 0.25 is no fraction of 255)."""
-    eps = float(eps)
-    return format_eps(eps, "linf") if norm == "linf" or not math.isfinite(eps) or eps == 0 else f"{eps:.4g}"
+    """An eps for a table cell in its norm's units (``format_eps``): L-inf as k/255, L2 (or a norm this version
+    does not know) as a plain decimal (an L2 budget of 0.25 is no fraction of 255)."""
+    return format_eps(float(eps), norm)
 
 
 def distance(norm: str, d: float) -> str:
@@ -144,11 +143,11 @@ def headline_table(h: RunHeadline) -> list[dict[str, str]]:
         detail = (f"worst case per sample over {r.attacks.replace(',', ', ')} (every backend and routing gradient)"
                   if r.attacks != pooled else "worst case over the same attacks")
         pooled = r.attacks
-        rows.append({"label": f"Robust accuracy at {NORM_NAMES.get(r.norm, r.norm)} eps = {eps_text(r.norm, r.eps)}",
+        rows.append({"label": f"Robust accuracy at {title_of(r.norm)} eps = {eps_text(r.norm, r.eps)}",
                      "value": pct_ci(r.accuracy.estimate, r.accuracy.low, r.accuracy.high),
                      "detail": f"{detail}, n = {r.accuracy.n}"})
     for d in h.distances:
-        label = f"Median minimal {NORM_NAMES.get(d.norm, d.norm)} distance"
+        label = f"Median minimal {title_of(d.norm)} distance"
         if d.median is None:
             rows.append({"label": label, "value": DASH, "detail": d.reason})
             continue
@@ -169,7 +168,7 @@ def headline_table(h: RunHeadline) -> list[dict[str, str]]:
 
 
 def _eps_column(norm: str, eps: float) -> str:
-    return eps_text(norm, eps) if norm == "linf" else f"{NORM_NAMES.get(norm, norm)} {eps_text(norm, eps)}"
+    return eps_text(norm, eps) if norm == LINF.name else f"{title_of(norm)} {eps_text(norm, eps)}"  # k/255 is L-inf
 
 
 def _attack_order(name: str, order: Sequence[str] = ()) -> tuple[int, int, str]:

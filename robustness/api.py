@@ -9,10 +9,10 @@ face over the CLI's code path, not a second implementation:
   table), and runs :func:`attacks.runner.run.attack_subject`, the function ``dsn-robust attack`` ends in, on a run
   directory (``out``, or a new temporary directory). The same model, data and seed therefore give the same
   records as the CLI.
-- :class:`Results` is a loaded run (:func:`robustness.results.load_run`); its numbers are the report's:
-  the headline of :func:`robustness.analysis.headline.run_headline` over the checks of :func:`robustness.sanity.
-  run_checks`, and :meth:`Results.write_report` is :func:`reports.run_page.write_report`, what ``dsn-robust report``
-  writes.
+- :class:`Results` is a loaded run (:func:`robustness.results.load_run`); its numbers are the report's, read
+  from the same :class:`robustness.analysis.run.RunAnalysis` (the headline of :func:`robustness.analysis.headline.
+  run_headline` over the checks of :func:`robustness.sanity.run_checks`), and :meth:`Results.write_report` is
+  :func:`reports.run_page.write_report`, what ``dsn-robust report`` writes.
 - :func:`compare` is :func:`robustness.analysis.compare.compare_runs`, what ``dsn-robust compare`` prints and
   renders.
 
@@ -38,7 +38,7 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
-from attacks.runner import FLAT_ALIASES, AttackConfig, AttackResult
+from attacks.runner import AttackConfig, AttackResult
 from attacks.runner.config import default_attack_table
 from attacks.runner.run import attack_subject
 from attacks.runner.subject import Subject
@@ -46,11 +46,11 @@ from models.fidelity import verify
 from models.network import CoarseFineNet
 from reports.compare_page import write_comparison
 from reports.run_page import write_report
-from robustness.analysis.compare import Comparison, compare_runs, run_sanity
-from robustness.analysis.headline import RunHeadline, run_headline
+from robustness.analysis.compare import Comparison, compare_runs
+from robustness.analysis.headline import RunHeadline
+from robustness.analysis.run import RunAnalysis, analyse
 from robustness.analysis.stats import Interval
 from robustness.api_data import FIDELITY_IMAGES, TensorData, make_subject, suite_draws, suite_model
-from robustness.core.config import overridden
 from robustness.core.errors import ConfigError
 from robustness.core.rundir import RunDir
 from robustness.core.runtime import process_device, resolve_device
@@ -104,15 +104,21 @@ class Results:
         """The run directory that holds the records (for :func:`evaluate` without ``out``: a temporary one)."""
         return self.run.path
 
+    @property
+    def analysis(self) -> RunAnalysis:
+        """The run's analysis (:func:`robustness.analysis.run.analyse`): the one the report and :func:`compare`
+        read too, made once per run in a process."""
+        return analyse(self.run)
+
     @cached_property
     def checks(self) -> list[Check]:
         """The gradient-masking sanity checks, as the report runs them."""
-        return run_sanity(self.run)
+        return list(self.analysis.checks)
 
     @cached_property
     def headline(self) -> RunHeadline:
         """The numbers the report opens with, for the deployed model (hard gates; fine head when attacked)."""
-        return run_headline(self.run, self.checks, n_boot=self.n_boot, seed=self.seed)
+        return self.analysis.headline(self.n_boot, self.seed)
 
     @property
     def clean_accuracy(self) -> Interval:
@@ -313,20 +319,15 @@ def _attack(run: RunDir, subject: Subject, config: AttackConfig, *, resume: bool
 def attack_config(**options: Any) -> AttackConfig:
     """The :class:`AttackConfig` that ``dsn-robust attack`` builds from flags ``options``: on top of the CLI's
     default ``[attack]`` table (:func:`attacks.runner.config.default_attack_table`), validated as that table is (an
-    unknown name or a wrong type is a ConfigError). ``options`` are AttackConfig fields, flat aliases
-    (``pgd_restarts``, ...) and ``params`` (attack name -> parameters, merged into the table's per attack)."""
+    unknown name or a wrong type is a ConfigError). ``options`` are AttackConfig fields and ``params`` (attack name
+    -> parameters, merged into the table's per attack)."""
     params = options.pop("params", None) or {}
     if not isinstance(params, Mapping) or not all(isinstance(v, Mapping) for v in params.values()):
         raise ConfigError(f"evaluate(): params must map attack names to tables of parameters, got {params!r}")
-    flat = {key: options.pop(key) for key in list(options) if key in FLAT_ALIASES}
     table = {**default_attack_table(), **options}
     for attack, values in params.items():
         table[str(attack)] = {**(table.get(str(attack)) or {}), **values}
-    config = AttackConfig.from_table(table, where="evaluate()")
-    try:
-        return overridden(config, **flat)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"evaluate(): {err}") from None
+    return AttackConfig.from_table(table, where="evaluate()")
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attacks.runner.subject import Subject
+from attacks.runner.subject import Subject, build_subject
 from models.network import CoarseFineNet
 from models.protocol import adapt
 from robustness.core.errors import ConfigError, DataError
@@ -100,8 +100,7 @@ def make_subject(model: CoarseFineNet, data: Any, n: int, *, name: str | None = 
                   "sha256": digest}
     if len(full) < n:
         log.info("the data has %d samples; evaluating all of them (asked for %d)", len(full), n)
-    model_name = name or getattr(model, "model_name", "") or type(model).__name__
-    return Subject(model, model_name, subset.info, subset, source, subset=chosen)
+    return build_subject(model, subset, source, subset=chosen, model_name=name or "")
 
 
 def _channels(model: CoarseFineNet) -> int | None:

@@ -3,8 +3,9 @@
 Trains every model of the ``[run]`` table (default dsn, dual, resnet), attacks each (white-box; the dsn also in
 ``open`` mode, its no-skip view), adds the transfer pairs, writes each run's report and the comparison, and
 returns a short summary. Every step is resumable, so ``--resume`` after an interruption continues where it stopped.
-Each run's results are loaded once (``robustness.results.load_run``) and handed to its report, the comparison and
-the headline; nothing written here is read back.
+Each run's results are loaded once (``robustness.results.load_run``) and analysed once
+(``robustness.analysis.run.analyse``): its report, the comparison and the summary read that one analysis; nothing
+written here is read back.
 
 Layout of ``OUT``::
 
@@ -49,10 +50,12 @@ from reports.run_page import write_report
 from robustness.analysis.compare import compare_runs
 from robustness.analysis.seeds import compare_seeds
 from robustness.analysis.headline import RunHeadline
+from robustness.analysis.run import analyse
 from robustness.core.config import apply_overrides, build, load_config_file
 from robustness.core.errors import ConfigError, RunDirError
 from robustness.core.files import atomic_write_json, is_temporary
 from robustness.core.lock import writer_lock
+from robustness.core.norms import LINF
 from robustness.core.rundir import RunDir
 from robustness.core.runtime import distributed, env_world, free_port, join_as_rank, package_versions, resolve_device
 from robustness.core.vocab import format_distance
@@ -271,8 +274,9 @@ def _run_pipeline(config: PipelineConfig, out: Path, progress: bool, start: floa
     summaries, sanity = [], {}
     for label, results in loaded.items():
         report = write_report(results)
-        sanity[label] = [{"name": c.name, "status": c.status, "evidence": c.evidence} for c in report.checks]
-        summaries.append(_summary(label, report.headline, report.index))
+        found = analyse(results)  # the report's analysis; the comparison reads it too
+        sanity[label] = [{"name": c.name, "status": c.status, "evidence": c.evidence} for c in found.checks]
+        summaries.append(_summary(label, found.headline(), report.index))
 
     compare_dir, verdict = None, "only one model: nothing to compare"
     answer = verdict
@@ -374,10 +378,10 @@ def _attack_all(config: PipelineConfig, runs: dict[str, Path], configs: dict[str
 def _summary(name: str, headline: RunHeadline, report: Path) -> ModelSummary:
     """The lines `run` ends with, from the model report's headline (:func:`robustness.analysis.headline.run_headline`:
     deployed gate mode, fine head, worst case over accuracy attacks per L-inf eps, median minimal L-inf distance)."""
-    linf = next((d for d in headline.distances if d.norm == "linf" and d.median is not None), None)
+    linf = next((d for d in headline.distances if d.norm == LINF.name and d.median is not None), None)
     saved = headline.compute_saved if headline.gated and np.isfinite(headline.compute_saved) else None
     return ModelSummary(name, headline.clean.estimate,
-                        {r.eps: r.accuracy.estimate for r in headline.robust if r.norm == "linf"}, saved, report,
+                        {r.eps: r.accuracy.estimate for r in headline.robust if r.norm == LINF.name}, saved, report,
                         linf.median.estimate if linf is not None else float("nan"), headline.subset_line,
                         headline.incomplete)
 

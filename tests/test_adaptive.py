@@ -32,7 +32,8 @@ def gate_records(tiny_runs, tmp_path_factory) -> dict[str, pd.DataFrame]:
     for name in ("dsn", "dual"):
         run = skipping_dsn(tiny_runs[name], root / name) if name == "dsn" else copy_run(tiny_runs[name], root / name)
         config = AttackConfig(attacks=["pgd", "path", "slowdown"], backends="torchattacks", eps=[EPS], n=64,
-                              batch_size=64, steps=10, pgd_restarts=1, gate_grads=["none"], target="coarse", seed=1)
+                              batch_size=64, steps=10, params={"pgd": {"restarts": 1}}, gate_grads=["none"], target="coarse",
+                              seed=1)
         out[name] = run_attacks(run.root, config, progress=False).records
     return out
 
@@ -104,7 +105,7 @@ def test_frozen_control_matches_a_full_frozen_forward(dsn):
 
 def _gate_param_grad(model: CoarseFineNet, x, y, grad: str) -> float:
     model.zero_grad(set_to_none=True)
-    with model.gating(mode="hard", grad=grad, eot_samples=4):
+    with model.gating(mode="hard", gate_grad=grad, eot_samples=4):
         loss = F.cross_entropy(model(x.clone().requires_grad_()).fine, y)
     loss.backward()
     gates = [p for name, p in model.named_parameters() if ".gates." in name]
@@ -127,8 +128,8 @@ def test_routing_gradient_modes(dsn):
     assert not torch.equal(advs["none"], advs["bpda"])
     # hard forward values are the same in every routing mode (only gradients differ)
     with torch.no_grad():
-        ref = model(x, mode="hard", grad="none").fine
-        assert torch.allclose(model(x, mode="hard", grad="bpda").fine, ref, atol=1e-5)
+        ref = model(x, mode="hard", gate_grad="none").fine
+        assert torch.allclose(model(x, mode="hard", gate_grad="bpda").fine, ref, atol=1e-5)
 
 
 class _Constant(CoarseFineNet):
@@ -153,7 +154,7 @@ def test_zero_gradient_share(dsn):
 def test_transfer_from_static_to_dsn(tiny_runs, tmp_path):
     dsn_run = copy_run(tiny_runs["dsn"], tmp_path / "dsn")
     config = AttackConfig(attacks=["pgd"], backends="torchattacks", eps=[0.0, EPS], n=32, batch_size=32, steps=5,
-                          pgd_restarts=1, gate_grads="none,bpda", subset="first")  # compared with the first 32 below
+                          params={"pgd": {"restarts": 1}}, gate_grads="none,bpda", subset="first")  # compared with the first 32 below
     result = run_attacks(dsn_run.root, config, transfer_from=tiny_runs["dual"].root, progress=False)
     df = result.records
     assert set(df["source_run"]) == {"dual"} and set(df["attack"]) == {"pgd"} and set(df["run"]) == {"dsn"}
@@ -195,7 +196,7 @@ def test_open_and_random_gate_modes(tiny_runs, tmp_path):
     run = skipping_dsn(tiny_runs["dsn"], tmp_path / "dsn")
     config = AttackConfig(attacks=["fgsm", "pgd"], backends="torchattacks", eps=[0.0, 1 / 255], target="coarse",
                           gate_modes="hard,open,random", gate_grads="none,ste", n=32, batch_size=32, steps=3,
-                          pgd_restarts=1)
+                          params={"pgd": {"restarts": 1}})
     result = run_attacks(run.root, config, progress=False)
     df = result.records
     # routing gradients exist only in hard mode

@@ -28,7 +28,7 @@ from conftest import TINY_DATA
 REPO = Path(__file__).resolve().parents[1]
 #: one small attack setting, as evaluate() keywords and as `dsn-robust attack` flags
 API = dict(attacks="fgsm,pgd", backends="torchattacks", eps="0.5/255,2/255", gate_grads="none,bpda", n=16,
-           batch_size=16, steps=2, pgd_restarts=1, seed=5, device="cpu", progress=False)
+           batch_size=16, steps=2, params={"pgd": {"restarts": 1}}, seed=5, device="cpu", progress=False)
 FLAGS = ["--attacks", "fgsm,pgd", "--backend", "torchattacks", "--eps", "0.5/255,2/255", "--gate-grad", "none,bpda",
          "--n", "16", "--batch-size", "16", "--steps", "2", "--restarts", "1", "--seed", "5", "--device", "cpu",
          "--no-progress"]
@@ -128,9 +128,10 @@ def test_eps_auto_runs_both_phases_as_the_cli_does(tiny_runs, tmp_path):
     run = copy_run(tiny_runs["resnet"], tmp_path / "cli")
     _cli("attack", str(run.root), *FLAGS, "--eps", "auto", "--attacks", "fgsm,fmn", "--backend", "torchattacks,foolbox",
          "--set", "fmn.steps=10")
-    auto = {**API, "eps": "auto", "attacks": "fgsm,fmn", "backends": "torchattacks,foolbox"}
+    auto = {**API, "eps": "auto", "attacks": "fgsm,fmn", "backends": "torchattacks,foolbox",
+            "params": {**API["params"], "fmn": {"steps": 10}}}
     res = evaluate(load_run_checkpoint(run).build_model(), "synthetic", data_options=TINY_DATA,
-                   out=tmp_path / "api", params={"fmn": {"steps": 10}}, **auto)
+                   out=tmp_path / "api", **auto)
     fixed = res.records[res.records["attack"] == "fgsm"]
     assert fixed["eps"].nunique() > 1  # phase 2 ran FGSM at the grid phase 1's distances placed
     pd.testing.assert_frame_equal(_frame(res.records), _frame(load_run(run.root).records))
@@ -209,7 +210,7 @@ def test_options_are_read_as_the_attack_command_reads_its_flags():
         return config_from_args(cli.build_parser().parse_args(["attack", "RUN_DIR", *flags])).to_dict()
 
     assert attack_config().to_dict() == from_flags()
-    assert attack_config(n=16, pgd_restarts=2, params={"pgd": {"random_start": False}}).to_dict() == from_flags(
+    assert attack_config(n=16, params={"pgd": {"restarts": 2, "random_start": False}}).to_dict() == from_flags(
         "--n", "16", "--restarts", "2", "--set", "pgd.random_start=false")
 
 

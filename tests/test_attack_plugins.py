@@ -6,6 +6,7 @@ import dataclasses
 import re
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -19,7 +20,7 @@ from attacks.backends.foolbox import CWParams
 from attacks.backends.native_pgd import NativePGDParams
 from attacks.params import PGDParams
 from attacks.records import read_records
-from attacks.runner import AttackConfig, plan_evaluations, run_attacks
+from attacks.runner import RETIRED_OPTIONS, AttackConfig, plan_evaluations, run_attacks
 from robustness.commands.attack import config_from_args
 from reports.run_page import write_report
 from robustness.core.errors import ConfigError, UnknownNameError
@@ -197,25 +198,37 @@ def _pgd(config: AttackConfig, backend: str = "native"):
     return next(p.attack for p in plan_evaluations(config, gated=True) if p.name == "pgd" and p.backend == backend)
 
 
-def test_subtable_and_flat_alias_give_the_same_pgd_params():
-    flat = AttackConfig.from_table({"attacks": ["pgd", "path"], "steps": 7, "pgd_restarts": 5, "pgd_alpha": 0.01,
-                                    "pgd_random_start": False, "cross_check": True})
+def test_subtables_set_pgd_params_and_a_general_steps_reaches_every_iterative_attack():
     table = AttackConfig.from_table({"attacks": ["pgd", "path"], "steps": 7, "cross_check": True,
                                      "pgd": {"restarts": 5, "alpha": 0.01, "random_start": False}})
     want = PGDParams(steps=7, alpha=0.01, random_start=False, restarts=5)
     for backend in ("torchattacks", "foolbox"):
-        assert _pgd(flat, backend).params == _pgd(table, backend).params == want
-    assert _pgd(flat).params == _pgd(table).params == NativePGDParams(**dataclasses.asdict(want))
-    # the flat pgd_alpha / pgd_random_start also reach path (as they always did); the subtable is pgd's own
-    by_flat, by_table = (next(p.attack for p in plan_evaluations(c, True) if p.name == "path").params
-                         for c in (flat, table))
-    assert (by_flat.alpha, by_flat.random_start, by_flat.steps) == (0.01, False, 7)
-    assert (by_table.alpha, by_table.random_start, by_table.steps) == (None, True, 7)
-    # the flat names are also constructor keywords, and a subtable can set pgd's steps apart from the rest
-    assert _pgd(AttackConfig(steps=7, pgd_restarts=5, pgd_alpha=0.01, pgd_random_start=False)).params == \
-        NativePGDParams(**dataclasses.asdict(want))
+        assert _pgd(table, backend).params == want
+    assert _pgd(table).params == NativePGDParams(**dataclasses.asdict(want))
+    # pgd's subtable is pgd's own: path keeps its own alpha and random start, and takes the general steps
+    path = next(p.attack for p in plan_evaluations(table, True) if p.name == "path").params
+    assert (path.alpha, path.random_start, path.steps) == (None, True, 7)
     own = AttackConfig.from_table({"steps": 4, "pgd": {"steps": 9}})
     assert own.options_for("pgd")["steps"] == 9 and own.options_for("apgd-ce")["steps"] == 4
+
+
+@pytest.mark.parametrize("option", sorted(RETIRED_OPTIONS))
+def test_a_retired_flat_option_is_one_line_naming_the_spelling_that_replaced_it(option):
+    (attack, param), *_ = RETIRED_OPTIONS[option]
+    value = 0.5 if option in ("cw_c", "cw_lr", "cw_kappa", "square_p_init", "path_lambda", "pgd_alpha",
+                              "slowdown_label_weight") else False if option == "pgd_random_start" else 3
+    shown = "false" if value is False else repr(value)
+    with pytest.raises(ConfigError) as err:
+        AttackConfig.from_table({option: value}, where="[attack] in my.toml")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"[attack] in my.toml: {option} is no longer an option")
+    assert f"[attack.{attack}] {param} = {shown}" in message and f"--set {attack}.{param}={shown}" in message
+    # the spelling named is a real parameter: it is accepted and sets exactly that value
+    config = AttackConfig.from_table({attack: {param: value}})
+    members = {"apgd": ["apgd-ce", "apgd-dlr"]}.get(attack, [attack])
+    assert all(config.options_for(m)[param] == value for m in members)
+    with pytest.raises(TypeError):  # nor is it a constructor keyword any more
+        AttackConfig(**{option: value})
 
 
 def test_backends_are_an_ordered_preference():
@@ -247,17 +260,17 @@ def test_native_pgd_losses_are_a_pgd_parameter():
         AttackConfig.from_table({"attacks": ["pgd"], "pgd": {"losses": ["hinge"]}})
 
 
-def test_flat_aliases_resolve_to_the_values_of_earlier_versions():
-    c = AttackConfig(steps=6, cw_c="1,10", cw_steps=30, cw_binary_steps=3, cw_lr=0.05, cw_kappa=1,
-                     apgd_restarts=2, square_queries=100, square_p_init=0.5, path_lambda=2, slowdown_steps=4,
-                     slowdown_label_weight=0.5)
-    # cw_c was a grid of c; foolbox's binary search starts at its smallest value
+def test_per_attack_subtables_reach_their_attacks_and_steps_is_general():
+    c = AttackConfig(steps=6, params={"cw": {"initial_c": 1.0, "steps": 30, "binary_steps": 3, "lr": 0.05,
+                                             "kappa": 1}, "apgd": {"restarts": 2},
+                                      "square": {"queries": 100, "p_init": 0.5}, "path": {"lam": 2},
+                                      "slowdown": {"steps": 4, "label_weight": 0.5}})
     assert c.options_for("cw") == {"initial_c": 1.0, "steps": 30, "binary_steps": 3, "lr": 0.05, "kappa": 1}
     assert c.options_for("apgd-ce") == c.options_for("apgd-dlr") == {"steps": 6, "restarts": 2}
     assert c.options_for("square") == {"queries": 100, "p_init": 0.5}
     assert c.options_for("path") == {"steps": 6, "lam": 2}
     assert c.options_for("slowdown") == {"steps": 4, "label_weight": 0.5}
-    assert AttackConfig(apgd_steps=3).options_for("apgd-ce") == {"steps": 3}
+    assert AttackConfig(params={"apgd": {"steps": 3}}).options_for("apgd-ce") == {"steps": 3}
     assert c.options_for("fgsm") == {}
     # without a general steps every attack keeps its own default
     defaults = AttackConfig()
@@ -268,8 +281,8 @@ def test_flat_aliases_resolve_to_the_values_of_earlier_versions():
     cw = attack_class("cw", "foolbox")("l2", **c.options_for("cw"))
     assert cw.params == CWParams(initial_c=1.0, binary_steps=3, steps=30, lr=0.05, kappa=1.0)
     assert cw.config() == {"norm": "l2", "initial_c": 1.0, "binary_steps": 3, "steps": 30, "lr": 0.05, "kappa": 1.0}
-    # dataclasses.replace (what the pipeline and the CLI flags use) keeps the parameters and takes flat names
-    again = dataclasses.replace(c, attacks=["pgd"], pgd_restarts=4)
+    # dataclasses.replace (what the pipeline and the CLI flags use) keeps the parameters
+    again = dataclasses.replace(c, attacks=["pgd"], params={**c.params, "pgd": {"restarts": 4}})
     assert again.options_for("cw") == c.options_for("cw") and again.options_for("pgd")["restarts"] == 4
 
 
@@ -281,13 +294,11 @@ def test_unknown_or_bad_per_attack_keys_are_one_line_config_errors():
     with pytest.raises(ConfigError, match="restarts must be an int"):
         AttackConfig.from_table({"pgd": {"restarts": "five"}})
     with pytest.raises(ConfigError, match="restarts must be a positive integer, got 0"):
-        AttackConfig(pgd_restarts=0)
+        AttackConfig(params={"pgd": {"restarts": 0}})
     with pytest.raises(ConfigError, match="initial_c must be positive, got 0.0"):
-        AttackConfig(cw_c=[0.0])
+        AttackConfig(params={"cw": {"initial_c": 0.0}})
     with pytest.raises(UnknownNameError, match="'pgdd'"):
         AttackConfig.from_table({"pgdd": {"steps": 5}})
-    with pytest.raises(ConfigError, match="pgd_restarts and \\[attack.pgd\\] restarts both set"):
-        AttackConfig.from_table({"pgd_restarts": 2, "pgd": {"restarts": 3}})
     with pytest.raises(ConfigError, match=r"attack 'pgd' \(torchattacks\): unknown option\(s\) foo; valid:"):
         attack_class("pgd", "torchattacks")("linf", foo=1)
 
@@ -295,7 +306,7 @@ def test_unknown_or_bad_per_attack_keys_are_one_line_config_errors():
 def _args(**kw) -> argparse.Namespace:
     values = dict(config=None, preset=None, attacks=None, eps=None, norm=None, cw_eps=None, gate_modes=None,
                   gate_grads=None, target=None, n=None, batch_size=None, device=None, seed=None, steps=None,
-                  pgd_restarts=None, eot_samples=None, backend=None, set=[])
+                  restarts=None, eot_samples=None, backend=None, set=[])
     values.update(kw)
     return argparse.Namespace(**values)
 
@@ -305,7 +316,9 @@ def test_cli_set_flag_and_config_subtables(tmp_path):
     cfg.write_text(textwrap.dedent("""
         [attack]
         attacks = ["pgd", "apgd"]
-        cw_steps = 30
+
+        [attack.cw]
+        steps = 30
 
         [attack.pgd]
         restarts = 5
@@ -315,13 +328,14 @@ def test_cli_set_flag_and_config_subtables(tmp_path):
     assert config.options_for("pgd") == {"steps": 20, "restarts": 5, "alpha": 0.01}
     assert config.options_for("apgd-dlr") == {"rho": 0.5}
     assert config.options_for("cw") == {"steps": 30, "initial_c": 0.5}
-    assert config_from_args(_args(config=str(cfg), pgd_restarts=2)).options_for("pgd")["restarts"] == 2
+    # --restarts writes pgd's own parameter, over the config's subtable
+    assert config_from_args(_args(config=str(cfg), restarts=2)).options_for("pgd")["restarts"] == 2
     for bad, message in ((["pgd.restarts"], "write ATTACK.KEY=VALUE"), (["pgd.restart=2"], "unknown option"),
                          (["pgdd.steps=2"], "unknown attack")):
         with pytest.raises(ConfigError, match=message):
             config_from_args(_args(set=bad))
-    with pytest.raises(ConfigError, match="both set it"):
-        config_from_args(_args(set=["pgd.restarts=3"], pgd_restarts=2))
+    with pytest.raises(ConfigError, match="--set pgd.restarts and --restarts both set pgd's restarts"):
+        config_from_args(_args(set=["pgd.restarts=3"], restarts=2))
 
 
 def test_a_registered_plug_in_appears_in_the_attack_commands_help_with_its_default_steps(sign_twice):
@@ -331,7 +345,78 @@ def test_a_registered_plug_in_appears_in_the_attack_commands_help_with_its_defau
     attack = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["attack"]
     text = " ".join(re.sub(r"-\n\s+", "-", attack.format_help()).split())  # argparse wraps at hyphens
     attacks = text.split("--attacks ATTACKS comma list of")[1].split("--preset {")[0]
-    steps = text.split("--steps STEPS iterations")[1].split("--restarts PGD_RESTARTS")[0]
+    steps = text.split("--steps STEPS iterations")[1].split("--restarts N")[0]
     assert "sign-twice" in attacks and "sign-twice 2" in steps  # from its Params, not a copy
     for name in known_attacks():
         assert name in attacks, name
+
+
+# -- backends are discovered: every module of attacks.backends, none listed by hand --------------------------------
+
+DISCOVERED_BACKEND = '''
+"""A backend module dropped into the package: one attack of a library of its own."""
+from attacks.base import SINGLE_STEP, Attack, register
+from attacks.params import NoParams
+
+
+@register
+class Nudge(Attack):
+    name, backend, kind = "tmp-nudge", "tmplib", SINGLE_STEP
+    Params = NoParams
+
+    def run(self, target, x, y, eps, seed):
+        return (x + eps).clamp(0, 1)
+'''
+
+
+@pytest.fixture
+def dropped_backends(tmp_path, monkeypatch, caplog):
+    """Two modules in a folder added to the backends package's path: one that registers an attack, one whose
+    library is missing; the registry, the package and sys.modules are restored afterwards."""
+    import sys
+
+    import attacks.backends as package
+
+    (tmp_path / "tmp_nudge.py").write_text(DISCOVERED_BACKEND)
+    (tmp_path / "tmp_missing.py").write_text("import a_library_that_is_not_installed  # noqa: F401\n")
+    (tmp_path / "_tmp_private.py").write_text("raise RuntimeError('a private helper is never imported')\n")
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(tmp_path)])
+    try:
+        yield
+    finally:
+        base.unregister("tmp-nudge")
+        base._UNAVAILABLE.pop("attacks.backends.tmp_missing", None)
+        for module in ("attacks.backends.tmp_nudge", "attacks.backends.tmp_missing"):
+            sys.modules.pop(module, None)
+
+
+def test_backend_modules_are_discovered_from_the_package(dropped_backends, caplog):
+    import attacks.backends as package
+
+    modules = base.backend_modules()
+    # every module file of the package, found on its path (the built-ins among them), private ones left out
+    assert {f"attacks.backends.{p.stem}" for path in package.__path__ for p in Path(path).glob("*.py")
+            if not p.stem.startswith("_")} == set(modules)
+    with caplog.at_level("WARNING", logger="attacks.base"):
+        names = known_attacks()
+    # the dropped module's attack is registered, in its own backend; the built-ins are still all there
+    assert "tmp-nudge" in names and backends_for("tmp-nudge") == ["tmplib"]
+    assert {"fgsm", "pgd", "cw", "path"} <= set(names)
+    assert "tmplib" in base.known_backends() and base.known_backends()[:3] == list(base.BACKENDS)
+    # a module whose library is missing disables itself only, reported once with the import error
+    assert "a_library_that_is_not_installed" in base.unavailable_backends()["attacks.backends.tmp_missing"]
+    warned = [r.getMessage() for r in caplog.records if "tmp_missing" in r.getMessage()]
+    assert len(warned) == 1 and "unavailable" in warned[0]
+    known_attacks()
+    assert len([r for r in caplog.records if "tmp_missing" in r.getMessage()]) == 1
+    # the attack runs where it is asked for, and attack --help names it and its backend
+    plans = plan_evaluations(AttackConfig(attacks=["tmp-nudge", "fgsm"], backends="tmplib,torchattacks",
+                                          eps=[EPS], gate_grads="none"), gated=False)
+    assert [(p.name, p.backend) for p in plans] == [("tmp-nudge", "tmplib"), ("fgsm", "torchattacks")]
+    from robustness import cli
+
+    parser = cli.build_parser(["attack"])
+    attack = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["attack"]
+    text = " ".join(re.sub(r"-\n\s+", "-", attack.format_help()).split())
+    assert "tmp-nudge" in text.split("--attacks ATTACKS comma list of")[1].split("--preset {")[0]
+    assert "tmplib" in text.split("--backend BACKEND comma list")[1].split("--gate-mode")[0]

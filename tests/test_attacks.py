@@ -33,8 +33,9 @@ def dsn_records(dsn_run) -> pd.DataFrame:
     """FGSM and PGD from both libraries, CW (foolbox only) and its L2 PGD check, on the coarse head of the gated
     tiny DSN (hard gates)."""
     config = AttackConfig(attacks=["fgsm", "pgd", "cw"], backends="both", eps=EPS, cw_eps=[0.0, 0.1, 0.25, 0.5],
-                          gate_grads=["none"], target="coarse", n=N, batch_size=64, steps=5, pgd_restarts=1,
-                          cw_steps=30, cw_c=[1.0, 10.0], cw_binary_steps=3, seed=0)
+                          gate_grads=["none"], target="coarse", n=N, batch_size=64, steps=5,
+                          params={"pgd": {"restarts": 1}, "cw": {"steps": 30, "initial_c": 1.0, "binary_steps": 3}},
+                          seed=0)
     return run_attacks(dsn_run.root, config, progress=False).records
 
 
@@ -234,7 +235,8 @@ def test_logits_view_is_plain_and_captures_gates(tiny_batch):
 
 def test_apgd_and_square(dsn_run):
     config = AttackConfig(attacks=["apgd", "square", "fgsm"], backends="both", eps=[1 / 255], target="coarse",
-                          gate_grads="none,bpda", n=64, batch_size=64, steps=5, square_queries=100, seed=0)
+                          gate_grads="none,bpda", n=64, batch_size=64, steps=5,
+                          params={"square": {"queries": 100}}, seed=0)
     df = run_attacks(dsn_run.root, config, force=True, progress=False).records
     evals = set(map(tuple, df[["attack", "backend", "gate_grad"]].drop_duplicates().to_numpy()))
     # apgd expands to both losses; square is torchattacks-only and gradient-free (no routing gradient to vary)
@@ -251,8 +253,9 @@ def test_apgd_and_square(dsn_run):
 
 def test_l2_threat_model_on_both_backends(dsn_run):
     config = AttackConfig(attacks=["fgsm", "pgd", "cw"], backends="both", norm="l2", eps=[0.1, 0.3], target="coarse",
-                          gate_grads="none", n=64, batch_size=64, steps=5, pgd_restarts=1, cw_steps=20, cw_c=[10.0],
-                          cw_binary_steps=2, seed=0)
+                          gate_grads="none", n=64, batch_size=64, steps=5,
+                          params={"pgd": {"restarts": 1}, "cw": {"steps": 20, "initial_c": 10.0, "binary_steps": 2}},
+                          seed=0)
     df = run_attacks(dsn_run.root, config, force=True, progress=False).records
     # CW (foolbox only) uses the main L2 budgets plus its unbounded row; the L2 PGD that checks it is the main one
     assert set(df["norm"]) == {"l2"} and set(df["eps"]) == {0.1, 0.3, math.inf}

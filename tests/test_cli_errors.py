@@ -19,6 +19,9 @@ import textwrap
 from importlib import metadata
 from pathlib import Path
 
+# matplotlib finds or builds its font cache now, under the real cache folder: a first `run` that imports it later
+# must not look like a write of its own into a case's XDG_CACHE_HOME
+import matplotlib.font_manager  # noqa: F401
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -28,6 +31,7 @@ from attacks.runner import AttackConfig
 from models.registry import create_model, list_models, model_options
 from models.training import TrainConfig
 from robustness import cli
+from robustness.commands.attack import parse_setting
 from robustness.core.config import SECTIONS, apply_overrides, build, parse_override
 from robustness.core.errors import DSNError
 from robustness.core.progress import LineProgress, progress_bar
@@ -58,6 +62,7 @@ CONFIGS = {
     "train_typo": "[train]\nepoch = 3\n",
     "attack_device_int": "[attack]\ndevice = 1\n",
     "attack_eps_str": '[attack]\neps = ["8/255", "lots"]\n',
+    "attack_flat_alias": "[attack]\npgd_restarts = 2\n",
 }
 T = ["train", "--no-progress", "--config", "{cfg:tiny}", "--out", "{tmp}/o"]
 A = ["attack", "{run}", "--no-progress", "--attacks", "fgsm", "--eps", "8/255", "--n", "8", "--resume"]
@@ -163,6 +168,14 @@ CASES = [
     (R + ["--set", "attack.nn=1"], "unknown option(s) nn", None),
     (R + ["--set", "foo.x=1"], "unknown table 'foo'", None),
     (R + ["--set", "attack"], "TABLE.KEY=VALUE", None),
+    # flat attack options of earlier versions: refused, naming the spelling that replaced them
+    (R + ["--set", "attack.pgd_restarts=5"], "pgd_restarts is no longer an option; write [attack.pgd] restarts = 5",
+     None),
+    (["attack", "{run}", "--no-progress", "--config", "{cfg:attack_flat_alias}"],
+     "write [attack.pgd] restarts = 2 (attack --set pgd.restarts=2, run --set attack.pgd.restarts=2)", None),
+    (["attack", "{run}", "--no-progress", "--set", "pgd.restarts"], "write ATTACK.KEY=VALUE, e.g. pgd.restarts=5",
+     None),
+    (["attack", "{run}", "--no-progress", "--set", "pgd.=1"], "write ATTACK.KEY=VALUE", None),
     (R + ["--set", 'model.depth_n="3"'], "depth_n must be an int, got '3'", None),
     (R + ["--set", "attack.device=1"], "device must be a str, got 1", None),
     (R + ["--set", "attack.eps=[\"1e400\"]"], "1e400", None),
@@ -510,6 +523,23 @@ def test_set_overrides_parse_or_raise_a_dsn_error(text):
     except DSNError:
         return
     assert parts[0] in SECTIONS and len(parts) >= 2
+
+
+@FAST
+@given(key=st.text(alphabet="ab._ ", max_size=6), raw=st.text(max_size=12))
+def test_run_and_attack_read_set_with_one_grammar(key, raw):
+    """``run --set attack.KEY=VALUE`` and ``attack --set ATTACK.KEY=VALUE`` are one parser: the same key parts
+    and the same TOML value, or the same kind of one-line error."""
+    try:
+        parts, value = parse_override(f"attack.pgd.{key}={raw}")
+    except DSNError as err:
+        with pytest.raises(DSNError) as other:
+            parse_setting(f"pgd.{key}={raw}")
+        assert str(err).split(": write")[1].split(", e.g.")[0] == " TABLE.KEY=VALUE"
+        assert str(other.value).split(": write")[1].split(", e.g.")[0] == " ATTACK.KEY=VALUE"
+        return
+    attack, sub, again = parse_setting(f"PGD.{key}={raw}")
+    assert (attack, sub) == ("pgd", ".".join(parts[2:])) and again == value
 
 
 @FAST

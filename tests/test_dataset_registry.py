@@ -181,3 +181,17 @@ def test_registry_is_a_leaf_inside_data():
     imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
     ours = {m for m in imported if m.split(".")[0] in project}
     assert ours and all(m == "robustness.data.base" or m.startswith("robustness.core") for m in ours), ours
+
+
+def test_the_datasets_listing_names_each_datasets_options_and_whether_it_reads_a_local_copy(tiny_dataset, capsys):
+    from robustness import cli
+    from robustness.data.registry import dataset_needs_root
+
+    assert [dataset_needs_root(n) for n in BUILT_INS] == [True, True, False, True, False]
+    assert cli.main(["datasets"]) == 0
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert set(lines) == set(BUILT_INS) | {tiny_dataset}  # the registry's, a plug-in's included
+    assert lines[tiny_dataset] == "n, seed" and lines["synthetic"].split(", ") == dataset_options("synthetic")
+    assert lines["cifar100"] == "no options (reads a local copy: --data-root)"
+    with pytest.raises(UnknownNameError):
+        dataset_needs_root("not-a-dataset")

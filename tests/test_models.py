@@ -179,7 +179,7 @@ def test_soft_mode_mixes_every_block_with_sigmoid_values(images):
 def gate_param_grad(model, images, grad: str) -> tuple[float, float]:
     model.zero_grad()
     x = images.clone().requires_grad_(True)
-    out = model(x, mode="hard", grad=grad)
+    out = model(x, mode="hard", gate_grad=grad)
     out.fine.logsumexp(1).sum().backward()
     gate_grad = sum(float(p.grad.abs().sum()) for n, p in model.named_parameters()
                     if ".gates." in n and p.grad is not None)
@@ -200,7 +200,7 @@ def test_bpda_forward_values_are_the_hard_network(images):
     model = mixed_gates_dsn()
     with torch.no_grad():
         hard = model(images, mode="hard")
-    bpda = model(images, mode="hard", grad="bpda")
+    bpda = model(images, mode="hard", gate_grad="bpda")
     torch.testing.assert_close(bpda.fine, hard.fine, atol=1e-5, rtol=0)
     assert torch.equal(bpda.path, hard.path)
 
@@ -217,7 +217,7 @@ def test_gating_context_manager_restores_state(images):
 def test_static_models_ignore_gate_modes(images):
     for name in ("dual", "resnet"):
         model = create_model(name, **OPTS).eval()
-        a = model(images, mode="hard", grad="bpda")
+        a = model(images, mode="hard", gate_grad="bpda")
         b = model(images, mode="open")
         torch.testing.assert_close(a.fine, b.fine)
         assert a.path.shape[1] == 0 and torch.all(a.macs == model.full_macs)
@@ -301,6 +301,10 @@ def test_a_model_registers_itself_with_its_keyword_parameters(monkeypatch):
     model = create_model("thin", num_fine=3, num_coarse=2)
     assert model.model_name == "thin" and model.config == {"num_fine": 3, "num_coarse": 2, "image_size": 16}
     assert registry.all_model_options() == sorted(set().union(*(model_options(n) for n in list_models())))
+    registry.unregister_model("thin")
+    assert "thin" not in list_models()
+    with pytest.raises(UnknownNameError, match="'thin'"):
+        registry.unregister_model("thin")
 
 
 def test_registry_is_a_leaf_and_import_registers_the_builtin_models():

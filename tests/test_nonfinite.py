@@ -22,8 +22,8 @@ from robustness import sanity
 
 N = 16
 EPS = "0,1.5/255,2.5/255"  # steps of these sizes leave the 1/255 pixel grid
-RUN = dict(attacks="fgsm,pgd", backends="torchattacks", eps=EPS, n=N, batch_size=N, steps=3, pgd_restarts=1, seed=3,
-           device="cpu", progress=False)
+RUN = dict(attacks="fgsm,pgd", backends="torchattacks", eps=EPS, n=N, batch_size=N, steps=3,
+           params={"pgd": {"restarts": 1}}, seed=3, device="cpu", progress=False)
 
 
 class Linear(nn.Module):

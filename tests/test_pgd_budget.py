@@ -14,7 +14,8 @@ from torch import nn
 
 from attacks.backends.native import project, start_point
 from attacks.backends.native_bisect import BisectParams
-from attacks.backends.native_pgd import DEFAULT_STALL_TOL, PGD, NativePGDParams, _direction
+from attacks.backends.native_pgd import DEFAULT_STALL_TOL, PGD, NativePGDParams
+from robustness.core.norms import norm_for
 from attacks.base import Target, attack_class
 from attacks.runner import AttackConfig, plan_evaluations
 from robustness.core.errors import ConfigError
@@ -96,7 +97,7 @@ class _FixedStepPGD(PGD):
             target.offer(adv, logits if target.deployed_logits else None, index)
             grad, = torch.autograd.grad(loss_fn(logits, ys).sum(), adv, allow_unused=True)
             with torch.no_grad():
-                step = torch.zeros_like(adv) if grad is None else _direction(grad, self.norm)
+                step = torch.zeros_like(adv) if grad is None else norm_for(self.norm).ascent(grad)
                 adv = project(adv + alpha * step, xs, eps, self.norm)
             alive = ~tracker.fooled(k).index_select(0, index)
             if not alive.all():

@@ -143,30 +143,6 @@ def test_run_writes_every_report_and_the_comparison(finished, capsys):
     assert resolved["train"]["epochs"] == 2 and "versions" in resolved
 
 
-def test_rerun_refuses_without_resume_and_resume_duplicates_nothing_and_loads_each_run_once(finished, capsys,
-                                                                                            monkeypatch):
-    config, out = finished
-    before = {m: len(read_records(out / m / "attacks" / "records")) for m in ("dsn", "dual", "resnet")}
-    code, _, err = run_cli(["--config", str(config), "--out", str(out)], capsys)
-    assert code != 0 and "already holds results" in err and "--resume" in err and "Traceback" not in err
-    loads, reported = [], []
-    real_load, real_report = pipeline.load_run, pipeline.write_report
-    monkeypatch.setattr(pipeline, "load_run", lambda d, *a, **k: loads.append(Path(d)) or real_load(d, *a, **k))
-    monkeypatch.setattr(pipeline, "write_report", lambda r, *a, **k: reported.append(r) or real_report(r, *a, **k))
-    code, stdout, stderr = run_cli(["--config", str(config), "--out", str(out), "--resume"], capsys)
-    assert code == 0
-    assert "Is skipping more robust here?" in stdout and str(out / "compare" / "index.html") in stdout
-    after = {m: len(read_records(out / m / "attacks" / "records")) for m in ("dsn", "dual", "resnet")}
-    assert after == before
-    assert sorted(loads) == sorted(out / m for m in ("dsn", "dual", "resnet"))
-    assert [type(r) for r in reported] == [RunResults] * 3 and [r.path for r in reported] == loads
-    saved = json.loads((out / "compare" / "compare.json").read_text())
-    assert stdout.rstrip().endswith(f"Is skipping more robust here? {saved['answer']}")
-    assert 0 < len(saved["answer"]) <= 200
-    # printed once: the long form stays in the files, on neither stream
-    assert saved["verdict"] not in stdout and saved["verdict"] not in stderr and stdout.count(saved["answer"]) == 1
-
-
 def test_headline_counts_path_but_not_slowdown():
     records = pd.concat([make_records(10, attack="pgd", success=pd.Series(range(10)) < 4),
                          make_records(10, attack="path", success=pd.Series(range(10)) < 6),
@@ -186,6 +162,10 @@ def _trained_like(reference: Path) -> Callable[..., None]:
             shutil.copytree(reference / name, run_dir, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("attacks", "report", ".lock"))
     return copy
+
+
+class _AttackStageDone(Exception):
+    """Stops a resumed pipeline once its attack stage is over (what a test of the records alone needs)."""
 
 
 def test_interrupted_run_resumes_to_the_same_records(finished, tmp_path, capsys, monkeypatch):
@@ -213,8 +193,14 @@ def test_interrupted_run_resumes_to_the_same_records(finished, tmp_path, capsys,
     tables = tomllib.loads(Path(config).read_text())
     tables["attack"]["workers"] = 2
     two = write_toml(tmp_path / "two-workers.toml", tables)
-    code, _, _ = run_cli(["--config", str(two), "--out", str(out), "--resume"], capsys)
-    assert code == 0
+
+    def attack_stage_done(*args, **kwargs):
+        raise _AttackStageDone  # where the pipeline loads the runs for their reports: the records are complete
+
+    monkeypatch.setattr(pipeline, "load_run", attack_stage_done)  # reports and comparison: the other tests' subject
+    with pytest.raises(_AttackStageDone):
+        pipeline.run_pipeline(PipelineConfig.from_file(two), out, resume=True, progress=False)
+    assert not list(tmp_path.rglob("*.lock")), "the stop released every lock"
     for model in ("dsn", "dual", "resnet"):
         keys = ["attack", "backend", "eps", "gate_mode", "gate_grad", "source_run", "sample"]
         got = read_records(out / model / "attacks" / "records").drop(columns="run").sort_values(keys)
@@ -276,7 +262,11 @@ def test_models_trained_side_by_side_equal_those_trained_one_after_another(finis
         assert all(torch.equal(one[k], two[k]) for k in one), model
 
 
-def test_a_finished_run_takes_a_new_budget_by_resume_with_its_records_untouched(finished, tmp_path, capsys):
+def test_a_rerun_refuses_without_resume_and_a_resume_with_a_new_budget_adds_only_it_loading_each_run_once(
+        finished, tmp_path, capsys, monkeypatch):
+    """One resume of a copy of the finished run: a plain rerun is refused; ``--resume`` with a new budget keeps every
+    old shard bit for bit, adds the budget to every model (nothing else: no record of the old budgets is
+    duplicated), loads each run once for its report and comparison, and prints the short answer once."""
     import hashlib
 
     config, done = finished
@@ -287,17 +277,35 @@ def test_a_finished_run_takes_a_new_budget_by_resume_with_its_records_untouched(
         return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in sorted(out.glob("*/attacks/records/*/*.parquet"))}
 
+    models = ("dsn", "dual", "resnet")
     before = hashes()
-    code, _, err = run_cli(["--config", str(config), "--out", str(out), "--resume", "--set", "attack.eps=[0.1]",
-                            "--set", 'attack.attacks=["fgsm"]'], capsys)
-    assert code == 0, err
+    counts = {m: len(read_records(out / m / "attacks" / "records")) for m in models}
+    code, _, err = run_cli(["--config", str(config), "--out", str(out)], capsys)
+    assert code != 0 and "already holds results" in err and "--resume" in err and "Traceback" not in err
+    assert hashes() == before
+    loads, reported = [], []
+    real_load, real_report = pipeline.load_run, pipeline.write_report
+    monkeypatch.setattr(pipeline, "load_run", lambda d, *a, **k: loads.append(Path(d)) or real_load(d, *a, **k))
+    monkeypatch.setattr(pipeline, "write_report", lambda r, *a, **k: reported.append(r) or real_report(r, *a, **k))
+    code, stdout, stderr = run_cli(["--config", str(config), "--out", str(out), "--resume", "--set",
+                                    "attack.eps=[0.1]", "--set", 'attack.attacks=["fgsm"]'], capsys)
+    assert code == 0, stderr
     after = hashes()
     assert {k: after[k] for k in before} == before  # bit for bit
     added = sorted({Path(k).parts[0] for k in after if k not in before})
-    assert added == ["dsn", "dual", "resnet"]  # every model gained the budget
+    assert added == list(models)  # every model gained the budget
     for model in added:
         records = read_records(out / model / "attacks" / "records")
         new = records[records["eps"] == 0.1]
         assert set(new.loc[new["source_run"] == "", "attack"]) == {"fgsm"}  # transfer: the run's transfer attack
+        assert len(records) - len(new) == counts[model], "the old budgets' records, each once"
         assert not records.duplicated(["attack", "backend", "norm", "eps", "gate_mode", "gate_grad", "target",
                                        "source_run", "sample"]).any()
+    assert sorted(loads) == sorted(out / m for m in models)
+    assert [type(r) for r in reported] == [RunResults] * 3 and [r.path for r in reported] == loads
+    assert "Is skipping more robust here?" in stdout and str(out / "compare" / "index.html") in stdout
+    saved = json.loads((out / "compare" / "compare.json").read_text())
+    assert stdout.rstrip().endswith(f"Is skipping more robust here? {saved['answer']}")
+    assert 0 < len(saved["answer"]) <= 200
+    # printed once: the long form stays in the files, on neither stream
+    assert saved["verdict"] not in stdout and saved["verdict"] not in stderr and stdout.count(saved["answer"]) == 1

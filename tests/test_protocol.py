@@ -155,7 +155,7 @@ def test_score_gated_routing_gradients_reach_the_gates(aig, data, grad):
     x = data[1].batch(slice(0, 8))[0]
     hard = aig(x).fine
     xr = x.clone().requires_grad_(True)
-    out = aig(xr, mode="hard", grad=grad, temperature=torch.full((aig.n_gates,), 0.5))
+    out = aig(xr, mode="hard", gate_grad=grad, temperature=torch.full((aig.n_gates,), 0.5))
     if grad in ("bpda", "sharp"):
         assert torch.equal(out.fine.detach(), hard)  # deployed values, surrogate gradient
     out.fine.logsumexp(1).sum().backward()
@@ -170,11 +170,11 @@ def test_gated_protocol_model_gets_bpda_open_and_eot():
     assert hard.path.shape == (8, 2) and model.gate_names == ["g1", "g2"]
     assert (model(x, mode="open").path == 1).all()
     xr = x.clone().requires_grad_(True)
-    bpda = model(xr, mode="hard", grad="bpda")
+    bpda = model(xr, mode="hard", gate_grad="bpda")
     assert torch.equal(bpda.fine.detach(), hard.fine)
     bpda.fine.sum().backward()
     assert xr.grad.abs().sum() > 0
-    assert model(x, mode="hard", grad="eot").fine.shape == hard.fine.shape
+    assert model(x, mode="hard", gate_grad="eot").fine.shape == hard.fine.shape
 
 
 # ---------------------------------------------------------------------------------------------------------------

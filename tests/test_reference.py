@@ -39,7 +39,7 @@ def _model_and_data(run: RunDir, n: int = N):
 
 def _deployed(model, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model(x, mode="hard", grad="none").logits(HEAD).argmax(1)
+        return model(x, mode="hard", gate_grad="none").logits(HEAD).argmax(1)
 
 
 def _plain_pgd_robust(model, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 5) -> int:
@@ -49,7 +49,7 @@ def _plain_pgd_robust(model, x: torch.Tensor, y: torch.Tensor, eps: float, steps
     adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
     for _ in range(steps):
         adv.requires_grad_(True)
-        loss = F.cross_entropy(model(adv, mode="hard", grad="none").logits(HEAD), y)
+        loss = F.cross_entropy(model(adv, mode="hard", gate_grad="none").logits(HEAD), y)
         (g,) = torch.autograd.grad(loss, adv)
         adv = torch.min(torch.max(adv.detach() + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
     return int(((_deployed(model, x) == y) & (_deployed(model, adv) == y)).sum())

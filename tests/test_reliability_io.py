@@ -329,31 +329,41 @@ def test_an_environment_os_error_anywhere_is_one_line_and_another_stays_a_bug(tm
     assert code == 1 and "unexpected FileNotFoundError" in err  # not the environment's doing: a bug
 
 
-def _real_file_size_limit(limit: int):
-    def limit_writes() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer instead of saying EFBIG
+#: ``dsn-robust`` commands, each under its own real RLIMIT_FSIZE, in one interpreter (one start-up, not one a
+#: command): argv[1] is a JSON list of ``[limit, argv]``; prints a JSON list of ``[exit code, stderr]``
+_UNDER_FILE_SIZE_LIMITS = textwrap.dedent("""
+    import contextlib, io, json, logging, resource, signal, sys
+    from robustness import cli
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer instead of saying EFBIG
+    results = []
+    for limit, argv in json.loads(sys.argv[1]):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-    return limit_writes
+        logging.getLogger().handlers.clear()  # each command logs to its own stderr, as in a process of its own
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = cli.main(argv)
+        results.append([code, err.getvalue()])
+    print(json.dumps(results))
+""")
 
 
 def test_a_real_ulimit_f_during_train_and_attack(tiny_config, trained, tmp_path):
     """``ulimit -f``: training's first checkpoint (~150 KB) exceeds 64 KiB, an attack shard (~20 KB) 8 KiB."""
     env = dict(ENV, XDG_CACHE_HOME=str(tmp_path / "cache"))
     out = tmp_path / "run"
-    train = subprocess.run([sys.executable, "-m", "robustness.cli", "train", "--config", str(tiny_config),
-                            "--out", str(out), "--no-progress", "-q"], cwd=tmp_path, env=env, capture_output=True,
-                           text=True, timeout=240, preexec_fn=_real_file_size_limit(64 * 1024))
-    line = _one_error_line(train.stderr, "train", f"cannot write {out / 'checkpoints'}", "file too large",
-                           "at most 65536 bytes: raise ulimit -f")
-    assert train.returncode == 2, line
-    assert _leftovers(tmp_path) == [] and not list(out.rglob("*.pt"))
-
     run = _copy(trained, tmp_path / "attacked")
-    attack = subprocess.run([sys.executable, "-m", "robustness.cli", "attack", str(run), *FGSM, "-q"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=240,
-                            preexec_fn=_real_file_size_limit(8 * 1024))
-    _one_error_line(attack.stderr, "attack", "shard-00000.parquet: file too large", "at most 8192 bytes")
-    assert attack.returncode == 2 and _leftovers(tmp_path) == [] and not list(run.rglob("*.parquet"))
+    commands = [[64 * 1024, ["train", "--config", str(tiny_config), "--out", str(out), "--no-progress", "-q"]],
+                [8 * 1024, ["attack", str(run), *FGSM, "-q"]]]
+    done = subprocess.run([sys.executable, "-c", _UNDER_FILE_SIZE_LIMITS, json.dumps(commands)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    (train_code, train_err), (attack_code, attack_err) = json.loads(done.stdout)
+    line = _one_error_line(train_err, "train", f"cannot write {out / 'checkpoints'}", "file too large",
+                           "at most 65536 bytes: raise ulimit -f")
+    assert train_code == 2, line
+    assert not list(out.rglob("*.pt"))
+    _one_error_line(attack_err, "attack", "shard-00000.parquet: file too large", "at most 8192 bytes")
+    assert attack_code == 2 and _leftovers(tmp_path) == [] and not list(run.rglob("*.parquet"))
 
 
 # -- names and paths longer than the system allows --------------------------------------------------------------
@@ -759,7 +769,7 @@ threads = 1
 """
 
 
-def test_sigterm_during_train_exits_143_and_resume_continues(tmp_path):
+def test_sigterm_during_train_exits_143_and_resume_continues(tmp_path, capsys):
     config = tmp_path / "slow.toml"
     config.write_text(textwrap.dedent(SLOW_TRAIN))
     out = tmp_path / "run"
@@ -770,15 +780,16 @@ def test_sigterm_during_train_exits_143_and_resume_continues(tmp_path):
     assert _leftovers(tmp_path) == [] and not (out / "train.done").exists()
     finished = load_checkpoint(out / "checkpoints" / "last.pt").train_state["epoch"]
     assert 1 <= finished < 30
-    resumed = subprocess.run([sys.executable, "-m", "robustness.cli", "train", "--config", str(config), "--out",
-                              str(out), "--resume", "--epochs", str(finished + 1), "--no-progress"], cwd=tmp_path,
-                             env=ENV, capture_output=True, text=True, timeout=240)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed after epoch {finished}" in resumed.stdout and (out / "train.done").is_file()
+    # the resume in this process: the stop is the subprocess's; continuing is the same code wherever it runs
+    code = cli.main(["train", "--config", str(config), "--out", str(out), "--resume", "--epochs", str(finished + 1),
+                     "--no-progress"])
+    resumed = capsys.readouterr()
+    assert code == 0, resumed.err
+    assert f"resumed after epoch {finished}" in resumed.out and (out / "train.done").is_file()
     assert _leftovers(tmp_path) == []
 
 
-def test_sigterm_during_a_multi_process_attack_stops_its_workers_and_resume_continues(trained, tmp_path):
+def test_sigterm_during_a_multi_process_attack_stops_its_workers_and_resume_continues(trained, tmp_path, capsys):
     run = _copy(trained, tmp_path / "run")
     argv = ["attack", str(run), "--attacks", "slowdown", "--eps", "8/255", "--gate-grad", "none", "--steps", "150",
             "--n", "16", "--batch-size", "4", "--threads", "1", "--no-progress", "-q"]
@@ -790,9 +801,8 @@ def test_sigterm_during_a_multi_process_attack_stops_its_workers_and_resume_cont
     time.sleep(1.5)
     assert sorted(run.rglob("shard-*.parquet")) == shards, "a worker went on writing after its parent stopped"
     assert 1 <= len(shards) < 4
-    resumed = subprocess.run([sys.executable, "-m", "robustness.cli", *argv, "--resume", "--workers", "1"],
-                             cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=240)
-    assert resumed.returncode == 0, resumed.stderr
+    code = cli.main([*argv, "--resume", "--workers", "1"])  # in this process, as the training resume above
+    assert code == 0, capsys.readouterr().err
     assert len(list(run.rglob("shard-*.parquet"))) == 4 and _leftovers(tmp_path) == []
 
 

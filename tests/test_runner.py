@@ -58,7 +58,7 @@ def test_config_parses_and_validates():
                 dict(target="medium"), dict(norm="l1")):
         with pytest.raises(UnknownNameError):
             AttackConfig(**bad)
-    for bad in (dict(n=0), dict(batch_size=-1), dict(steps=0), dict(cw_c=[0.0]), dict(seed=-1)):
+    for bad in (dict(n=0), dict(batch_size=-1), dict(steps=0), dict(params={"cw": {"initial_c": 0.0}}), dict(seed=-1)):
         with pytest.raises(ConfigError):
             AttackConfig(**bad)
     # L2 budgets may exceed 1 (a norm over all pixels), Linf ones may not

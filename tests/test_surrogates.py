@@ -42,7 +42,7 @@ def test_routed_forward_values_are_the_hard_network_exactly(grad):
     model, x = mixed_gates_dsn(), images(32, 1)
     hard = model(x, mode="hard")
     for temperature in (None, calibrate_temperature(model, images(32, 2))):
-        routed = model(x.clone().requires_grad_(True), mode="hard", grad=grad, temperature=temperature)
+        routed = model(x.clone().requires_grad_(True), mode="hard", gate_grad=grad, temperature=temperature)
         assert torch.equal(routed.fine, hard.fine) and torch.equal(routed.coarse, hard.coarse)
         assert torch.equal(routed.path, hard.path) and torch.equal(routed.macs, hard.macs)
         assert routed.fine.requires_grad
@@ -80,7 +80,7 @@ def test_fixed_temperature_makes_each_samples_gradient_independent_of_its_batch(
 
     def first_sample_grad(batch: torch.Tensor, temperature) -> torch.Tensor:
         xr = batch.clone().requires_grad_(True)
-        with model.gating(grad="sharp", temperature=temperature):
+        with model.gating(gate_grad="sharp", temperature=temperature):
             loss = torch.nn.functional.cross_entropy(model(xr).fine, y, reduction="sum")
         return torch.autograd.grad(loss, xr)[0][0]
 
@@ -132,7 +132,7 @@ def test_bad_names_and_shapes_are_config_errors():
     with pytest.raises(ConfigError, match="unknown gate gradient 'magic'"):
         surrogate_fidelity(model, x, "fine", "magic")
     with pytest.raises(ConfigError, match="unknown gate gradient 'magic'"):
-        model(x, grad="magic")
+        model(x, gate_grad="magic")
     with pytest.raises(ConfigError, match="unknown head"):
         surrogate_fidelity(model, x, "middle", "sharp")
     with pytest.raises(ConfigError, match="one value per gate"):
@@ -140,4 +140,4 @@ def test_bad_names_and_shapes_are_config_errors():
     with pytest.raises(ConfigError, match="needs a temperature"):
         GateState(mode="sharpened")
     with pytest.raises(ConfigError, match=f"3 values, model has {model.n_gates} gates"):
-        model(x, grad="sharp", temperature=torch.ones(3))
+        model(x, gate_grad="sharp", temperature=torch.ones(3))

@@ -244,7 +244,8 @@ def test_native_pgd_is_at_least_as_strong_as_one_ce_run(tiny_runs):
 def test_robust_accuracy_is_monotone_per_sample_in_an_evaluation(tiny_runs, tmp_path):
     run = copy_run(tiny_runs["dsn"], tmp_path / "dsn")
     config = AttackConfig(attacks=["pgd", "fgsm"], eps=[0.0, 0.5 / 255, 1 / 255, 2 / 255], target="coarse",
-                          gate_grads="none,sharp", n=32, batch_size=32, steps=3, pgd_restarts=1)
+                          gate_grads="none,sharp", n=32, batch_size=32, steps=3,
+                          params={"pgd": {"restarts": 1}})
     result = run_attacks(run.root, config, progress=False)
     df = result.records
     assert set(map(tuple, df[["attack", "backend"]].drop_duplicates().to_numpy())) == {("pgd", "native"),
@@ -273,7 +274,7 @@ def test_presets_fill_the_table_and_the_table_wins():
     # on the command line a flag overrides the preset
     args = dict(config=None, preset="autoattack", attacks=None, eps=None, norm=None, cw_eps=None, gate_modes=None,
                 gate_grads="none", target=None, n=None, batch_size=None, device=None, seed=None, steps=None,
-                pgd_restarts=None, eot_samples=None, backend=None, set=[])
+                restarts=None, eot_samples=None, backend=None, set=[])
     cli = config_from_args(argparse.Namespace(**args))
     assert cli.attacks == ["autoattack"] and cli.gate_grads == ["none"] and cli.preset == "autoattack"
 
@@ -308,8 +309,8 @@ def test_a_minimal_attack_plan_has_eps_inf_and_the_l2_pgd_check():
 def test_convergence_reports_a_weak_minimal_attack(tiny_runs, tmp_path):
     run = copy_run(tiny_runs["dsn"], tmp_path / "dsn")
     config = AttackConfig(attacks=["ddn"], eps=[1 / 255], cw_eps=[0.1, 0.25, 0.5], target="coarse",
-                          gate_grads="none", n=32, batch_size=32, steps=5, pgd_restarts=1,
-                          params={"ddn": {"steps": 1}})
+                          gate_grads="none", n=32, batch_size=32, steps=5,
+                          params={"ddn": {"steps": 1}, "pgd": {"restarts": 1}})
     result = run_attacks(run.root, config, progress=False)
     entry = next(e for e in result.manifest["evaluations"] if e["attack"] == "ddn")
     conv = entry["convergence"]

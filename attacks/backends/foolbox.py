@@ -27,6 +27,7 @@ import torch
 
 from attacks.base import ITERATIVE, SINGLE_STEP, Attack, MinimalAttack, Target, register
 from attacks.params import (FGSMParams, PGDParams, coerce_floats, non_negative, positive, positive_int)
+from robustness.core.norms import per_sample
 
 _PGD = {"linf": fb.attacks.LinfPGD, "l2": fb.attacks.L2PGD}
 _FGM = {"linf": fb.attacks.LinfFastGradientAttack, "l2": fb.attacks.L2FastGradientAttack}
@@ -119,7 +120,7 @@ def _minimal(attack: Any, target: Target, x: torch.Tensor, y: torch.Tensor,
     found = target.logits(raw).argmax(1) != y
     if failure_is_black:
         found &= ~((raw == 0).flatten(1).all(1) & (x != 0).flatten(1).any(1))
-    return torch.where(found.view(-1, *([1] * (x.dim() - 1))), raw, x), found
+    return torch.where(per_sample(found, x), raw, x), found
 
 
 @register

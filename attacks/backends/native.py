@@ -24,40 +24,22 @@ from torch.nn import functional as F
 
 from attacks.base import COMPUTE, ITERATIVE, Attack, Target, register
 from attacks.params import coerce_floats, non_negative, positive, positive_int, step_size
+from robustness.core.norms import norm_for
 
 Objective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def _radius(eps: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
-    """``eps`` as a float, or a per-sample [B] tensor shaped to broadcast over ``x``."""
-    return eps.view(-1, *([1] * (x.dim() - 1))) if torch.is_tensor(eps) else eps
-
-
 def project(adv: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor, norm: str) -> torch.Tensor:
     """``adv`` moved into the ``norm`` ball of radius ``eps`` (one float, or one per sample [B]) around ``x`` and
-    into [0, 1]."""
-    delta = adv - x
-    if norm == "linf":
-        r = _radius(eps, x)
-        delta = delta.clamp(-r, r)
-    else:
-        norms = delta.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
-        delta = delta * torch.clamp(eps / norms, max=1.0).view(-1, *([1] * (x.dim() - 1)))
-    return (x + delta).clamp(0.0, 1.0)
+    into [0, 1] (:meth:`robustness.core.norms.Norm.project`, then the clipping)."""
+    return (x + norm_for(norm).project(adv - x, eps)).clamp(0.0, 1.0)
 
 
 def start_point(x: torch.Tensor, eps: float | torch.Tensor, norm: str) -> torch.Tensor:
-    """A uniform point of the ``linf`` ball, or a random direction at a uniform radius in the ``l2`` ball (radius
-    ``eps``: one float, or one per sample [B])."""
-    r = _radius(eps, x)
-    if norm == "linf":
-        if torch.is_tensor(eps):
-            return project(x + (torch.rand_like(x) * 2 - 1) * r, x, eps, norm)
-        return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0.0, 1.0)
-    direction = torch.randn_like(x)
-    direction = direction / direction.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-    radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
-    return project(x + direction * radius * r, x, eps, norm)
+    """A random start in the ``norm`` ball of radius ``eps`` (one float, or one per sample [B]) and in [0, 1]
+    (:meth:`robustness.core.norms.Norm.random_start`: uniform in the ``linf`` cube; a random direction at a uniform
+    radius in the ``l2`` ball)."""
+    return norm_for(norm).random_start(x, eps)
 
 
 def native_pgd(objective: Objective, x: torch.Tensor, eps: float, norm: str, steps: int, alpha: float,
@@ -69,7 +51,7 @@ def native_pgd(objective: Objective, x: torch.Tensor, eps: float, norm: str, ste
     (the clean input when no iterate beats it); the score of the final iterate is evaluated too.
     Steps: ``linf`` moves by ``alpha * sign(grad)``, ``l2`` by ``alpha * grad / ||grad||_2``; then projection.
     """
-    shape = (-1,) + (1,) * (x.dim() - 1)
+    ball = norm_for(norm)
     adv = start_point(x, eps, norm) if random_start else x.clone()
     best, best_score = (x.clone(), keep_best.clone()) if keep_best is not None else (None, None)
 
@@ -89,11 +71,7 @@ def native_pgd(objective: Objective, x: torch.Tensor, eps: float, norm: str, ste
         if grad is None:
             grad = torch.zeros_like(adv)
         with torch.no_grad():
-            if norm == "linf":
-                step = grad.sign()
-            else:
-                step = grad / grad.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).view(shape)
-            adv = project(adv + alpha * step, x, eps, norm)
+            adv = project(adv + alpha * ball.ascent(grad), x, eps, norm)
     adv = adv.detach()
     if best is None:
         return adv

@@ -31,6 +31,7 @@ from attacks.backends.native_pgd import LOSSES, NativePGDParams
 from attacks.base import MinimalAttack, Target, register
 from attacks.checks import sample_norms
 from attacks.params import positive, positive_int
+from robustness.core.norms import norm_for, per_sample
 
 #: How far below ``start`` the bracket looks for a budget the sample survives before calling lo = 0.
 _MIN_FACTOR = 2.0 ** -10
@@ -58,12 +59,18 @@ class BisectParams(NativePGDParams):
             raise ValueError("max_steps and stall_tol are the fixed-budget PGD's: each probe runs exactly steps")
 
 
+#: (start, max_eps) of the search per norm when the parameters leave them unset; ``None``: the L2 diameter of
+#: [0, 1]^d, which bounds every L2 distance (and caps a larger ``max_eps``).
+_DEFAULT_LIMITS: dict[str, tuple[float, float | None]] = {"linf": (1 / 255, 0.5), "l2": (0.25, None)}
+
+
 def _limits(params: BisectParams, norm: str, x: torch.Tensor) -> tuple[float, float]:
-    """(start, max_eps) of the search; the L2 diameter of [0, 1]^d bounds every L2 distance."""
-    if norm == "linf":
-        return params.start or 1 / 255, params.max_eps or 0.5
+    """(start, max_eps) of the search (:data:`_DEFAULT_LIMITS`)."""
+    start, largest = _DEFAULT_LIMITS[norm]
+    if largest is not None:
+        return params.start or start, params.max_eps or largest
     diameter = math.sqrt(x[0].numel())
-    return params.start or 0.25, min(params.max_eps or diameter, diameter)
+    return params.start or start, min(params.max_eps or diameter, diameter)
 
 
 @register
@@ -134,8 +141,7 @@ class PGDBisect(MinimalAttack):
                  loss_fn: Any, best: torch.Tensor, found: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """One PGD run from a (random) start; each sample stops at its first iterate that fools the deployed
         forward. Returns bool [len(index)]: fooled."""
-        steps = self.params.steps
-        shape = (-1,) + (1,) * (x.dim() - 1)
+        steps, ball = self.params.steps, norm_for(self.norm)
         xs, ys = x.index_select(0, index), y.index_select(0, index)
         radius = eps.index_select(0, index).to(x.dtype)
         alpha = 2.5 * radius / steps
@@ -161,8 +167,7 @@ class PGDBisect(MinimalAttack):
                 g = torch.zeros_like(a) if grad is None else grad[keep]
                 alive = alive[keep]
                 r = radius[alive]
-                step_ = g.sign() if self.norm == "linf" else g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
-                adv = project(a + alpha[alive].view(shape) * step_, xs[alive], r, self.norm)
+                adv = project(a + per_sample(alpha[alive], a) * ball.ascent(g), xs[alive], r, self.norm)
         return fooled
 
     def _keep(self, x: torch.Tensor, adv: torch.Tensor, rows: torch.Tensor, best: torch.Tensor,

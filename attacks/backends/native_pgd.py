@@ -25,6 +25,7 @@ from attacks.backends.native import project, start_point
 from attacks.base import ITERATIVE, Attack, Target, register
 from attacks.params import PGDParams, non_negative, require, step_size
 from attacks.tracking import BestAdversarial, deployed_margin
+from robustness.core.norms import norm_for
 
 #: ``stall_tol`` when ``max_steps`` is set and ``stall_tol`` is not: a window must lower some sample's best deployed
 #: margin by more than this (logit units) for the run to go on
@@ -149,7 +150,7 @@ class PGD(Attack):
                     reference = best.clone()
             grad, = torch.autograd.grad(loss_fn(logits, ys).sum(), adv, allow_unused=True)
             with torch.no_grad():
-                step = torch.zeros_like(adv) if grad is None else _direction(grad, self.norm)
+                step = torch.zeros_like(adv) if grad is None else norm_for(self.norm).ascent(grad)
                 adv = project(adv + alpha * step, xs, eps, self.norm)
             alive = ~tracker.fooled(k).index_select(0, index)
             if not alive.all():
@@ -160,9 +161,3 @@ class PGD(Attack):
                     return
         target.offer(adv, None, index)
 
-
-def _direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
-    if norm == "linf":
-        return grad.sign()
-    shape = (-1,) + (1,) * (grad.dim() - 1)
-    return grad / grad.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).view(shape)

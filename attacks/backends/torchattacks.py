@@ -25,7 +25,13 @@ import torchattacks as ta
 from attacks.base import GRADIENT_FREE, ITERATIVE, SINGLE_STEP, Attack, Target, register
 from attacks.params import FGSMParams, PGDParams, coerce_floats, positive, positive_int, require, step_size
 
+#: The library's name and PGD class of each norm.
 _TA_NORM = {"linf": "Linf", "l2": "L2"}
+_TA_PGD = {"linf": ta.PGD, "l2": ta.PGDL2}
+#: The library's single step per norm: FGSM in ``linf``; in ``l2`` (the fast gradient method) ``PGDL2``'s single
+#: step of size eps without a random start.
+_TA_FGSM = {"linf": lambda view, eps: ta.FGSM(view, eps=eps),
+            "l2": lambda view, eps: ta.PGDL2(view, eps=eps, alpha=eps, steps=1, random_start=False)}
 
 
 def _prepared(attack: ta.Attack, target: Target) -> ta.Attack:
@@ -48,11 +54,7 @@ class FGSM(Attack):
 
     def run(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int) -> torch.Tensor:
         def attack(view, xs, ys):
-            if self.norm == "linf":
-                atk = ta.FGSM(view, eps=float(eps))
-            else:
-                atk = ta.PGDL2(view, eps=float(eps), alpha=float(eps), steps=1, random_start=False)
-            return _prepared(atk, target)(xs, ys)
+            return _prepared(_TA_FGSM[self.norm](view, float(eps)), target)(xs, ys)
         return target.on_pending(x, y, eps, attack)
 
 
@@ -72,7 +74,7 @@ class PGD(Attack):
     def run(self, target: Target, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int) -> torch.Tensor:
         p = self.params
         alpha = step_size(p.alpha, eps, p.steps)
-        cls = ta.PGD if self.norm == "linf" else ta.PGDL2
+        cls = _TA_PGD[self.norm]
 
         def attack(view, xs, ys):
             return _prepared(cls(view, eps=float(eps), alpha=alpha, steps=p.steps, random_start=p.random_start),

@@ -8,13 +8,13 @@
 * :mod:`attacks.runner.probes`: the first-batch probes the manifest records;
 * :mod:`attacks.runner.run`: :func:`run_attacks` (resume, torchrun).
 """
-from attacks.runner.config import ATTACK_ALIASES, FLAT_ALIASES, LIBRARY_BACKENDS, AttackConfig
+from attacks.runner.config import ATTACK_ALIASES, LIBRARY_BACKENDS, RETIRED_OPTIONS, AttackConfig
 from attacks.runner.plan import EvalPlan, plan_evaluations
 from attacks.runner.provenance import MANIFEST_SCHEMA
 from attacks.runner.run import AttackResult, run_attacks
 from attacks.runner.scoring import Batch, Scorer, bit_strings
 from attacks.runner.subject import check_transferable, load_eval_data, load_run_checkpoint
 
-__all__ = ["ATTACK_ALIASES", "FLAT_ALIASES", "LIBRARY_BACKENDS", "AttackConfig", "EvalPlan", "plan_evaluations",
+__all__ = ["ATTACK_ALIASES", "RETIRED_OPTIONS", "LIBRARY_BACKENDS", "AttackConfig", "EvalPlan", "plan_evaluations",
            "MANIFEST_SCHEMA", "AttackResult", "check_transferable", "load_eval_data", "load_run_checkpoint",
            "run_attacks", "Batch", "Scorer", "bit_strings"]

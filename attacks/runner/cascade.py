@@ -27,16 +27,35 @@ which any of them fooled it, the attack's :attr:`attacks.base.Target.upper_bound
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Protocol, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
 
-from attacks.base import TRACKED_KINDS
+from attacks.base import TRACKED_KINDS, Attack
 
-if TYPE_CHECKING:
-    from attacks.runner.plan import EvalPlan
+
+class Linked(Protocol):
+    """What the cascade reads and sets of an evaluation (:class:`attacks.runner.plan.EvalPlan` is one); a protocol,
+    so this module does not import the planner that imports it."""
+
+    attack: Attack
+    eps: list[float]
+    gate_mode: str
+    gate_grad: str
+    target: str
+    source_run: str
+    after: tuple[str, ...]
+
+    @property
+    def norm(self) -> str: ...
+
+    @property
+    def id(self) -> str: ...
+
+
+Plan = TypeVar("Plan", bound=Linked)
 
 #: The columns a carried row takes from the earlier row that settled its sample (the clean columns are the same).
 CARRIED_COLUMNS = ("adv_pred_fine", "adv_pred_coarse", "adv_correct", "success", "robust", "nonfinite", "linf",
@@ -44,20 +63,20 @@ CARRIED_COLUMNS = ("adv_pred_fine", "adv_pred_coarse", "adv_correct", "success",
                    "frozen_correct", "found_by")
 
 
-def cascade_group(plan: EvalPlan) -> tuple[str, str, str, str] | None:
+def cascade_group(plan: Linked) -> tuple[str, str, str, str] | None:
     """The cascade group of ``plan`` (gate mode, routing gradient, head, norm); None: it attacks every sample."""
     if plan.source_run or plan.attack.kind not in TRACKED_KINDS or plan.gate_mode == "random":
         return None
     return plan.gate_mode, plan.gate_grad, plan.target, plan.norm
 
 
-def _evidence_group(plan: EvalPlan) -> tuple[str, str, str] | None:
+def _evidence_group(plan: Linked) -> tuple[str, str, str] | None:
     if plan.source_run or plan.gate_mode == "random":
         return None
     return plan.gate_mode, plan.target, plan.norm
 
 
-def link(plans: Sequence[EvalPlan], cascade: bool = True) -> list[EvalPlan]:
+def link(plans: Sequence[Plan], cascade: bool = True) -> list[Plan]:
     """``plans`` with refining attacks moved last and each plan's ``after`` set: the ids of the earlier plans of its
     cascade group (``cascade``), or, for a refining attack, of every earlier white-box plan it takes bounds from."""
     ordered = [p for p in plans if not p.attack.refines] + [p for p in plans if p.attack.refines]
@@ -75,7 +94,7 @@ def link(plans: Sequence[EvalPlan], cascade: bool = True) -> list[EvalPlan]:
     return ordered
 
 
-def settled(plan: EvalPlan, earlier: Sequence[pd.DataFrame], samples: np.ndarray,
+def settled(plan: Linked, earlier: Sequence[pd.DataFrame], samples: np.ndarray,
             device: torch.device) -> dict[float, torch.Tensor] | None:
     """Per positive budget of ``plan``: bool [B] over ``samples``, the samples an ``earlier`` frame (one batch of a
     predecessor's records) fooled at that budget. None when nothing is settled."""

@@ -10,10 +10,9 @@ default), each attack keeps its own default (PGD 50 x 5 restarts, APGD 100).
 
 ``backends`` is an ordered preference: each attack runs in the first listed backend that implements it (the
 suite's own ``native`` attacks run even when ``native`` is not listed, if no listed backend has them);
-``cross_check = true`` (or ``backends = "both"``) runs it in every listed backend that implements it. The flat names of
-earlier versions (``pgd_restarts``, ``cw_c``, ``apgd_steps``, ...; :data:`FLAT_ALIASES`) stay accepted, by the
-constructor and in the ``[attack]`` table, and set exactly the parameters they always set (``pgd_alpha`` and
-``pgd_random_start`` also reach path and slowdown).
+``cross_check = true`` (or ``backends = "both"``) runs it in every listed backend that implements it. An attack's
+parameters have one spelling, its own subtable: the flat names of earlier versions (``pgd_restarts``, ``cw_c``,
+``apgd_steps``, ...) are refused in one line naming that spelling (:data:`RETIRED_OPTIONS`, a message table only).
 
 ``subset`` says which ``n`` test images are attacked (:mod:`robustness.data.subset`): ``"stratified"`` (the
 default) draws them as equally per fine class as the split allows, seeded by ``subset_seed``; ``"first"`` takes
@@ -27,17 +26,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from attacks.base import BACKENDS, COMPUTE, ITERATIVE, attack_class, backends_for, known_attacks
+from attacks.base import COMPUTE, ITERATIVE, attack_class, backends_for, known_attacks, known_backends
 from attacks.runner.presets import PRESETS, preset_table
 from robustness.core.config import (MAX_COUNT, MAX_THREADS, MAX_WORKERS, brief_number, build, check_finite,
                                     default_config_path, load_config_file)
 from robustness.core.errors import ConfigError, UnknownNameError
-from robustness.core.vocab import ATTACK_GATE_MODES, GRAD_MODES, HEADS, NORMS, parse_eps
+from robustness.core.norms import norm_for
+from models.routing import GRAD_MODES
+from robustness.core.vocab import ATTACK_GATE_MODES, HEADS, NORMS, parse_eps
 from robustness.data.subset import SUBSET_RULES, check_seed
 
 log = logging.getLogger(__name__)
@@ -55,26 +56,29 @@ LIBRARY_BACKENDS = ("torchattacks", "foolbox")
 #: kinds whose ``steps`` parameter follows the general ``steps`` unless set per attack
 STEPS_KINDS = (ITERATIVE, COMPUTE)
 
-#: flat option of earlier versions -> the (attack, parameter) pairs it sets
-FLAT_ALIASES: dict[str, tuple[tuple[str, str], ...]] = {
+#: flat options of earlier versions, refused: each -> the (attack, parameter) pairs it used to set, for the message
+#: naming the spelling that replaced it (not accepted as input)
+RETIRED_OPTIONS: dict[str, tuple[tuple[str, str], ...]] = {
     "pgd_alpha": (("pgd", "alpha"), ("path", "alpha"), ("slowdown", "alpha")),
     "pgd_random_start": (("pgd", "random_start"), ("path", "random_start"), ("slowdown", "random_start")),
-    "pgd_restarts": (("pgd", "restarts"),),
-    "cw_c": (("cw", "initial_c"),),
-    "cw_steps": (("cw", "steps"),),
-    "cw_lr": (("cw", "lr"),),
-    "cw_binary_steps": (("cw", "binary_steps"),),
-    "cw_kappa": (("cw", "kappa"),),
-    "apgd_steps": (("apgd-ce", "steps"), ("apgd-dlr", "steps")),
-    "apgd_restarts": (("apgd-ce", "restarts"), ("apgd-dlr", "restarts")),
-    "square_queries": (("square", "queries"),),
-    "square_restarts": (("square", "restarts"),),
-    "square_p_init": (("square", "p_init"),),
-    "path_lambda": (("path", "lam"),),
-    "path_steps": (("path", "steps"),),
-    "slowdown_steps": (("slowdown", "steps"),),
-    "slowdown_label_weight": (("slowdown", "label_weight"),),
+    "pgd_restarts": (("pgd", "restarts"),), "cw_c": (("cw", "initial_c"),), "cw_steps": (("cw", "steps"),),
+    "cw_lr": (("cw", "lr"),), "cw_binary_steps": (("cw", "binary_steps"),), "cw_kappa": (("cw", "kappa"),),
+    "apgd_steps": (("apgd", "steps"),), "apgd_restarts": (("apgd", "restarts"),),
+    "square_queries": (("square", "queries"),), "square_restarts": (("square", "restarts"),),
+    "square_p_init": (("square", "p_init"),), "path_lambda": (("path", "lam"),), "path_steps": (("path", "steps"),),
+    "slowdown_steps": (("slowdown", "steps"),), "slowdown_label_weight": (("slowdown", "label_weight"),),
 }
+
+
+def retired_option(key: str, value: Any, where: str) -> ConfigError:
+    """The one-line error for the flat option ``key`` of earlier versions: the subtable and ``--set`` spelling
+    that replaced it, with the value given (``VALUE`` when it is not one number or boolean)."""
+    shown = (str(value).lower() if isinstance(value, bool) else repr(value)
+             if isinstance(value, (int, float)) else "VALUE")
+    (attack, param), *others = RETIRED_OPTIONS[key]
+    also = f"; it also set {', '.join(f'[attack.{a}] {p}' for a, p in others)}" if others else ""
+    return ConfigError(f"{where}: {key} is no longer an option; write [attack.{attack}] {param} = {shown} (attack "
+                       f"--set {attack}.{param}={shown}, run --set attack.{attack}.{param}={shown}){also}")
 
 
 def split_list(value: Any) -> list[Any]:
@@ -119,7 +123,7 @@ class AttackConfig:
     fixed-budget floor under the L2 numbers). ``cascade`` (True) runs each fixed-budget attack only on the samples
     that the attacks before it (same gate mode, routing gradient, head and norm) left robust, as AutoAttack does
     (:mod:`attacks.runner.cascade`); false attacks every sample with every attack. ``params`` holds each attack's
-    own parameters by attack name; the flat names of :data:`FLAT_ALIASES` are accepted as keywords.
+    own parameters by attack name (an alias such as ``apgd`` sets each of its members').
     """
 
     attacks: list[str] | str = field(
@@ -147,26 +151,8 @@ class AttackConfig:
     minimal_check: bool = True
     cascade: bool = True
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # flat aliases (FLAT_ALIASES order): folded into ``params`` and not kept as fields
-    pgd_alpha: InitVar[float | None] = None
-    pgd_random_start: InitVar[bool | None] = None
-    pgd_restarts: InitVar[int | None] = None
-    cw_c: InitVar[list[float | str] | float | str | None] = None
-    cw_steps: InitVar[int | None] = None
-    cw_lr: InitVar[float | None] = None
-    cw_binary_steps: InitVar[int | None] = None
-    cw_kappa: InitVar[float | None] = None
-    apgd_steps: InitVar[int | None] = None
-    apgd_restarts: InitVar[int | None] = None
-    square_queries: InitVar[int | None] = None
-    square_restarts: InitVar[int | None] = None
-    square_p_init: InitVar[float | None] = None
-    path_lambda: InitVar[float | None] = None
-    path_steps: InitVar[int | None] = None
-    slowdown_steps: InitVar[int | None] = None
-    slowdown_label_weight: InitVar[float | None] = None
 
-    def __post_init__(self, *flat: Any) -> None:
+    def __post_init__(self) -> None:
         known = dedupe(known_attacks() + list(ATTACK_ALIASES))
         self.attacks = [str(a).lower() for a in split_list(self.attacks)]
         if not self.attacks:
@@ -195,8 +181,8 @@ class AttackConfig:
             self.cross_check = True
         backends = sum((list(LIBRARY_BACKENDS) if b == "both" else [b] for b in backends), [])
         for b in backends:
-            if b not in BACKENDS:
-                raise UnknownNameError("backend", b, list(BACKENDS) + ["both"])
+            if b not in known_backends():
+                raise UnknownNameError("backend", b, known_backends() + ["both"])
         self.backends = dedupe(backends)
         if not self.backends:
             raise ConfigError("no backend given")
@@ -231,7 +217,7 @@ class AttackConfig:
         if self.subset not in SUBSET_RULES:
             raise UnknownNameError("subset rule", self.subset, SUBSET_RULES)
         self.subset_seed = check_seed(self.subset_seed, "subset_seed")
-        self.params = _fold_aliases(_own_params(self.params), dict(zip(FLAT_ALIASES, flat)))
+        self.params = _own_params(self.params)
         asked = set(self.expanded_attacks())
         for name in self.params:
             # an attack that runs is checked against the backends it runs in (warning about an option only another
@@ -267,35 +253,24 @@ class AttackConfig:
 
     @classmethod
     def from_table(cls, table: dict[str, Any], where: str = "[attack]") -> "AttackConfig":
-        """The config an ``[attack]`` table describes: general keys, flat aliases and ``[attack.<name>]``
-        subtables (what config files and ``dsn-robust run`` use). A parameter set twice (flat and in its
-        subtable) is a ConfigError."""
+        """The config an ``[attack]`` table describes: general keys and ``[attack.<name>]`` subtables (what config
+        files and ``dsn-robust run`` use). A flat option of earlier versions (:data:`RETIRED_OPTIONS`) is a
+        ConfigError naming its subtable spelling."""
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: expected a table of options, got {type(table).__name__}")
         if table.get("preset"):  # the preset's keys first, the table's own on top
             table = {**preset_table(str(table["preset"])), **table}
         subtables = {k: v for k, v in table.items() if isinstance(v, dict)}
-        general = {k: v for k, v in table.items() if k not in subtables and k not in FLAT_ALIASES}
-        flat = {k: v for k, v in table.items() if k in FLAT_ALIASES}
+        general = {k: v for k, v in table.items() if k not in subtables}
+        retired = next((k for k in general if k in RETIRED_OPTIONS), None)
+        if retired is not None:
+            raise retired_option(retired, general[retired], where)
         names = {f.name for f in dataclasses.fields(cls)} - {"params"}
         unknown = sorted(set(general) - names)
         if unknown:
             raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; valid: "
-                              f"{', '.join(sorted(names | set(FLAT_ALIASES)))} and [attack.<name>] tables")
-        for alias, value in flat.items():
-            for name, key in FLAT_ALIASES[alias]:
-                sub = next((s for s in (name, *[a for a, m in ATTACK_ALIASES.items() if name in m])
-                            if key in subtables.get(s, {})), None)
-                if sub is not None:
-                    raise ConfigError(f"{where}: {alias} and [attack.{sub}] {key} both set {name}'s {key}; "
-                                      f"keep one")
-        config = build(cls, {**general, "params": subtables}, where=where)
-        if not flat:
-            return config
-        try:
-            return dataclasses.replace(config, **flat)
-        except ConfigError as err:
-            raise ConfigError(f"{where}: {err}") from None
+                              f"{', '.join(sorted(names))} and [attack.<name>] tables")
+        return build(cls, {**general, "params": subtables}, where=where)
 
     def backends_of(self, name: str) -> list[str]:
         """The backends attack ``name`` runs in: the first listed one that implements it (every listed one with
@@ -406,13 +381,13 @@ def _check_param_numbers(values: dict[str, Any], where: str) -> None:
 
 
 def _check_eps(values: list[float], norm: str, name: str) -> None:
+    threat = norm_for(norm)
     for e in values:
         if math.isnan(e) or e < 0:
             raise ConfigError(f"{name} {e:g} is negative; budgets are in [0, 1] pixel units")
-        if norm == "linf" and e > 1:
-            raise ConfigError(f"{name} {e:g} is outside [0, 1]: images are in [0, 1] (did you mean {e:g}/255?)")
-        if norm == "l2" and math.isinf(e):
-            raise ConfigError(f"{name} must be finite")
+        problem = threat.budget_problem(e)
+        if problem is not None:
+            raise ConfigError(f"{name} {problem}")
 
 
 def _own_params(params: Any) -> dict[str, dict[str, Any]]:
@@ -432,18 +407,3 @@ def _own_params(params: Any) -> dict[str, dict[str, Any]]:
         if name not in ATTACK_ALIASES:
             out[name] = {**out.get(name, {}), **values}
     return out
-
-
-def _fold_aliases(params: dict[str, dict[str, Any]], flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``params`` with every flat alias that is set (not None) written into the parameters it names."""
-    for alias, value in flat.items():
-        if value is None:
-            continue
-        if alias == "cw_c":  # a grid of c once; foolbox's search starts at its smallest value
-            try:
-                value = min(float(c) for c in split_list(value))
-            except (TypeError, ValueError):
-                raise ConfigError(f"cw_c must be numbers, got {value!r}") from None
-        for name, key in FLAT_ALIASES[alias]:
-            params.setdefault(name, {})[key] = value
-    return params

@@ -16,9 +16,13 @@ from attacks.base import GRADIENT_FREE, MINIMAL, Attack, attack_class, backends_
 from attacks.runner.cascade import link
 from attacks.runner.config import AttackConfig, dedupe
 from robustness.core.errors import ConfigError
+from robustness.core.norms import L2_NORM
 from robustness.core.runtime import jsonable
 
 log = logging.getLogger(__name__)
+
+#: The norm of ``cw_eps``: the L2 budgets a minimal-norm attack outside the run's norm is scored at.
+CW_EPS_NORM = L2_NORM.name
 
 
 def _safe(name: str) -> str:
@@ -101,10 +105,10 @@ def _attacks_to_run(config: AttackConfig) -> list[tuple[str, str, str, list[floa
                 continue
             norms = [v for v in cls.norms if v == config.norm or v in config.distance_norms] or [cls.norms[0]]
             for norm in norms:
-                eps = list(config.cw_eps) if norm == "l2" and norm != config.norm else []
+                eps = list(config.cw_eps) if norm == CW_EPS_NORM and norm != config.norm else []
                 out.append((name, backend, norm, dedupe([*eps, math.inf])))
                 check = config.backends_of("pgd") if config.minimal_check and "pgd" in known_attacks() else []
-                if norm != config.norm and norm == "l2" and check and config.cw_eps:
+                if norm != config.norm and norm == CW_EPS_NORM and check and config.cw_eps:
                     out.append(("pgd", check[0], norm, list(config.cw_eps)))
     return _unique(out)
 

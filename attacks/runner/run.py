@@ -51,6 +51,7 @@ from attacks.runner.sizing import resolve_batch_size
 from attacks.runner.subject import (Subject, check_transferable, load_run_checkpoint, load_subject, state_sha256,
                                     subject_sha256)
 from models.network import CoarseFineNet
+from models.routing import routing_gradient
 from robustness.core.errors import ConfigError, RunDirError
 from robustness.core.progress import heartbeat, progress_bar
 from robustness.core.files import atomic_write, atomic_write_json, file_sha256
@@ -293,7 +294,7 @@ def _attack_batches(run: RunDir, model_name: str, model: CoarseFineNet, crafting
                 unit_seed = derive_seed(config.seed, plan.id, b)
                 earlier = [_batch_records(run, q, b, frames) for q in plan.after]
                 crafting = Target(crafting_model, plan.target, plan.gate_mode, plan.gate_grad, config.eot_samples,
-                                  device, temperature=temperature if plan.gate_grad == "sharp" else None,
+                                  device, temperature=temperature if routing_gradient(plan.gate_grad).needs_temperature else None,
                                   keep_first=not plan.source_run)
                 if plan.attack.refines:
                     bound = cascade.known_distances(earlier, batch.samples, plan.norm)

@@ -51,6 +51,17 @@ class Subject:
         return self.subset if self.subset is not None else given_subset(self.data)
 
 
+def build_subject(model: CoarseFineNet, data: CoarseFineDataset, data_source: dict[str, Any], *,
+                  subset: Subset | None, model_name: str = "", dataset: DatasetInfo | None = None,
+                  checkpoint: str = "") -> Subject:
+    """The one constructor of a :class:`Subject`: a trained run's (:func:`load_subject`) and a model handed over in
+    memory (``robustness.api_data.make_subject``). ``model_name`` defaults to the model's own ``model_name``, else
+    its class name; ``dataset`` to ``data.info`` (a run passes its checkpoint's, which its test data was checked
+    against); ``subset`` is which samples of the split ``data`` holds (None: ``data`` as given)."""
+    name = model_name or getattr(model, "model_name", "") or type(model).__name__
+    return Subject(model, name, data.info if dataset is None else dataset, data, data_source, checkpoint, subset)
+
+
 def load_run_checkpoint(run: RunDir) -> Checkpoint:
     """The run's best checkpoint, else its last; CheckpointError when it has neither."""
     run.require()
@@ -102,8 +113,9 @@ def load_subject(run: RunDir, n: int, device: torch.device, rule: str = "stratif
     checkpoint = load_run_checkpoint(run)
     model = checkpoint.build_model(device).requires_grad_(False)  # attacks need input gradients only
     data, data_source, subset = eval_data(run, checkpoint, n, rule, seed)
-    return Subject(model, checkpoint.model_name, checkpoint.dataset, data, data_source,
-                   str(checkpoint.path.relative_to(run.root)) if checkpoint.path else "", subset)
+    return build_subject(model, data, data_source, subset=subset, model_name=checkpoint.model_name,
+                         dataset=checkpoint.dataset,
+                         checkpoint=str(checkpoint.path.relative_to(run.root)) if checkpoint.path else "")
 
 
 def state_sha256(model: torch.nn.Module) -> str:

@@ -45,7 +45,7 @@ def evaluate(model: CoarseFineNet, data: CoarseFineDataset, device: torch.device
         x, fine, coarse = data.batch(chunk)
         x = to_device(x, device, channels_last)
         with autocast(device, amp):
-            out = model(x, mode=mode, grad="none")
+            out = model(x, mode=mode, gate_grad="none")
         sums[0] += len(chunk)
         sums[1] += (out.fine.argmax(1).cpu() == fine).sum().item()
         sums[2] += (out.coarse.argmax(1).cpu() == coarse).sum().item()

@@ -7,7 +7,7 @@ one would have drawn.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch.nn import functional as F
@@ -15,11 +15,25 @@ from torch.nn import functional as F
 from models.gates import hardsig_slope
 from robustness.core.runtime import derive_seed
 
-if TYPE_CHECKING:
-    from models.training.config import TrainConfig
+
+class Schedule(Protocol):
+    """The training settings the schedules read (:class:`models.training.config.TrainConfig` is one); a protocol,
+    so this module does not import the config that imports it."""
+
+    epochs: int
+    schedule: str
+    milestones: list[int]
+    gamma: float
+    lr_warmup_epochs: int
+    lr_warmup_start: float
+    warmup_epochs: int
+    ramp_epochs: int
+    slope_start: float
+    slope_growth: float
+    slope_max: float
 
 
-def lr_factor(config: "TrainConfig", t: float) -> float:
+def lr_factor(config: Schedule, t: float) -> float:
     """Learning-rate multiplier at (fractional) epoch ``t`` from the start of training.
 
     During ``lr_warmup_epochs`` it ramps linearly from ``lr_warmup_start`` (at t = 0) to 1, then follows the
@@ -36,13 +50,13 @@ def lr_factor(config: "TrainConfig", t: float) -> float:
     return c.gamma ** sum(1 for m in milestones if int(t) >= m)
 
 
-def slope_at(config: "TrainConfig", epoch: int) -> float:
+def slope_at(config: Schedule, epoch: int) -> float:
     """Hard-sigmoid slope of (0-based) ``epoch``: ``slope_start`` during warm-up, then annealed."""
     c = config
     return hardsig_slope(epoch - c.warmup_epochs, c.slope_start, c.slope_growth, c.slope_max)
 
 
-def gate_weight_at(config: "TrainConfig", epoch: int, fraction: float) -> float:
+def gate_weight_at(config: Schedule, epoch: int, fraction: float) -> float:
     """Weight in [0, 1] of the budget and ranking terms at ``fraction`` of (0-based) ``epoch``."""
     gated = epoch - config.warmup_epochs
     if gated < 0:

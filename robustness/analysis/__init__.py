@@ -10,6 +10,8 @@
   accuracy and the compute attacks' table.
 - :mod:`~robustness.analysis.headline`: a run's headline. Import it from its module (it uses
   ``robustness.sanity`` and ``robustness.results``, like ``compare``).
+- :mod:`~robustness.analysis.run`: one run's analysis, computed once per process (sanity verdicts, worst case,
+  minimal distances, curves, gate statistics, headline); import it from its module, like ``headline``.
 - :mod:`~robustness.analysis.compare`: the skip vs no-skip verdict. Import it from its module: it builds on
   ``robustness.sanity``, which builds on this package, so it is not re-exported here.
 """

@@ -10,20 +10,18 @@ is :func:`robustness.analysis.compare.compare_runs`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from robustness.analysis.selection import whitebox
+from robustness.analysis.variant import Variant
 from robustness.analysis.verdict import (CHANCE_ALPHA, MAX_CLEAN_GAP, NEAR_CHANCE_FACTOR, Health, PairVerdict,
                                          chance_level_reasons, chance_p, health_reasons, join_reasons,
                                          paired_count_reason)
 from robustness.core.errors import DataError
 from robustness.data.base import DatasetInfo
 from robustness.sanity import Check
-
-if TYPE_CHECKING:
-    from robustness.analysis.compare import Variant
 
 #: Name of the sanity check that reports each pair's training health on the comparison page.
 HEALTH_CHECK = "training health"

@@ -20,7 +20,8 @@ bootstrap over seeds and samples, a seed-level sign-flip test). The reports only
 / ``SeedComparison``.
 
 The pair guards (training health, same samples) are :mod:`robustness.analysis.comparability`, the fixed-eps
-fallback :mod:`robustness.analysis.fixed_eps`, the verdict line's text :mod:`robustness.analysis.compare_text`.
+fallback :mod:`robustness.analysis.fixed_eps`, the verdict line's text :mod:`robustness.analysis.compare_text`;
+the variant type they all read :mod:`robustness.analysis.variant`.
 
 This module is not re-exported by ``robustness.analysis``: it uses ``robustness.sanity``, which itself builds on
 the analysis package.
@@ -30,7 +31,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import pandas as pd
@@ -40,49 +40,25 @@ from robustness.analysis.answer import short_answer
 from robustness.analysis.comparability import _health, _health_checks, _same_samples
 from robustness.analysis.compare_text import (_cannot_tell, _distance_clause, _fixed_clause, _fixed_what, distance_what,
                                               routing_grads)
-from robustness.analysis.distances import (DISTANCE_KEYS, DistanceComparison, compare_distances,
-                                           minimal_distances, robustness_curve)
+from robustness.analysis.distances import DISTANCE_KEYS, DistanceComparison, compare_distances, robustness_curve
 from robustness.analysis.fixed_eps import _fixed_eps_effect, _fixed_eps_pair
-from robustness.analysis.metrics import compute_saved, is_gated
+from robustness.analysis.metrics import is_gated
+from robustness.analysis.run import analyse
 from robustness.analysis.selection import accuracy_rows, strongest_per_sample, whitebox
 from robustness.analysis.stats import PAIR_KEYS, paired_difference, wilson_interval
 from robustness.analysis.transfer import transfer_matrix
+from robustness.analysis.variant import Variant
 from robustness.analysis.verdict import Health, PairVerdict, judge, lead, seeds_scope
 from robustness.core.errors import RunDirError
+from robustness.core.norms import NORM_NAMES
 from robustness.core.vocab import FORWARD_MODES, format_distance, format_eps
 from robustness.results import RunResults
-from robustness.sanity import Check, run_checks
+from robustness.sanity import Check
 
 log = logging.getLogger(__name__)
 
 #: Order of a run's variants: the skipping modes first, the no-skip view (``open``) last.
 VARIANT_ORDER: list[str] = [m for m in FORWARD_MODES if m != "open"] + ["open"]
-
-
-@dataclass
-class Variant:
-    """One (run, gate mode) of a comparison."""
-
-    label: str
-    run: RunResults
-    gate_mode: str
-    records: pd.DataFrame
-    skipping: bool
-
-    @property
-    def compute_saved(self) -> float:
-        """1 - mean clean MACs / full MACs on this variant's white-box records (NaN without full_macs)."""
-        return compute_saved(whitebox(self.records), self.run.full_macs)
-
-    @cached_property
-    def minimal(self) -> pd.DataFrame:
-        """This variant's minimal distances (:func:`distances.minimal_distances`), computed once."""
-        return minimal_distances(self.records)
-
-    def distances(self, norm: str, target: str) -> pd.DataFrame:
-        """Minimal distances in ``norm`` for head ``target`` (minimum over attacks and routing gradients)."""
-        d = self.minimal
-        return d[(d["norm"] == norm) & (d["target"] == target)]
 
 
 @dataclass
@@ -205,7 +181,7 @@ def _distance_setting(variants: Sequence[Variant]) -> tuple[str, str] | None:
         d = v.minimal
         keys = set(zip(d["norm"].astype(str), d["target"].astype(str)))
         have = keys if have is None else have & keys
-    for norm in ("linf", "l2"):
+    for norm in NORM_NAMES:
         for head in ("fine", "coarse"):
             if have and (norm, head) in have:
                 return norm, head
@@ -222,22 +198,6 @@ def _clean_accuracy(variants: Sequence[Variant], head: str) -> pd.DataFrame:
         rows.append({"variant": v.label, "n": len(wb), "clean_acc": iv.estimate, "clean_acc_low": iv.low,
                      "clean_acc_high": iv.high})
     return pd.DataFrame(rows, columns=["variant", "n", "clean_acc", "clean_acc_low", "clean_acc_high"])
-
-
-def _queries(run: RunResults) -> dict[str, int] | None:
-    """The run's gradient-free query budget, keyed as the sanity checks read it."""
-    q = run.gradient_free_queries
-    return {run.name: q} if q is not None else None
-
-
-def run_sanity(run: RunResults, zero_grad_share: float | Mapping[str, float] | None = None) -> list[Check]:
-    """The gradient-masking checks of one run, as its report and every comparison show them: the one place that
-    hands the run's zero-input-gradient share (measured by the attack run, in its manifest) and its gradient-free
-    query budget to :func:`robustness.sanity.run_checks`, so both pages give the same verdicts.
-    ``zero_grad_share`` replaces the manifest's measurement (a caller that measured it itself)."""
-    share = run.zero_grad_share if zero_grad_share is None else zero_grad_share
-    return run_checks(run.records, zero_grad_share=share, queries=_queries(run))
-
 
 
 def compare_runs(runs: Sequence[RunResults], labels: Sequence[str] | None = None, *, n_boot: int = 1000,
@@ -343,6 +303,6 @@ def compare_runs(runs: Sequence[RunResults], labels: Sequence[str] | None = None
                       compute=_compute_points(variants, combined, distances, distance_pairs,
                                               pairs[0] if pairs else None),
                       transfer=transfer_matrix([r.records for r in runs]),
-                      sanity={name: run_sanity(r) for name, r in zip(names, runs)},
+                      sanity={name: list(analyse(r).checks) for name, r in zip(names, runs)},
                       notes=notes, n_boot=n_boot, seed=seed, verdicts=verdicts, health=health_checks,
                       setting=setting, scope=scope)

@@ -7,18 +7,15 @@ into the one line ``dsn-robust run`` ends with.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from robustness.analysis.distances import DistanceComparison
 from robustness.analysis.selection import whitebox
+from robustness.analysis.variant import Variant
 from robustness.analysis.verdict import PairVerdict
-from robustness.core.vocab import ROUTING_GRADIENTS, format_distance, format_eps
-
-if TYPE_CHECKING:
-    from robustness.analysis.compare import Variant
-
-NORM_NAMES = {"linf": "L-inf", "l2": "L2"}
-
+from models.routing import ROUTING_GRADIENTS
+from robustness.core.norms import title_of
+from robustness.core.vocab import format_distance, format_eps
 
 def _distance_clause(p: DistanceComparison, v: PairVerdict) -> str:
     fmt = lambda x: format_distance(x, p.norm)  # noqa: E731
@@ -42,7 +39,7 @@ def routing_grads(skip: Variant) -> list[str]:
 
 
 def distance_what(norm: str, grads: Sequence[str]) -> str:
-    return (f"minimal {NORM_NAMES.get(norm, norm)} distance per sample, minimum over attacks and routing "
+    return (f"minimal {title_of(norm, plain=True)} distance per sample, minimum over attacks and routing "
             f"gradients (none{'/' + '/'.join(grads) if grads else ''})")
 
 

@@ -30,6 +30,7 @@ from attacks.records import accuracy_rows
 from robustness.analysis.selection import whitebox
 from robustness.analysis.stats import Interval, bootstrap_many, wilson_interval
 from robustness.analysis.verdict import ONE_SEED, Effect, Health, PairedTest, PairVerdict, classify, judge
+from robustness.core.norms import NORM_NAMES, norm_for
 
 #: Keys of one set of distances (one model in one gate mode, head and norm).
 DISTANCE_KEYS: list[str] = ["run", "model", "gate_mode", "target", "norm"]
@@ -65,10 +66,21 @@ def evidence_rows(records: pd.DataFrame, by_grad: bool = False) -> pd.DataFrame:
         return minimal
     # an example the budget check accepted at eps is an example at eps: its norm can exceed eps by the float
     # tolerance (20.75/255 + 4e-9), which would count the sample robust at eps on the curve that eps broke
-    for norm in ("linf", "l2"):
+    for norm in NORM_NAMES:  # each norm's distance is the records' column of its name
         at = (fixed["norm"].astype(str) == norm).to_numpy()
         fixed.loc[at, norm] = np.minimum(fixed.loc[at, norm].to_numpy(float), fixed.loc[at, "eps"].to_numpy(float))
     return pd.concat([minimal, fixed], ignore_index=True)
+
+
+def _own_norm(rows: pd.DataFrame) -> np.ndarray:
+    """Each row's distance in its own norm: the column named after the row's ``norm`` (``l2`` for a norm this
+    version does not know)."""
+    names = rows["norm"].astype(str).to_numpy()
+    value = rows["l2"].to_numpy(float).copy()
+    for norm in NORM_NAMES:
+        at = names == norm
+        value[at] = rows.loc[at, norm].to_numpy(float)
+    return value
 
 
 def minimal_distances(records: pd.DataFrame, by_grad: bool = False, fixed: bool = True) -> pd.DataFrame:
@@ -87,8 +99,7 @@ def minimal_distances(records: pd.DataFrame, by_grad: bool = False, fixed: bool 
     if rows.empty:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in keys + DISTANCE_COLUMNS})
     rows = rows.reset_index(drop=True)
-    norm_value = np.where(rows["norm"].astype(str).to_numpy() == "linf", rows["linf"].to_numpy(float),
-                          rows["l2"].to_numpy(float))
+    norm_value = _own_norm(rows)
     fooled = rows["success"].to_numpy(bool)
     if "nonfinite" in rows.columns:  # a correct sample whose model stops computing at this perturbation is broken
         fooled = fooled | (rows["nonfinite"].to_numpy(bool) & rows["clean_correct"].to_numpy(bool))
@@ -334,13 +345,9 @@ INFORMATIVE: tuple[float, float] = (0.1, 0.9)
 
 
 def round_eps(value: float, norm: str) -> float:
-    """A budget people can read and type: L-inf from 0.5/255 up to the nearest quarter of 1/255, below that (and
-    L2) two significant digits (of 1/255 units for L-inf)."""
-    if norm == "linf" and value * 255 >= 0.5:
-        return round(value * 255 * 4) / (4 * 255)
-    if norm == "linf":
-        return float(f"{value * 255:.2g}") / 255
-    return float(f"{value:.2g}") if value > 0 else value
+    """A budget people can read and type (:meth:`robustness.core.norms.Norm.round_budget`): L-inf from 0.5/255 up
+    to the nearest quarter of 1/255, below that (and L2) two significant digits (of 1/255 units for L-inf)."""
+    return norm_for(norm).round_budget(value)
 
 
 def auto_eps_grid(reference: pd.DataFrame, others: Sequence[pd.DataFrame] = (), norm: str = "linf",

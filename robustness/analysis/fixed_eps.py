@@ -7,17 +7,16 @@ effect and test the verdict rule judges (:func:`_fixed_eps_effect`). Used by
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from robustness.analysis.stats import PAIR_KEYS, bootstrap_many, mcnemar_test
+from robustness.analysis.variant import Variant
 from robustness.analysis.verdict import Effect, PairedTest
+from robustness.core.norms import NORM_NAMES
 from robustness.core.vocab import format_eps
-
-if TYPE_CHECKING:
-    from robustness.analysis.compare import Variant
 
 
 def _fixed_eps_pair(a: Variant, b: Variant, ca: pd.DataFrame, cb: pd.DataFrame, n_boot: int,
@@ -37,7 +36,8 @@ def _fixed_eps_pair(a: Variant, b: Variant, ca: pd.DataFrame, cb: pd.DataFrame, 
         return None
     if (j["target"] == "fine").any():
         j = j[j["target"] == "fine"]
-    norm = "linf" if (j["norm"] == "linf").any() else str(j["norm"].iloc[0])
+    first = NORM_NAMES[0]  # the default threat model (linf) when the rows have it
+    norm = first if (j["norm"] == first).any() else str(j["norm"].iloc[0])
     j = j[j["norm"] == norm].astype({"robust_a": bool, "robust_b": bool, "clean_correct_a": bool,
                                     "clean_correct_b": bool})
     per = j.groupby(PAIR_KEYS, sort=True, observed=True).agg(

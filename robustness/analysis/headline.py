@@ -225,8 +225,8 @@ def _clean(rows: pd.DataFrame) -> Interval:
     return wilson_interval(int(per_sample.sum()), len(per_sample))
 
 
-def _robust(records: pd.DataFrame, scope: dict[str, str]) -> tuple[RobustAt, ...]:
-    worst = worst_case_accuracy(records)
+def _robust(records: pd.DataFrame, scope: dict[str, str], worst: pd.DataFrame | None) -> tuple[RobustAt, ...]:
+    worst = worst_case_accuracy(records) if worst is None else worst
     if worst.empty:
         return ()
     eps = worst["eps"].to_numpy(float)
@@ -241,12 +241,17 @@ def _robust(records: pd.DataFrame, scope: dict[str, str]) -> tuple[RobustAt, ...
                                    int(r["n"])), str(r["attacks"])) for _, r in grid.iterrows())
 
 
-def _distances(rows: pd.DataFrame, n_boot: int, seed: int) -> tuple[MedianDistance, ...]:
+def _distances(rows: pd.DataFrame, n_boot: int, seed: int, scope: dict[str, str],
+               minimal: pd.DataFrame | None) -> tuple[MedianDistance, ...]:
     norms = [n for n in NORMS if (rows["norm"].astype(str) == n).any()]
     if minimal_rows(rows).empty:
         reason = "no minimal-norm attack in this run (no white-box rows at eps = inf)"
         return tuple(MedianDistance(n, None, reason=reason) for n in norms)
-    dist = minimal_distances(rows)
+    if minimal is None:
+        dist = minimal_distances(rows)
+    else:  # the run's distances are per gate mode and head: those of the scope are the scoped rows' own
+        in_scope = np.logical_and.reduce([(minimal[k].astype(str) == v).to_numpy(bool) for k, v in scope.items()])
+        dist = minimal[in_scope].reset_index(drop=True)
     out = []
     for norm in norms:
         d = dist[dist["norm"].astype(str) == norm]
@@ -271,8 +276,12 @@ def nonfinite_samples(records: pd.DataFrame) -> int:
     return int(records.loc[flagged, "sample"].nunique())
 
 
-def run_headline(run: RunResults, checks: Sequence[Check], n_boot: int = 1000, seed: int = 0) -> RunHeadline:
-    """The headline of a loaded run (see the module docstring); ``checks`` are the run's ``sanity.run_checks``."""
+def run_headline(run: RunResults, checks: Sequence[Check], n_boot: int = 1000, seed: int = 0, *,
+                 worst_case: pd.DataFrame | None = None, minimal: pd.DataFrame | None = None) -> RunHeadline:
+    """The headline of a loaded run (see the module docstring); ``checks`` are the run's ``sanity.run_checks``.
+    ``worst_case`` (``metrics.worst_case_accuracy``) and ``minimal`` (``distances.minimal_distances``) of the run's
+    records, when the caller has them (:class:`robustness.analysis.run.RunAnalysis`), are used instead of computing
+    them again."""
     records = run.records
     scope = headline_scope(records) or {"gate_mode": "", "target": ""}
     rows = scoped(records, scope)
@@ -285,8 +294,8 @@ def run_headline(run: RunResults, checks: Sequence[Check], n_boot: int = 1000, s
         saved, reason = compute_saved(rows, run.full_macs), ""
     return RunHeadline(
         run=run.name, model=run.model, gate_mode=scope["gate_mode"], target=scope["target"], gated=gated,
-        clean=_clean(rows) if len(rows) else Interval(NAN, NAN, NAN, 0), robust=_robust(records, scope),
-        distances=_distances(rows, n_boot, seed), compute_saved=saved, compute_reason=reason,
+        clean=_clean(rows) if len(rows) else Interval(NAN, NAN, NAN, 0), robust=_robust(records, scope, worst_case),
+        distances=_distances(rows, n_boot, seed, scope, minimal), compute_saved=saved, compute_reason=reason,
         masking=worst_status(checks), masking_warnings=tuple(c.name for c in checks if c.status in ("fail", "warn")),
         masking_ran=sum(c.status != "skip" for c in checks), masking_total=len(checks),
         subset=SubsetSummary.of(run.subset, run.n or 0), complete=run.complete, incomplete=run.incomplete_line,

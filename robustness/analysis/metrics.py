@@ -159,10 +159,12 @@ def worst_case_accuracy(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFr
     return pd.DataFrame(rows, columns=cols)
 
 
-def robust_accuracy_table(df: pd.DataFrame, include_worst: bool = True, confidence: float = 0.95) -> pd.DataFrame:
+def robust_accuracy_table(df: pd.DataFrame, include_worst: bool = True, confidence: float = 0.95,
+                          worst: pd.DataFrame | None = None) -> pd.DataFrame:
     """Tidy robust accuracy per evaluation (and per eps): :data:`EVAL_KEYS`, ``n``, ``robust_acc`` (+ Wilson
     ``_low``/``_high``); with ``include_worst``, worst-case rows (``attack='worst'``, ``backend='any'``,
-    ``gate_grad='any'``) are appended."""
+    ``gate_grad='any'``) are appended: ``worst``, the records' :func:`worst_case_accuracy` when the caller has it
+    (:class:`robustness.analysis.run.RunAnalysis`), else computed here."""
     rows = []
     for key, g in df.groupby(EVAL_KEYS, sort=True, observed=True, dropna=False):
         row = dict(zip(EVAL_KEYS, key), n=len(g))
@@ -171,7 +173,8 @@ def robust_accuracy_table(df: pd.DataFrame, include_worst: bool = True, confiden
     cols = EVAL_KEYS + ["n", "robust_acc", "robust_acc_low", "robust_acc_high"]
     table = pd.DataFrame(rows, columns=cols)
     if include_worst and not df.empty:
-        worst = worst_case_accuracy(df, confidence).assign(attack="worst", backend="any", gate_grad="any")
+        worst = (worst_case_accuracy(df, confidence) if worst is None else worst).assign(
+            attack="worst", backend="any", gate_grad="any")
         table = pd.concat([table, worst[cols]], ignore_index=True) if len(table) else worst[cols]
     return table
 

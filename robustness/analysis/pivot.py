@@ -65,18 +65,28 @@ def _accuracy_groups(df: pd.DataFrame, attack: str | None, confidence: float) ->
 
 
 def accuracy_pivot(records: pd.DataFrame, scope: dict[str, str] | None = None,
-                   confidence: float = 0.95) -> pd.DataFrame:
+                   confidence: float = 0.95, worst: pd.DataFrame | None = None) -> pd.DataFrame:
     """Robust accuracy per accuracy attack and fixed budget (norm, finite eps > 0) in ``scope`` (default
     :func:`headline_scope`), each attack at its best backend and routing gradient per sample
     (:func:`strongest_per_sample`), plus the :data:`WORST_ROW` over all of them; tidy, :data:`PIVOT_COLUMNS`,
-    Wilson intervals."""
+    Wilson intervals. ``worst``: the records' ``metrics.worst_case_accuracy`` (at ``confidence``) when the caller
+    has it (:class:`robustness.analysis.run.RunAnalysis`); its rows in ``scope`` are the :data:`WORST_ROW`."""
     scope = headline_scope(records) if scope is None else scope
     rows = _fixed_budget(accuracy_rows(scoped(records, scope)))
     if rows.empty:
         return pd.DataFrame(columns=PIVOT_COLUMNS)
     out = _accuracy_groups(strongest_per_sample(rows), None, confidence)
-    out += _accuracy_groups(worst_case(rows), WORST_ROW, confidence)
+    out += (_accuracy_groups(worst_case(rows), WORST_ROW, confidence) if worst is None else
+            _worst_groups(_fixed_budget(scoped(worst, scope))))
     return pd.DataFrame(out, columns=PIVOT_COLUMNS)
+
+
+def _worst_groups(worst: pd.DataFrame) -> list[dict]:
+    """The :data:`WORST_ROW` rows from a ``worst_case_accuracy`` table of one run and scope (per norm and eps)."""
+    return [{"attack": WORST_ROW, "norm": str(r["norm"]), "eps": float(r["eps"]), "n": int(r["n"]),
+             "robust_acc": r["robust_acc"], "robust_acc_low": r["robust_acc_low"],
+             "robust_acc_high": r["robust_acc_high"]}
+            for _, r in worst.sort_values(["norm", "eps"], kind="stable").iterrows()]
 
 
 def compute_attack_table(records: pd.DataFrame, full_macs: float | None,

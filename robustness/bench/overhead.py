@@ -36,7 +36,7 @@ class _PlainLogits(nn.Module):
         self.model, self.head = model, head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x, mode="hard", grad="none").logits(self.head)
+        return self.model(x, mode="hard", gate_grad="none").logits(self.head)
 
 
 def sync(device: torch.device) -> None:

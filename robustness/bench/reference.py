@@ -10,10 +10,10 @@ eps the suite's worst case is within ``--max-gap`` points of this reference and 
 
 The attack, per eps, for every routing gradient ``g`` x loss ``l`` x restart ``r``:
 
-* model in eval mode; the gradient comes from ``model(x, mode=gate_mode, grad=g).logits(head)`` (``sharp``: inside
-  ``model.gating(grad="sharp", temperature=T)`` with ``T = models.surrogates.calibrate_temperature(model, x)``
-  calibrated once on the clean inputs and held fixed); success is judged by the *deployed* forward
-  ``model(x, mode=gate_mode, grad="none")`` without gradient;
+* model in eval mode; the gradient comes from ``model(x, mode=gate_mode, gate_grad=g).logits(head)`` (a gradient
+  that ``needs_temperature``, such as ``sharp``: inside ``model.gating(gate_grad=g, temperature=T)`` with
+  ``T = models.surrogates.calibrate_temperature(model, x)`` calibrated once on the clean inputs and held fixed);
+  success is judged by the *deployed* forward ``model(x, mode=gate_mode, gate_grad="none")`` without gradient;
 * random uniform start in the eps ball, ``steps`` sign-gradient steps of ``alpha = 2.5 * eps / steps``, projection
   onto the ball and [0, 1] after each step; losses ``ce`` (cross-entropy) and ``margin``
   (``max_{j != y} z_j - z_y``), both maximised;
@@ -26,7 +26,8 @@ The attack, per eps, for every routing gradient ``g`` x loss ``l`` x restart ``r
   BudgetViolation) and re-scored by one fresh deployed forward; the counts use the re-score.
 
 Seeds: ``torch.manual_seed(derive_seed(seed, eps_index, grad_index, loss_index, restart))`` with integer parts
-only (an arithmetic mix, no string hashing), indexes into the fixed tuples ``GRAD_MODES`` and ``LOSSES``, so a run's
+only (an arithmetic mix, no string hashing), indexes into ``GRAD_MODES`` (the registry's order, built-ins first: a
+plug-in never moves them) and ``LOSSES``, so a run's
 randomness does not depend on which other gradients or losses were asked for.
 
 Pitfalls recorded here:
@@ -62,11 +63,12 @@ from robustness.bench.reference_compare import (DEFAULT_EPS, EpsReport, Referenc
                                                 run_grid, suite_rows)
 from robustness.bench.reference_records import REFERENCE_ATTACK, params_of, record_reference
 from models.network import CoarseFineNet
+from models.routing import GRAD_MODES, routing_gradient
 from models.surrogates import calibrate_temperature
 from robustness.core.errors import BudgetViolation, ConfigError
 from robustness.core.rundir import RunDir
 from robustness.core.runtime import derive_seed
-from robustness.core.vocab import GRAD_MODES, HEADS, format_eps
+from robustness.core.vocab import HEADS, format_eps
 
 log = logging.getLogger(__name__)
 
@@ -219,12 +221,12 @@ def _no_parameter_grads(model: torch.nn.Module) -> Iterator[None]:
 def _deployed(model: CoarseFineNet, gate_mode: str, head: str) -> Logits:
     def predict(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return model(x, mode=gate_mode, grad="none").logits(head).argmax(1)
+            return model(x, mode=gate_mode, gate_grad="none").logits(head).argmax(1)
     return predict
 
 
 def _gradient_forward(model: CoarseFineNet, gate_mode: str, grad: str, head: str) -> Logits:
-    return lambda x: model(x, mode=gate_mode, grad=grad).logits(head)
+    return lambda x: model(x, mode=gate_mode, gate_grad=grad).logits(head)
 
 
 def attack_at_eps(model: CoarseFineNet, x: torch.Tensor, y: torch.Tensor, eps: float, eps_index: int,
@@ -232,11 +234,11 @@ def attack_at_eps(model: CoarseFineNet, x: torch.Tensor, y: torch.Tensor, eps: f
                   temperature: torch.Tensor | None = None) -> EpsOutcome:
     """Run every (gradient, loss, restart) of the reference at ``eps`` on the whole batch ``x``, ``y``.
 
-    ``grads`` overrides ``config.grads`` (e.g. ``("none",)`` for a model without gates); ``temperature`` is
-    ``sharp``'s (calibrated on ``x`` when None). Logs one line per gradient.
+    ``grads`` overrides ``config.grads`` (e.g. ``("none",)`` for a model without gates); ``temperature`` is that
+    of the gradients that need one (``sharp``; calibrated on ``x`` when None). Logs one line per gradient.
     """
     grads = tuple(grads or config.grads)
-    if "sharp" in grads and temperature is None:
+    if any(routing_gradient(g).needs_temperature for g in grads) and temperature is None:
         temperature = calibrate_temperature(model, x)
     start = time.perf_counter()
     deployed = _deployed(model, config.gate_mode, config.head)
@@ -249,8 +251,8 @@ def attack_at_eps(model: CoarseFineNet, x: torch.Tensor, y: torch.Tensor, eps: f
         for grad in grads:
             grad_start = time.perf_counter()
             with ExitStack() as stack:
-                if grad == "sharp":
-                    stack.enter_context(model.gating(grad="sharp", temperature=temperature))
+                if routing_gradient(grad).needs_temperature:
+                    stack.enter_context(model.gating(gate_grad=grad, temperature=temperature))
                 forward = _gradient_forward(model, config.gate_mode, grad, config.head)
                 for loss in config.losses:
                     found, adv = _restarts(forward, deployed, x, y, clean_correct, eps, eps_index, grad, loss,
@@ -347,7 +349,8 @@ def run_reference(run_dir: str, config: ReferenceConfig, device: torch.device | 
         why = "has no gates" if not model.is_gated else f"runs every block in gate mode {config.gate_mode!r}"
         log.info("%s %s: every routing gradient is the plain gradient; running 'none' only",
                  checkpoint.model_name, why)
-    temperature = calibrate_temperature(model, x) if "sharp" in grads else None
+    temperature = (calibrate_temperature(model, x) if any(routing_gradient(g).needs_temperature for g in grads)
+                   else None)
     rows = None
     if has_records:
         records = read_records(run.records)

@@ -17,6 +17,7 @@ import pandas as pd
 
 from attacks.records import accuracy_rows, worst_case
 from robustness.bench.reference_records import REFERENCE_ATTACK
+from robustness.core.norms import LINF
 
 #: The budgets of a run without attack records at L-inf fixed eps to take its grid from.
 DEFAULT_EPS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
@@ -51,7 +52,7 @@ def suite_rows(records: pd.DataFrame, gate_mode: str, head: str, n: int) -> pd.D
     """The records that make the suite's worst case comparable with the reference (see the module docstring)."""
     rows = accuracy_rows(records)
     keep = ((rows["source_run"].astype(str) == "") & (rows["gate_mode"].astype(str) == gate_mode)
-            & (rows["target"].astype(str) == head) & (rows["norm"].astype(str) == "linf")
+            & (rows["target"].astype(str) == head) & (rows["norm"].astype(str) == LINF.name)
             & (rows["sample"] < n))
     rows = rows[keep.to_numpy(bool)]
     if "robust" not in rows.columns:  # records from before the column existed

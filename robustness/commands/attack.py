@@ -27,19 +27,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from attacks.base import BACKENDS, COMPUTE, attack_class, attack_kind, backends_for, known_attacks
+from attacks.base import COMPUTE, attack_class, attack_kind, backends_for, known_attacks, known_backends
 from attacks.records import accuracy_rows, carried
-from attacks.runner import (ATTACK_ALIASES, FLAT_ALIASES, AttackConfig, AttackResult, load_run_checkpoint,
-                            run_attacks)
+from attacks.runner import ATTACK_ALIASES, AttackConfig, AttackResult, load_run_checkpoint, run_attacks
 from attacks.runner.config import EXECUTION_KEYS, STEPS_KINDS, default_attack_table, stored_table
 from attacks.runner.presets import PRESETS, preset_table
-from robustness.analysis.distances import median_distance, minimal_distances
+from robustness.analysis.distances import median_distance
 from robustness.analysis.headline import ModelCheckSummary
-from robustness.core.config import load_config_file, overridden, toml_value
+from robustness.core.config import load_config_file, overridden, parse_dotted
 from robustness.core.errors import ConfigError
 from robustness.core.errors import RunDirError
 from robustness.core.rundir import RunDir
-from robustness.core.vocab import ATTACK_GATE_MODES, GRAD_MODES, HEADS, NORMS, format_distance, format_eps
+from models.routing import GRAD_MODES, routing_gradient
+from robustness.core.vocab import ATTACK_GATE_MODES, HEADS, NORMS, format_distance, format_eps
 from robustness.data import DatasetInfo
 from robustness.data.subset import SUBSET_RULES
 from robustness.eps_grid import attack_runs, check_auto
@@ -83,11 +83,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--norm", choices=list(NORMS), help="threat model (default linf)")
     p.add_argument("--cw-eps", dest="cw_eps", help="L2 budgets at which the minimal-norm attacks (DDN, CW) are "
                                                    "scored when --norm is linf (default 0.25,0.5,1.0; also inf)")
-    p.add_argument("--backend", help=f"comma list, in order of preference, of {','.join(BACKENDS)} (each "
+    p.add_argument("--backend", help=f"comma list, in order of preference, of {','.join(known_backends())} (each "
                                      "attack runs in the first that has it; default all three), or both (both "
                                      "libraries, each attack in every one that has it)")
     p.add_argument("--gate-mode", dest="gate_modes", help=f"comma list of {','.join(ATTACK_GATE_MODES)} (default hard)")
-    p.add_argument("--gate-grad", dest="gate_grads", help=f"comma list of {','.join(GRAD_MODES)}")
+    p.add_argument("--gate-grad", dest="gate_grads",
+                   help="comma list of routing gradients (what the attacker differentiates through hard gates; "
+                        "every registered one, plug-ins included): "
+                        + "; ".join(f"{g} = {routing_gradient(g).summary}" for g in GRAD_MODES).replace("%", "%%"))
     p.add_argument("--target", choices=list(HEADS), help="head under attack (default fine)")
     p.add_argument("--n", type=int, help="number of test samples")
     p.add_argument("--subset", choices=list(SUBSET_RULES),
@@ -108,7 +111,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                             "--subset-seed)")
     p.add_argument("--steps", type=int, help="iterations of every iterative and compute attack (default: each its "
                                              f"own: {_own_steps()})")
-    p.add_argument("--restarts", dest="pgd_restarts", type=int, help="PGD restarts per loss")
+    p.add_argument("--restarts", type=int, metavar="N", help="PGD restarts per loss (the same as --set "
+                                                               "pgd.restarts=N)")
     p.add_argument("--threads", type=int, help="torch CPU threads while attacking (default 0: torch's default; 1 is "
                                                "many times faster for small models on a busy CPU)")
     p.add_argument("--workers", type=int, help="processes that share the batches on a CPU (default 1; needs at "
@@ -175,13 +179,14 @@ def config_from_args(args: argparse.Namespace, stored: dict[str, Any] | None = N
     backend = getattr(args, "backend", None)
     flags = {name: getattr(args, name, None) for name in
              ("attacks", "eps", "norm", "cw_eps", "gate_modes", "gate_grads", "target", "n", "subset", "subset_seed",
-              "batch_size", "device", "seed", "steps", "pgd_restarts", "eot_samples", "threads", "workers")}
+              "batch_size", "device", "seed", "steps", "eot_samples", "threads", "workers")}
     flags["backends"] = backend
     settings = [parse_setting(text) for text in getattr(args, "set", None) or []]
-    for alias, value in flags.items():
-        for name, key in FLAT_ALIASES.get(alias, ()) if value is not None else ():
-            if any(s[1] == key and name in ATTACK_ALIASES.get(s[0], [s[0]]) for s in settings):
-                raise ConfigError(f"--set {name}.{key} and the flag for {alias} both set it; keep one")
+    restarts = getattr(args, "restarts", None)
+    if restarts is not None:  # --restarts N is --set pgd.restarts=N
+        if any(key == "restarts" and "pgd" in ATTACK_ALIASES.get(attack, [attack]) for attack, key, _ in settings):
+            raise ConfigError("--set pgd.restarts and --restarts both set pgd's restarts; keep one")
+        settings.append(("pgd", "restarts", restarts))
     if settings:
         params = {name: dict(values) for name, values in base.params.items()}
         for attack, key, value in settings:
@@ -311,20 +316,22 @@ def dataset_options(info: DatasetInfo) -> dict[str, Any]:
 
 
 def parse_setting(text: str) -> tuple[str, str, Any]:
-    """``"pgd.restarts=5"`` -> ``("pgd", "restarts", 5)``: the value is read as a TOML value (a bare word that
-    is not TOML is a string)."""
-    target, sep, raw = text.partition("=")
-    attack, dot, key = target.strip().partition(".")
-    if not sep or not dot or not attack or not key.strip():
-        raise ConfigError(f"--set {text!r}: write ATTACK.KEY=VALUE, e.g. pgd.restarts=5")
-    return attack.strip().lower(), key.strip(), toml_value(raw)
+    """``"pgd.restarts=5"`` -> ``("pgd", "restarts", 5)``: the grammar and the value of ``run``'s ``--set``
+    (:func:`robustness.core.config.parse_dotted`), its first part an attack name."""
+    (attack, *key), value = parse_dotted(text, "ATTACK.KEY", "pgd.restarts=5")
+    return attack.lower(), ".".join(key), value
 
 
 def summary_table(result: AttackResult) -> str:
-    """Clean accuracy, robust accuracy (%) per evaluation and eps, and the worst case per eps, as plain text."""
+    """Clean accuracy, robust accuracy (%) per evaluation and eps, and the worst case per eps, as plain text; the
+    minimal distances are the run's analysis's (:func:`robustness.analysis.run.analyse`)."""
+    from robustness.analysis.run import analyse
+    from robustness.results import RunResults
+
     df = result.records
     if df.empty:
         return "no attack records"
+    found = analyse(RunResults(result.run_dir, result.run_dir.name, df, result.manifest or {}))
     check = ModelCheckSummary.of((result.manifest or {}).get("model_check") or {})
     lines = [check.warning] if check and check.warning else []
     for (mode, target, source), g in df.groupby(["gate_mode", "target", "source_run"], sort=False, observed=True):
@@ -346,8 +353,11 @@ def summary_table(result: AttackResult) -> str:
             acc = per_sample.groupby(level=["norm", "eps"], observed=True).mean().mul(100)
             cells = ", ".join(f"{norm} {format_eps(e, str(norm))}: {v:.1f}%" for (norm, e), v in acc.items())
             lines.append(f"worst case over attacks: {cells}")
-        dist = minimal_distances(g)
-        for (norm, grad), d in minimal_distances(g, by_grad=True).groupby(["norm", "gate_grad"]):
+        keys = {"gate_mode": mode, "target": target}
+        dist, by_grad = found.minimal_in(**keys), found.minimal_in(True, **keys)
+        if source:  # minimal distances are white-box only: a group crafted on another run has none
+            dist, by_grad = dist.iloc[:0], by_grad.iloc[:0]
+        for (norm, grad), d in by_grad.groupby(["norm", "gate_grad"]):
             lines.append(f"median minimal {norm} distance ({grad}): "
                          f"{format_distance(median_distance(d, n_boot=0).estimate, str(norm))}")
         for norm, d in dist.groupby("norm"):

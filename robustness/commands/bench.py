@@ -27,7 +27,8 @@ from robustness.bench.reference_compare import format_table as reference_table
 from robustness.bench.skipping import format_table, parse_batch_sizes, run_benchmark
 from robustness.core.errors import ConfigError
 from robustness.core.runtime import DEVICE_CHOICES, resolve_device, torch_threads
-from robustness.core.vocab import GRAD_MODES, HEADS, parse_eps
+from models.routing import GRAD_MODES
+from robustness.core.vocab import HEADS, parse_eps
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -77,17 +77,27 @@ def load_config_file(path: str | Path | None) -> dict[str, dict[str, Any]]:
     return raw
 
 
+def parse_dotted(text: str, grammar: str = "TABLE.KEY", example: str = "attack.n=256", hint: str = "") -> \
+        tuple[tuple[str, ...], Any]:
+    """The one grammar of ``--set``: ``"a.b.c=VALUE"`` -> ``(("a", "b", "c"), value)``, at least two dotted
+    parts, each stripped and non-empty, and the value read as TOML (:func:`toml_value`). Anything else is a
+    ConfigError ``--set TEXT: write GRAMMAR=VALUE, e.g. EXAMPLE`` (+ ``hint``); what the parts may name is the
+    caller's to check (``run``: a config table, :func:`parse_override`; ``attack``: an attack name)."""
+    key, sep, raw = str(text).partition("=")
+    parts = tuple(p.strip() for p in key.split("."))
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: write {grammar}=VALUE, e.g. {example}{hint}")
+    return parts, toml_value(raw)
+
+
 def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     """``"attack.n=256"`` -> ``(("attack", "n"), 256)``: a dotted key that starts with a config table (further dots
     reach sub-tables: ``attack.pgd.restarts=5``) and a value read as TOML (a bare word that is not TOML, such as
     ``cuda`` or ``8/255``, is a string)."""
-    key, sep, raw = str(text).partition("=")
-    parts = tuple(p.strip() for p in key.split("."))
-    if not sep or len(parts) < 2 or not all(parts):
-        raise ConfigError(f"--set {text!r}: write TABLE.KEY=VALUE, e.g. attack.n=256 (tables: {', '.join(SECTIONS)})")
+    parts, value = parse_dotted(text, hint=f" (tables: {', '.join(SECTIONS)})")
     if parts[0] not in SECTIONS:
         raise ConfigError(f"--set {text!r}: unknown table {parts[0]!r}; choose one of: {', '.join(SECTIONS)}")
-    return parts, toml_value(raw)
+    return parts, value
 
 
 def toml_value(raw: str) -> Any:

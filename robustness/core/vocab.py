@@ -1,6 +1,8 @@
-"""The suite's shared words: heads, gate modes, routing gradients, norms, and how eps values are read and written.
+"""The suite's shared words: heads, gate modes, norms, and how eps values are read and written.
 
-Every list a user may choose from lives here once; parsers, configs, attacks and reports import it.
+Every fixed list a user may choose from lives here once; parsers, configs, attacks and reports import it. The
+norms are objects (:mod:`robustness.core.norms`, which owns how each writes its budgets and distances); the routing
+gradients are a registry above this layer (``models.routing.GRAD_MODES``), since a plug-in may add one.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from fractions import Fraction
 from typing import Any
 
 from robustness.core.errors import ConfigError
+from robustness.core.norms import EPS_UNIT, NORM_NAMES, is_norm, norm_for, quarter_levels, whole_levels
 
 #: Heads of a coarse/fine model: whose logits an attack sees and whose labels it attacks.
 HEADS = ("fine", "coarse")
@@ -16,18 +19,10 @@ HEADS = ("fine", "coarse")
 FORWARD_MODES = ("hard", "open", "soft", "random", "frozen")
 #: Forward modes an attack evaluation may run in (``soft`` is a relaxation for gradients; ``frozen`` needs a path).
 ATTACK_GATE_MODES = ("hard", "open", "random")
-#: What an attacker differentiates through the hard gates. ``none`` is the naive evaluation; ``sharp`` is BPDA
-#: through ``sigmoid(s / T)`` with a per-gate temperature calibrated on clean inputs (models/surrogates.py).
-GRAD_MODES = ("none", "ste", "bpda", "eot", "sharp")
-#: The adaptive routing gradients (everything but ``none``).
-ROUTING_GRADIENTS = tuple(g for g in GRAD_MODES if g != "none")
 #: How hard decisions are carried out: ``subbatch`` runs a block only on its samples, ``mask`` runs and multiplies.
 EXECUTIONS = ("subbatch", "mask")
-#: Threat models.
-NORMS = ("linf", "l2")
-
-_EPS_DENOMINATOR = 255
-_EPS_TOLERANCE = 1e-6  # in units of 1/255: only values that *are* k/255 (up to float rounding) print as k/255
+#: Threat models (:func:`robustness.core.norms.norm_for` gives each one's object).
+NORMS = NORM_NAMES
 
 
 def parse_eps(value: Any) -> float:
@@ -65,39 +60,33 @@ def _short(value: Any, limit: int = 40) -> str:
 
 
 def format_eps(eps: float, norm: str | None = None) -> str:
-    """``8/255`` for multiples of 1/255 below 1 (``1.25/255`` for quarters below 16/255), ``inf`` for unbounded,
-    ``0`` for none, else a short decimal. With ``norm="linf"`` every budget below 1 is in units of 1/255, the
-    run's units (``0.47/255``, ``17.5/255``: a decimal such as ``0.001843`` beside ``0.75/255`` reads as another
-    unit); other norms are decimals."""
+    """A budget for people. With a norm, in that norm's units (:meth:`robustness.core.norms.Norm.format_eps`:
+    L-inf below 1 always in 1/255, ``0.47/255``, ``17.5/255``; L2 a short decimal). Without one: ``8/255`` for
+    multiples of 1/255 below 1 (``1.25/255`` for quarters below 16/255), ``inf`` for unbounded, ``0`` for none,
+    else a short decimal, never a guess at the unit. A norm this version does not know prints as a decimal."""
     eps = float(eps)
     if math.isinf(eps):
         return "inf"
     if eps == 0:
         return "0"
-    k = eps * _EPS_DENOMINATOR
-    if norm is not None and norm != "linf":
-        return f"{eps:.4g}"
-    if eps < 1 and round(k) >= 1 and abs(k - round(k)) <= _EPS_TOLERANCE:
-        return f"{round(k)}/{_EPS_DENOMINATOR}"
-    quarter = abs(4 * k - round(4 * k)) <= 4 * _EPS_TOLERANCE and round(4 * k) > 0
-    if quarter and (k < 16 or (norm == "linf" and eps < 1)):  # quarter steps, as --eps auto rounds
-        return f"{round(4 * k) / 4:g}/{_EPS_DENOMINATOR}"
-    if norm == "linf" and eps < 1:
-        return f"{k:.3g}/{_EPS_DENOMINATOR}"
+    if norm is not None:
+        return norm_for(norm).format_eps(eps) if is_norm(norm) else f"{eps:.4g}"
+    k = eps * EPS_UNIT
+    whole, quarter = whole_levels(k), quarter_levels(k)
+    if eps < 1 and whole is not None:
+        return f"{whole}/{EPS_UNIT}"
+    if quarter is not None and k < 16:  # quarter steps, as --eps auto rounds
+        return f"{quarter:g}/{EPS_UNIT}"
     return f"{eps:.4g}"
 
 
 def format_distance(value: float, norm: str) -> str:
-    """A perturbation size for people: L-inf in units of 1/255 (``1.6/255``; a quarter step such as ``20.75/255``
-    exactly, as ``--eps auto`` rounds its budgets), L2 with three significant digits."""
+    """A perturbation size for people, in ``norm``'s units (:meth:`robustness.core.norms.Norm.format_distance`:
+    L-inf in units of 1/255, ``1.6/255``, a quarter step such as ``20.75/255`` exactly, as ``--eps auto`` rounds its
+    budgets; L2 with three significant digits; a norm this version does not know as L2)."""
     value = float(value)
+    if is_norm(norm):
+        return norm_for(norm).format_distance(value)
     if math.isinf(value):
         return "inf"
-    if math.isnan(value):
-        return "-"
-    if norm == "linf":
-        k = value * _EPS_DENOMINATOR
-        if 1 <= k < _EPS_DENOMINATOR and abs(4 * k - round(4 * k)) <= 4 * _EPS_TOLERANCE:
-            return f"{round(4 * k) / 4:g}/{_EPS_DENOMINATOR}"
-        return f"{k:.3g}/{_EPS_DENOMINATOR}"
-    return f"{value:.3g}"
+    return "-" if math.isnan(value) else f"{value:.3g}"

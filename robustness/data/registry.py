@@ -1,5 +1,5 @@
-"""The dataset registry: ``@register_dataset`` and the public entry points ``load_dataset``, ``dataset_info`` and
-``list_datasets``.
+"""The dataset registry: ``@register_dataset`` and the public entry points ``load_dataset``, ``dataset_info``,
+``list_datasets``, ``dataset_options`` and ``dataset_needs_root``.
 
 A leaf inside ``robustness.data``: it imports ``base`` only; each dataset module registers itself here. A dataset
 is a loader ``load(split, [root,] **options)`` plus an info function ``info([root,] **options)`` that describes the
@@ -61,6 +61,11 @@ def unregister_dataset(name: str) -> None:
 def list_datasets() -> list[str]:
     """Names that ``load_dataset`` accepts."""
     return sorted(_SOURCES)
+
+
+def dataset_needs_root(name: str) -> bool:
+    """Whether dataset ``name`` reads a local copy (its loader takes a ``root``: ``--data-root``)."""
+    return _source(name, {}).needs_root
 
 
 def dataset_options(name: str) -> list[str]:

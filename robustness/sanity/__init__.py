@@ -93,10 +93,11 @@ __all__ = [
 def run_checks(df: pd.DataFrame, *, zero_grad_share: float | pd.Series | Mapping[str, float] | None = None,
                tol: float = 0.01, margin: float = 0.03, unbounded_threshold: float = 0.05, alpha: float = 0.05,
                min_samples: int = 3, min_points: float = 0.02,
-               queries: Mapping[str, int] | None = None) -> list[Check]:
+               queries: Mapping[str, int] | None = None, minimal: pd.DataFrame | None = None) -> list[Check]:
     """All checks on ``df``, in a fixed order. ``margin`` is the Square check's gap and power margin; ``alpha``,
     ``min_samples`` and ``min_points`` decide when a paired difference counts; ``queries`` is the gradient-free
-    attack's query budget per run name (from the attack manifest). Records without a coarse head get one more
+    attack's query budget per run name (from the attack manifest); ``minimal`` is ``df``'s minimal distances
+    when the caller has them (:mod:`robustness.analysis.run`), so they are not computed twice. Records without a coarse head get one more
     (``skip``) entry saying which analyses were skipped (:func:`check_heads`). The finite-logits check
     (:func:`check_finite_logits`) comes after the masking checks; when more than :data:`NONFINITE_DOMINANT` of the
     rows are non-finite, the masking checks are replaced by skips that say so.
@@ -105,7 +106,7 @@ def run_checks(df: pd.DataFrame, *, zero_grad_share: float | pd.Series | Mapping
     table), plug-ins included."""
     inputs = CheckInputs(df, zero_grad_share=zero_grad_share, tol=tol, margin=margin,
                          unbounded_threshold=unbounded_threshold, alpha=alpha, min_samples=min_samples,
-                         min_points=min_points, queries=queries)
+                         min_points=min_points, queries=queries, minimal=minimal)
     share = nonfinite_share(df)
     checks = []
     for entry in registered_checks():

@@ -56,6 +56,8 @@ class CheckInputs:
     min_samples: int = 3
     min_points: float = 0.02
     queries: Mapping[str, int] | None = None
+    #: ``df``'s minimal distances (``analysis.distances.minimal_distances``) when the caller computed them already
+    minimal: pd.DataFrame | None = None
 
 
 #: a registered check's runner: its :class:`Check` for these inputs, or None when it has nothing to say

@@ -15,15 +15,16 @@ from robustness.sanity._registry import Check, CheckInputs, register_check
 NAME = "curve-vs-fixed-eps"
 
 
-def check_curve_vs_fixed(df: pd.DataFrame) -> Check:
+def check_curve_vs_fixed(df: pd.DataFrame, minimal: pd.DataFrame | None = None) -> Check:
     """The fixed-eps attacks' per-sample worst case lies inside the robustness curve's 95% band at every budget.
 
     The curve (from the minimal distances) and the fixed-eps attacks are independent searches for the same
     thing. Fixed-eps robust accuracy above the band: the minimal search found examples within the budget that the
     fixed-eps attacks missed (the fixed-eps numbers overstate robustness). Below it: the minimal search stopped
-    short there (its distances overstate robustness)."""
+    short there (its distances overstate robustness). ``minimal``: ``df``'s minimal distances, when computed
+    already."""
     name = NAME
-    dist = minimal_distances(df)
+    dist = minimal_distances(df) if minimal is None else minimal
     rows = _attack_rows(df)
     fixed = rows[(rows["attack"].astype(str).map(lambda a: attack_kind(a) != MINIMAL).to_numpy(bool))
                  & np.isfinite(rows["eps"]) & (rows["eps"] > 0)]
@@ -60,4 +61,4 @@ def check_curve_vs_fixed(df: pd.DataFrame) -> Check:
 
 @register_check(NAME, order=80)
 def _run(inputs: CheckInputs) -> Check:
-    return check_curve_vs_fixed(inputs.df)
+    return check_curve_vs_fixed(inputs.df, inputs.minimal)

@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from attacks.base import ITERATIVE
-from robustness.core.vocab import ROUTING_GRADIENTS, format_eps
+from models.routing import ROUTING_GRADIENTS
+from robustness.core.vocab import format_eps
 from robustness.sanity._common import MAX_DETAILS, _attack_rows, _count, _criterion, _of_kind, _pair, _Pair, _pts
 from robustness.sanity._registry import Check, CheckInputs, register_check
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from robustness.core.norms import LINF
 from robustness.core.vocab import format_eps
 from robustness.sanity._common import _accuracy, _attack_rows, _pts, _verdict
 from robustness.sanity._registry import Check, CheckInputs, register_check
@@ -20,7 +21,7 @@ def check_unbounded(df: pd.DataFrame, threshold: float = 0.05, proxy_eps: float 
     unbounded = rows[np.isinf(rows["eps"])]
     how = "eps=inf"
     if unbounded.empty:
-        linf = rows[(rows["norm"] == "linf") & np.isfinite(rows["eps"])]
+        linf = rows[(rows["norm"] == LINF.name) & np.isfinite(rows["eps"])]
         if linf.empty or linf["eps"].max() < proxy_eps:
             return Check(name, "skip", f"No unbounded attack (eps=inf) and no linf eps >= {proxy_eps} was run.")
         unbounded = linf[linf["eps"] == linf["eps"].max()]
