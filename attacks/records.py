@@ -229,21 +229,51 @@ def carried(df: pd.DataFrame) -> np.ndarray:
 
 def worst_case(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     """Per-sample worst case over attacks: a sample is robust only if it is robust (correct on clean and on
-    adversarial, with finite logits) under *every* attack.
+    adversarial, with finite logits) under *every* attack, and no minimal-distance attack fooled it within the
+    budget.
 
     Groups by ``by`` (default: run, model, norm, eps, gate_mode, target, source_run) plus ``sample``, and returns one
     row per group with ``attack='worst'``, ``backend='any'``, ``gate_grad='any'``; the row's adversarial fields
     are those of the first attack under which the sample is not robust, preferring one whose logits were
     non-finite (so ``nonfinite`` is True when it is True under any attack), or of the first attack when none. A
-    ``nonfinite`` row is never robust here, whatever its ``robust`` column says.
+    ``nonfinite`` row is never robust here, whatever its ``robust`` column says. A minimal-distance success in
+    ``df`` (eps = inf) counts at every fixed budget of its group that its distance fits under
+    (:func:`minimal_at_budgets`), after the fixed-budget attacks' own examples.
     """
     by = by or ["run", "model", "norm", "eps", "gate_mode", "target", "source_run"]
     if df.empty:
         return df.copy()
     df = conform(df)
+    if "eps" in by:
+        df = pd.concat([df, minimal_at_budgets(df, [k for k in by if k != "eps"])], ignore_index=True)
     finite = ~df["nonfinite"].to_numpy(bool)
     df = df.assign(robust=df["robust"].to_numpy(bool) & finite, _finite=finite)
     ordered = df.sort_values([*by, "sample", "robust", "_finite"], kind="stable")
     worst = ordered.groupby([*by, "sample"], sort=False, observed=True, dropna=False).head(1).copy()
     worst["attack"], worst["backend"], worst["gate_grad"] = "worst", "any", "any"
     return conform(worst.drop(columns="_finite").reset_index(drop=True))
+
+
+def minimal_at_budgets(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Each minimal-distance success of ``df`` (a row at eps = inf that fooled the deployed model with finite
+    logits: its norm's column is the example's distance) copied to every fixed budget of the same ``keys`` and
+    ``sample`` that the distance fits under, as a non-robust row at that budget.
+
+    The example is a verified adversarial inside that budget, so the sample is not robust there: a minimal attack
+    at 17.49/255 breaks the sample at 17.5/255 although no fixed-budget attack did. The rule is the one a minimal
+    attack scored at a budget uses (norm <= eps, :func:`attacks.tracking.within_budgets`), so the worst case and
+    the robustness curve of the same records agree."""
+    eps = df["eps"].to_numpy(float)
+    at_inf = np.isinf(eps)
+    found = df[at_inf & df["success"].to_numpy(bool) & df["clean_correct"].to_numpy(bool)
+               & ~df["nonfinite"].to_numpy(bool)]
+    budgets = df.loc[~at_inf & (eps > 0), [*keys, "sample", "eps"]].drop_duplicates()
+    if found.empty or budgets.empty:
+        return df.iloc[:0]
+    norms = found["norm"].astype(str).to_numpy()
+    distance = np.full(len(found), np.inf)
+    for name in np.unique(norms):
+        distance[norms == name] = found.loc[norms == name, name].to_numpy(float)
+    pairs = found.drop(columns="eps").assign(_distance=distance).merge(budgets, on=[*keys, "sample"])
+    pairs = pairs[pairs["_distance"].to_numpy(float) <= pairs["eps"].to_numpy(float)]
+    return conform(pairs.drop(columns="_distance").assign(robust=False)[list(df.columns)])

@@ -105,13 +105,14 @@ def test_the_attack_summary_reads_the_same_distances_as_the_headline(two_runs):
 
 
 def test_a_grown_run_is_analysed_again(tmp_path):
-    run_dir = write_run(tmp_path, run_records("dsn", "dsn", 4, attacks=("fgsm",)))
+    # minimal distances beyond every budget (10-80/255): only the fixed-eps attacks decide the worst case
+    run_dir = write_run(tmp_path, run_records("dsn", "dsn", 4, attacks=("fgsm",), scale=10))
     before = load_run(run_dir)
     first = analyse(before)
     assert analyse(before) is first
     fgsm_only = first.worst_case.set_index("eps")["robust_acc"]
 
-    write_run(tmp_path, run_records("dsn", "dsn", 4, attacks=("fgsm", "pgd")))  # a stronger attack joins
+    write_run(tmp_path, run_records("dsn", "dsn", 4, attacks=("fgsm", "pgd"), scale=10))  # a stronger attack joins
     grown = analyse(load_run(run_dir))
     assert grown is not first
     assert set(grown.worst_case.loc[grown.worst_case["eps"] == 8 / 255, "attacks"]) == {"fgsm,pgd"}

@@ -71,19 +71,23 @@ def run_grid(rows: pd.DataFrame | None) -> tuple[float, ...]:
 
 
 def compare_with_suite(rows: pd.DataFrame, eps: float, reference_robust: np.ndarray) -> SuiteComparison | None:
-    """The suite's per-sample worst case at ``eps`` (min of ``robust`` over its attacks and gradients) against the
+    """The suite's per-sample worst case at ``eps`` (min of ``robust`` over its attacks and gradients, minimal-distance
+    successes within ``eps`` included) against the
     reference's per-sample ``reference_robust`` [n]; None when the suite has no row at that eps."""
-    at = rows[np.isclose(rows["eps"].to_numpy(float), eps, rtol=1e-9, atol=1e-12)]
-    if at.empty:
+    row_eps = rows["eps"].to_numpy(float)
+    here = np.isclose(row_eps, eps, rtol=1e-9, atol=1e-12)
+    if not here.any():
         return None
-    worst = worst_case(at, by=["norm", "eps", "gate_mode", "target", "source_run"])
+    used = rows[here | np.isinf(row_eps)]
+    worst = worst_case(used, by=["norm", "eps", "gate_mode", "target", "source_run"])
+    worst = worst[np.isclose(worst["eps"].to_numpy(float), eps, rtol=1e-9, atol=1e-12)]
     per_sample = worst.groupby("sample")["robust"].all()
     samples = per_sample.index.to_numpy(int)
     suite = per_sample.to_numpy(bool)
     ref = np.asarray(reference_robust, bool)[samples]
     n = len(samples)
     acc, ref_acc = 100.0 * float(suite.mean()), 100.0 * float(ref.mean())
-    attacks = sorted({f"{a}/{g}" for a, g in zip(at["attack"].astype(str), at["gate_grad"].astype(str))})
+    attacks = sorted({f"{a}/{g}" for a, g in zip(used["attack"].astype(str), used["gate_grad"].astype(str))})
     return SuiteComparison(n=n, robust=int(suite.sum()), accuracy=acc, reference_robust=int(ref.sum()),
                            reference_accuracy=ref_acc, gap=acc - ref_acc,
                            suite_optimistic=int((suite & ~ref).sum()), reference_optimistic=int((ref & ~suite).sum()),

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from attacks.base import COMPUTE, attack_class, attack_kind, backends_for, known_attacks, known_backends
-from attacks.records import accuracy_rows, carried
+from attacks.records import accuracy_rows, carried, worst_case
 from attacks.runner import ATTACK_ALIASES, AttackConfig, AttackResult, load_run_checkpoint, run_attacks
 from attacks.runner.config import EXECUTION_KEYS, STEPS_KINDS, default_attack_table, stored_table
 from attacks.runner.presets import PRESETS, preset_table
@@ -347,10 +347,10 @@ def summary_table(result: AttackResult) -> str:
                     "number includes their finds)" if carried(h).any() else "")
             lines.append(f"robust accuracy (%), {norm} budgets{note}:")
             lines.append(table.to_string(float_format=lambda v: f"{v:.1f}", na_rep="-"))
-        worst = accuracy_rows(g)
-        if not worst.empty:
-            per_sample = worst.groupby(["norm", "eps", "sample"], observed=True)["robust"].all()
-            acc = per_sample.groupby(level=["norm", "eps"], observed=True).mean().mul(100)
+        rows = accuracy_rows(g)
+        if not rows.empty:
+            worst = worst_case(rows)
+            acc = worst.groupby(["norm", "eps"], observed=True)["robust"].mean().mul(100)
             cells = ", ".join(f"{norm} {format_eps(e, str(norm))}: {v:.1f}%" for (norm, e), v in acc.items())
             lines.append(f"worst case over attacks: {cells}")
         keys = {"gate_mode": mode, "target": target}
