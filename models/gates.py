@@ -199,6 +199,13 @@ def register_gate_function(name: str, fn: _Fn | None = None) -> Callable[[_Fn], 
     return add(fn) if fn is not None else add
 
 
+def unregister_gate_function(name: str) -> None:
+    """Forget gate function ``name`` (a plug-in's or a test's); UnknownNameError if it is not registered."""
+    if name not in _GATE_FUNCTIONS:
+        raise UnknownNameError("gate function", name, list_gate_functions())
+    del _GATE_FUNCTIONS[name]
+
+
 def list_gate_functions() -> list[str]:
     """Names of the registered gate functions, sorted."""
     return sorted(_GATE_FUNCTIONS)

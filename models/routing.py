@@ -33,7 +33,7 @@ from typing import Any, Callable, ClassVar, Iterator, TypeVar
 
 from robustness.core.errors import UnknownNameError
 
-__all__ = ["RoutingGradient", "register_routing_gradient", "routing_gradient", "GRAD_MODES", "ROUTING_GRADIENTS",
+__all__ = ["RoutingGradient", "register_routing_gradient", "unregister_routing_gradient", "routing_gradient", "GRAD_MODES", "ROUTING_GRADIENTS",
            "hard_values"]
 
 
@@ -91,6 +91,13 @@ def register_routing_gradient(cls: _Cls) -> _Cls:
         raise ValueError(f"a routing gradient needs a lower-case name without ',', '/', ' ' or '__', got {name!r}")
     _ROUTING_GRADIENTS[name] = cls()
     return cls
+
+
+def unregister_routing_gradient(name: str) -> None:
+    """Forget routing gradient ``name`` (a plug-in's or a test's); UnknownNameError if it is not registered."""
+    if name not in _ROUTING_GRADIENTS:
+        raise UnknownNameError("gate gradient", name, list(_ROUTING_GRADIENTS))
+    del _ROUTING_GRADIENTS[name]
 
 
 def routing_gradient(name: str) -> RoutingGradient:

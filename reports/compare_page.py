@@ -13,8 +13,8 @@ import pandas as pd
 from reports import plots, tables
 from reports.html import FigureItem, TableItem, _json_text, _render, _sanity_rows, _write_outputs
 from robustness.analysis import verdict as verdict_rule
-from robustness.analysis.compare import Comparison
-from robustness.analysis.seeds import SeedComparison
+from robustness.findings.compare import Comparison
+from robustness.findings.seeds import SeedComparison
 from robustness.sanity import Check
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def _comparison_parts(cmp: Comparison) -> tuple[dict[str, Any], list[FigureItem]
 
 
 def write_comparison(cmp: Comparison | SeedComparison, out_dir: str | Path) -> Path:
-    """Write a comparison (``robustness.analysis.compare.compare_runs``, or ``compare_seeds`` for seed-replicated
+    """Write a comparison (``robustness.findings.compare.compare_runs``, or ``compare_seeds`` for seed-replicated
     runs) to ``out_dir`` and return that directory.
 
     Files: ``index.html``, ``compare.md``, ``figures/*.png``, ``compare.csv`` (robust accuracy per variant, attack and

@@ -2,7 +2,7 @@
 skip vs no-skip comparison page (:mod:`reports.compare_page`, ``write_comparison``).
 
 Rendering only: the run comes loaded (``robustness.results``), the verdict comes computed
-(``robustness.analysis.compare``). Each report is a self-contained ``index.html`` (figures as base64 ``data:``
+(``robustness.findings.compare``). Each report is a self-contained ``index.html`` (figures as base64 ``data:``
 URIs, inline CSS, no external references), a Markdown twin with figures under ``figures/``, a CSV and a versioned
 JSON. Every file is written atomically; ``index.html`` is written last.
 """

@@ -1,6 +1,6 @@
 """The report of one run (:func:`write_report`): headline, pivot, figures, compute section, sanity checks and
 appendix, rendered with the shared pieces of :mod:`reports.html` from the run's one analysis
-(:func:`robustness.analysis.run.analyse`: the comparison, the API and the pipeline read the same one)."""
+(:func:`robustness.findings.run.analyse`: the comparison, the API and the pipeline read the same one)."""
 from __future__ import annotations
 
 import logging
@@ -16,8 +16,8 @@ from attacks.records import carried
 from reports import plots, tables
 from reports.html import FigureItem, TableItem, _json_text, _render, _sanity_rows, _write_outputs
 from robustness import analysis
-from robustness.analysis.headline import RunHeadline
-from robustness.analysis.run import RunAnalysis, analyse
+from robustness.findings.headline import RunHeadline
+from robustness.findings.run import RunAnalysis, analyse
 from robustness.core.norms import LINF, title_of
 from robustness.core.rundir import RunDir
 from robustness.results import RunResults
@@ -201,7 +201,7 @@ def write_report(run: RunResults, out_dir: str | Path | None = None, *, n_boot: 
     writing, the pipeline for its whole job) goes on. Results without a run directory on disk take no lock.
 
     Files: ``index.html``, ``report.md``, ``figures/*.png``, ``summary.csv``, ``summary.json``. The page opens with
-    the headline (:func:`robustness.analysis.headline.run_headline`, also ``summary.json``'s ``headline``) and the
+    the headline (:func:`robustness.findings.headline.run_headline`, also ``summary.json``'s ``headline``) and the
     attack x eps pivot; the long per-evaluation table is an appendix at the end (and ``summary.csv``). Incomplete
     records (:attr:`RunResults.complete`) put their ``INCOMPLETE: ...`` line at the top of the page and of the
     headline.

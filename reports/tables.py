@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from attacks.base import KINDS, attack_kind, counts_for_accuracy
-from robustness.analysis.headline import RunHeadline
+from robustness.findings.headline import RunHeadline
 from robustness.analysis.pivot import WORST_ROW
 from robustness.core.norms import LINF, title_of
 from robustness.core.vocab import format_distance, format_eps
@@ -385,7 +385,7 @@ def pair_verdict_table(verdicts: Sequence) -> pd.DataFrame:
 
 
 def pooled_table(pooled: Sequence) -> pd.DataFrame:
-    """The seed-pooled verdict per pair (``robustness.analysis.seeds.PooledPair``): pooled ratio with its
+    """The seed-pooled verdict per pair (``robustness.findings.seeds.PooledPair``): pooled ratio with its
     hierarchical-bootstrap interval, the interval the samples alone would give, the seed-level test, samples,
     finding."""
     rows = []
@@ -400,7 +400,7 @@ def pooled_table(pooled: Sequence) -> pd.DataFrame:
 
 
 def seed_table(pooled: Sequence, clean: pd.DataFrame) -> pd.DataFrame:
-    """Per seed and pair (``robustness.analysis.seeds.PooledPair``), side by side: each model's clean accuracy
+    """Per seed and pair (``robustness.findings.seeds.PooledPair``), side by side: each model's clean accuracy
     (``clean``: seed, variant, clean_acc), the seed's own distance ratio with its interval, its Wilcoxon p and
     its own finding."""
     rows = []

@@ -1,6 +1,6 @@
 """dsn-robustness: evaluate the adversarial robustness of dynamic (layer-skipping) networks.
 
-The Python API (:mod:`robustness.api`)::
+The Python API (:mod:`robustness.app.api`)::
 
     from robustness import evaluate, load_run, compare, Results, __version__
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from robustness.api import Results, compare, evaluate, load_run
+    from robustness.app.api import Results, compare, evaluate, load_run
 
 __all__ = ["evaluate", "load_run", "compare", "Results", "__version__"]
 
@@ -21,7 +21,7 @@ _API = ("evaluate", "load_run", "compare", "Results")
 
 def __getattr__(name: str) -> Any:
     if name in _API:
-        from robustness import api
+        from robustness.app import api
         value = getattr(api, name)
     elif name == "__version__":
         from robustness.core.runtime import package_version

@@ -47,7 +47,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$ROOT:${PYTHONPATH:-}"
-CLI=("$PY" -m robustness.cli)
+CLI=("$PY" -m robustness)
 DEADLINE=$(( $(date +%s) + TOTAL ))
 THREADS=()
 [ "$DEVICE" = cpu ] && THREADS=(--threads 1)

@@ -18,18 +18,18 @@ run() { echo "+ $*" | tee -a "$OUT/log.txt"; "$@" 2>&1 | tee -a "$OUT/log.txt"; 
 run "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
   torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 start=$(date +%s)
-run "$PY" -m robustness.cli train --config configs/quickstart.toml --model dsn --device "$DEVICE" \
+run "$PY" -m robustness train --config configs/quickstart.toml --model dsn --device "$DEVICE" \
   --epochs "$EPOCHS" --out "$WORK/dsn" --no-progress
 echo "train seconds: $(( $(date +%s) - start ))" | tee -a "$OUT/log.txt"
 start=$(date +%s)
-run "$PY" -m robustness.cli attack "$WORK/dsn" --config configs/quickstart.toml --device "$DEVICE" --n "$N" \
+run "$PY" -m robustness attack "$WORK/dsn" --config configs/quickstart.toml --device "$DEVICE" --n "$N" \
   --backend both --gate-mode hard,open --no-progress
 echo "attack seconds: $(( $(date +%s) - start ))" | tee -a "$OUT/log.txt"
-run "$PY" -m robustness.cli report "$WORK/dsn" --out "$WORK/report"
+run "$PY" -m robustness report "$WORK/dsn" --out "$WORK/report"
 cp "$WORK/report/summary.json" "$OUT/summary.json"
 cp "$WORK/dsn/metrics.csv" "$OUT/metrics.csv"
-"$PY" -m robustness.cli bench --skip 0.5 --device "$DEVICE" --batch-size 256 --json-only > "$OUT/bench-r20.json"
-"$PY" -m robustness.cli bench --skip 0.5 --device "$DEVICE" --batch-size 256 --depth-n 18 \
+"$PY" -m robustness bench --skip 0.5 --device "$DEVICE" --batch-size 256 --json-only > "$OUT/bench-r20.json"
+"$PY" -m robustness bench --skip 0.5 --device "$DEVICE" --batch-size 256 --depth-n 18 \
   --no-attack-overhead --json-only > "$OUT/bench-r110.json"
 run "$PY" scripts/subbatch_vs_masked.py "$DEVICE" 18 16
 rm -rf "$WORK"

@@ -1,7 +1,7 @@
 """The short answer: one sentence with each pair's number, bounded in length whatever the labels."""
 from __future__ import annotations
 
-from robustness.analysis.answer import MAX_ANSWER, short_answer
+from robustness.findings.answer import MAX_ANSWER, short_answer
 from robustness.analysis.verdict import Effect, PairVerdict, seeds_scope
 
 

@@ -1,4 +1,4 @@
-"""The Python API (robustness.api): the CLI's records, numbers, report and verdict, reached from Python."""
+"""The Python API (robustness.app.api): the CLI's records, numbers, report and verdict, reached from Python."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -15,9 +15,9 @@ import robustness
 from attacks.records import EVAL_KEYS
 from attacks.runner import load_run_checkpoint
 from robustness import Results, compare, evaluate, load_run
-from robustness import cli
-from robustness.api import attack_config
-from robustness.commands.attack import config_from_args
+from robustness.app import cli
+from robustness.app.api import attack_config
+from robustness.app.commands.attack import config_from_args
 from robustness.core.errors import ConfigError, DataError, UnknownNameError
 from robustness.core.vocab import format_eps
 from robustness.data import load_dataset
@@ -215,7 +215,7 @@ def test_options_are_read_as_the_attack_command_reads_its_flags():
 
 
 def test_the_package_import_stays_light_and_knows_its_version():
-    code = ("import sys, robustness; heavy = [m for m in ('torch', 'pandas', 'robustness.api') if m in sys.modules];"
+    code = ("import sys, robustness; heavy = [m for m in ('torch', 'pandas', 'robustness.app.api') if m in sys.modules];"
             " print(heavy, robustness.__version__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[]", importlib.metadata.version("dsn-robustness")]

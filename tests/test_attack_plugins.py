@@ -21,7 +21,7 @@ from attacks.backends.native_pgd import NativePGDParams
 from attacks.params import PGDParams
 from attacks.records import read_records
 from attacks.runner import RETIRED_OPTIONS, AttackConfig, plan_evaluations, run_attacks
-from robustness.commands.attack import config_from_args
+from robustness.app.commands.attack import config_from_args
 from reports.run_page import write_report
 from robustness.core.errors import ConfigError, UnknownNameError
 from robustness.results import load_run
@@ -339,7 +339,7 @@ def test_cli_set_flag_and_config_subtables(tmp_path):
 
 
 def test_a_registered_plug_in_appears_in_the_attack_commands_help_with_its_default_steps(sign_twice):
-    from robustness import cli
+    from robustness.app import cli
 
     parser = cli.build_parser(["attack"])
     attack = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["attack"]
@@ -413,7 +413,7 @@ def test_backend_modules_are_discovered_from_the_package(dropped_backends, caplo
     plans = plan_evaluations(AttackConfig(attacks=["tmp-nudge", "fgsm"], backends="tmplib,torchattacks",
                                           eps=[EPS], gate_grads="none"), gated=False)
     assert [(p.name, p.backend) for p in plans] == [("tmp-nudge", "tmplib"), ("fgsm", "torchattacks")]
-    from robustness import cli
+    from robustness.app import cli
 
     parser = cli.build_parser(["attack"])
     attack = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["attack"]

@@ -12,7 +12,7 @@ import torch
 from models.registry import create_model
 from robustness.bench.profile import count_ops
 from robustness.bench.skipping import ideal_saving, parse_batch_sizes, run_benchmark
-from robustness.cli import main
+from robustness.app.cli import main
 from robustness.core.errors import ConfigError
 
 TINY = dict(num_fine=10, num_coarse=4, depth_n=3, width=4, image_size=16)

@@ -30,8 +30,8 @@ from hypothesis import strategies as st
 from attacks.runner import AttackConfig
 from models.registry import create_model, list_models, model_options
 from models.training import TrainConfig
-from robustness import cli
-from robustness.commands.attack import parse_setting
+from robustness.app import cli
+from robustness.app.commands.attack import parse_setting
 from robustness.core.config import SECTIONS, apply_overrides, build, parse_override
 from robustness.core.errors import DSNError
 from robustness.core.progress import LineProgress, progress_bar
@@ -291,7 +291,7 @@ def test_bad_input_is_one_line_and_writes_nothing(template, culprit, condition, 
 
 
 def test_an_unexpected_error_is_one_line_and_a_saved_traceback(tmp_path, monkeypatch, capsys):
-    import robustness.commands.datasets as datasets_command
+    import robustness.app.commands.datasets as datasets_command
 
     def broken(args):
         raise ZeroDivisionError("the bug under test")
@@ -313,7 +313,7 @@ def test_an_unexpected_error_is_one_line_and_a_saved_traceback(tmp_path, monkeyp
 
 
 def test_ctrl_c_keeps_its_resume_message(monkeypatch, capsys):
-    import robustness.commands.models as models_command
+    import robustness.app.commands.models as models_command
 
     def interrupt(pattern="*"):
         raise KeyboardInterrupt
@@ -376,7 +376,7 @@ def test_run_set_overrides_any_table(tmp_path):
                               'run.models=["dsn", "resnet"]'])
     assert tables == {"attack": {"n": 256, "device": "cpu", "pgd": {"steps": 3, "restarts": 2}},
                       "train": {"lr": 0.5}, "run": {"models": ["dsn", "resnet"]}}
-    from robustness.pipeline import PipelineConfig
+    from robustness.app.pipeline import PipelineConfig
     config = PipelineConfig.from_file(REPO / "configs" / "quickstart.toml",
                                       overrides=["attack.n=24", "train.epochs=2", 'run.models=["dsn","resnet"]',
                                                  'run.transfer=["resnet->dsn"]'])
@@ -546,7 +546,7 @@ def test_run_and_attack_read_set_with_one_grammar(key, raw):
 @given(values=st.dictionaries(st.sampled_from(["models", "transfer", "transfer_attack", "open_mode", "workers"]),
                               VALUES, max_size=3))
 def test_run_table_values_parse_or_raise_a_dsn_error(values):
-    from robustness.pipeline import RunPlan
+    from robustness.app.pipeline import RunPlan
     _fits_or_dsn_error(lambda: build(RunPlan, values, where="[run]"))
 
 
@@ -555,7 +555,7 @@ def test_run_table_values_parse_or_raise_a_dsn_error(values):
 
 def test_report_and_comparison_show_the_same_zero_gradient_verdict(attacked, tmp_path):
     from reports.run_page import write_report
-    from robustness.analysis.compare import compare_runs
+    from robustness.findings.compare import compare_runs
     from robustness.results import load_run
 
     run = load_run(attacked)

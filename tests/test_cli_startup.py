@@ -1,6 +1,6 @@
 """``dsn-robust --version`` and ``--help`` start without the heavy libraries (issue "a fast CLI").
 
-The main parser lists the commands from :data:`robustness.cli.COMMAND_HELP` and :func:`robustness.cli.main` builds
+The main parser lists the commands from :data:`robustness.app.cli.COMMAND_HELP` and :func:`robustness.app.cli.main` builds
 only the invoked command's parser, so the cheap answers import neither torch, pandas nor matplotlib. Each such check
 runs in a fresh interpreter (this test process has long imported them); the speed itself is measured, not tested.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from robustness import cli
+from robustness.app import cli
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "pandas", "matplotlib", "scipy")
@@ -26,7 +26,7 @@ def _fresh_main(argv: list[str]) -> dict:
     """``cli.main(argv)`` in a new interpreter: its exit code, stdout, and which heavy modules it imported."""
     script = textwrap.dedent(f"""
         import contextlib, io, json, sys
-        from robustness import cli
+        from robustness.app import cli
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             try:

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from models.training import TrainConfig
-from robustness import cli
+from robustness.app import cli
 from robustness.core.config import DATA_TABLE_KEYS, apply_overrides, load_config_file
 from robustness.core.errors import ConfigError
 from robustness.data import dataset_info, dataset_options, list_datasets, load_dataset
-from robustness.pipeline import PipelineConfig
+from robustness.app.pipeline import PipelineConfig
 from test_data import write_fake_cifar10
 
 REPO = Path(__file__).resolve().parents[1]

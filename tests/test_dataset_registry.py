@@ -184,7 +184,7 @@ def test_registry_is_a_leaf_inside_data():
 
 
 def test_the_datasets_listing_names_each_datasets_options_and_whether_it_reads_a_local_copy(tiny_dataset, capsys):
-    from robustness import cli
+    from robustness.app import cli
     from robustness.data.registry import dataset_needs_root
 
     assert [dataset_needs_root(n) for n in BUILT_INS] == [True, True, False, True, False]

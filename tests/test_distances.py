@@ -169,7 +169,7 @@ def _run(records: pd.DataFrame, name: str):
 
 
 def test_verdict_names_the_distance_ratio_its_test_and_the_negligible_band():
-    from robustness.analysis.compare import compare_runs
+    from robustness.findings.compare import compare_runs
     rng = np.random.default_rng(2)
     base = rng.uniform(1, 4, 150) / 255
     correct = np.ones(150, bool)
@@ -190,7 +190,7 @@ def test_verdict_names_the_distance_ratio_its_test_and_the_negligible_band():
 
 
 def test_fixed_eps_fallback_never_speaks_at_a_saturated_eps():
-    from robustness.analysis.compare import compare_runs
+    from robustness.findings.compare import compare_runs
     n = 60
     parts = {}
     for run, acc_low in (("dsn", 0.7), ("dual", 0.4)):
@@ -205,7 +205,7 @@ def test_fixed_eps_fallback_never_speaks_at_a_saturated_eps():
 
 def test_eps_auto_attacks_in_two_phases_and_resumes_to_the_same_grid(tiny_runs, tmp_path):
     from attacks.runner import AttackConfig
-    from robustness.eps_grid import attack_runs
+    from robustness.app.eps_grid import attack_runs
     from tests.attack_helpers import copy_run
 
     run = copy_run(tiny_runs["dsn"], tmp_path / "dsn")
@@ -229,7 +229,7 @@ def test_comparison_page_opens_with_the_verdict_box_and_the_robustness_curves(tm
     import json
 
     from reports.compare_page import write_comparison
-    from robustness.analysis.compare import compare_runs
+    from robustness.findings.compare import compare_runs
     rng = np.random.default_rng(3)
     base = rng.uniform(1, 4, 80) / 255
     correct = np.ones(80, bool)
@@ -285,7 +285,7 @@ def test_gate_figures_show_the_threat_models_fixed_budget_attack_not_a_minimal_o
 def test_eps_auto_without_a_minimal_attack_is_one_clear_error():
     from attacks.runner import AttackConfig
     from robustness.core.errors import ConfigError
-    from robustness.eps_grid import check_auto
+    from robustness.app.eps_grid import check_auto
     with pytest.raises(ConfigError, match="minimal-perturbation attack in linf") as err:
         check_auto(AttackConfig(attacks=["fgsm", "ddn"], eps="auto"), gated=True)   # ddn is L2 only
     assert "\n" not in str(err.value)

@@ -205,7 +205,7 @@ ATTACK = ["--attacks", "pgd", "--eps", "8/255", "--gate-grad", "none,bpda", "--n
 def test_the_skipnet_adapter_is_attacked_from_its_file_faithfully_and_saves_compute(tmp_path, capsys):
     import json
 
-    from robustness import cli
+    from robustness.app import cli
 
     t = _trained("skipnet_adapter")
     weights = tmp_path / "skipnet.pt"
@@ -233,7 +233,7 @@ def test_the_skipnet_adapter_is_attacked_from_its_file_faithfully_and_saves_comp
 
 
 def test_check_model_refuses_an_adapter_that_inverts_the_downsampling_gates(tmp_path, capsys):
-    from robustness import cli
+    from robustness.app import cli
 
     (tmp_path / "skipnet.py").write_text((EXAMPLES / "skipnet.py").read_text())
     adapter = (EXAMPLES / "skipnet_adapter.py").read_text().replace(

@@ -8,11 +8,11 @@ import os
 import pytest
 
 from attack_helpers import copy_run
-from robustness import cli
+from robustness.app import cli
 from robustness.core.errors import RunDirError
 from robustness.core.lock import writer_lock
 from robustness.core.rundir import RunDir
-from robustness.pipeline import _check_out_dir
+from robustness.app.pipeline import _check_out_dir
 
 TINY = '[data]\nname = "synthetic"\nimage_size = 16\ntrain_limit = 64\ntest_limit = 32\n[train]\nepochs = 1\n'
 

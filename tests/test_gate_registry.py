@@ -12,7 +12,7 @@ from models.checkpoint import load_checkpoint
 from models.gates import Decision, gate_function, list_gate_functions, register_gate_function
 from models.registry import create_model
 from models.training import TrainConfig, read_metrics, train
-from robustness.commands import train as train_command
+from robustness.app.commands import train as train_command
 from robustness.core.errors import ConfigError, UnknownNameError
 
 CALLS: list[float] = []
@@ -79,6 +79,15 @@ def test_unregistered_gate_function_is_a_config_error():
         TrainConfig.from_dict({"model_options": {"gate_fn": "halfway"}})
     with pytest.raises(UnknownNameError, match="gate function"):
         create_model("dsn", num_fine=4, num_coarse=2, gate_fn="halfway")
+
+
+def test_an_unregistered_gate_function_is_gone_from_the_listing_and_the_models(registered):
+    gates.unregister_gate_function(registered)
+    assert registered not in list_gate_functions()
+    with pytest.raises(UnknownNameError, match="gate function 'halfway'.*gumbel, hardsig, ste"):
+        gates.unregister_gate_function(registered)
+    with pytest.raises(UnknownNameError, match="gate function"):
+        create_model("dsn", num_fine=4, num_coarse=2, gate_fn=registered)
 
 
 def test_cli_gate_fn_choices_come_from_the_registry(registered):

@@ -7,7 +7,7 @@ import pytest
 
 from attacks.records import EVAL_KEYS, read_records
 from attacks.runner import AttackConfig, run_attacks
-from robustness import cli
+from robustness.app import cli
 from attack_helpers import copy_run, skipping_dsn
 
 BASE = dict(gate_grads=["none"], target="fine", n=24, batch_size=12, seed=2, backends=["native", "torchattacks"],

@@ -14,7 +14,7 @@ from reports import plots
 from reports.run_page import write_report
 from reports.tables import headline_table
 from robustness import analysis
-from robustness.analysis.headline import NO_GATES, run_headline
+from robustness.findings.headline import NO_GATES, run_headline
 from robustness.core.runtime import jsonable
 from robustness.results import RunResults, load_run
 from robustness.sanity import Check

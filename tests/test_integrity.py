@@ -21,11 +21,11 @@ from attacks.records import read_records, shard_fingerprint
 from attacks.runner import AttackConfig, run_attacks
 from models.checkpoint import load_checkpoint, save_checkpoint
 from attacks.runner.config import EXECUTION_KEYS
-from robustness.commands.attack import config_from_args, register
+from robustness.app.commands.attack import config_from_args, register
 from robustness.core.config import default_config_path
 from robustness.core.errors import RunDirError
 from robustness.core.rundir import RunDir
-from robustness.pipeline import PipelineConfig
+from robustness.app.pipeline import PipelineConfig
 from robustness.results import load_run
 from attack_helpers import copy_run
 
@@ -38,7 +38,7 @@ CLI_TINY = ["--attacks", "fgsm", "--backend", "torchattacks", "--eps", "4/255", 
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str]:
-    import robustness.cli as cli
+    import robustness.app.cli as cli
     code = cli.main(argv)
     return code, capsys.readouterr().err.strip()
 

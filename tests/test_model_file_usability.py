@@ -16,7 +16,7 @@ import torch
 
 import models.model_file as model_file
 from models.model_file import build_from_spec, user_code_frame
-from robustness import cli
+from robustness.app import cli
 from robustness.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,7 +169,7 @@ def test_a_factory_or_import_failure_of_the_users_code_names_their_file_and_line
 
 
 def test_an_exception_of_the_suite_itself_stays_a_bug_exit_1(tmp_path, siblings, monkeypatch, capsys):
-    import robustness.api
+    import robustness.app.api
 
     siblings.append("bug_helper")
     nets = tmp_path / "nets.py"
@@ -185,7 +185,7 @@ def test_an_exception_of_the_suite_itself_stays_a_bug_exit_1(tmp_path, siblings,
     def broken_evaluation(model, data, *args, **kwargs):
         model(data.batch(slice(0, 2))[0])  # the user's forward runs (and returns) first
         return [][0]  # then the suite fails
-    monkeypatch.setattr(robustness.api, "run_evaluation", broken_evaluation)
+    monkeypatch.setattr(robustness.app.api, "run_evaluation", broken_evaluation)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     code = cli.main(["attack", str(tmp_path / "run"), "--model-file", f"{nets}:build", "--weights", str(weights),
                      *FAST])

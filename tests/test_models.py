@@ -329,7 +329,7 @@ def test_registry_is_a_leaf_and_import_registers_the_builtin_models():
 def test_models_command_prints_each_models_own_options(capsys):
     import argparse
 
-    from robustness.commands import models as models_command
+    from robustness.app.commands import models as models_command
 
     models_command.run(argparse.Namespace(pattern="*"))
     lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())

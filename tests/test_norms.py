@@ -164,7 +164,7 @@ def test_a_budget_over_one_is_an_l2_budget_and_one_an_linf_budget():
 
 def test_reports_name_a_norm_by_its_title_and_keep_an_unknown_word():
     from reports import tables
-    from robustness.analysis.compare_text import distance_what
+    from robustness.findings.compare_text import distance_what
     assert [title_of(n) for n in NORM_NAMES] == ["L∞", "L2"]
     assert [title_of(n, plain=True) for n in NORM_NAMES] == ["L-inf", "L2"]  # plain text: no ∞ in a terminal line
     assert title_of("l7") == title_of("l7", plain=True) == "l7"

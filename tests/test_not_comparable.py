@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from robustness.analysis.compare import compare_runs
+from robustness.findings.compare import compare_runs
 from robustness.analysis.verdict import (CHANCE_ALPHA, MIN_BOTH_CORRECT, NEAR_CHANCE_FACTOR, Health, binomial_sf,
                                          chance_level_reasons, chance_p, judge)
 from tests.test_verdict import distance_records, ratio, result, wilcoxon
@@ -177,7 +177,7 @@ def test_several_reasons_make_one_clause_of_the_lead():
 # ---------------------------------------------------------------------------------------------------- the CLI
 
 def test_strict_compare_exits_2_on_a_not_comparable_pair_and_every_output_says_why(tmp_path, capsys):
-    from robustness.cli import main
+    from robustness.app.cli import main
     from tests.test_reports import N, write_run
     base = np.random.default_rng(4).uniform(1, 4, N) / 255
     dsn = write_run(tmp_path, distance_records(base * 2, run="dsn"))

@@ -19,7 +19,7 @@ import pytest
 from attacks.records import read_records, shard_fingerprint, write_shard
 from attacks.runner import AttackConfig, run_attacks
 from reports.run_page import write_report
-from robustness import cli
+from robustness.app import cli
 from robustness.core.errors import RunDirError
 from robustness.core.rundir import RunDir
 from robustness.results import load_run

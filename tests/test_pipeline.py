@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from attacks.records import read_records
-from robustness import cli, eps_grid, pipeline
-from robustness.pipeline import PipelineConfig
-from robustness.analysis.headline import run_headline
+from robustness.app import cli, eps_grid, pipeline
+from robustness.app.pipeline import PipelineConfig
+from robustness.findings.headline import run_headline
 from robustness.results import RunResults
 from test_analysis import make_records
 from test_data import write_fake_cifar100

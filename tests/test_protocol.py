@@ -320,7 +320,7 @@ def test_entry_point_names_a_factory_of_an_installed_package(tmp_path, monkeypat
 
 
 def test_attack_command_attacks_a_model_file_and_names_what_is_missing(tmp_path, capsys):
-    from robustness.cli import main
+    from robustness.app.cli import main
     from robustness.results import load_run
 
     nets = tmp_path / "nets.py"

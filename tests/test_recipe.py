@@ -13,10 +13,10 @@ import pytest
 
 from models.training.metrics import metrics_csv
 from robustness.bench.recipe import RecipeTargets, format_recipe, recipe_payload, recipe_row
-from robustness.cli import main
-from robustness.commands.run import seed_list
+from robustness.app.cli import main
+from robustness.app.commands.run import seed_list
 from robustness.core.errors import ConfigError
-from robustness.pipeline import RunPlan
+from robustness.app.pipeline import RunPlan
 from test_pipeline import shrunken_quickstart, write_toml
 
 

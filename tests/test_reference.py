@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from attack_helpers import copy_run, skipping_dsn
 from attacks.records import RECORD_COLUMNS, conform
 from attacks.runner import load_eval_data, load_run_checkpoint
-from robustness import cli
+from robustness.app import cli
 from robustness.bench.reference import ReferenceConfig, attack_at_eps, first_fooling_pgd, loss_per_sample, run_reference
 from robustness.bench.reference_compare import compare_with_suite, suite_rows
 from robustness.core.errors import ConfigError

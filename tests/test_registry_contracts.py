@@ -31,7 +31,7 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.gates import gate_function, list_gate_functions
 from models.protocol import adapt
 from models.registry import create_model, list_models, model_options
-from robustness import cli
+from robustness.app import cli
 from robustness.core import vocab
 from robustness.core.errors import BudgetViolation
 from robustness.data import dataset_info, list_datasets, load_dataset, unregister_dataset
@@ -381,8 +381,6 @@ PLUGIN_MODEL = '''
 def plugins(tmp_path, monkeypatch):
     """Four plug-in modules written into a temporary folder and imported as a user's script imports its own
     modules (the folder on ``sys.path``); every registration is undone afterwards."""
-    monkeypatch.setattr(gates, "_GATE_FUNCTIONS", dict(gates._GATE_FUNCTIONS))
-    monkeypatch.setattr(model_registry, "_REGISTRY", dict(model_registry._REGISTRY))
     sources = {"contract_attack": PLUGIN_ATTACK, "contract_dataset": PLUGIN_DATASET, "contract_gate": PLUGIN_GATE,
                "contract_model": PLUGIN_MODEL}
     for module, text in sources.items():
@@ -397,6 +395,10 @@ def plugins(tmp_path, monkeypatch):
         base.unregister("contract-one-step")
         if "contract-grey" in list_datasets():
             unregister_dataset("contract-grey")
+        if "contract-third" in gates.list_gate_functions():
+            gates.unregister_gate_function("contract-third")
+        if "contract_thin" in model_registry.list_models():
+            model_registry.unregister_model("contract_thin")
         for module in sources:
             sys.modules.pop(module, None)
 
@@ -415,6 +417,7 @@ def test_a_one_file_plug_in_is_in_the_help_the_listings_and_the_contract_tests(p
     train = _help("train")
     assert names["model"] in train.split("--model MODEL model name:")[1].split("(default")[0]
     assert names["gate"] in train.split("--gate-fn {")[1].split("}")[0]
+    assert names["dataset"] in train.split("--dataset DATASET dataset name:")[1].split("(default")[0]
     assert cli.main(["datasets"]) == 0
     listed = capsys.readouterr().out
     assert f"{names['dataset']}: size" in listed

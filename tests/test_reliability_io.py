@@ -39,9 +39,9 @@ from attacks.runner import AttackConfig
 from models.checkpoint import load_checkpoint
 from models.training import TrainConfig
 from models.training.trainer import model_memory
-from robustness import cli
-from robustness.commands.attack import config_from_args
-from robustness.commands.train import resolve_config
+from robustness.app import cli
+from robustness.app.commands.attack import config_from_args
+from robustness.app.commands.train import resolve_config
 from robustness.core import runtime, signals
 from robustness.core.config import MAX_SEED
 from robustness.core.errors import DSNError, Interrupted, RunDirError
@@ -315,7 +315,7 @@ def test_report_that_cannot_be_written_leaves_no_report(attacked, tmp_path, monk
 
 
 def test_an_environment_os_error_anywhere_is_one_line_and_another_stays_a_bug(tmp_path, monkeypatch, capsys):
-    import robustness.commands.datasets as datasets_command
+    import robustness.app.commands.datasets as datasets_command
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(datasets_command, "list_datasets", lambda: (_ for _ in ()).throw(_efbig("/data/big.bin")))
@@ -333,7 +333,7 @@ def test_an_environment_os_error_anywhere_is_one_line_and_another_stays_a_bug(tm
 #: command): argv[1] is a JSON list of ``[limit, argv]``; prints a JSON list of ``[exit code, stderr]``
 _UNDER_FILE_SIZE_LIMITS = textwrap.dedent("""
     import contextlib, io, json, logging, resource, signal, sys
-    from robustness import cli
+    from robustness.app import cli
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer instead of saying EFBIG
     results = []
     for limit, argv in json.loads(sys.argv[1]):
@@ -676,7 +676,7 @@ class _Generated(Exception):
 
 
 def test_sigterm_in_a_command_releases_the_lock_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
-    import robustness.commands.models as models_command
+    import robustness.app.commands.models as models_command
 
     run = RunDir.at(tmp_path / "run")
     (tmp_path / "run").mkdir()
@@ -734,7 +734,7 @@ def test_a_worker_asked_twice_stops_once_its_clean_up_is_done(tmp_path):
 def _terminate_once(argv: list[str], ready, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     """Start ``dsn-robust argv``, send it SIGTERM as soon as ``ready()`` holds, and wait for it."""
     env = dict(ENV, XDG_CACHE_HOME=str(cwd / "cache"))
-    proc = subprocess.Popen([sys.executable, "-m", "robustness.cli", *argv], cwd=cwd, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "robustness", *argv], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     try:

@@ -13,7 +13,7 @@ import pytest
 from reports import tables
 from reports.compare_page import write_comparison
 from reports.run_page import write_report
-from robustness.analysis.compare import Comparison, compare_runs
+from robustness.findings.compare import Comparison, compare_runs
 from robustness.core.errors import RunDirError
 from robustness.core.runtime import jsonable
 from robustness.core.vocab import format_eps

@@ -20,7 +20,7 @@ from models.protocol import GatedNet, adapt
 from models.registry import create_model
 from models.routing import GRAD_MODES, ROUTING_GRADIENTS, routing_gradient
 from models.surrogates import calibrate_temperature, surrogate_fidelity
-from robustness import cli
+from robustness.app import cli
 from robustness.core.errors import ConfigError, UnknownNameError
 
 BUILT_IN = ["none", "ste", "bpda", "eot", "sharp"]
@@ -173,13 +173,23 @@ def test_a_model_without_gate_scores_runs_the_fallback_of_ste(x):
 @pytest.fixture
 def plugin(tmp_path, monkeypatch):
     """The plug-in module imported from ``tmp_path`` for one test; the registry and sys.modules restored after."""
-    monkeypatch.setattr(routing, "_ROUTING_GRADIENTS", dict(routing._ROUTING_GRADIENTS))
     (tmp_path / "halfsharp_plugin.py").write_text(textwrap.dedent(PLUGIN_SOURCE))
     monkeypatch.syspath_prepend(str(tmp_path))
     assert PLUGIN not in GRAD_MODES
-    importlib.import_module("halfsharp_plugin")
-    yield PLUGIN
-    sys.modules.pop("halfsharp_plugin", None)
+    try:
+        importlib.import_module("halfsharp_plugin")
+        yield PLUGIN
+    finally:
+        if PLUGIN in GRAD_MODES:
+            routing.unregister_routing_gradient(PLUGIN)
+        sys.modules.pop("halfsharp_plugin", None)
+
+
+def test_an_unregistered_routing_gradient_is_gone_and_unregistering_it_again_names_the_others(plugin):
+    routing.unregister_routing_gradient(plugin)
+    assert plugin not in GRAD_MODES and list(GRAD_MODES) == BUILT_IN
+    with pytest.raises(UnknownNameError, match="unknown gate gradient 'halfsharp'; choose one of: bpda, eot, none, sharp, ste"):
+        routing.unregister_routing_gradient(plugin)
 
 
 def test_a_plugin_routing_gradient_is_in_the_attack_help(plugin, capsys):

@@ -1,4 +1,4 @@
-"""A run's analysis is computed once (robustness.analysis.run): the report, the API's Results, the comparison and
+"""A run's analysis is computed once (robustness.findings.run): the report, the API's Results, the comparison and
 `dsn-robust attack`'s closing table of one run read one RunAnalysis in a process, so the sanity checks, the
 minimal distances and the worst case run once per run; a run that grows is analysed again; and every consumer
 shows the same numbers."""
@@ -12,13 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import robustness.analysis.headline as headline_module
-import robustness.analysis.run as run_module
+import robustness.findings.headline as headline_module
+import robustness.findings.run as run_module
 import robustness.sanity.curve_vs_fixed as curve_check
 from attacks.runner import AttackResult
-from robustness import api
-from robustness.analysis.run import analyse
-from robustness.commands.attack import summary_table
+from robustness.app import api
+from robustness.findings.run import analyse
+from robustness.app.commands.attack import summary_table
 from robustness.core.runtime import jsonable
 from robustness.core.vocab import format_distance
 from robustness.results import RunResults, load_run

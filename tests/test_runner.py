@@ -165,8 +165,8 @@ def test_static_model_collapses_routing_gradients(tiny_runs, tmp_path):
 
 
 def _cli(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    import robustness.cli as cli
-    present = tuple(c for c in cli.COMMANDS if importlib.util.find_spec(f"robustness.commands.{c}") is not None)
+    import robustness.app.cli as cli
+    present = tuple(c for c in cli.COMMANDS if importlib.util.find_spec(f"robustness.app.commands.{c}") is not None)
     monkeypatch.setattr(cli, "COMMANDS", present)
     code = cli.main(argv)
     out, err = capsys.readouterr()

@@ -16,7 +16,7 @@ from attacks.runner import AttackConfig, plan_evaluations, run_attacks
 from attacks.runner import sizing
 from attacks.runner.sizing import CPU_MAX, ROUND, cpu_batch_size, fitting_batch_size, resolve_batch_size
 from models.checkpoint import load_checkpoint
-from robustness.commands.attack import config_from_args, register
+from robustness.app.commands.attack import config_from_args, register
 from robustness.core.errors import ConfigError, RunDirError
 from robustness.core.runtime import _precision_backends, float32_state, true_float32
 from robustness.data import load_dataset

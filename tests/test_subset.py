@@ -11,8 +11,8 @@ import torch
 
 from attacks.records import shard_fingerprint, write_shard
 from attacks.runner import AttackConfig, run_attacks
-from robustness import cli
-from robustness.analysis.headline import NOT_RECORDED, SubsetSummary, run_headline
+from robustness.app import cli
+from robustness.findings.headline import NOT_RECORDED, SubsetSummary, run_headline
 from robustness.core.errors import ConfigError, RunDirError, UnknownNameError
 from robustness.data import CoarseFineDataset, DatasetInfo, load_dataset
 from robustness.data.subset import SUBSET_RULES, images_sha256, select_subset, take

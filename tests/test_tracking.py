@@ -25,7 +25,7 @@ from attacks.runner import AttackConfig, Batch, EvalPlan, Scorer, load_run_check
 from attacks.runner.presets import PRESETS
 from attacks.tracking import BestAdversarial, deployed_margin
 from models.network import CoarseFineNet, ModelOutput
-from robustness.commands.attack import config_from_args
+from robustness.app.commands.attack import config_from_args
 from robustness.core.errors import ConfigError, UnknownNameError
 from robustness.core.runtime import seed_everything
 from attack_helpers import copy_run, load_test_images, robust_accuracy

@@ -19,7 +19,7 @@ from models.checkpoint import load_checkpoint
 from models.network import CoarseFineNet
 from models.training import METRIC_COLUMNS, TrainConfig, read_metrics, train
 from models.training.optim import param_groups
-from robustness import cli
+from robustness.app import cli
 from robustness.core.errors import ConfigError, RunDirError
 from robustness.core.rundir import RunDir
 
@@ -302,7 +302,7 @@ def test_ddp_two_gloo_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "robustness.cli", "train", "--config", str(cfg), "--out", str(out), "--no-progress",
+         "-m", "robustness", "train", "--config", str(cfg), "--out", str(out), "--no-progress",
          "--device", "cpu"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from attacks.records import conform
-from robustness.analysis.compare import compare_runs
-from robustness.analysis.seeds import compare_seeds
+from robustness.findings.compare import compare_runs
+from robustness.findings.seeds import compare_seeds
 from robustness.analysis.stats import (bootstrap, hierarchical_bootstrap, mcnemar_test, sign_flip_test,
                                        weighted_median_rows)
 from robustness.analysis.verdict import (ACCURACY_BAND, ALPHA, MIN_BOTH_CORRECT, MIN_SEEDS_FOR_TEST, ONE_SEED,
@@ -189,7 +189,7 @@ def test_two_variants_of_one_run_are_held_to_the_same_clean_accuracy_rule():
 
 
 def test_strict_compare_exits_2_on_a_confounded_pair_and_0_with_a_warning_without(tmp_path, capsys):
-    from robustness.cli import main
+    from robustness.app.cli import main
     from tests.test_reports import N, write_run
     rng = np.random.default_rng(4)
     base = rng.uniform(1, 4, N) / 255

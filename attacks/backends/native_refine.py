@@ -75,7 +75,6 @@ class PGDRefine(PGDBisect):
     """
 
     name, backend = "pgd-refine", "native"
-    norms = ("linf", "l2")
     Params = RefineParams
     inherits, inherited_params = "pgd", ("steps", "restarts", "losses", "random_start")
     refines: ClassVar[bool] = True

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 #: config (its CPU, one thread and two workers suit the quickstart's laptop), and free to change on --resume
 EXECUTION_KEYS = ("device", "threads", "workers")
 
-#: ``eps = "auto"``: the grid is chosen from the minimal distances (robustness.eps_grid); ``batch_size = "auto"``:
+#: ``eps = "auto"``: the grid is chosen from the minimal distances (robustness.app.eps_grid); ``batch_size = "auto"``:
 #: the batch is sized for the device (attacks.runner.sizing)
 AUTO = "auto"
 #: attack names a user may ask for (``apgd`` expands to ``apgd-ce`` and ``apgd-dlr``; also as ``[attack.apgd]``)
@@ -107,7 +107,7 @@ class AttackConfig:
     ``backends`` is the ordered preference of implementations (``native``, ``torchattacks``, ``foolbox``; ``both`` =
     both libraries with ``cross_check``): each attack runs in the first listed one that has it, or in all of them
     with ``cross_check``. ``norm`` is the threat model of the fixed-budget attacks, ``eps`` their budgets, or
-    ``"auto"``: chosen from the minimal distances (``robustness.eps_grid``; the fixed-budget attacks then wait until
+    ``"auto"``: chosen from the minimal distances (``robustness.app.eps_grid``; the fixed-budget attacks then wait until
     the minimal-perturbation attacks have run). Minimal-perturbation attacks (DDN, FMN, CW, pgd-bisect,
     pgd-refine) run in each of their norms that is ``norm`` or in ``distance_norms`` (default both), unbounded (eps =
     inf: each sample's distance; an L2 one under ``--norm linf`` is also scored at ``cw_eps``). ``steps`` (None: each attack's own
@@ -238,7 +238,7 @@ class AttackConfig:
         return self.eps == AUTO
 
     def fixed_eps(self) -> list[float]:
-        """The fixed-budget grid; ConfigError while it is ``auto`` (resolve it first: ``robustness.eps_grid``)."""
+        """The fixed-budget grid; ConfigError while it is ``auto`` (resolve it first: ``robustness.app.eps_grid``)."""
         if self.eps_auto:
             raise ConfigError("eps = auto must be resolved into a grid before fixed-budget attacks run")
         return list(self.eps)  # type: ignore[arg-type]

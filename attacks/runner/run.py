@@ -35,7 +35,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import torch.multiprocessing as mp
 
 from attacks.base import MINIMAL, Target
 from attacks.records import RECORD_COLUMNS, accuracy_rows, conform, read_records, worst_case, write_shard
@@ -53,6 +52,7 @@ from attacks.runner.subject import (Subject, check_transferable, load_run_checkp
 from models.network import CoarseFineNet
 from models.routing import routing_gradient
 from robustness.core.errors import ConfigError, RunDirError
+from robustness.core.processes import in_processes
 from robustness.core.progress import heartbeat, progress_bar
 from robustness.core.files import atomic_write, atomic_write_json, file_sha256
 from robustness.core.rundir import RunDir
@@ -179,7 +179,7 @@ def _plans(config: AttackConfig, crafting_model: CoarseFineNet, subject: Subject
     cannot take one."""
     plans = plan_evaluations(config, crafting_model.is_gated, source_name)
     if config.eps_auto:
-        log.info("eps = auto: only the minimal-perturbation attacks run now; robustness.eps_grid chooses the grid "
+        log.info("eps = auto: only the minimal-perturbation attacks run now; robustness.app.eps_grid chooses the grid "
                  "from their distances and runs the fixed-eps attacks at it")
     info = subject.dataset
     head_classes = info.num_fine if config.target == "fine" else info.num_coarse
@@ -254,9 +254,9 @@ def _run_in_workers(run: RunDir, config: AttackConfig, n_batches: int, resume: b
     if n_batches < config.workers:
         log.info("%d batch(es) for %d workers: lower batch_size to use them all", n_batches, config.workers)
     level = logging.getLogger().getEffectiveLevel()
-    mp.start_processes(_worker, nprocs=config.workers, start_method="spawn", join=True,
-                       args=(config.workers, free_port(), str(run.root), config, resume,
-                             None if transfer_from is None else str(transfer_from), progress, force, level))
+    port, source = free_port(), None if transfer_from is None else str(transfer_from)
+    in_processes(_worker, [(rank, config.workers, port, str(run.root), config, resume, source, progress, force, level)
+                           for rank in range(config.workers)], config.workers)
     records = read_records(run.records) if run.has_records() else conform(pd.DataFrame(columns=list(RECORD_COLUMNS)))
     return AttackResult(run.root, run.read_manifest() or {}, records)
 

@@ -55,7 +55,7 @@ def build_subject(model: CoarseFineNet, data: CoarseFineDataset, data_source: di
                   subset: Subset | None, model_name: str = "", dataset: DatasetInfo | None = None,
                   checkpoint: str = "") -> Subject:
     """The one constructor of a :class:`Subject`: a trained run's (:func:`load_subject`) and a model handed over in
-    memory (``robustness.api_data.make_subject``). ``model_name`` defaults to the model's own ``model_name``, else
+    memory (``robustness.app.api_data.make_subject``). ``model_name`` defaults to the model's own ``model_name``, else
     its class name; ``dataset`` to ``data.info`` (a run passes its checkpoint's, which its test data was checked
     against); ``subset`` is which samples of the split ``data`` holds (None: ``data`` as given)."""
     name = model_name or getattr(model, "model_name", "") or type(model).__name__

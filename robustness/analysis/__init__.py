@@ -8,12 +8,11 @@
 - :mod:`~robustness.analysis.transfer`: the transfer matrix.
 - :mod:`~robustness.analysis.pivot`: a report's scope (deployed gate mode, head), the attack x eps pivot of robust
   accuracy and the compute attacks' table.
-- :mod:`~robustness.analysis.headline`: a run's headline. Import it from its module (it uses
-  ``robustness.sanity`` and ``robustness.results``, like ``compare``).
-- :mod:`~robustness.analysis.run`: one run's analysis, computed once per process (sanity verdicts, worst case,
-  minimal distances, curves, gate statistics, headline); import it from its module, like ``headline``.
-- :mod:`~robustness.analysis.compare`: the skip vs no-skip verdict. Import it from its module: it builds on
-  ``robustness.sanity``, which builds on this package, so it is not re-exported here.
+- :mod:`~robustness.analysis.distances`: minimal distances and robustness curves.
+- :mod:`~robustness.analysis.verdict`: the one rule that turns an effect and its test into a finding.
+
+What a run or a comparison concludes (a run's analysis, the headline, the comparison) reads the sanity checks too,
+which build on this package: it lives one floor up, in :mod:`robustness.findings`.
 """
 from robustness.analysis.metrics import (
     WORST_KEYS,

@@ -164,7 +164,7 @@ def robust_accuracy_table(df: pd.DataFrame, include_worst: bool = True, confiden
     """Tidy robust accuracy per evaluation (and per eps): :data:`EVAL_KEYS`, ``n``, ``robust_acc`` (+ Wilson
     ``_low``/``_high``); with ``include_worst``, worst-case rows (``attack='worst'``, ``backend='any'``,
     ``gate_grad='any'``) are appended: ``worst``, the records' :func:`worst_case_accuracy` when the caller has it
-    (:class:`robustness.analysis.run.RunAnalysis`), else computed here."""
+    (:class:`robustness.findings.run.RunAnalysis`), else computed here."""
     rows = []
     for key, g in df.groupby(EVAL_KEYS, sort=True, observed=True, dropna=False):
         row = dict(zip(EVAL_KEYS, key), n=len(g))

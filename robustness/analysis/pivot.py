@@ -70,7 +70,7 @@ def accuracy_pivot(records: pd.DataFrame, scope: dict[str, str] | None = None,
     :func:`headline_scope`), each attack at its best backend and routing gradient per sample
     (:func:`strongest_per_sample`), plus the :data:`WORST_ROW` over all of them; tidy, :data:`PIVOT_COLUMNS`,
     Wilson intervals. ``worst``: the records' ``metrics.worst_case_accuracy`` (at ``confidence``) when the caller
-    has it (:class:`robustness.analysis.run.RunAnalysis`); its rows in ``scope`` are the :data:`WORST_ROW`."""
+    has it (:class:`robustness.findings.run.RunAnalysis`); its rows in ``scope`` are the :data:`WORST_ROW`."""
     scope = headline_scope(records) if scope is None else scope
     rows = _fixed_budget(accuracy_rows(scoped(records, scope)))
     if rows.empty:

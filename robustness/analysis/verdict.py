@@ -27,7 +27,7 @@ Before the rule, the guards (:func:`comparability_reasons`, :func:`health_reason
   that of a guesser;
 - or the sides were attacked on different images (different subset hashes or sample counts) or trained /
   attacked on different data (the caller's ``samples`` reasons,
-  :func:`robustness.analysis.comparability._same_samples`).
+  :func:`robustness.findings.comparability._same_samples`).
 
 It is ``confounded`` (by clean accuracy) when either side is near chance (clean accuracy below
 :data:`NEAR_CHANCE_FACTOR` x chance, on the attacked samples or at the end of training) or the two clean

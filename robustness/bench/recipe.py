@@ -3,7 +3,7 @@
 A recipe on a cliff lands on either side depending on the seed and on the machine's floating-point kernels (the
 synthetic quickstart of earlier versions: 57% fine on seed 0, 94% on seed 1, bit-identical on rerun), so a config's
 accuracy is quoted with the seeds it holds for. The command trains every model of the config once per seed exactly
-as ``dsn-robust run`` does (:func:`robustness.pipeline.train_runs`), then this module reads each run's last epoch
+as ``dsn-robust run`` does (:func:`robustness.app.pipeline.train_runs`), then this module reads each run's last epoch
 from its ``metrics.csv`` and sets it against the targets.
 """
 from __future__ import annotations

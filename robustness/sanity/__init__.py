@@ -97,7 +97,7 @@ def run_checks(df: pd.DataFrame, *, zero_grad_share: float | pd.Series | Mapping
     """All checks on ``df``, in a fixed order. ``margin`` is the Square check's gap and power margin; ``alpha``,
     ``min_samples`` and ``min_points`` decide when a paired difference counts; ``queries`` is the gradient-free
     attack's query budget per run name (from the attack manifest); ``minimal`` is ``df``'s minimal distances
-    when the caller has them (:mod:`robustness.analysis.run`), so they are not computed twice. Records without a coarse head get one more
+    when the caller has them (:mod:`robustness.findings.run`), so they are not computed twice. Records without a coarse head get one more
     (``skip``) entry saying which analyses were skipped (:func:`check_heads`). The finite-logits check
     (:func:`check_finite_logits`) comes after the masking checks; when more than :data:`NONFINITE_DOMINANT` of the
     rows are non-finite, the masking checks are replaced by skips that say so.

@@ -1,6 +1,6 @@
 """``dsn-robust``: train, attack, report, compare, bench, run, check-model.
 
-Each subcommand lives in ``robustness/commands/<name>.py`` and exposes ``register(subparsers)``, which adds its
+Each subcommand lives in ``robustness/app/commands/<name>.py`` and exposes ``register(subparsers)``, which adds its
 parser and sets ``handler`` to a function ``(args) -> int``. A user's mistake (any ``DSNError``) becomes one line
 on stderr and a non-zero exit; so does an OSError the environment caused wherever it was raised (a full disk, the
 file-size limit, a name too long, a read-only place: :func:`robustness.core.files.os_error_line`), and every path
@@ -43,7 +43,7 @@ from robustness.core.errors import DSNError, Interrupted, first_line
 from robustness.core.files import OUTPUT_ROOM, check_path, os_error_line
 from robustness.core.versions import package_version, package_versions
 
-#: each command's line in ``dsn-robust --help``, keyed by its module under ``robustness.commands`` (the command's
+#: each command's line in ``dsn-robust --help``, keyed by its module under ``robustness.app.commands`` (the command's
 #: name with ``-`` for ``_``), in the order the help lists them; the main parser sets it as the command's ``help``
 COMMAND_HELP = {
     "train": "train a model (`dsn-robust models` lists them) into a run directory",
@@ -101,7 +101,7 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, action=_Commands)
     for name in COMMANDS:
         if name in full:
-            importlib.import_module(f"robustness.commands.{name}").register(sub)
+            importlib.import_module(f"robustness.app.commands.{name}").register(sub)
         else:
             sub.add_parser(name.replace("_", "-"))
     for command in _subcommand_parsers(parser):

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from attacks.runner import load_run_checkpoint
 from robustness.bench.recipe import RecipeTargets, format_recipe, recipe_payload, recipe_row
-from robustness.commands.run import seed_list
+from robustness.app.commands.run import seed_list
 from robustness.core.config import DEFAULT_CONFIG, default_config_path
 from robustness.core.lock import writer_lock
 from robustness.core.rundir import RunDir
-from robustness.pipeline import PipelineConfig, train_runs
+from robustness.app.pipeline import PipelineConfig, train_runs
 
 from robustness.bench.reference import LOSSES, REFERENCE_GATE_MODES, ReferenceConfig
 from robustness.bench.reference import run_reference

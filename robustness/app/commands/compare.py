@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from reports.compare_page import write_comparison  # torch, pandas, matplotlib: not for `compare --help`
-    from robustness.analysis.compare import compare_runs
+    from robustness.findings.compare import compare_runs
     from robustness.results import load_run
 
     labels = args.labels.split(",") if args.labels else None

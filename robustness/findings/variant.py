@@ -1,8 +1,8 @@
 """One side of a comparison: a :class:`Variant` is one (run, gate mode) with its white-box records.
 
-:func:`robustness.analysis.compare.compare_runs` makes them; the pair guards
-(:mod:`robustness.analysis.comparability`), the fixed-eps fallback (:mod:`robustness.analysis.fixed_eps`) and the
-verdict line's text (:mod:`robustness.analysis.compare_text`) read them, so the type lives below all four.
+:func:`robustness.findings.compare.compare_runs` makes them; the pair guards
+(:mod:`robustness.findings.comparability`), the fixed-eps fallback (:mod:`robustness.findings.fixed_eps`) and the
+verdict line's text (:mod:`robustness.findings.compare_text`) read them, so the type lives below all four.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from functools import cached_property
 import pandas as pd
 
 from robustness.analysis.metrics import compute_saved
-from robustness.analysis.run import RunAnalysis, analyse
+from robustness.findings.run import RunAnalysis, analyse
 from robustness.analysis.selection import whitebox
 from robustness.results import RunResults
 
@@ -34,7 +34,7 @@ class Variant:
 
     @property
     def analysis(self) -> RunAnalysis:
-        """The analysis of this variant's run (:func:`robustness.analysis.run.analyse`, made once per run)."""
+        """The analysis of this variant's run (:func:`robustness.findings.run.analyse`, made once per run)."""
         return analyse(self.run)
 
     @cached_property

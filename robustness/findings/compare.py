@@ -15,13 +15,13 @@ a side is near chance or far below its twin, and "not comparable" when it has to
 side is at chance level on clean data (not significantly above 1 / fine classes by a one-sided binomial test), or
 the sides saw different images (subset hashes, sample counts) or data (``config.json`` data options, the attack
 manifests' ``data`` / ``dataset`` entries). Runs of one training seed each: the verdict says its interval covers
-test samples only. :func:`robustness.analysis.seeds.compare_seeds` pools seed-replicated runs (hierarchical
+test samples only. :func:`robustness.findings.seeds.compare_seeds` pools seed-replicated runs (hierarchical
 bootstrap over seeds and samples, a seed-level sign-flip test). The reports only render the :class:`Comparison`
 / ``SeedComparison``.
 
-The pair guards (training health, same samples) are :mod:`robustness.analysis.comparability`, the fixed-eps
-fallback :mod:`robustness.analysis.fixed_eps`, the verdict line's text :mod:`robustness.analysis.compare_text`;
-the variant type they all read :mod:`robustness.analysis.variant`.
+The pair guards (training health, same samples) are :mod:`robustness.findings.comparability`, the fixed-eps
+fallback :mod:`robustness.findings.fixed_eps`, the verdict line's text :mod:`robustness.findings.compare_text`;
+the variant type they all read :mod:`robustness.findings.variant`.
 
 This module is not re-exported by ``robustness.analysis``: it uses ``robustness.sanity``, which itself builds on
 the analysis package.
@@ -36,18 +36,18 @@ from typing import Any
 import pandas as pd
 
 from attacks.records import worst_case
-from robustness.analysis.answer import short_answer
-from robustness.analysis.comparability import _health, _health_checks, _same_samples
-from robustness.analysis.compare_text import (_cannot_tell, _distance_clause, _fixed_clause, _fixed_what, distance_what,
+from robustness.findings.answer import short_answer
+from robustness.findings.comparability import _health, _health_checks, _same_samples
+from robustness.findings.compare_text import (_cannot_tell, _distance_clause, _fixed_clause, _fixed_what, distance_what,
                                               routing_grads)
 from robustness.analysis.distances import DISTANCE_KEYS, DistanceComparison, compare_distances, robustness_curve
-from robustness.analysis.fixed_eps import _fixed_eps_effect, _fixed_eps_pair
+from robustness.findings.fixed_eps import _fixed_eps_effect, _fixed_eps_pair
 from robustness.analysis.metrics import is_gated
-from robustness.analysis.run import analyse
+from robustness.findings.run import analyse
 from robustness.analysis.selection import accuracy_rows, strongest_per_sample, whitebox
 from robustness.analysis.stats import PAIR_KEYS, paired_difference, wilson_interval
 from robustness.analysis.transfer import transfer_matrix
-from robustness.analysis.variant import Variant
+from robustness.findings.variant import Variant
 from robustness.analysis.verdict import Health, PairVerdict, judge, lead, seeds_scope
 from robustness.core.errors import RunDirError
 from robustness.core.norms import NORM_NAMES
@@ -112,7 +112,7 @@ class Comparison:
 
     @property
     def answer(self) -> str:
-        """The short answer (at most 200 characters, :mod:`robustness.analysis.answer`): what ``dsn-robust run``
+        """The short answer (at most 200 characters, :mod:`robustness.findings.answer`): what ``dsn-robust run``
         and ``compare`` print; ``verdict`` is the long form."""
         return short_answer(self.verdicts, self.verdict)
 

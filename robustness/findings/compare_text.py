@@ -1,7 +1,7 @@
 """The verdict line's text: each pair's clause (eps-free or fixed-eps), what the evidence is, and when the
 comparison cannot tell.
 
-:func:`robustness.analysis.compare.compare_runs` and :func:`robustness.analysis.seeds.compare_seeds` join these
+:func:`robustness.findings.compare.compare_runs` and :func:`robustness.findings.seeds.compare_seeds` join these
 into the one line ``dsn-robust run`` ends with.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from robustness.analysis.distances import DistanceComparison
 from robustness.analysis.selection import whitebox
-from robustness.analysis.variant import Variant
+from robustness.findings.variant import Variant
 from robustness.analysis.verdict import PairVerdict
 from models.routing import ROUTING_GRADIENTS
 from robustness.core.norms import title_of

@@ -18,6 +18,7 @@ from robustness.core.config import load_config_file
 from robustness.core.errors import ConfigError, RunDirError
 from robustness.core.rundir import RunDir
 from robustness.core.runtime import DEVICE_CHOICES, env_world
+from robustness.data import list_datasets
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train a model into RUN_DIR: config.json, metrics.csv, checkpoints/{last,best}.pt, "
                                    "train.done. Flags override the --config file.")
     p.add_argument("--model", help=f"model name: {', '.join(list_models())} (default: from the config, else dsn)")
-    p.add_argument("--dataset", help="dataset name, e.g. synthetic or cifar100 (default: from the config, "
-                                     "else synthetic)")
+    p.add_argument("--dataset", help=f"dataset name: {', '.join(list_datasets())} (default: from the config, "
+                                     f"else {TrainConfig.dataset})")
     p.add_argument("--data-root", metavar="DIR", help="folder holding the dataset's local files")
     p.add_argument("--config", metavar="TOML", help="config file with [data], [model], [train] tables")
     p.add_argument("--out", metavar="RUN_DIR", required=True, help="run directory to write")

@@ -33,7 +33,7 @@ from attacks.runner import ATTACK_ALIASES, AttackConfig, AttackResult, load_run_
 from attacks.runner.config import EXECUTION_KEYS, STEPS_KINDS, default_attack_table, stored_table
 from attacks.runner.presets import PRESETS, preset_table
 from robustness.analysis.distances import median_distance
-from robustness.analysis.headline import ModelCheckSummary
+from robustness.findings.headline import ModelCheckSummary
 from robustness.core.config import load_config_file, overridden, parse_dotted
 from robustness.core.errors import ConfigError
 from robustness.core.errors import RunDirError
@@ -42,7 +42,7 @@ from models.routing import GRAD_MODES, routing_gradient
 from robustness.core.vocab import ATTACK_GATE_MODES, HEADS, NORMS, format_distance, format_eps
 from robustness.data import DatasetInfo
 from robustness.data.subset import SUBSET_RULES
-from robustness.eps_grid import attack_runs, check_auto
+from robustness.app.eps_grid import attack_runs, check_auto
 
 __all__ = ["register", "run", "run_attacks", "config_from_args", "parse_setting", "summary_table"]
 
@@ -289,9 +289,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _attack_model_file(args: argparse.Namespace, config: AttackConfig) -> AttackResult:
     """``--model-file``: build the user's module from its file (or entry point) with ``--weights``, and attack it
-    on ``--dataset``'s test split through the Python API's code path (:func:`robustness.api.run_evaluation`)."""
+    on ``--dataset``'s test split through the Python API's code path (:func:`robustness.app.api.run_evaluation`)."""
     from models.model_file import build_from_spec
-    from robustness.api import run_evaluation
+    from robustness.app.api import run_evaluation
     from robustness.data import load_dataset
 
     if not args.model_file:
@@ -324,8 +324,8 @@ def parse_setting(text: str) -> tuple[str, str, Any]:
 
 def summary_table(result: AttackResult) -> str:
     """Clean accuracy, robust accuracy (%) per evaluation and eps, and the worst case per eps, as plain text; the
-    minimal distances are the run's analysis's (:func:`robustness.analysis.run.analyse`)."""
-    from robustness.analysis.run import analyse
+    minimal distances are the run's analysis's (:func:`robustness.findings.run.analyse`)."""
+    from robustness.findings.run import analyse
     from robustness.results import RunResults
 
     df = result.records

@@ -55,7 +55,7 @@ def seed_list(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from robustness.pipeline import PipelineConfig, format_summary, run_pipeline  # pandas: not for `run --help`
+    from robustness.app.pipeline import PipelineConfig, format_summary, run_pipeline  # pandas: not for `run --help`
 
     config = PipelineConfig.from_file(args.config or default_config_path(), device=args.device,
                                       data_root=args.data_root, overrides=args.set, seeds=args.seeds,

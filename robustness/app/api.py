@@ -10,15 +10,15 @@ face over the CLI's code path, not a second implementation:
   directory (``out``, or a new temporary directory). The same model, data and seed therefore give the same
   records as the CLI.
 - :class:`Results` is a loaded run (:func:`robustness.results.load_run`); its numbers are the report's, read
-  from the same :class:`robustness.analysis.run.RunAnalysis` (the headline of :func:`robustness.analysis.headline.
+  from the same :class:`robustness.findings.run.RunAnalysis` (the headline of :func:`robustness.findings.headline.
   run_headline` over the checks of :func:`robustness.sanity.run_checks`), and :meth:`Results.write_report` is
   :func:`reports.run_page.write_report`, what ``dsn-robust report`` writes.
-- :func:`compare` is :func:`robustness.analysis.compare.compare_runs`, what ``dsn-robust compare`` prints and
+- :func:`compare` is :func:`robustness.findings.compare.compare_runs`, what ``dsn-robust compare`` prints and
   renders.
 
 Pitfalls recorded here: :class:`robustness.data.CoarseFineDataset` holds uint8 images, so a user's float tensors
-would be rounded to steps of 1/255; they are held as given instead (:class:`robustness.api_data.TensorData`: the
-data and model handling is :mod:`robustness.api_data`). The attacks need input gradients only: during
+would be rounded to steps of 1/255; they are held as given instead (:class:`robustness.app.api_data.TensorData`: the
+data and model handling is :mod:`robustness.app.api_data`). The attacks need input gradients only: during
 :func:`evaluate` the model is in eval mode with parameter gradients off (as a checkpoint is loaded for the CLI),
 and both are restored afterwards; the model is moved to the attack device and stays there.
 """
@@ -46,17 +46,17 @@ from models.fidelity import verify
 from models.network import CoarseFineNet
 from reports.compare_page import write_comparison
 from reports.run_page import write_report
-from robustness.analysis.compare import Comparison, compare_runs
-from robustness.analysis.headline import RunHeadline
-from robustness.analysis.run import RunAnalysis, analyse
+from robustness.findings.compare import Comparison, compare_runs
+from robustness.findings.headline import RunHeadline
+from robustness.findings.run import RunAnalysis, analyse
 from robustness.analysis.stats import Interval
-from robustness.api_data import FIDELITY_IMAGES, TensorData, make_subject, suite_draws, suite_model
+from robustness.app.api_data import FIDELITY_IMAGES, TensorData, make_subject, suite_draws, suite_model
 from robustness.core.errors import ConfigError
 from robustness.core.rundir import RunDir
 from robustness.core.runtime import process_device, resolve_device
 from robustness.core.vocab import format_distance, format_eps
 from robustness.data import CoarseFineDataset
-from robustness.eps_grid import attack_in_phases, check_auto
+from robustness.app.eps_grid import attack_in_phases, check_auto
 from robustness.results import RunResults, load_run as load_run_results
 from robustness.sanity import Check
 
@@ -74,7 +74,7 @@ class Results:
     """One attacked run: its per-sample records, clean and robust accuracy with intervals, the sanity checks.
 
     Every number is the per-model report's (``dsn-robust report``): :attr:`headline` is
-    :func:`robustness.analysis.headline.run_headline` over :attr:`checks`, with ``n_boot`` bootstrap resamples
+    :func:`robustness.findings.headline.run_headline` over :attr:`checks`, with ``n_boot`` bootstrap resamples
     seeded by ``seed`` (the intervals of the median distances; accuracy intervals are Wilson intervals).
 
     Example::
@@ -106,7 +106,7 @@ class Results:
 
     @property
     def analysis(self) -> RunAnalysis:
-        """The run's analysis (:func:`robustness.analysis.run.analyse`): the one the report and :func:`compare`
+        """The run's analysis (:func:`robustness.findings.run.analyse`): the one the report and :func:`compare`
         read too, made once per run in a process."""
         return analyse(self.run)
 
@@ -192,7 +192,7 @@ def load_run(run_dir: str | os.PathLike[str], *, n_boot: int = 1000, seed: int =
 
 def compare(*results: Results | str | os.PathLike[str], labels: Sequence[str] | None = None, n_boot: int = 1000,
             seed: int = 0, out: str | os.PathLike[str] | None = None) -> Comparison:
-    """Skip vs no-skip on the samples the runs share: the :class:`robustness.analysis.compare.Comparison` that
+    """Skip vs no-skip on the samples the runs share: the :class:`robustness.findings.compare.Comparison` that
     ``dsn-robust compare`` prints (``.verdict``) and renders; with ``out``, its comparison page is written there.
 
     Each argument is a :class:`Results` or a run directory. Example::
@@ -243,7 +243,7 @@ def evaluate(model: nn.Module, data: Any, *, attacks: Sequence[str] | str | None
     :class:`attacks.runner.AttackConfig` fields or its flat aliases (``params={"pgd": {"restarts": 2}}``: per-attack
     parameters), read as ``dsn-robust attack`` reads its flags (:func:`attack_config`): what is not given is what
     the CLI uses without flags, the ``[attack]`` table ``dsn-robust run`` attacks with (its ``eps = "auto"`` runs
-    the minimal attacks first and places the grid at their distances: :mod:`robustness.eps_grid`).
+    the minimal attacks first and places the grid at their distances: :mod:`robustness.app.eps_grid`).
 
     ``out`` is the run directory the records go to; without it a new temporary directory is made
     (``Results.run_dir`` and ``repr(results)`` say where). ``resume``/``force`` act as the CLI's
@@ -307,7 +307,7 @@ def run_evaluation(suite: CoarseFineNet, data: Any, config: AttackConfig, *,
 
 def _attack(run: RunDir, subject: Subject, config: AttackConfig, *, resume: bool, force: bool,
             progress: bool) -> None:
-    """``attack_subject``; with ``eps = "auto"`` in the two phases of :mod:`robustness.eps_grid` (minimal
+    """``attack_subject``; with ``eps = "auto"`` in the two phases of :mod:`robustness.app.eps_grid` (minimal
     attacks, then the fixed-budget ones at the grid their distances place)."""
     def attack(name: str, config: AttackConfig, resume: bool, force: bool) -> AttackResult:
         return attack_subject(run, subject, config, resume=resume, force=force, progress=progress)

@@ -4,7 +4,7 @@ Trains every model of the ``[run]`` table (default dsn, dual, resnet), attacks e
 ``open`` mode, its no-skip view), adds the transfer pairs, writes each run's report and the comparison, and
 returns a short summary. Every step is resumable, so ``--resume`` after an interruption continues where it stopped.
 Each run's results are loaded once (``robustness.results.load_run``) and analysed once
-(``robustness.analysis.run.analyse``): its report, the comparison and the summary read that one analysis; nothing
+(``robustness.findings.run.analyse``): its report, the comparison and the summary read that one analysis; nothing
 written here is read back.
 
 Layout of ``OUT``::
@@ -17,7 +17,7 @@ Layout of ``OUT``::
 With ``[run] seeds`` (or ``--seeds``) naming several training seeds, every model is trained and attacked once per
 seed, each in ``OUT/seed-<s>/<model>/``, all on the same attacked images (the subset's seed is the ``[attack]``
 table's, not the training seed) and at one eps grid (placed by the first seed's reference model); ``OUT/compare/``
-then pools the seeds (:func:`robustness.analysis.compare.compare_seeds`: per-seed verdicts side by side and one
+then pools the seeds (:func:`robustness.findings.compare.compare_seeds`: per-seed verdicts side by side and one
 interval that resamples seeds, then samples).
 
 One writer: the pipeline holds ``.<OUT name>.lock`` beside ``OUT`` (beside, because ``--force`` deletes ``OUT``) and
@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing
 import re
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,20 +45,21 @@ from models.training import TrainConfig, train
 from models.training.config import model_kwargs
 from reports.compare_page import write_comparison
 from reports.run_page import write_report
-from robustness.analysis.compare import compare_runs
-from robustness.analysis.seeds import compare_seeds
-from robustness.analysis.headline import RunHeadline
-from robustness.analysis.run import analyse
+from robustness.findings.compare import compare_runs
+from robustness.findings.seeds import compare_seeds
+from robustness.findings.headline import RunHeadline
+from robustness.findings.run import analyse
 from robustness.core.config import apply_overrides, build, load_config_file
 from robustness.core.errors import ConfigError, RunDirError
 from robustness.core.files import atomic_write_json, is_temporary
 from robustness.core.lock import writer_lock
 from robustness.core.norms import LINF
+from robustness.core.processes import in_processes
 from robustness.core.rundir import RunDir
 from robustness.core.runtime import distributed, env_world, free_port, join_as_rank, package_versions, resolve_device
 from robustness.core.vocab import format_distance
 from robustness.data import dataset_info
-from robustness.eps_grid import attack_runs, check_auto
+from robustness.app.eps_grid import attack_runs, check_auto
 from robustness.results import load_run
 
 log = logging.getLogger(__name__)
@@ -175,7 +174,7 @@ class PipelineResult:
     verdict: str  # the long form (every pair's test, band and curves; also in compare/compare.json)
     compare: Path | None
     seconds: float
-    answer: str = ""  # the short answer the summary ends with (robustness.analysis.answer)
+    answer: str = ""  # the short answer the summary ends with (robustness.findings.answer)
 
 
 def _check_out_dir(out: Path, resume: bool, force: bool) -> None:
@@ -320,16 +319,8 @@ def _train_all(config: PipelineConfig, runs: dict[str, tuple[str, int, Path]], p
             _train_one(label, train_config, run_dir, progress)
         return
     level = logging.getLogger().getEffectiveLevel()
-    _in_processes(_train_one, [(label, train_config, run_dir, False, level) for label, train_config, run_dir in jobs],
-                  workers)
-
-
-def _in_processes(fn: Callable[..., None], calls: list[tuple], workers: int) -> None:
-    """``fn(*args)`` for each ``args`` of ``calls``, ``workers`` spawned processes at a time; a worker's error is
-    re-raised here (so a typed error is still one line through the CLI)."""
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for job in [pool.submit(fn, *args) for args in calls]:
-            job.result()
+    in_processes(_train_one, [(label, train_config, run_dir, False, level) for label, train_config, run_dir in jobs],
+                 workers)
 
 
 def _transfer_pairs(plan: RunPlan, seeds: Sequence[int]) -> list[tuple[str, str]]:
@@ -371,12 +362,12 @@ def _attack_all(config: PipelineConfig, runs: dict[str, Path], configs: dict[str
         _attack_stage(config, runs, configs, reference, progress)
         return
     level, port = logging.getLogger().getEffectiveLevel(), free_port()
-    _in_processes(_attack_rank, [(rank, workers, port, config, runs, configs, reference, progress, level)
-                                 for rank in range(workers)], workers)
+    in_processes(_attack_rank, [(rank, workers, port, config, runs, configs, reference, progress, level)
+                                for rank in range(workers)], workers)
 
 
 def _summary(name: str, headline: RunHeadline, report: Path) -> ModelSummary:
-    """The lines `run` ends with, from the model report's headline (:func:`robustness.analysis.headline.run_headline`:
+    """The lines `run` ends with, from the model report's headline (:func:`robustness.findings.headline.run_headline`:
     deployed gate mode, fine head, worst case over accuracy attacks per L-inf eps, median minimal L-inf distance)."""
     linf = next((d for d in headline.distances if d.norm == LINF.name and d.median is not None), None)
     saved = headline.compute_saved if headline.gated and np.isfinite(headline.compute_saved) else None

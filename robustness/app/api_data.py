@@ -1,4 +1,4 @@
-"""Data and model handling of the Python API (:mod:`robustness.api`): a user's model as the suite's model
+"""Data and model handling of the Python API (:mod:`robustness.app.api`): a user's model as the suite's model
 (:func:`suite_model`), and a user's data (a dataset name, a CoarseFineDataset, tensors, a DataLoader or a torch
 Dataset) as the test samples of an :class:`attacks.runner.subject.Subject` (:func:`make_subject`), with the images
 and labels validated against the model.

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     from models.fidelity import check_model
     from models.model_file import build_from_spec
-    from robustness.commands.attack import dataset_options
+    from robustness.app.commands.attack import dataset_options
     from robustness.core.config import MAX_COUNT, check_int
     from robustness.data import load_dataset
 

@@ -2,7 +2,7 @@
 differs most, tested honestly (:func:`_fixed_eps_pair`: its interval re-selects the eps in every resample, its exact
 McNemar test is Bonferroni-corrected for the choice, never at an eps where both variants are saturated), and the
 effect and test the verdict rule judges (:func:`_fixed_eps_effect`). Used by
-:func:`robustness.analysis.compare.compare_runs`.
+:func:`robustness.findings.compare.compare_runs`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from robustness.analysis.stats import PAIR_KEYS, bootstrap_many, mcnemar_test
-from robustness.analysis.variant import Variant
+from robustness.findings.variant import Variant
 from robustness.analysis.verdict import Effect, PairedTest
 from robustness.core.norms import NORM_NAMES
 from robustness.core.vocab import format_eps

@@ -280,7 +280,7 @@ def run_headline(run: RunResults, checks: Sequence[Check], n_boot: int = 1000, s
                  worst_case: pd.DataFrame | None = None, minimal: pd.DataFrame | None = None) -> RunHeadline:
     """The headline of a loaded run (see the module docstring); ``checks`` are the run's ``sanity.run_checks``.
     ``worst_case`` (``metrics.worst_case_accuracy``) and ``minimal`` (``distances.minimal_distances``) of the run's
-    records, when the caller has them (:class:`robustness.analysis.run.RunAnalysis`), are used instead of computing
+    records, when the caller has them (:class:`robustness.findings.run.RunAnalysis`), are used instead of computing
     them again."""
     records = run.records
     scope = headline_scope(records) or {"gate_mode": "", "target": ""}

@@ -5,8 +5,8 @@ Everything the consumers of one run read about it has one owner here: the sanity
 query budget, both from the manifest), the worst case over attacks (:func:`metrics.worst_case_accuracy`), the
 minimal distances (:func:`distances.minimal_distances`, over all routing gradients and per routing gradient), the
 robustness curves, the gate statistics (the per-evaluation summary, the per-block rates), the headline, the attack
-x eps pivot and the compute attacks' table. The run report (:mod:`reports.run_page`), :class:`robustness.api.Results`,
-:func:`robustness.analysis.compare.compare_runs`, the pipeline and ``dsn-robust attack``'s closing table read them
+x eps pivot and the compute attacks' table. The run report (:mod:`reports.run_page`), :class:`robustness.app.api.Results`,
+:func:`robustness.findings.compare.compare_runs`, the pipeline and ``dsn-robust attack``'s closing table read them
 from here instead of computing their own.
 
 Each part is computed on first use and then kept (the frozen dataclass's cached properties, as
@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from robustness.analysis.distances import minimal_distances, robustness_curve
-from robustness.analysis.headline import RunHeadline, run_headline
+from robustness.findings.headline import RunHeadline, run_headline
 from robustness.analysis.metrics import block_rates, is_gated, robust_accuracy_table, worst_case_accuracy
 from robustness.analysis.pivot import accuracy_pivot, compute_attack_table, headline_scope
 from robustness.analysis.selection import accuracy_rows, strongest_per_sample, whitebox

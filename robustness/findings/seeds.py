@@ -2,7 +2,7 @@
 
 Whether skipping makes a network more robust is a claim about a training procedure, so the pipeline can train and
 attack every model once per training seed (``[run] seeds``), all on the same attacked images. Each seed is compared
-on its own (:func:`robustness.analysis.compare.compare_runs`); the pooled effect is the median per-sample log
+on its own (:func:`robustness.findings.compare.compare_runs`); the pooled effect is the median per-sample log
 distance ratio over every seed's paired samples, with an interval from a hierarchical bootstrap (resample the seeds,
 then one shared resample of the attacked images: the same images in every seed must not count as independent), and
 the pooled test is an exact sign-flip test over the per-seed median log ratios, because the training seed is what
@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from robustness.analysis.answer import short_answer
-from robustness.analysis.compare import Comparison, Variant, compare_runs
-from robustness.analysis.compare_text import distance_what, routing_grads
+from robustness.findings.answer import short_answer
+from robustness.findings.compare import Comparison, Variant, compare_runs
+from robustness.findings.compare_text import distance_what, routing_grads
 from robustness.analysis.distances import paired_log_ratios
 from robustness.analysis.stats import Interval, hierarchical_bootstrap, sign_flip_test
 from robustness.analysis.verdict import (ALPHA, MIN_SEEDS_FOR_TEST, Effect, PairedTest, PairVerdict, judge,
@@ -112,7 +112,7 @@ class SeedComparison:
 
     @property
     def answer(self) -> str:
-        """The short answer (at most 200 characters, :mod:`robustness.analysis.answer`): what ``dsn-robust run``
+        """The short answer (at most 200 characters, :mod:`robustness.findings.answer`): what ``dsn-robust run``
         and ``compare`` print; ``verdict`` is the long form."""
         return short_answer(self.verdicts, self.verdict)
 

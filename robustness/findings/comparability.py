@@ -5,7 +5,7 @@ training test accuracy into a :class:`robustness.analysis.verdict.Health`; :func
 variants did not see the same samples (different attacked images, different training or attack data); and
 :func:`_health_checks` turns each judged pair into the ``training health`` and ``same samples`` checks the
 comparison page shows. The rule that refuses a pair is :mod:`robustness.analysis.verdict`'s; the comparison itself
-is :func:`robustness.analysis.compare.compare_runs`.
+is :func:`robustness.findings.compare.compare_runs`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from robustness.analysis.selection import whitebox
-from robustness.analysis.variant import Variant
+from robustness.findings.variant import Variant
 from robustness.analysis.verdict import (CHANCE_ALPHA, MAX_CLEAN_GAP, NEAR_CHANCE_FACTOR, Health, PairVerdict,
                                          chance_level_reasons, chance_p, health_reasons, join_reasons,
                                          paired_count_reason)
