@@ -140,9 +140,10 @@ def headline_table(h: RunHeadline) -> list[dict[str, str]]:
              "detail": f"{scope}, n = {h.clean.n}"}]
     pooled = ""
     for r in h.robust:
-        detail = (f"worst case per sample over {r.attacks.replace(',', ', ')} (every backend and routing gradient)"
-                  if r.attacks != pooled else "worst case over the same attacks")
-        pooled = r.attacks
+        names = _pooled_text(r.attacks, r.within_budget)
+        detail = (f"worst case per sample over {names} (every backend and routing gradient)"
+                  if names != pooled else "worst case over the same attacks")
+        pooled = names
         rows.append({"label": f"Robust accuracy at {title_of(r.norm)} eps = {eps_text(r.norm, r.eps)}",
                      "value": pct_ci(r.accuracy.estimate, r.accuracy.low, r.accuracy.high),
                      "detail": f"{detail}, n = {r.accuracy.n}"})
@@ -209,11 +210,20 @@ def compute_attack_display(table: pd.DataFrame) -> pd.DataFrame:
     return _drop_constant(pd.DataFrame(rows), ["Norm"])
 
 
+def _pooled_text(attacks: str, within_budget: str) -> str:
+    """The attacks a worst case pools; the minimal-distance ones whose examples fit inside the budget named as
+    such (they break samples at a fixed eps without being run at it)."""
+    text = attacks.replace(",", ", ")
+    return f"{text} and the examples of {within_budget.replace(',', ', ')} within eps" if within_budget else text
+
+
 def worst_case_table(worst: pd.DataFrame) -> pd.DataFrame:
     """Worst case over attacks per eps (from ``analysis.worst_case_accuracy``)."""
     rows = [{"Norm": r["norm"], "eps": eps_text(r["norm"], r["eps"]), "Gate mode": r["gate_mode"],
              "Target": r["target"], "n": str(int(r["n"])), "Clean acc": pct(r["clean_acc"]),
-             "Worst-case robust acc": _ci(r, "robust_acc"), "Attacks pooled": r["attacks"]}
+             "Worst-case robust acc": _ci(r, "robust_acc"),
+             "Attacks pooled": r["attacks"] + (f" + {r['within_budget']} (within eps)" if r.get("within_budget")
+                                                else "")}
             for _, r in worst.iterrows()]
     return _drop_constant(pd.DataFrame(rows), ["Norm", "Gate mode", "Target"])
 

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from models.checkpoint import save_checkpoint
 from models.losses import LossWeights, dsn_loss
@@ -26,6 +29,31 @@ def pytest_configure(config) -> None:
     # Tiny models on a 2-core machine: one intra-op thread avoids thread contention that can make each step many
     # times slower than single-threaded execution.
     torch.set_num_threads(1)
+
+def _registered() -> dict[str, object]:
+    """What every registry of the suite holds now (a plug-in's entries included)."""
+    from attacks import base
+    from models.gates import list_gate_functions
+    from models.registry import list_models
+    from models.routing import GRAD_MODES
+    from robustness.analysis.summary import SUMMARY_COLUMNS
+    from robustness.data import list_datasets
+    from robustness.sanity import registered_checks
+    return {"attacks": {a: tuple(base.backends_for(a)) for a in base.known_attacks()}, "models": list_models(),
+            "datasets": list_datasets(), "gate functions": list_gate_functions(), "routing gradients": list(GRAD_MODES),
+            "sanity checks": [c.name for c in registered_checks()], "summary columns": list(SUMMARY_COLUMNS)}
+
+
+@pytest.fixture(autouse=True)
+def registries_left_as_found():
+    """A test that registers a plug-in takes it out again: a left-over entry changes what later tests (and the help
+    text they read) see, depending on which tests ran first in which process."""
+    before = _registered()
+    yield
+    after = _registered()
+    leaked = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    assert not leaked, f"this test changed the registries: {leaked}"
+
 
 TINY_MODEL = dict(depth_n=2, width=8)
 TINY_EPOCHS = 6
@@ -78,15 +106,31 @@ def _train_tiny_alone(name: str, root: Path) -> None:
     train_tiny(name, root)
 
 
+def _train_tiny_runs(root: Path) -> None:
+    """The dsn (the slowest) trains in a spawned process while dual and resnet train here, one per core: each run is
+    seeded and single-threaded, so the weights are those of training all three here one after another."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        dsn = pool.submit(_train_tiny_alone, "dsn", root)
+        for name in ("dual", "resnet"):
+            train_tiny(name, root)
+        dsn.result()
+
+
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory) -> dict[str, RunDir]:
     """Read-only tiny trained runs ``{"dsn": RunDir, "dual": RunDir, "resnet": RunDir}``; copy before writing.
 
-    The dsn (the slowest) trains in a spawned process while dual and resnet train here, one per core: each run is
-    seeded and single-threaded, so the weights are those of training all three here one after another."""
-    root = tmp_path_factory.mktemp("tiny_runs")
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        dsn = pool.submit(_train_tiny_alone, "dsn", root)
-        static = {name: train_tiny(name, root) for name in ("dual", "resnet")}
-        dsn.result()
-    return {"dsn": RunDir.at(root / "dsn"), **static}
+    Trained once per test session: under pytest-xdist the first worker to ask trains them into the session's
+    shared temporary folder while the others wait on a file lock, then every worker reads the same files."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # one process
+        root = tmp_path_factory.mktemp("tiny_runs")
+        _train_tiny_runs(root)
+    else:
+        root = tmp_path_factory.getbasetemp().parent / "tiny_runs"
+        with FileLock(str(root) + ".lock"):
+            if not (root / "complete").is_file():
+                shutil.rmtree(root, ignore_errors=True)  # a worker that died half-way
+                root.mkdir()
+                _train_tiny_runs(root)
+                (root / "complete").write_text("done\n")
+    return {name: RunDir.at(root / name) for name in ("dsn", "dual", "resnet")}

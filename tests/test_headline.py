@@ -75,7 +75,11 @@ def test_headline_numbers_are_the_deployed_worst_case(gated_records):
         assert r.accuracy.estimate == pytest.approx(expected) and r.accuracy.n == N
         assert r.accuracy.low <= expected <= r.accuracy.high
         assert "slowdown" not in r.attacks.split(",")
+        assert r.within_budget == ("pgd-bisect" if within else "")
     assert all(discriminating.values()), discriminating
+    # the headline names the minimal attack whose examples broke samples at a fixed eps
+    details = [row["detail"] for row in headline_table(h) if row["label"].startswith("Robust accuracy")]
+    assert any("the examples of pgd-bisect within eps" in d for d in details)
 
 
 def test_headline_median_distance_is_the_minimum_over_routing_gradients(gated_records):

@@ -454,8 +454,11 @@ def test_the_contract_checks_fail_on_a_plug_in_that_breaks_its_contract(plugins,
         return gates.Decision(executed=score > 1, value=soft, mask=True)
 
     gates.register_gate_function("contract-leaky", leaky)
-    with pytest.raises(AssertionError):
-        check_gate_contract("contract-leaky", data)
+    try:
+        with pytest.raises(AssertionError):
+            check_gate_contract("contract-leaky", data)
+    finally:
+        gates.unregister_gate_function("contract-leaky")
 
 
 # -- the docs follow the registries ------------------------------------------------------------------------------

@@ -75,3 +75,20 @@ def test_grouping_without_eps_takes_the_records_as_they_are():
     df = pd.concat([_fixed(), _minimal([EPS / 2] * 4)], ignore_index=True)
     worst = worst_case(df, by=["run", "model", "norm", "gate_mode", "target", "source_run"])
     assert len(worst) == 4 and not worst["robust"].any()
+
+
+def test_the_accuracy_table_and_the_headline_name_the_minimal_attacks_whose_examples_count_at_a_budget():
+    """A worst case below every fixed-eps attack's own number must say where the extra breaks came from."""
+    from reports.tables import worst_case_table
+    from robustness.analysis.metrics import worst_case_accuracy
+    df = pd.concat([_fixed(), _minimal([EPS / 2, EPS * 2, EPS * 2, EPS * 2])], ignore_index=True)
+    table = worst_case_accuracy(df)
+    at_eps = table[np.isclose(table["eps"].to_numpy(float), EPS)].iloc[0]
+    assert at_eps["attacks"] == "pgd" and at_eps["within_budget"] == "fmn" and at_eps["robust_acc"] == 0.75
+    assert table[np.isinf(table["eps"].to_numpy(float))].iloc[0]["within_budget"] == ""
+    shown = worst_case_table(table)
+    assert shown.loc[np.isclose(table["eps"].to_numpy(float), EPS), "Attacks pooled"].tolist() == [
+        "pgd + fmn (within eps)"]
+    # no minimal example fits under the budget: nothing is named
+    far = worst_case_accuracy(pd.concat([_fixed(), _minimal([EPS * 2] * 4)], ignore_index=True))
+    assert far[np.isclose(far["eps"].to_numpy(float), EPS)].iloc[0]["within_budget"] == ""

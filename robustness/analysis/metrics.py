@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from attacks.adapters import NO_HEAD
-from attacks.records import EVAL_KEYS, worst_case
+from attacks.records import EVAL_KEYS, conform, minimal_at_budgets, worst_case
 from robustness.analysis.selection import accuracy_rows, whitebox
 from robustness.analysis.stats import mean_or_nan, put_interval, wilson_interval
 
@@ -137,22 +137,26 @@ def worst_case_accuracy(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFr
     per eps.
 
     Columns: :data:`WORST_KEYS`, ``n``, ``n_attacks``, ``attacks`` (comma-separated attack names pooled),
-    ``clean_acc``, ``robust_acc``, ``robust_acc_low``, ``robust_acc_high`` (Wilson).
+    ``within_budget`` (the minimal-distance attacks with an example inside this budget, which the worst case
+    counts too: :func:`attacks.records.minimal_at_budgets`; empty when none), ``clean_acc``, ``robust_acc``,
+    ``robust_acc_low``, ``robust_acc_high`` (Wilson).
     """
     wb = accuracy_rows(whitebox(df))
-    cols = WORST_KEYS + ["n", "n_attacks", "attacks", "clean_acc", "robust_acc", "robust_acc_low",
+    cols = WORST_KEYS + ["n", "n_attacks", "attacks", "within_budget", "clean_acc", "robust_acc", "robust_acc_low",
                          "robust_acc_high"]
     if wb.empty:
         return pd.DataFrame(columns=cols)
     worst = worst_case(wb)
-    pooled = wb.groupby(WORST_KEYS, observed=True, dropna=False)["attack"].agg(
-        lambda s: ",".join(sorted(set(s.astype(str)))))
+    pooled, within = (frame.groupby(WORST_KEYS, observed=True, dropna=False)["attack"].agg(
+        lambda s: ",".join(sorted(set(s.astype(str))))) for frame in
+        (wb, minimal_at_budgets(conform(wb), [k for k in WORST_KEYS if k != "eps"])))
     rows = []
     for key, g in worst.groupby(WORST_KEYS, sort=True, observed=True, dropna=False):
         row = dict(zip(WORST_KEYS, key))
         names = pooled.loc[key]
         iv = wilson_interval(int(g["robust"].sum()), len(g), confidence)
         row.update(n=len(g), n_attacks=len(names.split(",")), attacks=names,
+                   within_budget=within.get(key, "") if len(within) else "",
                    clean_acc=mean_or_nan(g["clean_correct"].to_numpy(bool)))
         put_interval(row, "robust_acc", iv)
         rows.append(row)

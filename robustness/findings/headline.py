@@ -57,9 +57,11 @@ class RobustAt:
     eps: float
     accuracy: Interval
     attacks: str  # the attacks pooled, comma-separated
+    within_budget: str = ""  # minimal-distance attacks whose examples inside this budget count too, comma-separated
 
     def as_dict(self) -> dict[str, Any]:
-        return {"norm": self.norm, "eps": self.eps, **_interval_dict(self.accuracy), "attacks": self.attacks}
+        return {"norm": self.norm, "eps": self.eps, **_interval_dict(self.accuracy), "attacks": self.attacks,
+                "within_budget": self.within_budget}
 
 
 @dataclass(frozen=True)
@@ -238,7 +240,8 @@ def _robust(records: pd.DataFrame, scope: dict[str, str], worst: pd.DataFrame | 
     grid = worst[worst["norm"] == norms[0]].sort_values("eps")
     return tuple(RobustAt(str(r["norm"]), float(r["eps"]),
                           Interval(float(r["robust_acc"]), float(r["robust_acc_low"]), float(r["robust_acc_high"]),
-                                   int(r["n"])), str(r["attacks"])) for _, r in grid.iterrows())
+                                   int(r["n"])), str(r["attacks"]), str(r.get("within_budget", "") or ""))
+                 for _, r in grid.iterrows())
 
 
 def _distances(rows: pd.DataFrame, n_boot: int, seed: int, scope: dict[str, str],
