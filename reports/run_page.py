@@ -254,7 +254,8 @@ def _write_report(run: RunResults, out: Path, n_boot: int, seed: int,
     order = list(dict.fromkeys(str(e.get("attack")) for e in run.manifest.get("evaluations", [])))
     pivot_item = TableItem("Robust accuracy per attack and eps", tables.pivot_table(pivot, order),
                            f"{where}, white-box; each attack at its strongest backend and routing gradient per "
-                           f"sample; '{analysis.WORST_ROW}' = robust only if every attack failed. Intervals: "
+                           f"sample; '{analysis.WORST_ROW}' = robust only if every attack failed and no "
+                           f"minimal-distance example fits inside eps. Intervals: "
                            f"headline and appendix.{cascade}" if len(pivot) else
                            "No white-box accuracy attack at a finite eps > 0 in the deployed gate mode.")
     appendix = [TableItem("Summary per evaluation", tables.summary_table(summary),
