@@ -47,7 +47,7 @@ from robustness.core.versions import package_version, package_versions
 #: name with ``-`` for ``_``), in the order the help lists them; the main parser sets it as the command's ``help``
 COMMAND_HELP = {
     "train": "train a model (`dsn-robust models` lists them) into a run directory",
-    "attack": "attack a trained run (FGSM, PGD, APGD, DDN/CW, Square, AutoAttack, path, slowdown)",
+    "attack": "attack a trained run (fixed-eps, minimal-distance, gradient-free and gate-aware attacks)",
     "report": "write RUN_DIR/report/ (index.html, report.md, summary.csv, summary.json)",
     "compare": "compare runs (dsn, dsn open mode, dual, resnet) on the same samples",
     "bench": "measure the wall-clock saving of real layer skipping (prints JSON + table); `bench reference RUN_DIR` "

@@ -61,8 +61,40 @@ log = logging.getLogger(__name__)
 VARIANT_ORDER: list[str] = [m for m in FORWARD_MODES if m != "open"] + ["open"]
 
 
+class Findings:
+    """What a comparison and its seed-pooled form both answer, from their ``verdicts`` (one per pair) and
+    ``verdict`` (the long form)."""
+
+    verdicts: list[PairVerdict]
+    verdict: str
+
+    def _refused(self, kind: str) -> list[str]:
+        return [f"{v.a} vs {v.b}: {v.finding}" for v in self.verdicts if v.kind == kind]
+
+    @property
+    def confounded(self) -> list[str]:
+        """``a vs b: confounded by clean accuracy (...)`` for every pair the health guard refuses."""
+        return self._refused("confounded")
+
+    @property
+    def not_comparable(self) -> list[str]:
+        """``a vs b: not comparable: ...`` for every pair with too few shared samples or different images/data."""
+        return self._refused("not-comparable")
+
+    @property
+    def comparable(self) -> bool:
+        """No pair is confounded or not comparable (what ``dsn-robust compare --strict`` requires)."""
+        return not (self.confounded or self.not_comparable)
+
+    @property
+    def answer(self) -> str:
+        """The short answer (at most 200 characters, :mod:`robustness.findings.answer`): what ``dsn-robust run``
+        and ``compare`` print; ``verdict`` is the long form."""
+        return short_answer(self.verdicts, self.verdict)
+
+
 @dataclass
-class Comparison:
+class Comparison(Findings):
     """Everything a comparison report shows (see :func:`compare_runs`)."""
 
     runs: list[RunResults]
@@ -95,26 +127,6 @@ class Comparison:
     def skipping(self) -> Variant | None:
         return next((v for v in self.variants if v.skipping), None)
 
-    @property
-    def confounded(self) -> list[str]:
-        """``a vs b: confounded by clean accuracy (...)`` for every pair the health guard refuses."""
-        return [f"{v.a} vs {v.b}: {v.finding}" for v in self.verdicts if v.kind == "confounded"]
-
-    @property
-    def not_comparable(self) -> list[str]:
-        """``a vs b: not comparable: ...`` for every pair with too few shared samples or different images/data."""
-        return [f"{v.a} vs {v.b}: {v.finding}" for v in self.verdicts if v.kind == "not-comparable"]
-
-    @property
-    def comparable(self) -> bool:
-        """No pair is confounded or not comparable (what ``dsn-robust compare --strict`` requires)."""
-        return not (self.confounded or self.not_comparable)
-
-    @property
-    def answer(self) -> str:
-        """The short answer (at most 200 characters, :mod:`robustness.findings.answer`): what ``dsn-robust run``
-        and ``compare`` print; ``verdict`` is the long form."""
-        return short_answer(self.verdicts, self.verdict)
 
 
 def _variants(runs: Sequence[RunResults], labels: Sequence[str] | None) -> list[Variant]:

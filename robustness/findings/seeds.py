@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from robustness.findings.answer import short_answer
-from robustness.findings.compare import Comparison, Variant, compare_runs
+from robustness.findings.compare import Comparison, Findings, Variant, compare_runs
 from robustness.findings.compare_text import distance_what, routing_grads
 from robustness.analysis.distances import paired_log_ratios
 from robustness.analysis.stats import Interval, hierarchical_bootstrap, sign_flip_test
@@ -70,7 +69,7 @@ class PooledPair:
 
 
 @dataclass
-class SeedComparison:
+class SeedComparison(Findings):
     """Seed-replicated comparison (see :func:`compare_seeds`): the pooled verdict per pair, then every seed's own
     :class:`Comparison`."""
 
@@ -97,24 +96,15 @@ class SeedComparison:
 
     @property
     def confounded(self) -> list[str]:
-        out = [f"{v.a} vs {v.b}: {v.finding}" for v in self.verdicts if v.kind == "confounded"]
-        return out or [f"seed {s}: {r}" for s, c in self.per_seed.items() for r in c.confounded]
+        """The pooled pairs refused by the health guard, else each seed's (``seed s: ...``)."""
+        return self._refused("confounded") or [f"seed {s}: {r}" for s, c in self.per_seed.items()
+                                                for r in c.confounded]
 
     @property
     def not_comparable(self) -> list[str]:
-        out = [f"{v.a} vs {v.b}: {v.finding}" for v in self.verdicts if v.kind == "not-comparable"]
-        return out or [f"seed {s}: {r}" for s, c in self.per_seed.items() for r in c.not_comparable]
-
-    @property
-    def comparable(self) -> bool:
-        """No pooled pair and no seed's pair is confounded or not comparable."""
-        return not (self.confounded or self.not_comparable)
-
-    @property
-    def answer(self) -> str:
-        """The short answer (at most 200 characters, :mod:`robustness.findings.answer`): what ``dsn-robust run``
-        and ``compare`` print; ``verdict`` is the long form."""
-        return short_answer(self.verdicts, self.verdict)
+        """The pooled pairs that are not comparable, else each seed's (``seed s: ...``)."""
+        return self._refused("not-comparable") or [f"seed {s}: {r}" for s, c in self.per_seed.items()
+                                                    for r in c.not_comparable]
 
     @property
     def clean(self) -> pd.DataFrame:

@@ -10,9 +10,9 @@ from robustness.data.subset import SUBSET_RULES
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run",
-                       description="Train every model of the config's [run] table, attack each (FGSM, PGD, APGD, "
-                                   "DDN over an eps sweep with routing gradients none, ste, bpda and sharp, plus "
-                                   "path, slowdown, Square and the transfer pairs), write each report and the "
+                       description="Train every model of the config's [run] table, attack each with its [attack] "
+                                   "table (attacks, eps grid, routing gradients; `dsn-robust attack --help` lists "
+                                   "what is registered), then the [run] transfer pairs, write each report and the "
                                    "comparison, and print a summary.")
     p.add_argument("--config", default=None, metavar="TOML",
                    help=f"config with [data], [model], [train], [attack], [run] tables (default {DEFAULT_CONFIG})")
