@@ -222,7 +222,7 @@ def worst_case_table(worst: pd.DataFrame) -> pd.DataFrame:
     rows = [{"Norm": r["norm"], "eps": eps_text(r["norm"], r["eps"]), "Gate mode": r["gate_mode"],
              "Target": r["target"], "n": str(int(r["n"])), "Clean acc": pct(r["clean_acc"]),
              "Worst-case robust acc": _ci(r, "robust_acc"),
-             "Attacks pooled": r["attacks"] + (f" + {r['within_budget']} (within eps)" if r.get("within_budget")
+             "Attacks pooled": r["attacks"] + (f" + {r['within_budget']} (within eps)" if r["within_budget"]
                                                 else "")}
             for _, r in worst.iterrows()]
     return _drop_constant(pd.DataFrame(rows), ["Norm", "Gate mode", "Target"])

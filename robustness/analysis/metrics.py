@@ -156,7 +156,7 @@ def worst_case_accuracy(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFr
         names = pooled.loc[key]
         iv = wilson_interval(int(g["robust"].sum()), len(g), confidence)
         row.update(n=len(g), n_attacks=len(names.split(",")), attacks=names,
-                   within_budget=within.get(key, "") if len(within) else "",
+                   within_budget=within.get(key, ""),
                    clean_acc=mean_or_nan(g["clean_correct"].to_numpy(bool)))
         put_interval(row, "robust_acc", iv)
         rows.append(row)

@@ -240,7 +240,7 @@ def _robust(records: pd.DataFrame, scope: dict[str, str], worst: pd.DataFrame | 
     grid = worst[worst["norm"] == norms[0]].sort_values("eps")
     return tuple(RobustAt(str(r["norm"]), float(r["eps"]),
                           Interval(float(r["robust_acc"]), float(r["robust_acc_low"]), float(r["robust_acc_high"]),
-                                   int(r["n"])), str(r["attacks"]), str(r.get("within_budget", "") or ""))
+                                   int(r["n"])), str(r["attacks"]), str(r["within_budget"]))
                  for _, r in grid.iterrows())
 
 
